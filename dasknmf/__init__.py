@@ -1,0 +1,16 @@
+"""dasknmf: distributed, out-of-core Non-negative Matrix Factorization on Dask and Zarr."""
+
+from dasknmf import _config  # noqa: F401  (registers the dask.config defaults)
+from dasknmf.estimator import NMF, InvalidParameterError
+from dasknmf.io import MatrixPathError, open_matrix, save_matrix
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NMF",
+    "InvalidParameterError",
+    "MatrixPathError",
+    "__version__",
+    "open_matrix",
+    "save_matrix",
+]

@@ -1,0 +1,666 @@
+"""One NMF iteration as a graph over the row panels of X, and the driver that runs it.
+
+Per iteration every row panel X_i is read once, by one task that
+
+1. forms C_i = H·X_iᵀ with the current H (the Gram matrix H·Hᵀ comes from the driver),
+2. updates its block of W from (C_i, H·Hᵀ) — several inner sweeps cost no further read of X,
+3. emits the partials of the H update, A_i = W_iᵀ·X_i (split by the column blocks of H) and
+   B_i = W_iᵀ·W_i, and scalar statistics of the objective.
+
+A and B are summed by fixed-order trees; each column block H_j is then updated by its own task
+from (A_j, B). Only k×k matrices and scalars return to the driver.
+
+The iteration is written once, against the small ``Ops`` interface. ``EagerOps`` calls the
+functions at once on in-memory panels (numpy or scipy.sparse), running the panels of a phase in a
+thread pool; ``DaskOps`` wraps them in ``dask.delayed``, and the driver persists W and H after each
+iteration so that the graph does not grow. Both run the same functions in the same order, so the
+same panels give bit-identical factors either way.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+
+from dasknmf import kernels
+from dasknmf._blas import pin_worker_blas
+from dasknmf._config import get_bytes
+from dasknmf.solvers import get_solver
+
+# Layout of the statistics vector of a panel task.
+P_CROSS_OLD, P_WGW_OLD, P_SUM_W_OLD, P_SQ_W_OLD, P_SUM_W, P_VIOLATION = range(6)
+# Layout of the statistics vector of an H block task.
+H_CROSS, H_SUM_H_OLD, H_SQ_H_OLD, H_SUM_H, H_VIOLATION = range(5)
+
+
+# --------------------------------------------------------------------------------------------
+# Executing a phase: eagerly, or as Dask tasks
+# --------------------------------------------------------------------------------------------
+
+
+class EagerOps:
+    """Run functions at once on in-memory data; the items of a ``map`` go to a thread pool."""
+
+    is_lazy = False
+    is_async = False
+
+    def __init__(self, n_threads: int = 1):
+        self.n_threads = max(1, n_threads)
+        self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 else None
+
+    def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
+        """``[fn(*common, *item) for item in items]``; ``workers`` is ignored."""
+        if self._pool is None or len(items) < 2:
+            return [fn(*common, *item) for item in items]
+        return list(self._pool.map(lambda item: fn(*common, *item), items))
+
+    def call(self, fn: Callable, *args: Any):
+        return fn(*args)
+
+    def constant(self, value):
+        """A value that many tasks read."""
+        return value
+
+    def persist(self, *objs):
+        return objs
+
+    def fetch(self, obj):
+        return obj
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+class DaskOps:
+    """Build ``dask.delayed`` tasks; run them on the current scheduler when persisted.
+
+    ``is_async``: the scheduler is a distributed Client, whose ``persist`` returns at once.
+    """
+
+    is_lazy = True
+
+    def __init__(self):
+        self.is_async = distributed_client() is not None
+
+    def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
+        """One task per item; ``workers[i]``, if given, is where item i's task should run (the
+        worker holding its panel of X), so that the scheduler neither moves nor steals it."""
+        task = dask.delayed(fn, pure=False)
+        if workers is None:
+            return [task(*common, *item) for item in items]
+        tasks = []
+        for item, worker in zip(items, workers, strict=True):
+            with dask.annotate(workers=[worker], allow_other_workers=True):
+                tasks.append(task(*common, *item))
+        return tasks
+
+    def call(self, fn: Callable, *args: Any):
+        return dask.delayed(fn, pure=False)(*args)
+
+    def constant(self, value):
+        # One key that every task reads, instead of a copy embedded in each task.
+        return dask.delayed(value, pure=True)
+
+    def persist(self, *objs):
+        return dask.persist(*objs)
+
+    def fetch(self, obj):
+        return dask.compute(obj)[0]
+
+    def close(self) -> None:
+        pass
+
+
+def _sum_in_order(*parts):
+    """Σ parts, left to right; tuples are summed field by field."""
+    if isinstance(parts[0], tuple):
+        return tuple(_sum_in_order(*fields) for fields in zip(*parts, strict=True))
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def tree_reduce(ops, items: list, combine: Callable = _sum_in_order, first: Callable | None = None,
+                split_every: int | None = None):
+    """Combine ``items`` by a tree of fixed shape and order (groups of ``split_every``).
+
+    ``first``, when given, combines the leaves instead of ``combine`` — it can pick the fields
+    to sum out of a task's tuple of outputs, which saves one ``getitem`` task per field.
+    """
+    if split_every is None:
+        split_every = int(dask.config.get("dasknmf.split-every"))
+    split_every = max(2, split_every)
+    level = first or combine
+    if first is None and len(items) == 1:
+        return items[0]
+    while True:
+        items = [
+            ops.call(level, *items[start : start + split_every])
+            for start in range(0, len(items), split_every)
+        ]
+        level = combine
+        if len(items) == 1:
+            return items[0]
+
+
+# --------------------------------------------------------------------------------------------
+# X as row panels
+# --------------------------------------------------------------------------------------------
+
+
+def even_bounds(n: int, n_parts: int) -> list[int]:
+    """Boundaries of ``n_parts`` near-equal consecutive ranges of ``range(n)``."""
+    n_parts = max(1, min(n_parts, n))
+    return [part * n // n_parts for part in range(n_parts + 1)]
+
+
+def coalesce_bounds(chunks: Sequence[int], chunk_nbytes: Sequence[float], budget: int) -> list[int]:
+    """Group consecutive chunks into panels of at most ``budget`` bytes (at least one chunk each);
+    return the row boundaries. Chunks are never split, so panels stay aligned to storage."""
+    bounds = [0]
+    size = 0.0
+    end = 0
+    for rows, nbytes in zip(chunks, chunk_nbytes, strict=True):
+        if size and size + nbytes > budget:
+            bounds.append(end)
+            size = 0.0
+        end += rows
+        size += nbytes
+    bounds.append(end)
+    return bounds
+
+
+def column_bounds(n_features: int, n_components: int, itemsize: int) -> list[int]:
+    """Column blocks of H (and of the A partials) of at most ``dasknmf.h-block-bytes``."""
+    budget = get_bytes("dasknmf.h-block-bytes")
+    n_blocks = math.ceil(n_components * n_features * itemsize / budget)
+    return even_bounds(n_features, n_blocks)
+
+
+@dataclass
+class Panels:
+    """X split into full-width row panels, ready for ``ops``.
+
+    ``items`` holds the panels: numpy / scipy.sparse arrays for ``EagerOps``, ``Delayed`` objects
+    for ``DaskOps``. ``row_bounds`` has one more entry than ``items``.
+    """
+
+    ops: Any
+    items: list
+    row_bounds: list[int]
+    shape: tuple[int, int]
+    dtype: np.dtype
+    cached: bool = False
+    array: Any = field(default=None, repr=False)  # X whole: in memory, or the rechunked Dask array
+    locations: list[str] | None = None  # the worker holding each cached panel
+
+    def map(self, fn: Callable, items: Sequence[tuple], *common: Any) -> list:
+        """``ops.map`` over the panels (one item per panel), each task placed with its panel."""
+        return self.ops.map(fn, items, *common, workers=self.locations)
+
+    @property
+    def row_sizes(self) -> list[int]:
+        return [b - a for a, b in zip(self.row_bounds[:-1], self.row_bounds[1:], strict=True)]
+
+    def close(self) -> None:
+        self.ops.close()
+
+
+def _nbytes(x) -> int:
+    if sp.issparse(x):
+        return x.data.nbytes + x.indices.nbytes + x.indptr.nbytes
+    return x.nbytes
+
+
+def in_memory_panels(X, panel_bytes: int | None = None, n_threads: int | None = None) -> Panels:
+    """Split an in-memory matrix (numpy, or scipy.sparse converted to CSR) into row panels of
+    about ``panel_bytes`` (default ``dasknmf.panel-bytes``). The split depends only on the shape
+    and the budget, not on the machine, so results are the same everywhere."""
+    budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
+    if sp.issparse(X):
+        X = X.tocsr()
+    n_rows = X.shape[0]
+    bounds = even_bounds(n_rows, math.ceil(_nbytes(X) / budget))
+    items = [X[start:stop] for start, stop in itertools.pairwise(bounds)]
+    threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
+    return Panels(
+        ops=EagerOps(min(threads, len(items))),
+        items=items,
+        row_bounds=bounds,
+        shape=tuple(X.shape),
+        dtype=X.dtype,
+        array=X,
+    )
+
+
+def distributed_client():
+    """The distributed Client that dask's default scheduler runs on, or None."""
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        return None
+    scheduler = dask.base.get_scheduler()
+    return client if getattr(scheduler, "__self__", None) is client else None
+
+
+def _cluster_memory() -> int:
+    """Memory available to computations: the workers' limits with a distributed Client, the
+    machine's memory otherwise."""
+    from distributed.system import MEMORY_LIMIT
+
+    client = distributed_client()
+    if client is None:
+        return int(MEMORY_LIMIT)
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return int(sum(w.get("memory_limit") or MEMORY_LIMIT for w in workers))
+
+
+def should_cache(nbytes: int, cache: bool | str) -> bool:
+    """Decide whether X is kept in cluster memory (``cache`` is True, False or 'auto')."""
+    if cache == "auto":
+        fraction = float(dask.config.get("dasknmf.cache-fraction"))
+        return nbytes <= fraction * _cluster_memory()
+    return bool(cache)
+
+
+def dask_panels(X: da.Array, panel_bytes: int | None = None, cache: bool | str = "auto") -> Panels:
+    """Full-width row panels of a Dask array: consecutive row chunks are grouped up to
+    ``panel_bytes``, all column chunks of a band of rows merge into one panel; X is persisted
+    when ``should_cache`` says so, otherwise every iteration reads it again."""
+    budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
+    n_rows, n_cols = X.shape
+    row_nbytes = n_cols * X.dtype.itemsize
+    bounds = coalesce_bounds(X.chunks[0], [rows * row_nbytes for rows in X.chunks[0]], budget)
+    panel_rows = tuple(b - a for a, b in itertools.pairwise(bounds))
+    X = X.rechunk((panel_rows, n_cols))
+    cached = should_cache(X.nbytes, cache)
+    items = list(X.to_delayed().ravel())
+    locations = None
+    if cached:
+        items, locations = _persist_panels(items, panel_rows)
+        # The same matrix, now backed by the cached panels (the SVD of the init reads it).
+        X = da.concatenate(
+            [da.from_delayed(item, shape=(rows, n_cols), dtype=X.dtype)
+             for item, rows in zip(items, panel_rows, strict=True)]
+        )
+    return Panels(
+        ops=DaskOps(),
+        items=items,
+        row_bounds=bounds,
+        shape=(n_rows, n_cols),
+        dtype=X.dtype,
+        cached=cached,
+        array=X,
+        locations=locations,
+    )
+
+
+def _aligned_copy(x):
+    return kernels.aligned(x)
+
+
+def _persist_panels(items: list, sizes: Sequence[int]) -> tuple[list, list[str] | None]:
+    """Keep the panels in cluster memory. On a distributed cluster, consecutive panels go to each
+    worker in turn, balanced by rows, and every later task on a panel is placed with it: the
+    scheduler then neither moves panels between workers nor leaves most of them on one worker."""
+    client = distributed_client()
+    if client is None:
+        return list(dask.persist(*items)), None
+    from distributed import futures_of, wait
+
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    starts = np.cumsum([0, *sizes[:-1]])
+    targets = [workers[int(start * len(workers) // sum(sizes))] for start in starts]
+    placed = []
+    for item, worker in zip(items, targets, strict=True):
+        with dask.annotate(workers=[worker], allow_other_workers=True):
+            placed.append(dask.delayed(_aligned_copy, pure=False)(item))
+    placed = list(dask.persist(*placed))
+    futures = [futures_of(p)[0] for p in placed]
+    wait(futures)
+    holders = client.who_has(futures)
+    return placed, [sorted(holders[f.key])[0] for f in futures]
+
+
+# --------------------------------------------------------------------------------------------
+# The tasks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What an iteration minimizes and how: ½‖X − WH‖² + l1_w·ΣW + ½·l2_w·‖W‖² + (same for H)."""
+
+    n_components: int
+    solver: str = "hals"
+    l1_w: float = 0.0
+    l2_w: float = 0.0
+    l1_h: float = 0.0
+    l2_h: float = 0.0
+    inner_iter: int = 1
+
+    @property
+    def rule(self):
+        return get_solver(self.solver)
+
+
+def _dot64(a: np.ndarray, b: np.ndarray) -> float:
+    """⟨a, b⟩ accumulated in float64."""
+    return float(np.dot(a.ravel().astype(np.float64), b.ravel().astype(np.float64)))
+
+
+def _full_h(h_blocks: Sequence[np.ndarray]) -> np.ndarray:
+    return h_blocks[0] if len(h_blocks) == 1 else np.concatenate(h_blocks, axis=1)
+
+
+def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
+    """The one task per row panel and iteration: update W_i, emit the partials of the H update.
+
+    H·Hᵀ is formed here (k²·n flops, little beside the k·m_i·n of H·X_iᵀ) rather than passed
+    in, so that the task depends only on the H blocks of the previous iteration.
+
+    Returns ``(Wt_i, B_i, stats_i, A_i1, ..., A_iQ)``: the new (k, m_i) block of Wᵀ, its Gram
+    matrix, the statistics vector (``P_*`` layout) and W_iᵀ·X_i split at ``col_bounds``.
+    """
+    pin_worker_blas()
+    x, wt = kernels.aligned(x), kernels.aligned(wt)
+    h = kernels.aligned(_full_h(h_blocks))
+    gram_h = h @ h.T
+    cross = kernels.dot_h(x, h)
+    stats = np.zeros(6)
+    stats[P_CROSS_OLD] = _dot64(wt, cross)
+    stats[P_WGW_OLD] = _dot64(wt @ wt.T, gram_h)
+    stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
+    stats[P_SQ_W_OLD] = _dot64(wt, wt)
+    wt, violation = objective.rule.update(
+        wt.copy(),  # the input may be a persisted block that other tasks still read
+        gram_h,
+        cross,
+        l1=objective.l1_w,
+        l2=objective.l2_w,
+        n_sweeps=objective.inner_iter,
+        order=order,
+    )
+    stats[P_SUM_W] = wt.sum(dtype=np.float64)
+    stats[P_VIOLATION] = violation
+    a = kernels.dot_w(x, wt)
+    a_blocks = [a[:, start:stop] for start, stop in itertools.pairwise(col_bounds)]
+    return (wt, wt @ wt.T, stats, *a_blocks)
+
+
+def _panel_partials(block: int, *outs) -> tuple:
+    """Σ over ``panel_step`` outputs of (B_i, stats_i, A_i,block)."""
+    return _sum_in_order(*((out[1], out[2], out[3 + block]) for out in outs))
+
+
+def h_step(objective: Objective, order, block: int, raw: bool, h: np.ndarray, *parts):
+    """Update column block ``block`` of H from the panel partials A_j = Wᵀ·X_j and B = Wᵀ·W.
+
+    ``parts`` are ``panel_step`` outputs (``raw``) or sums of them from ``_panel_partials``; the
+    last level of the reduction runs here, in the same task as the update.
+
+    Returns ``(H_j, H_j·H_jᵀ, stats_j, B, panel stats)`` with stats_j in the ``H_*`` layout.
+    """
+    pin_worker_blas()
+    partials = _panel_partials(block, *parts) if raw else _sum_in_order(*parts)
+    gram_w, panel_stats, a = partials
+    h = kernels.aligned(h)
+    stats = np.zeros(5)
+    stats[H_SUM_H_OLD] = h.sum(dtype=np.float64)
+    stats[H_SQ_H_OLD] = _dot64(h, h)
+    h, violation = objective.rule.update(
+        h.copy(),
+        gram_w,
+        a,
+        l1=objective.l1_h,
+        l2=objective.l2_h,
+        n_sweeps=objective.inner_iter,
+        order=order,
+    )
+    stats[H_CROSS] = _dot64(a, h)
+    stats[H_SUM_H] = h.sum(dtype=np.float64)
+    stats[H_VIOLATION] = violation
+    return h, h @ h.T, stats, gram_w, panel_stats
+
+
+def _h_summary(*outs) -> tuple:
+    """Σ over ``h_step`` outputs (or over earlier results of this function) of
+    (H_j·H_jᵀ, stats_j); B and the panel stats are the same in all and are taken from the first.
+    Returns ``(H·Hᵀ, H stats, B, panel stats)``: all the driver needs of an iteration."""
+    sums = _sum_in_order(*((out[-4], out[-3]) for out in outs))
+    return (*sums, outs[0][-2], outs[0][-1])
+
+
+def transform_panel(objective: Objective, h: np.ndarray, gram_h: np.ndarray, max_iter: int,
+                    tol: float, x) -> np.ndarray:
+    """W_i for a fixed H: HALS sweeps from zero on the cached C_i = H·X_iᵀ until the violation
+    falls to ``tol`` × its first value (or ``max_iter`` sweeps) — one read of X_i in all.
+    Returns the (m_i, k) block of W."""
+    pin_worker_blas()
+    x, h = kernels.aligned(x), kernels.aligned(h)
+    cross = kernels.dot_h(x, h)
+    wt = np.zeros_like(cross)
+    rule = get_solver("hals")
+    first = None
+    for _ in range(max_iter):
+        wt, violation = rule.update(wt, gram_h, cross, l1=objective.l1_w, l2=objective.l2_w)
+        if first is None:
+            first = violation
+        if first == 0 or violation <= tol * first:
+            break
+    return np.ascontiguousarray(wt.T)
+
+
+# --------------------------------------------------------------------------------------------
+# Drivers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Moments:
+    """What the validation pass learns about X."""
+
+    min: float
+    n_nonfinite: int
+    sum: float
+    sum_sq: float
+    nnz: int
+    size: int
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.size
+
+
+def moments(panels: Panels) -> Moments:
+    """One pass over X: min, non-finite count, Σx, Σx², nnz."""
+    ops = panels.ops
+    parts = panels.map(kernels.panel_moments, [(x,) for x in panels.items])
+    total = ops.fetch(tree_reduce(ops, parts, kernels.combine_moments))
+    return Moments(
+        min=float(total[kernels.MOMENT_MIN]),
+        n_nonfinite=int(total[kernels.MOMENT_NONFINITE]),
+        sum=float(total[kernels.MOMENT_SUM]),
+        sum_sq=float(total[kernels.MOMENT_SUMSQ]),
+        nnz=int(total[kernels.MOMENT_NNZ]),
+        size=int(total[kernels.MOMENT_SIZE]),
+    )
+
+
+def check_values(panels: Panels, whom: str = "NMF (input X)") -> Moments:
+    """Run the validation pass; reject NaN, infinity and negative values with a clear error."""
+    stats = moments(panels)
+    if stats.n_nonfinite:
+        raise ValueError(
+            f"Input X contains NaN or infinity ({stats.n_nonfinite} non-finite values); "
+            f"{whom} must be finite."
+        )
+    if stats.min < 0:
+        raise ValueError(f"Negative values in data passed to {whom} (minimum {stats.min:g}).")
+    return stats
+
+
+def iterate(panels: Panels, objective: Objective, wt: list, h: list, col_bounds: list[int],
+            orders=(None, None)):
+    """Build (or, eagerly, run) one iteration. Returns the new blocks of Wᵀ and of H and the
+    summary ``(H·Hᵀ, H stats, B, panel stats)``.
+
+    The critical path is panel_step → h_step (which also runs the last level of its reduction)
+    → the next panel_step; the summary is off it.
+    """
+    ops = panels.ops
+    order_w, order_h = orders
+    outs = panels.map(panel_step, list(zip(panels.items, wt, strict=True)), objective, order_w,
+                      col_bounds, h)
+    new_wt = [out[0] for out in outs]
+    h_outs = []
+    for j, h_j in enumerate(h):
+        parts, raw = reduce_to_fanin(ops, outs, functools.partial(_panel_partials, j))
+        h_outs.append(ops.call(h_step, objective, order_h, j, raw, h_j, *parts))
+    new_h = [out[0] for out in h_outs]
+    summary = tree_reduce(ops, h_outs, _h_summary, first=_h_summary)
+    return new_wt, new_h, summary
+
+
+def reduce_to_fanin(ops, items: list, first: Callable, split_every: int | None = None):
+    """Reduce ``items`` by a fixed-order tree until at most ``split_every`` remain, so that the
+    consumer can run the last level itself. Returns ``(items, raw)``: ``raw`` is True when no
+    level ran (the items are the original ones, not sums made by ``first``)."""
+    if split_every is None:
+        split_every = int(dask.config.get("dasknmf.split-every"))
+    split_every = max(2, split_every)
+    if len(items) <= split_every:
+        return items, True
+    level = first
+    while len(items) > split_every:
+        items = [
+            ops.call(level, *items[start : start + split_every])
+            for start in range(0, len(items), split_every)
+        ]
+        level = _sum_in_order
+    return items, False
+
+
+@dataclass
+class History:
+    """Per-iteration record; index 0 is the initialization."""
+
+    loss: list[float] = field(default_factory=list)  # the penalized objective
+    error: list[float] = field(default_factory=list)  # ‖X − WH‖_F
+    violation: list[float] = field(default_factory=list)  # from iteration 1 on
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "error": self.error, "violation": self.violation}
+
+    def record(self, objective: Objective, fro_sq: float, sum_w: float, sq_w: float,
+               sum_h: float, sq_h: float) -> None:
+        """Append the objective at a point given ‖X − WH‖² and the sums the penalties need."""
+        fro_sq = max(float(fro_sq), 0.0)
+        self.error.append(math.sqrt(fro_sq))
+        self.loss.append(float(
+            0.5 * fro_sq
+            + objective.l1_w * sum_w
+            + 0.5 * objective.l2_w * sq_w
+            + objective.l1_h * sum_h
+            + 0.5 * objective.l2_h * sq_h
+        ))
+
+
+@dataclass
+class FitResult:
+    wt: list
+    h: list
+    n_iter: int
+    history: History
+
+
+def fit(
+    panels: Panels,
+    objective: Objective,
+    wt: list,
+    h: list,
+    norm_x_sq: float,
+    col_bounds: list[int],
+    *,
+    max_iter: int,
+    tol: float,
+    shuffle_rng: np.random.RandomState | None = None,
+    callback: Callable[[int, History], None] | None = None,
+) -> FitResult:
+    """Alternate W and H updates until the solver's stopping rule or ``max_iter``.
+
+    ``wt`` (blocks of Wᵀ per row panel) and ``h`` (column blocks of H, split at ``col_bounds``)
+    are the initialization, as ``panels.ops`` holds them. After each iteration the new blocks
+    are persisted and only the k×k summary comes back to this process. On a distributed
+    cluster the next iteration is submitted before the summary is read, so the cluster never
+    waits for this process; if the rule then says stop, that speculative iteration is dropped.
+    """
+    ops = panels.ops
+    k = objective.n_components
+    in_flight: collections.deque = collections.deque()
+    latest = (wt, h)
+
+    def submit() -> None:
+        nonlocal latest
+        orders = (None, None)
+        if shuffle_rng is not None:
+            orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
+        step = ops.persist(*iterate(panels, objective, *latest, col_bounds, orders))
+        latest = step[:2]
+        in_flight.append(step)
+
+    history = History()
+    submit()
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        if ops.is_async and n_iter < max_iter:
+            submit()
+        wt, h, summary = in_flight.popleft()
+        gram_h, h_stats, gram_w, panel_stats = ops.fetch(summary)
+        if n_iter == 1:
+            history.record(objective, norm_x_sq - 2 * panel_stats[P_CROSS_OLD]
+                           + panel_stats[P_WGW_OLD], panel_stats[P_SUM_W_OLD],
+                           panel_stats[P_SQ_W_OLD], h_stats[H_SUM_H_OLD], h_stats[H_SQ_H_OLD])
+        history.record(objective, norm_x_sq - 2 * h_stats[H_CROSS] + _dot64(gram_w, gram_h),
+                       panel_stats[P_SUM_W], float(np.trace(gram_w)), h_stats[H_SUM_H],
+                       float(np.trace(gram_h)))
+        history.violation.append(float(panel_stats[P_VIOLATION] + h_stats[H_VIOLATION]))
+        if callback is not None:
+            callback(n_iter, history)
+        if tol > 0 and objective.rule.converged(n_iter, tol, history.as_dict()):
+            break
+        if not ops.is_async and n_iter < max_iter:
+            submit()
+    in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
+    return FitResult(wt=list(wt), h=list(h), n_iter=n_iter, history=history)
+
+
+def reconstruction_error(panels: Panels, wt: list, h: list) -> float:
+    """‖X − WH‖_F by one more pass over X (exact; the Gram identity used during the iterations
+    loses digits when the residual is small against ‖X‖)."""
+    ops = panels.ops
+    h_full = ops.call(_full_h, h) if len(h) > 1 else h[0]
+    parts = panels.map(_residual_task, list(zip(panels.items, wt, strict=True)), h_full)
+    return math.sqrt(float(ops.fetch(tree_reduce(ops, parts))[0]))
+
+
+def _residual_task(h: np.ndarray, x, wt: np.ndarray) -> np.ndarray:
+    pin_worker_blas()
+    x, wt, h = kernels.aligned(x), kernels.aligned(wt), kernels.aligned(h)
+    return np.array([kernels.residual_sq(x, wt, h)])

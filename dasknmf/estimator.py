@@ -1,0 +1,553 @@
+"""``dasknmf.NMF``: scikit-learn's NMF estimator on the one-pass engine.
+
+The estimator validates parameters and input, picks the driver — in memory for numpy and
+scipy.sparse, Dask for Dask arrays, Zarr arrays and paths — and hands over to ``engine``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import warnings
+
+import dask.array as da
+import numpy as np
+import zarr
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from dasknmf import engine, init, io
+from dasknmf._blas import single_blas_thread
+from dasknmf._config import get_bytes
+
+__all__ = ["NMF", "InvalidParameterError"]
+
+_BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
+
+#: HALS inner sweeps per outer iteration when ``inner_iter='auto'``: each costs O(k²·(m + n))
+#: and no read of X, and cuts the number of passes over X (see benchmarks/RESULTS.md).
+AUTO_HALS_SWEEPS = 5
+
+
+class InvalidParameterError(ValueError, TypeError):
+    """A constructor parameter has a wrong type or value (scikit-learn raises the same)."""
+
+
+def _check_param(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise InvalidParameterError(
+            f"The {name!r} parameter of NMF must be {expected}. Got {value!r} instead."
+        )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_lazy_input(X) -> bool:
+    return isinstance(X, da.Array | zarr.Array | zarr.Group | str | os.PathLike)
+
+
+class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Non-negative Matrix Factorization (NMF), in memory or on a Dask cluster.
+
+    Find two non-negative matrices W (n_samples, n_components) and H (n_components,
+    n_features) whose product approximates the non-negative matrix X, by minimizing
+
+        ½‖X − WH‖²_F + alpha_W·n_features·(l1_ratio·‖W‖₁ + ½(1 − l1_ratio)·‖W‖²_F)
+                    + alpha_H·n_samples·(l1_ratio·‖H‖₁ + ½(1 − l1_ratio)·‖H‖²_F)
+
+    — the objective of :class:`sklearn.decomposition.NMF`, whose parameters and attributes this
+    class shares. numpy and scipy.sparse input is factorized in memory; a Dask array, a
+    ``zarr.Array`` or the path of a Zarr store is factorized by Dask on the current scheduler
+    (the active ``distributed.Client`` if any), reading X once per iteration in row panels.
+
+    Parameters
+    ----------
+    n_components : int, 'auto' or None, default='auto'
+        Number of components. None or 'auto': n_features ('auto' takes it from H with
+        ``init='custom'``).
+    init : {'random', 'nndsvd', 'nndsvda', 'nndsvdar', 'custom'}, default=None
+        Initialization. None: 'nndsvda' if n_components <= min(n_samples, n_features),
+        otherwise 'random'. NNDSVD uses a randomized SVD (``dask.array.linalg.svd_compressed``
+        for Dask input).
+    solver : {'cd', 'hals', 'mu'}, default='cd'
+        'cd' (scikit-learn's name) and 'hals' are the same coordinate-descent family:
+        hierarchical alternating least squares. 'mu' is the multiplicative update.
+    beta_loss : 'frobenius' or 2, default='frobenius'
+        The β-divergence to minimize. Only the Frobenius loss is implemented so far.
+    tol : float, default=1e-4
+        Tolerance of scikit-learn's stopping rule for the solver: for 'cd'/'hals', the
+        projected-gradient violation relative to that of the first iteration; for 'mu', the
+        decrease of the error over 10 iterations relative to the error at the initialization.
+        ``tol=0`` runs exactly ``max_iter`` iterations.
+    max_iter : int, default=200
+        Maximum number of iterations (each reads X once).
+    random_state : int, RandomState instance or None, default=None
+        Seed of the random initialization and of the randomized SVD.
+    alpha_W, alpha_H, l1_ratio : float
+        Regularization, as in scikit-learn (``alpha_H='same'`` takes ``alpha_W``).
+    verbose : int, default=0
+        Print the objective after each iteration.
+    shuffle : bool, default=False
+        Visit the components in a random order in each 'cd' sweep.
+    inner_iter : int or 'auto', default='auto'
+        Sweeps of the update rule per factor and iteration. Extra sweeps reuse the statistics
+        of one read of X (Gillis & Glineur 2012). 'auto': 5 for 'cd'/'hals', 1 for 'mu'
+        (scikit-learn's single update).
+    panel_bytes : int, str or None, default=None
+        Target size of a row panel of X (the unit of work of one task), e.g. ``"64MiB"``;
+        default ``dask.config`` key ``dasknmf.panel-bytes``.
+    cache : bool or 'auto', default='auto'
+        Dask input only: keep X in cluster memory between iterations (True), re-read it from
+        its source every iteration (False), or keep it when it takes at most
+        ``dasknmf.cache-fraction`` of the cluster's memory ('auto').
+    progress : bool, default=False
+        Show a progress bar over iterations with the objective.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        H, the factorization matrix (always numpy).
+    n_components_ : int
+    reconstruction_err_ : float
+        ‖X − WH‖_F at the end of the fit (scikit-learn's definition).
+    n_iter_ : int
+        Number of iterations run.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Only for input with string column names.
+    loss_history_ : list of float
+        The objective after each iteration; entry 0 is the initialization.
+
+    Notes
+    -----
+    ``fit_transform`` and ``transform`` return numpy W for numpy or scipy.sparse input and a
+    Dask array W (backed by blocks persisted on the cluster, or lazy for ``transform``) for
+    Dask, Zarr or path input.
+    """
+
+    def __init__(
+        self,
+        n_components="auto",
+        *,
+        init=None,
+        solver="cd",
+        beta_loss="frobenius",
+        tol=1e-4,
+        max_iter=200,
+        random_state=None,
+        alpha_W=0.0,
+        alpha_H="same",
+        l1_ratio=0.0,
+        verbose=0,
+        shuffle=False,
+        inner_iter="auto",
+        panel_bytes=None,
+        cache="auto",
+        progress=False,
+    ):
+        self.n_components = n_components
+        self.init = init
+        self.solver = solver
+        self.beta_loss = beta_loss
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.alpha_W = alpha_W
+        self.alpha_H = alpha_H
+        self.l1_ratio = l1_ratio
+        self.verbose = verbose
+        self.shuffle = shuffle
+        self.inner_iter = inner_iter
+        self.panel_bytes = panel_bytes
+        self.cache = cache
+        self.progress = progress
+
+    # ---- parameters ---------------------------------------------------------------------
+
+    def _validate_params(self) -> None:
+        k = self.n_components
+        valid_k = k == "auto" if isinstance(k, str) else k is None or (_is_int(k) and k >= 1)
+        _check_param("n_components", k, valid_k,
+                     "an int in the range [1, inf), None or a str among {'auto'}")
+        _check_param("init", self.init, self.init is None or self.init in init.INIT_METHODS,
+                     f"a str among {set(init.INIT_METHODS)} or None")
+        _check_param("solver", self.solver, isinstance(self.solver, str)
+                     and self.solver in ("cd", "hals", "mu"), "a str among {'cd', 'hals', 'mu'}")
+        beta = self.beta_loss
+        _check_param("beta_loss", beta, beta in _BETA_LOSSES if isinstance(beta, str)
+                     else _is_real(beta),
+                     f"a str among {set(_BETA_LOSSES)} or a float")
+        _check_param("tol", self.tol, _is_real(self.tol) and self.tol >= 0,
+                     "a float in the range [0, inf)")
+        _check_param("max_iter", self.max_iter, _is_int(self.max_iter) and self.max_iter >= 1,
+                     "an int in the range [1, inf)")
+        rs = self.random_state
+        _check_param("random_state", rs, rs is None or isinstance(rs, np.random.RandomState)
+                     or (_is_int(rs) and 0 <= rs < 2**32),
+                     "an int in the range [0, 4294967295], an instance of 'numpy.random."
+                     "mtrand.RandomState' or None")
+        _check_param("alpha_W", self.alpha_W, _is_real(self.alpha_W) and self.alpha_W >= 0,
+                     "a float in the range [0, inf)")
+        _check_param("alpha_H", self.alpha_H, self.alpha_H == "same" if isinstance(
+            self.alpha_H, str) else _is_real(self.alpha_H) and self.alpha_H >= 0,
+                     "a float in the range [0, inf) or a str among {'same'}")
+        _check_param("l1_ratio", self.l1_ratio, _is_real(self.l1_ratio)
+                     and 0 <= self.l1_ratio <= 1, "a float in the range [0, 1]")
+        _check_param("verbose", self.verbose, isinstance(self.verbose, numbers.Integral),
+                     "an int or a bool")
+        _check_param("shuffle", self.shuffle, isinstance(self.shuffle, bool | np.bool_),
+                     "a bool")
+        ii = self.inner_iter
+        _check_param("inner_iter", ii, ii == "auto" if isinstance(ii, str)
+                     else _is_int(ii) and ii >= 1, "an int in the range [1, inf) or 'auto'")
+        _check_param("cache", self.cache, self.cache == "auto" if isinstance(self.cache, str)
+                     else isinstance(self.cache, bool | np.bool_), "a bool or 'auto'")
+        _check_param("progress", self.progress, isinstance(self.progress, bool | np.bool_),
+                     "a bool")
+        pb = self.panel_bytes
+        if pb is not None:
+            try:
+                valid = (_is_int(pb) or isinstance(pb, str)) and self._panel_budget() > 0
+            except (ValueError, TypeError):
+                valid = False
+            _check_param("panel_bytes", pb, valid,
+                         "a positive int, a size string such as '64MiB', or None")
+        beta_value = _BETA_LOSSES.get(beta, beta) if isinstance(beta, str) else float(beta)
+        if beta_value != 2.0:
+            raise ValueError(
+                f"beta_loss={beta!r} is not implemented yet: dasknmf minimizes the Frobenius "
+                "loss (beta_loss='frobenius' or 2)."
+            )
+
+    def _panel_budget(self) -> int:
+        if self.panel_bytes is None:
+            return get_bytes("dasknmf.panel-bytes")
+        if isinstance(self.panel_bytes, str):
+            from dask.utils import parse_bytes
+
+            return int(parse_bytes(self.panel_bytes))
+        return int(self.panel_bytes)
+
+    def _objective(self, n_samples: int, n_features: int, n_components: int) -> engine.Objective:
+        alpha_H = self.alpha_W if self.alpha_H == "same" else self.alpha_H
+        solver = "mu" if self.solver == "mu" else "hals"
+        inner = self.inner_iter
+        if inner == "auto":
+            inner = 1 if solver == "mu" else AUTO_HALS_SWEEPS
+        return engine.Objective(
+            n_components=n_components,
+            solver=solver,
+            l1_w=n_features * self.alpha_W * self.l1_ratio,
+            l2_w=n_features * self.alpha_W * (1.0 - self.l1_ratio),
+            l1_h=n_samples * alpha_H * self.l1_ratio,
+            l2_h=n_samples * alpha_H * (1.0 - self.l1_ratio),
+            inner_iter=int(inner),
+        )
+
+    # ---- input ---------------------------------------------------------------------------
+
+    def _panels(self, X, reset: bool) -> engine.Panels:
+        """Validate X and split it into row panels."""
+        if _is_lazy_input(X):
+            X = _as_dask_matrix(X)
+            if reset:
+                self.n_features_in_ = X.shape[1]
+                if hasattr(self, "feature_names_in_"):
+                    del self.feature_names_in_
+            elif X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but NMF is expecting "
+                    f"{self.n_features_in_} features as input."
+                )
+            cache = self.cache if reset else False
+            return engine.dask_panels(X, self._panel_budget(), cache)
+        X = validate_data(
+            self,
+            X,
+            accept_sparse=("csr", "csc"),
+            dtype=[np.float64, np.float32],
+            reset=reset,
+            ensure_non_negative=not reset,
+        )
+        return engine.in_memory_panels(X, self._panel_budget())
+
+    # ---- fitting -------------------------------------------------------------------------
+
+    def fit(self, X, y=None, **params):
+        """Learn an NMF model for the data X.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, dask.array.Array, zarr.Array, str} of shape \
+(n_samples, n_features)
+            Training data.
+        y : Ignored
+        **params : kwargs
+            Passed to ``fit_transform`` (``W``, ``H`` with ``init='custom'``).
+
+        Returns
+        -------
+        self : object
+        """
+        self.fit_transform(X, **params)
+        return self
+
+    def fit_transform(self, X, y=None, W=None, H=None):
+        """Learn an NMF model for the data X and return the transformed data W.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, dask.array.Array, zarr.Array, str} of shape \
+(n_samples, n_features)
+            Training data.
+        y : Ignored
+        W : array-like of shape (n_samples, n_components), default=None
+            Initial W with ``init='custom'``.
+        H : array-like of shape (n_components, n_features), default=None
+            Initial H with ``init='custom'``.
+
+        Returns
+        -------
+        W : ndarray or dask.array.Array of shape (n_samples, n_components)
+        """
+        self._validate_params()
+        panels = self._panels(X, reset=True)
+        try:
+            with single_blas_thread():
+                return self._fit_panels(panels, W, H)
+        finally:
+            panels.close()
+
+    def _resolve_init(self, n_samples: int, n_features: int, W, H) -> tuple[str, int]:
+        k = self.n_components
+        method = self.init
+        if method == "custom":
+            H_shape = np.shape(H) if H is not None else None
+            if k == "auto" and H_shape is not None and len(H_shape) == 2:
+                k = H_shape[0]
+        elif W is not None or H is not None:
+            warnings.warn(
+                "When init!='custom', provided W or H are ignored. Set  init='custom' to use "
+                "them as initialization.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if k is None or k == "auto":
+            k = n_features
+        if method is None:
+            method = "nndsvda" if k <= min(n_samples, n_features) else "random"
+        if method.startswith("nndsvd") and k > min(n_samples, n_features):
+            raise ValueError(
+                f"init = '{method}' can only be used when n_components <= min(n_samples, "
+                f"n_features); got n_components={k} for X of shape {(n_samples, n_features)}."
+            )
+        if self.solver == "mu" and method == "nndsvd":
+            warnings.warn(
+                "The multiplicative update ('mu') solver cannot update zeros present in the "
+                "initialization, and so leads to poorer results when used jointly with "
+                "init='nndsvd'. You may try init='nndsvda' or init='nndsvdar' instead.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return method, int(k)
+
+    def _fit_panels(self, panels: engine.Panels, W, H):
+        n_samples, n_features = panels.shape
+        method, k = self._resolve_init(n_samples, n_features, W, H)
+        if method == "custom":
+            W, H = _check_custom_init(W, H, (n_samples, k), (k, n_features), panels.dtype)
+        stats = engine.check_values(panels)
+        col_bounds = engine.column_bounds(n_features, k, panels.dtype.itemsize)
+        wt, h = init.initialize(panels, method, k, col_bounds, stats.mean, self.random_state,
+                                W, H)
+        objective = self._objective(n_samples, n_features, k)
+        shuffle_rng = None
+        if self.shuffle:
+            shuffle_rng = np.random.RandomState(init.seed_entropy(self.random_state) % 2**32)
+        with _Reporter(self.verbose, self.progress, self.max_iter) as report:
+            result = engine.fit(
+                panels,
+                objective,
+                wt,
+                h,
+                stats.sum_sq,
+                col_bounds,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                shuffle_rng=shuffle_rng,
+                callback=report,
+            )
+        self.reconstruction_err_ = engine.reconstruction_error(panels, result.wt, result.h)
+        h_blocks = panels.ops.fetch(result.h)
+        self.components_ = np.concatenate(h_blocks, axis=1) if len(h_blocks) > 1 else h_blocks[0]
+        self.n_components_ = k
+        self.n_iter_ = result.n_iter
+        self.loss_history_ = list(result.history.loss)
+        if self.n_iter_ == self.max_iter and self.tol > 0:
+            warnings.warn(
+                f"Maximum number of iterations {self.max_iter} reached. Increase it to "
+                "improve convergence.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return _assemble_w(panels, result.wt, k)
+
+    # ---- using a fitted model --------------------------------------------------------------
+
+    def transform(self, X):
+        """Transform X by the fitted model: W for the fixed H (non-negative least squares).
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, dask.array.Array, zarr.Array, str} of shape \
+(n_samples, n_features)
+
+        Returns
+        -------
+        W : ndarray of shape (n_samples, n_components), or a lazy dask.array.Array for Dask,
+            Zarr or path input (each row panel is read once when it is computed).
+        """
+        check_is_fitted(self)
+        panels = self._panels(X, reset=False)
+        H = self.components_
+        k = H.shape[0]
+        objective = self._objective(*panels.shape, k)
+        gram_h = H @ H.T
+        ops = panels.ops
+        try:
+            with single_blas_thread():
+                blocks = panels.map(engine.transform_panel, [(x,) for x in panels.items],
+                                 objective, ops.constant(H), gram_h, self.max_iter, self.tol)
+                if not ops.is_lazy:
+                    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        finally:
+            panels.close()
+        return da.concatenate(
+            [da.from_delayed(b, shape=(rows, k), dtype=panels.dtype)
+             for b, rows in zip(blocks, panels.row_sizes, strict=True)]
+        )
+
+    def inverse_transform(self, X):
+        """Transform data back to its original space: X @ components_.
+
+        Parameters
+        ----------
+        X : {ndarray, sparse matrix, dask.array.Array} of shape (n_samples, n_components)
+
+        Returns
+        -------
+        X_original : ndarray or dask.array.Array of shape (n_samples, n_features)
+        """
+        check_is_fitted(self)
+        if np.ndim(X) != 2 or np.shape(X)[1] != self.n_components_:
+            raise ValueError(
+                f"Expected W of shape (n_samples, {self.n_components_}), got shape "
+                f"{np.shape(X)}."
+            )
+        return X @ self.components_
+
+    @property
+    def _n_features_out(self):
+        return self.components_.shape[0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+
+def _as_dask_matrix(X) -> da.Array:
+    """A Dask array, zarr.Array or Zarr path as a 2-D floating Dask array."""
+    if not isinstance(X, da.Array):
+        X = io.open_matrix(X)
+    io.check_matrix_shape(X.shape, "X")
+    io.check_matrix_dtype(X.dtype, "X")
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
+    return X
+
+
+def _check_custom_init(W, H, w_shape, h_shape, dtype):
+    """scikit-learn's checks of a custom initialization."""
+    if W is None or H is None:
+        raise ValueError("init='custom' needs both W and H passed to fit_transform.")
+    checked = []
+    for name, array, shape in (("H", H, h_shape), ("W", W, w_shape)):
+        whom = f"NMF (input {name})"
+        if not isinstance(array, da.Array):
+            array = np.asarray(array)
+        if array.ndim != 2:
+            raise ValueError(f"Expected 2D array for {whom}, got {array.ndim}D array instead.")
+        for axis, which in ((0, "first"), (1, "second")):
+            if array.shape[axis] != shape[axis]:
+                raise ValueError(
+                    f"Array with wrong {which} dimension passed to {whom}. Expected "
+                    f"{shape[axis]}, but got {array.shape[axis]}."
+                )
+        if array.dtype != dtype:
+            raise TypeError(
+                f"H and W should have the same dtype as X. Got {name}.dtype = {array.dtype} "
+                f"and X.dtype = {dtype}."
+            )
+        low, high, finite = (np.min(array), np.max(array), np.isfinite(array).all())
+        if isinstance(array, da.Array):
+            import dask
+
+            low, high, finite = dask.compute(low, high, finite)
+        if not finite:
+            raise ValueError(f"Input contains NaN or infinity in {whom}.")
+        if low < 0:
+            raise ValueError(f"Negative values in data passed to {whom}.")
+        if high == 0:
+            raise ValueError(f"Array passed to {whom} is full of zeros.")
+        checked.append(array)
+    H, W = checked
+    return W, H
+
+
+def _assemble_w(panels: engine.Panels, wt: list, k: int):
+    """W from its component-major blocks: numpy in memory, a Dask array otherwise."""
+    if not panels.ops.is_lazy:
+        return np.ascontiguousarray(np.concatenate(wt, axis=1).T)
+    blocks = [da.from_delayed(b, shape=(k, rows), dtype=panels.dtype)
+              for b, rows in zip(wt, panels.row_sizes, strict=True)]
+    return da.concatenate(blocks, axis=1).T
+
+
+class _Reporter:
+    """Per-iteration output: scikit-learn style lines (verbose) and/or a tqdm bar (progress)."""
+
+    def __init__(self, verbose: int, progress: bool, max_iter: int):
+        self.verbose = verbose
+        self.progress = progress
+        self.max_iter = max_iter
+        self._bar = None
+
+    def __enter__(self):
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.max_iter, desc="NMF", unit="it")
+        return self
+
+    def __call__(self, n_iter: int, history: engine.History) -> None:
+        loss = history.loss[-1]
+        change = (history.loss[-2] - loss) / abs(history.loss[-2]) if history.loss[-2] else 0.0
+        if self.verbose:
+            print(f"Iteration {n_iter:4d}  objective {loss:.6g}  relative decrease {change:.3e}")
+        if self._bar is not None:
+            self._bar.set_postfix(objective=f"{loss:.6g}", rel_change=f"{change:.2e}")
+            self._bar.update(1)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.close()

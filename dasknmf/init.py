@@ -1,0 +1,208 @@
+"""Initial W and H, block by block: 'random', 'nndsvd', 'nndsvda', 'nndsvdar', 'custom'.
+
+Blocks of Wᵀ follow the row panels of X, blocks of H its column blocks; every block is made by
+its own task, so nothing of size m or n passes through the driver. Random values come from
+streams keyed by ``SeedSequence(random_state, spawn_key=(stream, block))`` over blocks of a fixed
+number of rows (``RANDOM_BLOCK``), not over panels: the initialization, and so the result, does
+not depend on how X is chunked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+
+import dask.array as da
+import numpy as np
+
+from dasknmf.engine import Panels
+
+#: Rows per random stream; a panel draws the streams it overlaps and keeps its rows.
+RANDOM_BLOCK = 4096
+#: Power iterations of the randomized SVD behind NNDSVD (a starting point needs no more).
+SVD_POWER_ITER = 2
+#: NNDSVD truncates entries below this to zero (scikit-learn's ``eps``).
+NNDSVD_EPS = 1e-6
+
+# Random streams.
+_W_RANDOM, _H_RANDOM, _W_FILL, _H_FILL = range(4)
+
+INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
+
+
+def seed_entropy(random_state) -> int:
+    """An integer seed from scikit-learn's ``random_state`` (None, int or RandomState)."""
+    if random_state is None:
+        return int(np.random.SeedSequence().entropy)
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(np.iinfo(np.int32).max))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(np.iinfo(np.int64).max))
+    raise ValueError(f"{random_state!r} cannot be used to seed a numpy.random.RandomState instance")
+
+
+def half_normal_rows(entropy: int, stream: int, start: int, stop: int, width: int) -> np.ndarray:
+    """Rows ``start:stop`` of an endless (·, width) matrix of |N(0, 1)| draws."""
+    parts = []
+    for block in range(start // RANDOM_BLOCK, (stop - 1) // RANDOM_BLOCK + 1):
+        seed = np.random.SeedSequence(entropy, spawn_key=(stream, block))
+        values = np.abs(np.random.default_rng(seed).standard_normal((RANDOM_BLOCK, width)))
+        first = max(start - block * RANDOM_BLOCK, 0)
+        last = min(stop - block * RANDOM_BLOCK, RANDOM_BLOCK)
+        parts.append(values[first:last])
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def random_block(entropy: int, stream: int, scale: float, dtype, k: int, start: int,
+                 stop: int) -> np.ndarray:
+    """A (k, stop − start) component-major block of ``scale``·|N(0, 1)|."""
+    block = half_normal_rows(entropy, stream, start, stop, k).T * scale
+    return np.ascontiguousarray(block, dtype=dtype)
+
+
+def _ranges(bounds: list[int]) -> list[tuple[int, int]]:
+    return list(itertools.pairwise(bounds))
+
+
+def random_init(panels: Panels, k: int, col_bounds: list[int], mean: float, entropy: int):
+    """scikit-learn's 'random': |N(0, 1)|·sqrt(mean(X) / k)."""
+    ops = panels.ops
+    scale = np.sqrt(mean / k)
+    wt = panels.map(random_block, _ranges(panels.row_bounds), entropy, _W_RANDOM, scale,
+                    panels.dtype, k)
+    h = ops.map(random_block, _ranges(col_bounds), entropy, _H_RANDOM, scale, panels.dtype, k)
+    return wt, h
+
+
+# ---- NNDSVD (Boutsidis & Gallopoulos 2008), as scikit-learn computes it ---------------------
+
+
+def signed_norms_sq(block: np.ndarray) -> np.ndarray:
+    """Σ over a component-major block of the squared positive and negative parts, (2, k)."""
+    block = block.astype(np.float64, copy=False)
+    positive = np.maximum(block, 0)
+    negative = np.minimum(block, 0)
+    return np.stack([(positive**2).sum(axis=1), (negative**2).sum(axis=1)])
+
+
+def nndsvd_coefficients(s: np.ndarray, u_norms_sq: np.ndarray, v_norms_sq: np.ndarray):
+    """Per component: which part of the singular vectors to keep (0 = |x|, +1 = positive part,
+    −1 = negative part) and the factors by which W's and H's parts are scaled."""
+    k = len(s)
+    signs = np.zeros(k, dtype=np.int8)
+    coef_w = np.zeros(k)
+    coef_h = np.zeros(k)
+    u_pos, u_neg = np.sqrt(u_norms_sq)
+    v_pos, v_neg = np.sqrt(v_norms_sq)
+    # The leading singular pair of a non-negative matrix has one sign: use its absolute value.
+    coef_w[0] = coef_h[0] = np.sqrt(s[0])
+    for j in range(1, k):
+        m_pos, m_neg = u_pos[j] * v_pos[j], u_neg[j] * v_neg[j]
+        if m_pos > m_neg:
+            signs[j], sigma, norm_u, norm_v = 1, m_pos, u_pos[j], v_pos[j]
+        else:
+            signs[j], sigma, norm_u, norm_v = -1, m_neg, u_neg[j], v_neg[j]
+        if sigma > 0:  # scikit-learn divides by zero here and gets NaN
+            scale = np.sqrt(s[j] * sigma)
+            coef_w[j], coef_h[j] = scale / norm_u, scale / norm_v
+    return signs, coef_w, coef_h
+
+
+def nndsvd_block(signs: np.ndarray, coef: np.ndarray, fill: str, mean: float, entropy: int,
+                 stream: int, dtype, start: int, stop: int, vectors: np.ndarray) -> np.ndarray:
+    """One component-major block of the NNDSVD factor from the same block of singular vectors,
+    with scikit-learn's zero filling: 'zeros' (nndsvd), 'mean' (nndsvda), 'random' (nndsvdar)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    parts = np.where(
+        (signs == 0)[:, None], np.abs(vectors), np.maximum(signs[:, None] * vectors, 0)
+    )
+    block = coef[:, None] * parts
+    block[block < NNDSVD_EPS] = 0
+    zeros = block == 0
+    if fill == "mean":
+        block[zeros] = mean
+    elif fill == "random":
+        noise = half_normal_rows(entropy, stream, start, stop, block.shape[0]).T
+        block[zeros] = mean * noise[zeros] / 100
+    return block.astype(dtype)
+
+
+def _truncated_svd(panels: Panels, k: int, entropy: int, col_bounds: list[int]):
+    """Randomized SVD of X: blocks of Uᵀ by row panel (as ``panels.ops`` holds them), S, and Vᵀ's
+    transpose V as numpy (k, n)."""
+    seed = entropy % (2**32)
+    if panels.ops.is_lazy:
+        import dask
+
+        u, s, v = da.linalg.svd_compressed(
+            panels.array, k, n_power_iter=SVD_POWER_ITER, seed=seed, compute=False
+        )
+        ut = u.T.rechunk((k, tuple(panels.row_sizes)))
+        ut, s, v = dask.persist(ut, s, v)
+        s, v = dask.compute(s, v)
+        return list(ut.to_delayed().ravel()), s, v
+    from sklearn.utils.extmath import randomized_svd
+
+    u, s, v = randomized_svd(panels.array, k, n_iter=SVD_POWER_ITER, random_state=seed)
+    return [u[start:stop].T for start, stop in _ranges(panels.row_bounds)], s, v
+
+
+def nndsvd_init(panels: Panels, k: int, col_bounds: list[int], mean: float, entropy: int,
+                variant: str):
+    """'nndsvd', 'nndsvda' or 'nndsvdar' from a randomized truncated SVD of X."""
+    from dasknmf.engine import tree_reduce
+
+    ops = panels.ops
+    ut_blocks, s, v = _truncated_svd(panels, k, entropy, col_bounds)
+    u_norms = ops.fetch(tree_reduce(ops, ops.map(signed_norms_sq, [(b,) for b in ut_blocks])))
+    v_norms = signed_norms_sq(v)
+    signs, coef_w, coef_h = nndsvd_coefficients(s, u_norms, v_norms)
+    fill = {"nndsvd": "zeros", "nndsvda": "mean", "nndsvdar": "random"}[variant]
+    wt = panels.map(
+        nndsvd_block,
+        [(*bounds, block) for bounds, block in zip(_ranges(panels.row_bounds), ut_blocks,
+                                                     strict=True)],
+        signs, coef_w, fill, mean, entropy, _W_FILL, panels.dtype,
+    )
+    h = ops.map(
+        nndsvd_block,
+        [(start, stop, v[:, start:stop]) for start, stop in _ranges(col_bounds)],
+        signs, coef_h, fill, mean, entropy, _H_FILL, panels.dtype,
+    )
+    return wt, h
+
+
+def custom_init(panels: Panels, col_bounds: list[int], W, H):
+    """Blocks of user-given W (m, k) and H (k, n)."""
+    ops = panels.ops
+    wt = panels.map(_component_major, [(W[start:stop],) for start, stop in
+                                       _ranges(panels.row_bounds)], panels.dtype)
+    h = ops.map(_copy_block, [(H[:, start:stop],) for start, stop in _ranges(col_bounds)],
+                panels.dtype)
+    return wt, h
+
+
+def _component_major(dtype, rows) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(rows).T, dtype=dtype)
+
+
+def _copy_block(dtype, block) -> np.ndarray:
+    return np.array(block, dtype=dtype, order="C")
+
+
+def initialize(panels: Panels, method: str, k: int, col_bounds: list[int], mean: float,
+               random_state=None, W=None, H=None):
+    """Initial blocks of Wᵀ and H for ``method``; persisted when ``panels.ops`` is lazy."""
+    entropy = seed_entropy(random_state)
+    if method == "random":
+        wt, h = random_init(panels, k, col_bounds, mean, entropy)
+    elif method == "custom":
+        wt, h = custom_init(panels, col_bounds, W, H)
+    elif method in ("nndsvd", "nndsvda", "nndsvdar"):
+        wt, h = nndsvd_init(panels, k, col_bounds, mean, entropy, method)
+    else:
+        raise ValueError(f"Invalid init parameter: got {method!r} instead of one of "
+                         f"{(None, *INIT_METHODS)!r}")
+    return panels.ops.persist(wt, h)

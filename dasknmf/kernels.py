@@ -1,0 +1,149 @@
+"""Per-panel math on one row panel of X: numpy dense or scipy.sparse, no Dask.
+
+Factors are held component-major: ``Wt`` is (k, m_i) for a panel of m_i rows and ``H`` is
+(k, n) or a column block (k, n_j), so that both factor updates work on contiguous rows.
+Every product returns a dense numpy array; a sparse panel is never densified.
+"""
+
+from __future__ import annotations
+
+from functools import singledispatch
+
+import numpy as np
+import scipy.sparse as sp
+
+# Layout of the vector returned by ``panel_moments`` (combined with ``combine_moments``).
+MOMENT_MIN, MOMENT_NONFINITE, MOMENT_SUM, MOMENT_SUMSQ, MOMENT_NNZ, MOMENT_SIZE = range(6)
+
+_SPARSE_TYPES = (sp.sparray, sp.spmatrix)
+
+
+def _register_sparse(generic):
+    """Register one implementation for both scipy sparse array and matrix classes."""
+
+    def decorator(func):
+        for cls in _SPARSE_TYPES:
+            generic.register(cls)(func)
+        return func
+
+    return decorator
+
+
+@singledispatch
+def aligned(x):
+    """``x`` with its buffers aligned for its dtype, copied only if they are not.
+
+    Arrays that a Dask worker received over the network can sit at unaligned addresses
+    (``flags.aligned`` False); BLAS then took 9x longer on them here (80 ms instead of 9 ms for
+    H·Xᵀ of a 5000×2000 float32 panel).
+    """
+    raise TypeError(f"dasknmf kernels do not handle panels of type {type(x).__name__}")
+
+
+@aligned.register
+def _(x: np.ndarray) -> np.ndarray:
+    return x if x.flags.aligned else np.require(x, requirements="A")
+
+
+@_register_sparse(aligned)
+def _(x):
+    if all(a.flags.aligned for a in (x.data, x.indices, x.indptr)):
+        return x
+    return x.copy()
+
+
+@singledispatch
+def dot_h(x, h: np.ndarray) -> np.ndarray:
+    """H @ X_iᵀ, of shape (k, m_i), for a panel X_i (m_i, n) and H (k, n)."""
+    raise TypeError(f"dasknmf kernels do not handle panels of type {type(x).__name__}")
+
+
+@dot_h.register
+def _(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    return h @ x.T
+
+
+@_register_sparse(dot_h)
+def _(x, h: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray((x @ h.T).T)
+
+
+@singledispatch
+def dot_w(x, wt: np.ndarray) -> np.ndarray:
+    """Wᵢᵀ @ X_i, of shape (k, n), for a panel X_i (m_i, n) and Wt_i (k, m_i)."""
+    raise TypeError(f"dasknmf kernels do not handle panels of type {type(x).__name__}")
+
+
+@dot_w.register
+def _(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    return wt @ x
+
+
+@_register_sparse(dot_w)
+def _(x, wt: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray((x.T @ wt.T).T)
+
+
+@singledispatch
+def panel_moments(x) -> np.ndarray:
+    """Min, count of non-finite values, Σx, Σx², nnz and size of a panel (float64)."""
+    raise TypeError(f"dasknmf kernels do not handle panels of type {type(x).__name__}")
+
+
+def _moments_of_values(values: np.ndarray, size: int) -> np.ndarray:
+    values64 = values.astype(np.float64, copy=False)
+    finite = np.isfinite(values64)
+    n_nonfinite = values64.size - np.count_nonzero(finite)
+    if n_nonfinite:
+        values64 = values64[finite]
+    stored_min = values64.min() if values64.size else np.inf
+    if size > values.size:  # a sparse panel has implicit zeros
+        stored_min = min(stored_min, 0.0)
+    return np.array(
+        [
+            stored_min,
+            n_nonfinite,
+            values64.sum(),
+            np.dot(values64, values64),
+            np.count_nonzero(values64),
+            size,
+        ]
+    )
+
+
+@panel_moments.register
+def _(x: np.ndarray) -> np.ndarray:
+    return _moments_of_values(x.ravel(), x.size)
+
+
+@_register_sparse(panel_moments)
+def _(x) -> np.ndarray:
+    return _moments_of_values(x.data, x.shape[0] * x.shape[1])
+
+
+def combine_moments(*moments: np.ndarray) -> np.ndarray:
+    """Combine ``panel_moments`` of several panels, in the order given."""
+    total = np.sum(moments, axis=0)
+    total[MOMENT_MIN] = min(m[MOMENT_MIN] for m in moments)
+    return total
+
+
+@singledispatch
+def residual_sq(x, wt: np.ndarray, h: np.ndarray) -> float:
+    """‖X_i − W_i·H‖²_F in float64 for one panel."""
+    raise TypeError(f"dasknmf kernels do not handle panels of type {type(x).__name__}")
+
+
+@residual_sq.register
+def _(x: np.ndarray, wt: np.ndarray, h: np.ndarray) -> float:
+    residual = (x - wt.T @ h).astype(np.float64, copy=False).ravel()
+    return float(np.dot(residual, residual))
+
+
+@_register_sparse(residual_sq)
+def _(x, wt: np.ndarray, h: np.ndarray) -> float:
+    # W·H is dense; evaluate the norm by the Gram identity instead of forming it.
+    data = x.data.astype(np.float64, copy=False)
+    cross = np.vdot(dot_w(x, wt).astype(np.float64), h.astype(np.float64))
+    gram = np.vdot((wt @ wt.T).astype(np.float64), (h @ h.T).astype(np.float64))
+    return float(max(np.dot(data, data) - 2.0 * cross + gram, 0.0))

@@ -1,0 +1,50 @@
+"""Multiplicative updates (Lee & Seung 2001) for the Frobenius loss, scikit-learn's 'mu'."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# scikit-learn's guard against a zero denominator.
+EPSILON = np.finfo(np.float32).eps
+
+#: scikit-learn evaluates the 'mu' stopping rule every this many iterations.
+CHECK_EVERY = 10
+
+
+def update(
+    F: np.ndarray,
+    gram: np.ndarray,
+    cross: np.ndarray,
+    *,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    n_sweeps: int = 1,
+    order: Sequence[int] | None = None,
+) -> tuple[np.ndarray, float]:
+    """Run multiplicative updates on ``F`` in place.
+
+    F ← F ∘ cross / (gram·F + l1 + l2·F), scikit-learn's rule for the Frobenius loss.
+    Parameters as in :func:`dasknmf.solvers.hals.update`; ``order`` is ignored (all
+    components move at once). The violation is not measured by this rule and is NaN.
+    """
+    for _ in range(n_sweeps):
+        denominator = gram @ F
+        if l1:
+            denominator += l1
+        if l2:
+            denominator += l2 * F
+        denominator[denominator == 0] = EPSILON
+        F *= cross / denominator
+    return F, float("nan")
+
+
+def converged(n_iter: int, tol: float, history: dict) -> bool:
+    """scikit-learn's 'mu' rule: every 10 iterations, stop when the reconstruction error fell
+    by less than tol × the error at the initialization since the previous check."""
+    if n_iter % CHECK_EVERY:
+        return False
+    errors = history["error"]  # errors[0] is at the initialization
+    previous = errors[n_iter - CHECK_EVERY]
+    return (previous - errors[n_iter]) / errors[0] < tol
