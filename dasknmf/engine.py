@@ -134,8 +134,13 @@ def _sum_in_order(*parts):
     return total
 
 
-def tree_reduce(ops, items: list, combine: Callable = _sum_in_order, first: Callable | None = None,
-                split_every: int | None = None):
+def tree_reduce(
+    ops,
+    items: list,
+    combine: Callable = _sum_in_order,
+    first: Callable | None = None,
+    split_every: int | None = None,
+):
     """Combine ``items`` by a tree of fixed shape and order (groups of ``split_every``).
 
     ``first``, when given, combines the leaves instead of ``combine`` — it can pick the fields
@@ -296,8 +301,10 @@ def dask_panels(X: da.Array, panel_bytes: int | None = None, cache: bool | str =
         items, locations = _persist_panels(items, panel_rows)
         # The same matrix, now backed by the cached panels (the SVD of the init reads it).
         X = da.concatenate(
-            [da.from_delayed(item, shape=(rows, n_cols), dtype=X.dtype)
-             for item, rows in zip(items, panel_rows, strict=True)]
+            [
+                da.from_delayed(item, shape=(rows, n_cols), dtype=X.dtype)
+                for item, rows in zip(items, panel_rows, strict=True)
+            ]
         )
     return Panels(
         ops=DaskOps(),
@@ -447,8 +454,9 @@ def _h_summary(*outs) -> tuple:
     return (*sums, outs[0][-2], outs[0][-1])
 
 
-def transform_panel(objective: Objective, h: np.ndarray, gram_h: np.ndarray, max_iter: int,
-                    tol: float, x) -> np.ndarray:
+def transform_panel(
+    objective: Objective, h: np.ndarray, gram_h: np.ndarray, max_iter: int, tol: float, x
+) -> np.ndarray:
     """W_i for a fixed H: HALS sweeps from zero on the cached C_i = H·X_iᵀ until the violation
     falls to ``tol`` × its first value (or ``max_iter`` sweeps) — one read of X_i in all.
     Returns the (m_i, k) block of W."""
@@ -516,8 +524,14 @@ def check_values(panels: Panels, whom: str = "NMF (input X)") -> Moments:
     return stats
 
 
-def iterate(panels: Panels, objective: Objective, wt: list, h: list, col_bounds: list[int],
-            orders=(None, None)):
+def iterate(
+    panels: Panels,
+    objective: Objective,
+    wt: list,
+    h: list,
+    col_bounds: list[int],
+    orders=(None, None),
+):
     """Build (or, eagerly, run) one iteration. Returns the new blocks of Wᵀ and of H and the
     summary ``(H·Hᵀ, H stats, B, panel stats)``.
 
@@ -526,8 +540,9 @@ def iterate(panels: Panels, objective: Objective, wt: list, h: list, col_bounds:
     """
     ops = panels.ops
     order_w, order_h = orders
-    outs = panels.map(panel_step, list(zip(panels.items, wt, strict=True)), objective, order_w,
-                      col_bounds, h)
+    outs = panels.map(
+        panel_step, list(zip(panels.items, wt, strict=True)), objective, order_w, col_bounds, h
+    )
     new_wt = [out[0] for out in outs]
     h_outs = []
     for j, h_j in enumerate(h):
@@ -568,18 +583,27 @@ class History:
     def as_dict(self) -> dict:
         return {"loss": self.loss, "error": self.error, "violation": self.violation}
 
-    def record(self, objective: Objective, fro_sq: float, sum_w: float, sq_w: float,
-               sum_h: float, sq_h: float) -> None:
+    def record(
+        self,
+        objective: Objective,
+        fro_sq: float,
+        sum_w: float,
+        sq_w: float,
+        sum_h: float,
+        sq_h: float,
+    ) -> None:
         """Append the objective at a point given ‖X − WH‖² and the sums the penalties need."""
         fro_sq = max(float(fro_sq), 0.0)
         self.error.append(math.sqrt(fro_sq))
-        self.loss.append(float(
-            0.5 * fro_sq
-            + objective.l1_w * sum_w
-            + 0.5 * objective.l2_w * sq_w
-            + objective.l1_h * sum_h
-            + 0.5 * objective.l2_h * sq_h
-        ))
+        self.loss.append(
+            float(
+                0.5 * fro_sq
+                + objective.l1_w * sum_w
+                + 0.5 * objective.l2_w * sq_w
+                + objective.l1_h * sum_h
+                + 0.5 * objective.l2_h * sq_h
+            )
+        )
 
 
 @dataclass
@@ -634,12 +658,22 @@ def fit(
         wt, h, summary = in_flight.popleft()
         gram_h, h_stats, gram_w, panel_stats = ops.fetch(summary)
         if n_iter == 1:
-            history.record(objective, norm_x_sq - 2 * panel_stats[P_CROSS_OLD]
-                           + panel_stats[P_WGW_OLD], panel_stats[P_SUM_W_OLD],
-                           panel_stats[P_SQ_W_OLD], h_stats[H_SUM_H_OLD], h_stats[H_SQ_H_OLD])
-        history.record(objective, norm_x_sq - 2 * h_stats[H_CROSS] + _dot64(gram_w, gram_h),
-                       panel_stats[P_SUM_W], float(np.trace(gram_w)), h_stats[H_SUM_H],
-                       float(np.trace(gram_h)))
+            history.record(
+                objective,
+                norm_x_sq - 2 * panel_stats[P_CROSS_OLD] + panel_stats[P_WGW_OLD],
+                panel_stats[P_SUM_W_OLD],
+                panel_stats[P_SQ_W_OLD],
+                h_stats[H_SUM_H_OLD],
+                h_stats[H_SQ_H_OLD],
+            )
+        history.record(
+            objective,
+            norm_x_sq - 2 * h_stats[H_CROSS] + _dot64(gram_w, gram_h),
+            panel_stats[P_SUM_W],
+            float(np.trace(gram_w)),
+            h_stats[H_SUM_H],
+            float(np.trace(gram_h)),
+        )
         history.violation.append(float(panel_stats[P_VIOLATION] + h_stats[H_VIOLATION]))
         if callback is not None:
             callback(n_iter, history)

@@ -174,51 +174,98 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _validate_params(self) -> None:
         k = self.n_components
         valid_k = k == "auto" if isinstance(k, str) else k is None or (_is_int(k) and k >= 1)
-        _check_param("n_components", k, valid_k,
-                     "an int in the range [1, inf), None or a str among {'auto'}")
-        _check_param("init", self.init, self.init is None or self.init in init.INIT_METHODS,
-                     f"a str among {set(init.INIT_METHODS)} or None")
-        _check_param("solver", self.solver, isinstance(self.solver, str)
-                     and self.solver in ("cd", "hals", "mu"), "a str among {'cd', 'hals', 'mu'}")
+        _check_param(
+            "n_components", k, valid_k, "an int in the range [1, inf), None or a str among {'auto'}"
+        )
+        _check_param(
+            "init",
+            self.init,
+            self.init is None or self.init in init.INIT_METHODS,
+            f"a str among {set(init.INIT_METHODS)} or None",
+        )
+        _check_param(
+            "solver",
+            self.solver,
+            isinstance(self.solver, str) and self.solver in ("cd", "hals", "mu"),
+            "a str among {'cd', 'hals', 'mu'}",
+        )
         beta = self.beta_loss
-        _check_param("beta_loss", beta, beta in _BETA_LOSSES if isinstance(beta, str)
-                     else _is_real(beta),
-                     f"a str among {set(_BETA_LOSSES)} or a float")
-        _check_param("tol", self.tol, _is_real(self.tol) and self.tol >= 0,
-                     "a float in the range [0, inf)")
-        _check_param("max_iter", self.max_iter, _is_int(self.max_iter) and self.max_iter >= 1,
-                     "an int in the range [1, inf)")
+        _check_param(
+            "beta_loss",
+            beta,
+            beta in _BETA_LOSSES if isinstance(beta, str) else _is_real(beta),
+            f"a str among {set(_BETA_LOSSES)} or a float",
+        )
+        _check_param(
+            "tol", self.tol, _is_real(self.tol) and self.tol >= 0, "a float in the range [0, inf)"
+        )
+        _check_param(
+            "max_iter",
+            self.max_iter,
+            _is_int(self.max_iter) and self.max_iter >= 1,
+            "an int in the range [1, inf)",
+        )
         rs = self.random_state
-        _check_param("random_state", rs, rs is None or isinstance(rs, np.random.RandomState)
-                     or (_is_int(rs) and 0 <= rs < 2**32),
-                     "an int in the range [0, 4294967295], an instance of 'numpy.random."
-                     "mtrand.RandomState' or None")
-        _check_param("alpha_W", self.alpha_W, _is_real(self.alpha_W) and self.alpha_W >= 0,
-                     "a float in the range [0, inf)")
-        _check_param("alpha_H", self.alpha_H, self.alpha_H == "same" if isinstance(
-            self.alpha_H, str) else _is_real(self.alpha_H) and self.alpha_H >= 0,
-                     "a float in the range [0, inf) or a str among {'same'}")
-        _check_param("l1_ratio", self.l1_ratio, _is_real(self.l1_ratio)
-                     and 0 <= self.l1_ratio <= 1, "a float in the range [0, 1]")
-        _check_param("verbose", self.verbose, isinstance(self.verbose, numbers.Integral),
-                     "an int or a bool")
-        _check_param("shuffle", self.shuffle, isinstance(self.shuffle, bool | np.bool_),
-                     "a bool")
+        _check_param(
+            "random_state",
+            rs,
+            rs is None
+            or isinstance(rs, np.random.RandomState)
+            or (_is_int(rs) and 0 <= rs < 2**32),
+            "an int in the range [0, 4294967295], an instance of 'numpy.random."
+            "mtrand.RandomState' or None",
+        )
+        _check_param(
+            "alpha_W",
+            self.alpha_W,
+            _is_real(self.alpha_W) and self.alpha_W >= 0,
+            "a float in the range [0, inf)",
+        )
+        _check_param(
+            "alpha_H",
+            self.alpha_H,
+            self.alpha_H == "same"
+            if isinstance(self.alpha_H, str)
+            else _is_real(self.alpha_H) and self.alpha_H >= 0,
+            "a float in the range [0, inf) or a str among {'same'}",
+        )
+        _check_param(
+            "l1_ratio",
+            self.l1_ratio,
+            _is_real(self.l1_ratio) and 0 <= self.l1_ratio <= 1,
+            "a float in the range [0, 1]",
+        )
+        _check_param(
+            "verbose", self.verbose, isinstance(self.verbose, numbers.Integral), "an int or a bool"
+        )
+        _check_param("shuffle", self.shuffle, isinstance(self.shuffle, bool | np.bool_), "a bool")
         ii = self.inner_iter
-        _check_param("inner_iter", ii, ii == "auto" if isinstance(ii, str)
-                     else _is_int(ii) and ii >= 1, "an int in the range [1, inf) or 'auto'")
-        _check_param("cache", self.cache, self.cache == "auto" if isinstance(self.cache, str)
-                     else isinstance(self.cache, bool | np.bool_), "a bool or 'auto'")
-        _check_param("progress", self.progress, isinstance(self.progress, bool | np.bool_),
-                     "a bool")
+        _check_param(
+            "inner_iter",
+            ii,
+            ii == "auto" if isinstance(ii, str) else _is_int(ii) and ii >= 1,
+            "an int in the range [1, inf) or 'auto'",
+        )
+        _check_param(
+            "cache",
+            self.cache,
+            self.cache == "auto"
+            if isinstance(self.cache, str)
+            else isinstance(self.cache, bool | np.bool_),
+            "a bool or 'auto'",
+        )
+        _check_param(
+            "progress", self.progress, isinstance(self.progress, bool | np.bool_), "a bool"
+        )
         pb = self.panel_bytes
         if pb is not None:
             try:
                 valid = (_is_int(pb) or isinstance(pb, str)) and self._panel_budget() > 0
             except (ValueError, TypeError):
                 valid = False
-            _check_param("panel_bytes", pb, valid,
-                         "a positive int, a size string such as '64MiB', or None")
+            _check_param(
+                "panel_bytes", pb, valid, "a positive int, a size string such as '64MiB', or None"
+            )
         beta_value = _BETA_LOSSES.get(beta, beta) if isinstance(beta, str) else float(beta)
         if beta_value != 2.0:
             raise ValueError(
@@ -365,8 +412,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             W, H = _check_custom_init(W, H, (n_samples, k), (k, n_features), panels.dtype)
         stats = engine.check_values(panels)
         col_bounds = engine.column_bounds(n_features, k, panels.dtype.itemsize)
-        wt, h = init.initialize(panels, method, k, col_bounds, stats.mean, self.random_state,
-                                W, H)
+        wt, h = init.initialize(panels, method, k, col_bounds, stats.mean, self.random_state, W, H)
         objective = self._objective(n_samples, n_features, k)
         shuffle_rng = None
         if self.shuffle:
@@ -423,15 +469,24 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ops = panels.ops
         try:
             with single_blas_thread():
-                blocks = panels.map(engine.transform_panel, [(x,) for x in panels.items],
-                                 objective, ops.constant(H), gram_h, self.max_iter, self.tol)
+                blocks = panels.map(
+                    engine.transform_panel,
+                    [(x,) for x in panels.items],
+                    objective,
+                    ops.constant(H),
+                    gram_h,
+                    self.max_iter,
+                    self.tol,
+                )
                 if not ops.is_lazy:
                     return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
         finally:
             panels.close()
         return da.concatenate(
-            [da.from_delayed(b, shape=(rows, k), dtype=panels.dtype)
-             for b, rows in zip(blocks, panels.row_sizes, strict=True)]
+            [
+                da.from_delayed(b, shape=(rows, k), dtype=panels.dtype)
+                for b, rows in zip(blocks, panels.row_sizes, strict=True)
+            ]
         )
 
     def inverse_transform(self, X):
@@ -448,8 +503,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         if np.ndim(X) != 2 or np.shape(X)[1] != self.n_components_:
             raise ValueError(
-                f"Expected W of shape (n_samples, {self.n_components_}), got shape "
-                f"{np.shape(X)}."
+                f"Expected W of shape (n_samples, {self.n_components_}), got shape {np.shape(X)}."
             )
         return X @ self.components_
 
@@ -518,8 +572,10 @@ def _assemble_w(panels: engine.Panels, wt: list, k: int):
     """W from its component-major blocks: numpy in memory, a Dask array otherwise."""
     if not panels.ops.is_lazy:
         return np.ascontiguousarray(np.concatenate(wt, axis=1).T)
-    blocks = [da.from_delayed(b, shape=(k, rows), dtype=panels.dtype)
-              for b, rows in zip(wt, panels.row_sizes, strict=True)]
+    blocks = [
+        da.from_delayed(b, shape=(k, rows), dtype=panels.dtype)
+        for b, rows in zip(wt, panels.row_sizes, strict=True)
+    ]
     return da.concatenate(blocks, axis=1).T
 
 

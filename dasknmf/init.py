@@ -55,8 +55,9 @@ def half_normal_rows(entropy: int, stream: int, start: int, stop: int, width: in
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def random_block(entropy: int, stream: int, scale: float, dtype, k: int, start: int,
-                 stop: int) -> np.ndarray:
+def random_block(
+    entropy: int, stream: int, scale: float, dtype, k: int, start: int, stop: int
+) -> np.ndarray:
     """A (k, stop − start) component-major block of ``scale``·|N(0, 1)|."""
     block = half_normal_rows(entropy, stream, start, stop, k).T * scale
     return np.ascontiguousarray(block, dtype=dtype)
@@ -70,8 +71,9 @@ def random_init(panels: Panels, k: int, col_bounds: list[int], mean: float, entr
     """scikit-learn's 'random': |N(0, 1)|·sqrt(mean(X) / k)."""
     ops = panels.ops
     scale = np.sqrt(mean / k)
-    wt = panels.map(random_block, _ranges(panels.row_bounds), entropy, _W_RANDOM, scale,
-                    panels.dtype, k)
+    wt = panels.map(
+        random_block, _ranges(panels.row_bounds), entropy, _W_RANDOM, scale, panels.dtype, k
+    )
     h = ops.map(random_block, _ranges(col_bounds), entropy, _H_RANDOM, scale, panels.dtype, k)
     return wt, h
 
@@ -110,8 +112,18 @@ def nndsvd_coefficients(s: np.ndarray, u_norms_sq: np.ndarray, v_norms_sq: np.nd
     return signs, coef_w, coef_h
 
 
-def nndsvd_block(signs: np.ndarray, coef: np.ndarray, fill: str, mean: float, entropy: int,
-                 stream: int, dtype, start: int, stop: int, vectors: np.ndarray) -> np.ndarray:
+def nndsvd_block(
+    signs: np.ndarray,
+    coef: np.ndarray,
+    fill: str,
+    mean: float,
+    entropy: int,
+    stream: int,
+    dtype,
+    start: int,
+    stop: int,
+    vectors: np.ndarray,
+) -> np.ndarray:
     """One component-major block of the NNDSVD factor from the same block of singular vectors,
     with scikit-learn's zero filling: 'zeros' (nndsvd), 'mean' (nndsvda), 'random' (nndsvdar)."""
     vectors = np.asarray(vectors, dtype=np.float64)
@@ -149,8 +161,9 @@ def _truncated_svd(panels: Panels, k: int, entropy: int, col_bounds: list[int]):
     return [u[start:stop].T for start, stop in _ranges(panels.row_bounds)], s, v
 
 
-def nndsvd_init(panels: Panels, k: int, col_bounds: list[int], mean: float, entropy: int,
-                variant: str):
+def nndsvd_init(
+    panels: Panels, k: int, col_bounds: list[int], mean: float, entropy: int, variant: str
+):
     """'nndsvd', 'nndsvda' or 'nndsvdar' from a randomized truncated SVD of X."""
     from dasknmf.engine import tree_reduce
 
@@ -162,14 +175,28 @@ def nndsvd_init(panels: Panels, k: int, col_bounds: list[int], mean: float, entr
     fill = {"nndsvd": "zeros", "nndsvda": "mean", "nndsvdar": "random"}[variant]
     wt = panels.map(
         nndsvd_block,
-        [(*bounds, block) for bounds, block in zip(_ranges(panels.row_bounds), ut_blocks,
-                                                     strict=True)],
-        signs, coef_w, fill, mean, entropy, _W_FILL, panels.dtype,
+        [
+            (*bounds, block)
+            for bounds, block in zip(_ranges(panels.row_bounds), ut_blocks, strict=True)
+        ],
+        signs,
+        coef_w,
+        fill,
+        mean,
+        entropy,
+        _W_FILL,
+        panels.dtype,
     )
     h = ops.map(
         nndsvd_block,
         [(start, stop, v[:, start:stop]) for start, stop in _ranges(col_bounds)],
-        signs, coef_h, fill, mean, entropy, _H_FILL, panels.dtype,
+        signs,
+        coef_h,
+        fill,
+        mean,
+        entropy,
+        _H_FILL,
+        panels.dtype,
     )
     return wt, h
 
@@ -177,10 +204,14 @@ def nndsvd_init(panels: Panels, k: int, col_bounds: list[int], mean: float, entr
 def custom_init(panels: Panels, col_bounds: list[int], W, H):
     """Blocks of user-given W (m, k) and H (k, n)."""
     ops = panels.ops
-    wt = panels.map(_component_major, [(W[start:stop],) for start, stop in
-                                       _ranges(panels.row_bounds)], panels.dtype)
-    h = ops.map(_copy_block, [(H[:, start:stop],) for start, stop in _ranges(col_bounds)],
-                panels.dtype)
+    wt = panels.map(
+        _component_major,
+        [(W[start:stop],) for start, stop in _ranges(panels.row_bounds)],
+        panels.dtype,
+    )
+    h = ops.map(
+        _copy_block, [(H[:, start:stop],) for start, stop in _ranges(col_bounds)], panels.dtype
+    )
     return wt, h
 
 
@@ -192,8 +223,16 @@ def _copy_block(dtype, block) -> np.ndarray:
     return np.array(block, dtype=dtype, order="C")
 
 
-def initialize(panels: Panels, method: str, k: int, col_bounds: list[int], mean: float,
-               random_state=None, W=None, H=None):
+def initialize(
+    panels: Panels,
+    method: str,
+    k: int,
+    col_bounds: list[int],
+    mean: float,
+    random_state=None,
+    W=None,
+    H=None,
+):
     """Initial blocks of Wᵀ and H for ``method``; persisted when ``panels.ops`` is lazy."""
     entropy = seed_entropy(random_state)
     if method == "random":
@@ -203,6 +242,7 @@ def initialize(panels: Panels, method: str, k: int, col_bounds: list[int], mean:
     elif method in ("nndsvd", "nndsvda", "nndsvdar"):
         wt, h = nndsvd_init(panels, k, col_bounds, mean, entropy, method)
     else:
-        raise ValueError(f"Invalid init parameter: got {method!r} instead of one of "
-                         f"{(None, *INIT_METHODS)!r}")
+        raise ValueError(
+            f"Invalid init parameter: got {method!r} instead of one of {(None, *INIT_METHODS)!r}"
+        )
     return panels.ops.persist(wt, h)

@@ -61,8 +61,9 @@ def _panel_rows(n_rows: int, row_bytes: int, chunk_rows: int, budget: int) -> in
     return min(n_rows, per_chunk * chunk_rows)
 
 
-def open_matrix(source, component: str | None = None, *, panel_bytes: int | None = None
-                ) -> da.Array:
+def open_matrix(
+    source, component: str | None = None, *, panel_bytes: int | None = None
+) -> da.Array:
     """Open a matrix stored in Zarr as a Dask array of full-width row panels.
 
     Parameters
@@ -83,11 +84,13 @@ def open_matrix(source, component: str | None = None, *, panel_bytes: int | None
     where = str(source) if isinstance(source, str | os.PathLike) else repr(source)
     if component is not None:
         if not isinstance(node, zarr.Group):
-            raise ValueError(f"{where} is a Zarr array, not a group: it has no component "
-                             f"{component!r}.")
+            raise ValueError(
+                f"{where} is a Zarr array, not a group: it has no component {component!r}."
+            )
         if component not in node:
-            raise ValueError(f"{where} has no component {component!r}; it holds "
-                             f"{sorted(node.keys())}.")
+            raise ValueError(
+                f"{where} has no component {component!r}; it holds {sorted(node.keys())}."
+            )
         node = node[component]
         where = f"{where}/{component}"
     if isinstance(node, zarr.Group):
@@ -118,8 +121,9 @@ def _open_node(source):
         raise MatrixPathError(f"{source} is not a Zarr store: {error}") from error
 
 
-def default_chunks(shape: tuple[int, int], itemsize: int,
-                   target: int = DEFAULT_CHUNK_BYTES) -> tuple[int, int]:
+def default_chunks(
+    shape: tuple[int, int], itemsize: int, target: int = DEFAULT_CHUNK_BYTES
+) -> tuple[int, int]:
     """Chunks of about ``target`` bytes: full rows when a row fits, else row segments."""
     n_rows, n_cols = shape
     cols = min(n_cols, max(1, target // itemsize))
@@ -151,8 +155,9 @@ def atomic_path(path, overwrite: bool = False) -> Iterator[pathlib.Path]:
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
-def save_matrix(path, X, *, chunks: tuple[int, int] | None = None, overwrite: bool = False
-                ) -> pathlib.Path:
+def save_matrix(
+    path, X, *, chunks: tuple[int, int] | None = None, overwrite: bool = False
+) -> pathlib.Path:
     """Write a dense matrix (numpy or Dask) to a Zarr v3 array, chunk by chunk.
 
     A Dask array is written by its own tasks on the current scheduler (never gathered here).
@@ -184,8 +189,15 @@ def save_matrix(path, X, *, chunks: tuple[int, int] | None = None, overwrite: bo
         if isinstance(X, da.Array):
             # Whole stored chunks per task: no two tasks write the same chunk.
             aligned = X.rechunk(
-                (_panel_rows(X.shape[0], X.shape[1] * X.dtype.itemsize, chunks[0],
-                             get_bytes("dasknmf.panel-bytes")), chunks[1])
+                (
+                    _panel_rows(
+                        X.shape[0],
+                        X.shape[1] * X.dtype.itemsize,
+                        chunks[0],
+                        get_bytes("dasknmf.panel-bytes"),
+                    ),
+                    chunks[1],
+                )
             )
             da.store(aligned, target, lock=False)
         else:
