@@ -20,4 +20,7 @@ SOLVERS: dict[str, ModuleType] = {"hals": hals, "cd": hals, "mu": mu}
 
 def get_solver(name: str) -> ModuleType:
     """The update-rule module for a solver name ('hals', its scikit-learn alias 'cd', or 'mu')."""
-    return SOLVERS[name]
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"Unknown solver {name!r}; choose one of {sorted(SOLVERS)}.") from None

@@ -1,0 +1,68 @@
+"""Shared fixtures: matrices, the array types every backend test runs on, a real LocalCluster."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+
+def low_rank(m: int, n: int, k: int, noise: float = 0.1, seed: int = 0, dtype=np.float64):
+    """W·H + noise, all uniform from ``default_rng(seed)`` in that order."""
+    rng = np.random.default_rng(seed)
+    W = rng.uniform(size=(m, k))
+    H = rng.uniform(size=(k, n))
+    return (W @ H + noise * rng.uniform(size=(m, n))).astype(dtype)
+
+
+@pytest.fixture
+def X_dense():
+    return low_rank(300, 40, 5)
+
+
+def _as_numpy(X, panel_rows):
+    return X
+
+
+def _as_csr(X, panel_rows):
+    return sp.csr_array(X)
+
+
+def _as_dask(X, panel_rows):
+    return da.from_array(X, chunks=(panel_rows, X.shape[1]))
+
+
+ARRAY_TYPES = {"numpy": _as_numpy, "scipy-csr": _as_csr, "dask": _as_dask}
+
+
+@pytest.fixture(params=sorted(ARRAY_TYPES))
+def array_type(request):
+    """Converts a numpy matrix to each input type the estimator takes in memory or via Dask:
+    ``array_type(X, panel_rows)``."""
+    return ARRAY_TYPES[request.param]
+
+
+@pytest.fixture
+def sync_scheduler():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A LocalCluster of two worker processes with one thread each."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit="2GiB",
+            dashboard_address=None,
+        ) as local,
+        Client(local) as client,
+    ):
+        yield client

@@ -1,0 +1,99 @@
+"""Initializations: chunking-independent random blocks, NNDSVD as scikit-learn computes it."""
+
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import low_rank
+from sklearn.decomposition._nmf import _initialize_nmf
+
+from dasknmf import engine, init
+
+
+def _panels(X, n_panels, lazy=False):
+    rows = -(-X.shape[0] // n_panels)
+    if lazy:
+        return engine.dask_panels(da.from_array(X, chunks=(rows, X.shape[1])),
+                                  rows * X.shape[1] * X.itemsize, cache=False)
+    return engine.in_memory_panels(X, rows * X.shape[1] * X.itemsize, n_threads=1)
+
+
+def _initial(X, method, n_panels, k=4, lazy=False, **kwargs):
+    panels = _panels(X, n_panels, lazy)
+    cols = engine.column_bounds(X.shape[1], k, X.itemsize)
+    wt, h = init.initialize(panels, method, k, cols, X.mean(), **kwargs)
+    wt, h = panels.ops.fetch((wt, h))
+    return np.concatenate(wt, axis=1).T, np.concatenate(h, axis=1)
+
+
+def test_half_normal_rows_do_not_depend_on_how_they_are_cut():
+    whole = init.half_normal_rows(7, 0, 0, 10000, 3)
+    parts = [init.half_normal_rows(7, 0, a, b, 3) for a, b in [(0, 4000), (4000, 4097),
+                                                                (4097, 10000)]]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert np.all(whole >= 0)
+    assert not np.array_equal(whole, init.half_normal_rows(7, 1, 0, 10000, 3))  # streams differ
+
+
+@pytest.mark.parametrize("method", ["random", "nndsvdar"])
+def test_random_parts_do_not_depend_on_the_panels(method):
+    X = low_rank(200, 30, 4)
+    W1, H1 = _initial(X, method, 1, random_state=3)
+    W5, H5 = _initial(X, method, 5, random_state=3)
+    np.testing.assert_array_equal(H1, H5)
+    if method == "random":
+        np.testing.assert_array_equal(W1, W5)
+    else:
+        np.testing.assert_allclose(W1, W5, rtol=1e-6)  # the SVD, not the noise, differs by bits
+
+
+def test_random_has_sklearn_scale():
+    X = low_rank(4000, 50, 4)
+    W, H = _initial(X, "random", 3, random_state=0)
+    expected = np.sqrt(X.mean() / 4) * np.sqrt(2 / np.pi)  # E|N(0, 1)| = sqrt(2/π)
+    assert W.mean() == pytest.approx(expected, rel=0.05)
+    assert H.mean() == pytest.approx(expected, rel=0.1)
+    assert W.dtype == X.dtype
+
+
+@pytest.mark.parametrize("method", ["nndsvd", "nndsvda"])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_nndsvd_matches_sklearn_on_an_exactly_low_rank_matrix(method, lazy, sync_scheduler):
+    # For rank k the randomized SVD is exact (up to signs, which NNDSVD does not see).
+    X = low_rank(120, 25, 4, noise=0.0)
+    W, H = _initial(X, method, 3, lazy=lazy, random_state=0)
+    W_sk, H_sk = _initialize_nmf(X, 4, init=method, random_state=0)
+    np.testing.assert_allclose(W @ H, W_sk @ H_sk, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(W, W_sk, rtol=1e-5, atol=1e-6)
+
+
+def test_nndsvd_coefficients_guard_an_empty_part():
+    signs, coef_w, coef_h = init.nndsvd_coefficients(
+        np.array([2.0, 1.0]), np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 0.0],
+                                                                           [0.0, 0.0]])
+    )
+    assert np.all(np.isfinite(coef_w)) and coef_w[1] == 0 and coef_h[1] == 0
+
+
+def test_custom_blocks():
+    X = low_rank(50, 8, 2)
+    W0 = np.random.default_rng(0).uniform(size=(50, 2))
+    H0 = np.random.default_rng(1).uniform(size=(2, 8))
+    W, H = _initial(X, "custom", 3, k=2, W=W0, H=H0)
+    np.testing.assert_array_equal(W, W0)
+    np.testing.assert_array_equal(H, H0)
+
+
+def test_seed_entropy():
+    assert init.seed_entropy(5) == 5
+    assert init.seed_entropy(np.random.RandomState(0)) == init.seed_entropy(
+        np.random.RandomState(0))
+    assert isinstance(init.seed_entropy(None), int)
+    assert isinstance(init.seed_entropy(np.random.default_rng(0)), int)
+    with pytest.raises(ValueError, match="cannot be used to seed"):
+        init.seed_entropy("seven")
+
+
+def test_unknown_method():
+    X = low_rank(10, 4, 2)
+    with pytest.raises(ValueError, match="Invalid init parameter"):
+        _initial(X, "svd", 1, k=2)

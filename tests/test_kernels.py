@@ -1,0 +1,105 @@
+"""Per-panel kernels against plain numpy, for dense and sparse panels."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from dasknmf import kernels
+
+rng = np.random.default_rng(0)
+DENSE = rng.uniform(size=(30, 12)).astype(np.float32)
+DENSE[DENSE < 0.6] = 0  # some zeros, so the sparse forms are really sparse
+H = rng.uniform(size=(4, 12)).astype(np.float32)
+WT = rng.uniform(size=(4, 30)).astype(np.float32)
+
+PANELS = {
+    "numpy": DENSE,
+    "csr_array": sp.csr_array(DENSE),
+    "csr_matrix": sp.csr_matrix(DENSE),
+}
+
+
+@pytest.fixture(params=sorted(PANELS))
+def panel(request):
+    return PANELS[request.param]
+
+
+def test_dot_h_is_h_times_x_transposed(panel):
+    result = kernels.dot_h(panel, H)
+    assert isinstance(result, np.ndarray) and result.shape == (4, 30)
+    np.testing.assert_allclose(result, H @ DENSE.T, rtol=1e-6)
+
+
+def test_dot_w_is_wt_times_x(panel):
+    result = kernels.dot_w(panel, WT)
+    assert isinstance(result, np.ndarray) and result.shape == (4, 12)
+    assert result.flags.c_contiguous
+    np.testing.assert_allclose(result, WT @ DENSE, rtol=1e-6)
+
+
+def test_moments(panel):
+    m = kernels.panel_moments(panel)
+    x = DENSE.astype(np.float64)
+    assert m[kernels.MOMENT_MIN] == 0
+    assert m[kernels.MOMENT_NONFINITE] == 0
+    assert m[kernels.MOMENT_SUM] == pytest.approx(x.sum())
+    assert m[kernels.MOMENT_SUMSQ] == pytest.approx((x**2).sum())
+    assert m[kernels.MOMENT_NNZ] == np.count_nonzero(x)
+    assert m[kernels.MOMENT_SIZE] == x.size
+
+
+def test_moments_find_negative_and_nonfinite_values():
+    x = np.ones((3, 4))
+    x[2, 3] = -0.5
+    x[0, 0] = np.nan
+    x[1, 1] = np.inf
+    m = kernels.panel_moments(x)
+    assert m[kernels.MOMENT_NONFINITE] == 2
+    assert m[kernels.MOMENT_MIN] == -0.5  # still found beside the NaN
+
+
+def test_moments_of_sparse_count_implicit_zeros():
+    m = kernels.panel_moments(sp.csr_array(np.array([[0.0, 2.0], [3.0, 0.0]])))
+    assert m[kernels.MOMENT_MIN] == 0 and m[kernels.MOMENT_SIZE] == 4
+    empty = kernels.panel_moments(sp.csr_array((2, 3)))
+    assert empty[kernels.MOMENT_MIN] == 0 and empty[kernels.MOMENT_SUM] == 0
+
+
+def test_combine_moments_takes_min_and_sums():
+    a = kernels.panel_moments(np.array([[1.0, 2.0]]))
+    b = kernels.panel_moments(np.array([[0.5, 4.0]]))
+    total = kernels.combine_moments(a, b)
+    assert total[kernels.MOMENT_MIN] == 0.5
+    assert total[kernels.MOMENT_SUM] == 7.5
+    assert total[kernels.MOMENT_SIZE] == 4
+
+
+def test_residual(panel):
+    expected = ((DENSE.astype(np.float64) - WT.T.astype(np.float64) @ H) ** 2).sum()
+    assert kernels.residual_sq(panel, WT, H) == pytest.approx(expected, rel=1e-5)
+
+
+def test_aligned_copies_only_unaligned_buffers(panel):
+    assert kernels.aligned(panel) is panel
+    raw = np.zeros(DENSE.nbytes + 1, dtype=np.uint8)
+    unaligned = np.frombuffer(raw[1:].data, dtype=np.float32).reshape(DENSE.shape)
+    unaligned[...] = DENSE
+    assert not unaligned.flags.aligned
+    fixed = kernels.aligned(unaligned)
+    assert fixed.flags.aligned
+    np.testing.assert_array_equal(fixed, DENSE)
+
+
+@pytest.mark.parametrize(
+    "kernel, args",
+    [
+        (kernels.dot_h, (H,)),
+        (kernels.dot_w, (WT,)),
+        (kernels.panel_moments, ()),
+        (kernels.residual_sq, (WT, H)),
+        (kernels.aligned, ()),
+    ],
+)
+def test_unsupported_panel_type_is_a_type_error(kernel, args):
+    with pytest.raises(TypeError, match="do not handle panels of type list"):
+        kernel(DENSE.tolist(), *args)

@@ -1,0 +1,90 @@
+"""Update rules against scikit-learn's own implementation of the same step."""
+
+import numpy as np
+import pytest
+from sklearn.decomposition._nmf import _multiplicative_update_w, _update_coordinate_descent
+
+from dasknmf.solvers import get_solver, hals, mu
+
+rng = np.random.default_rng(1)
+X = rng.uniform(size=(50, 20))
+W0 = rng.uniform(size=(50, 4))
+H = rng.uniform(size=(4, 20))
+
+
+@pytest.mark.parametrize("l1, l2", [(0.0, 0.0), (0.3, 0.0), (0.0, 2.0), (0.5, 1.0)])
+def test_one_hals_sweep_is_sklearn_cd_update(l1, l2):
+    W_sk = W0.copy()
+    violation_sk = _update_coordinate_descent(
+        X, W_sk, np.ascontiguousarray(H.T), l1, l2, shuffle=False, random_state=None
+    )
+    F, violation = hals.update(W0.T.copy(), H @ H.T, H @ X.T, l1=l1, l2=l2, n_sweeps=1)
+    np.testing.assert_allclose(F.T, W_sk, rtol=1e-10, atol=1e-12)
+    assert violation == pytest.approx(violation_sk, rel=1e-10)
+
+
+def test_hals_follows_the_given_component_order():
+    order = [2, 0, 3, 1]
+    F_ordered, _ = hals.update(W0.T.copy(), H @ H.T, H @ X.T, order=order)
+    # Visiting in ``order`` is the plain sweep on permuted components.
+    F_perm, _ = hals.update(
+        W0.T[order].copy(), (H @ H.T)[np.ix_(order, order)], (H @ X.T)[order]
+    )
+    np.testing.assert_allclose(F_ordered[order], F_perm, rtol=1e-12)
+
+
+def test_hals_sweeps_decrease_the_objective_to_the_nnls_solution():
+    def objective(F):
+        return 0.5 * np.sum((X - F.T @ H) ** 2)
+
+    F = W0.T.copy()
+    values = [objective(F)]
+    for _ in range(200):
+        F, _ = hals.update(F, H @ H.T, H @ X.T)
+        values.append(objective(F))
+    assert np.all(np.diff(values) <= 1e-12)
+    # KKT conditions of min ½‖X − Fᵀ H‖², F ≥ 0: gradient ≥ 0, zero where F > 0.
+    gradient = H @ H.T @ F - H @ X.T
+    assert np.all(F >= 0)
+    assert np.all(gradient >= -1e-6)
+    np.testing.assert_allclose(gradient[F > 1e-8], 0, atol=1e-6)
+
+
+def test_hals_leaves_a_component_with_zero_curvature_alone():
+    gram = H @ H.T
+    gram[1, :] = gram[:, 1] = 0
+    F, _ = hals.update(W0.T.copy(), gram, H @ X.T)
+    np.testing.assert_array_equal(F[1], W0.T[1])
+
+
+@pytest.mark.parametrize("l1, l2", [(0.0, 0.0), (0.3, 0.7)])
+def test_one_mu_update_is_sklearn_mu_update(l1, l2):
+    W_sk, *_ = _multiplicative_update_w(
+        X, W0.copy(), H, beta_loss=2, l1_reg_W=l1, l2_reg_W=l2, gamma=1.0
+    )
+    F, violation = mu.update(W0.T.copy(), H @ H.T, H @ X.T, l1=l1, l2=l2)
+    np.testing.assert_allclose(F.T, W_sk, rtol=1e-12)
+    assert np.isnan(violation)
+
+
+def test_mu_guards_a_zero_denominator():
+    F = np.zeros((2, 3))
+    F, _ = mu.update(F, np.zeros((2, 2)), np.ones((2, 3)))
+    assert np.all(np.isfinite(F))
+
+
+def test_stopping_rules():
+    assert not hals.converged(2, 1e-2, {"violation": [10.0, 1.0]})
+    assert hals.converged(2, 1e-1, {"violation": [10.0, 1.0]})
+    assert hals.converged(1, 1e-4, {"violation": [0.0]})  # already stationary
+    errors = [10.0] + [5.0] * 20
+    assert not mu.converged(5, 1e-4, {"error": errors})  # only every 10 iterations
+    assert mu.converged(20, 1e-4, {"error": errors})  # no change between checks 10 and 20
+    assert not mu.converged(10, 1e-4, {"error": errors})  # halved since the initialization
+
+
+def test_get_solver_names():
+    assert get_solver("cd") is get_solver("hals") is hals
+    assert get_solver("mu") is mu
+    with pytest.raises(ValueError, match="Unknown solver 'bpp'"):
+        get_solver("bpp")
