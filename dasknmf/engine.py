@@ -462,6 +462,11 @@ def transform_panel(
     Returns the (m_i, k) block of W."""
     pin_worker_blas()
     x, h = kernels.aligned(x), kernels.aligned(h)
+    # A lazy transform has no validation pass of its own: each panel checks itself.
+    stats = kernels.panel_moments(x)
+    _reject_bad_values(
+        int(stats[kernels.MOMENT_NONFINITE]), stats[kernels.MOMENT_MIN], "NMF (input X)"
+    )
     cross = kernels.dot_h(x, h)
     wt = np.zeros_like(cross)
     rule = get_solver("hals")
@@ -514,14 +519,18 @@ def moments(panels: Panels) -> Moments:
 def check_values(panels: Panels, whom: str = "NMF (input X)") -> Moments:
     """Run the validation pass; reject NaN, infinity and negative values with a clear error."""
     stats = moments(panels)
-    if stats.n_nonfinite:
+    _reject_bad_values(stats.n_nonfinite, stats.min, whom)
+    return stats
+
+
+def _reject_bad_values(n_nonfinite: int, minimum: float, whom: str) -> None:
+    if n_nonfinite:
         raise ValueError(
-            f"Input X contains NaN or infinity ({stats.n_nonfinite} non-finite values); "
+            f"Input X contains NaN or infinity ({n_nonfinite} non-finite values); "
             f"{whom} must be finite."
         )
-    if stats.min < 0:
-        raise ValueError(f"Negative values in data passed to {whom} (minimum {stats.min:g}).")
-    return stats
+    if minimum < 0:
+        raise ValueError(f"Negative values in data passed to {whom} (minimum {minimum:g}).")
 
 
 def iterate(

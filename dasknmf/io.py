@@ -43,16 +43,17 @@ def check_matrix_dtype(dtype, whom: str) -> None:
 
 
 def check_matrix_shape(shape: tuple, whom: str) -> None:
-    """Require a non-empty 2-D shape."""
+    """Require a non-empty 2-D shape (scikit-learn's wording)."""
     if len(shape) != 2:
         raise ValueError(
             f"Expected 2D array, got {len(shape)}D array instead: {whom} has shape {shape}."
         )
-    if shape[0] < 1 or shape[1] < 1:
-        raise ValueError(
-            f"Found array with shape={tuple(shape)} while a minimum of 1 sample and 1 feature "
-            f"is required: {whom} is empty."
-        )
+    for axis, what in ((0, "sample"), (1, "feature")):
+        if shape[axis] < 1:
+            raise ValueError(
+                f"Found array with 0 {what}(s) (shape={tuple(shape)}) while a minimum of 1 is "
+                f"required: {whom} is empty."
+            )
 
 
 def _panel_rows(n_rows: int, row_bytes: int, chunk_rows: int, budget: int) -> int:

@@ -65,8 +65,11 @@ def test_reduce_to_fanin():
 
 def _setup(X, panel_rows, k=3, lazy=False):
     if lazy:
-        panels = engine.dask_panels(da.from_array(X, chunks=(panel_rows, X.shape[1])),
-                                    panel_rows * X.shape[1] * X.itemsize, cache=False)
+        panels = engine.dask_panels(
+            da.from_array(X, chunks=(panel_rows, X.shape[1])),
+            panel_rows * X.shape[1] * X.itemsize,
+            cache=False,
+        )
     else:
         panels = engine.in_memory_panels(X, panel_rows * X.shape[1] * X.itemsize, n_threads=2)
     stats = engine.check_values(panels)
@@ -92,8 +95,13 @@ def test_graph_size_does_not_grow_with_iterations(sync_scheduler):
     sizes = []
     for _ in range(5):
         step = engine.iterate(panels, objective, wt, h, cols)
-        sizes.append(len(dask.base.collections_to_expr(list(dask.base.unpack_collections(
-            step)[0])).__dask_graph__()))
+        sizes.append(
+            len(
+                dask.base.collections_to_expr(
+                    list(dask.base.unpack_collections(step)[0])
+                ).__dask_graph__()
+            )
+        )
         wt, h, _ = dask.persist(*step)
     assert len(set(sizes)) == 1, sizes
 
@@ -101,8 +109,7 @@ def test_graph_size_does_not_grow_with_iterations(sync_scheduler):
 def test_loss_by_gram_identity_matches_the_direct_residual():
     X = low_rank(90, 12, 3)
     panels, stats, cols, wt, h = _setup(X, 30)
-    result = engine.fit(panels, engine.Objective(3), wt, h, stats.sum_sq, cols,
-                        max_iter=5, tol=0)
+    result = engine.fit(panels, engine.Objective(3), wt, h, stats.sum_sq, cols, max_iter=5, tol=0)
     direct = engine.reconstruction_error(panels, result.wt, result.h)
     assert result.history.error[-1] == pytest.approx(direct, rel=1e-6)
     assert len(result.history.loss) == 6 and result.n_iter == 5
@@ -113,8 +120,9 @@ def test_eager_and_dask_runs_are_bit_identical(sync_scheduler):
     results = []
     for lazy in (False, True):
         panels, stats, cols, wt, h = _setup(X, 30, lazy=lazy)
-        result = engine.fit(panels, engine.Objective(3, inner_iter=3), wt, h, stats.sum_sq,
-                            cols, max_iter=4, tol=0)
+        result = engine.fit(
+            panels, engine.Objective(3, inner_iter=3), wt, h, stats.sum_sq, cols, max_iter=4, tol=0
+        )
         results.append(panels.ops.fetch((result.wt, result.h)))
     (wt_a, h_a), (wt_b, h_b) = results
     for a, b in zip(wt_a + h_a, wt_b + h_b, strict=True):

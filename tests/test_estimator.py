@@ -44,8 +44,10 @@ DATASETS = {
 def _custom_start(X, k, seed=0):
     rng = np.random.default_rng(seed)
     scale = np.sqrt(X.mean() / k)
-    return ((scale * rng.uniform(size=(X.shape[0], k))).astype(X.dtype),
-            (scale * rng.uniform(size=(k, X.shape[1]))).astype(X.dtype))
+    return (
+        (scale * rng.uniform(size=(X.shape[0], k))).astype(X.dtype),
+        (scale * rng.uniform(size=(k, X.shape[1]))).astype(X.dtype),
+    )
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
@@ -94,8 +96,16 @@ def test_one_sweep_per_iteration_is_sklearn_step_for_step(solver, alpha_W, alpha
     """With inner_iter=1 the update is scikit-learn's, so the factors agree to rounding."""
     X = low_rank(120, 30, 4)
     W0, H0 = _custom_start(X, 4)
-    kwargs = dict(n_components=4, solver=solver, init="custom", tol=0, max_iter=30,
-                  alpha_W=alpha_W, alpha_H=alpha_H, l1_ratio=l1_ratio)
+    kwargs = dict(
+        n_components=4,
+        solver=solver,
+        init="custom",
+        tol=0,
+        max_iter=30,
+        alpha_W=alpha_W,
+        alpha_H=alpha_H,
+        l1_ratio=l1_ratio,
+    )
     ours = NMF(inner_iter=1, **kwargs)
     W = ours.fit_transform(X, W=W0.copy(), H=H0.copy())
     reference = SklearnNMF(**kwargs)
@@ -107,8 +117,16 @@ def test_one_sweep_per_iteration_is_sklearn_step_for_step(solver, alpha_W, alpha
 @pytest.mark.parametrize("solver", ["cd", "mu"])
 def test_objective_never_increases_and_factors_stay_nonnegative(solver):
     X = low_rank(200, 30, 5)
-    model = NMF(n_components=5, solver=solver, init="random", random_state=1, tol=0,
-                max_iter=60, alpha_W=0.001, l1_ratio=0.3)
+    model = NMF(
+        n_components=5,
+        solver=solver,
+        init="random",
+        random_state=1,
+        tol=0,
+        max_iter=60,
+        alpha_W=0.001,
+        l1_ratio=0.3,
+    )
     W = model.fit_transform(X)
     loss = np.array(model.loss_history_)
     assert len(loss) == 61
@@ -119,8 +137,9 @@ def test_objective_never_increases_and_factors_stay_nonnegative(solver):
 
 def test_inputs_agree_across_array_types(array_type, sync_scheduler):
     X = low_rank(240, 30, 4)
-    kwargs = dict(n_components=4, init="random", random_state=0, tol=0, max_iter=40,
-                  panel_bytes=60 * 30 * 8)
+    kwargs = dict(
+        n_components=4, init="random", random_state=0, tol=0, max_iter=40, panel_bytes=60 * 30 * 8
+    )
     reference = NMF(**kwargs)
     W_ref = reference.fit_transform(X)
     model = NMF(**kwargs)
@@ -133,8 +152,7 @@ def test_inputs_agree_across_array_types(array_type, sync_scheduler):
     else:
         assert isinstance(W, np.ndarray)
         np.testing.assert_allclose(W, W_ref, rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(model.components_, reference.components_, rtol=1e-6,
-                                   atol=1e-9)
+        np.testing.assert_allclose(model.components_, reference.components_, rtol=1e-6, atol=1e-9)
     assert model.reconstruction_err_ == pytest.approx(reference.reconstruction_err_, rel=1e-9)
 
 
@@ -142,8 +160,14 @@ def test_chunking_changes_results_by_rounding_only(sync_scheduler):
     X = low_rank(300, 20, 3)
     results = []
     for rows in (300, 100, 37):
-        model = NMF(n_components=3, init="nndsvda", random_state=0, tol=0, max_iter=30,
-                    panel_bytes=rows * 20 * 8)
+        model = NMF(
+            n_components=3,
+            init="nndsvda",
+            random_state=0,
+            tol=0,
+            max_iter=30,
+            panel_bytes=rows * 20 * 8,
+        )
         results.append(model.fit_transform(da.from_array(X, chunks=(rows, 20))).compute())
     for W in results[1:]:
         np.testing.assert_allclose(W, results[0], rtol=1e-6, atol=1e-9)
@@ -177,7 +201,8 @@ def test_fit_transform_returns_w_of_the_fit():
     W = model.fit_transform(X)
     assert np.linalg.norm(X - W @ model.components_) == pytest.approx(model.reconstruction_err_)
     assert np.linalg.norm(X - model.inverse_transform(W)) == pytest.approx(
-        model.reconstruction_err_)
+        model.reconstruction_err_
+    )
 
 
 def test_tol_zero_runs_exactly_max_iter_without_warning():
@@ -220,8 +245,10 @@ def test_n_components_defaults():
 
 def test_works_in_a_pipeline_and_clones():
     digits = load_digits()
-    pipeline = make_pipeline(NMF(n_components=12, init="nndsvda", max_iter=100, random_state=0),
-                             LogisticRegression(max_iter=2000))
+    pipeline = make_pipeline(
+        NMF(n_components=12, init="nndsvda", max_iter=100, random_state=0),
+        LogisticRegression(max_iter=2000),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         pipeline.fit(digits.data[:1200], digits.target[:1200])

@@ -12,8 +12,9 @@ from dasknmf import engine, init
 def _panels(X, n_panels, lazy=False):
     rows = -(-X.shape[0] // n_panels)
     if lazy:
-        return engine.dask_panels(da.from_array(X, chunks=(rows, X.shape[1])),
-                                  rows * X.shape[1] * X.itemsize, cache=False)
+        return engine.dask_panels(
+            da.from_array(X, chunks=(rows, X.shape[1])), rows * X.shape[1] * X.itemsize, cache=False
+        )
     return engine.in_memory_panels(X, rows * X.shape[1] * X.itemsize, n_threads=1)
 
 
@@ -27,8 +28,9 @@ def _initial(X, method, n_panels, k=4, lazy=False, **kwargs):
 
 def test_half_normal_rows_do_not_depend_on_how_they_are_cut():
     whole = init.half_normal_rows(7, 0, 0, 10000, 3)
-    parts = [init.half_normal_rows(7, 0, a, b, 3) for a, b in [(0, 4000), (4000, 4097),
-                                                                (4097, 10000)]]
+    parts = [
+        init.half_normal_rows(7, 0, a, b, 3) for a, b in [(0, 4000), (4000, 4097), (4097, 10000)]
+    ]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     assert np.all(whole >= 0)
     assert not np.array_equal(whole, init.half_normal_rows(7, 1, 0, 10000, 3))  # streams differ
@@ -68,8 +70,7 @@ def test_nndsvd_matches_sklearn_on_an_exactly_low_rank_matrix(method, lazy, sync
 
 def test_nndsvd_coefficients_guard_an_empty_part():
     signs, coef_w, coef_h = init.nndsvd_coefficients(
-        np.array([2.0, 1.0]), np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 0.0],
-                                                                           [0.0, 0.0]])
+        np.array([2.0, 1.0]), np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 0.0]])
     )
     assert np.all(np.isfinite(coef_w)) and coef_w[1] == 0 and coef_h[1] == 0
 
@@ -86,7 +87,8 @@ def test_custom_blocks():
 def test_seed_entropy():
     assert init.seed_entropy(5) == 5
     assert init.seed_entropy(np.random.RandomState(0)) == init.seed_entropy(
-        np.random.RandomState(0))
+        np.random.RandomState(0)
+    )
     assert isinstance(init.seed_entropy(None), int)
     assert isinstance(init.seed_entropy(np.random.default_rng(0)), int)
     with pytest.raises(ValueError, match="cannot be used to seed"):

@@ -27,9 +27,7 @@ def test_hals_follows_the_given_component_order():
     order = [2, 0, 3, 1]
     F_ordered, _ = hals.update(W0.T.copy(), H @ H.T, H @ X.T, order=order)
     # Visiting in ``order`` is the plain sweep on permuted components.
-    F_perm, _ = hals.update(
-        W0.T[order].copy(), (H @ H.T)[np.ix_(order, order)], (H @ X.T)[order]
-    )
+    F_perm, _ = hals.update(W0.T[order].copy(), (H @ H.T)[np.ix_(order, order)], (H @ X.T)[order])
     np.testing.assert_allclose(F_ordered[order], F_perm, rtol=1e-12)
 
 

@@ -1,0 +1,192 @@
+"""Bad input gets a ValueError/TypeError whose message names the problem."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.exceptions import NotFittedError
+
+from dasknmf import NMF, InvalidParameterError, MatrixPathError
+
+GOOD = np.abs(np.random.default_rng(0).normal(size=(20, 6))) + 0.1
+
+
+def _with(value, where=(3, 2)):
+    X = GOOD.copy()
+    X[where] = value
+    return X
+
+
+def _dask(X):
+    """X as a Dask array in chunks of 7 rows, so the last chunk is a short one."""
+    return da.from_array(X, chunks=(7,) + (-1,) * (X.ndim - 1))
+
+
+@pytest.mark.parametrize("make", [np.asarray, _dask], ids=["numpy", "dask"])
+@pytest.mark.parametrize(
+    "X, error, match",
+    [
+        (_with(-1.0, (19, 5)), ValueError, "Negative values in data passed to NMF"),
+        (_with(np.nan), ValueError, "NaN"),
+        (_with(np.inf), ValueError, "infinity"),
+        (_with(-np.inf), ValueError, "infinity"),
+        (GOOD.astype(complex), ValueError, "Complex data not supported"),
+        (np.zeros((0, 6)), ValueError, "0 sample"),
+        (np.zeros((5, 0)), ValueError, "0 feature"),
+        (GOOD[:, 0], ValueError, "Expected 2D array, got 1D array"),
+        (GOOD[None], ValueError, "3D array|dim 3"),
+    ],
+    ids=[
+        "negative-in-last-chunk",
+        "nan",
+        "inf",
+        "-inf",
+        "complex",
+        "no-rows",
+        "no-columns",
+        "1-d",
+        "3-d",
+    ],
+)
+def test_bad_matrices(make, X, error, match):
+    with pytest.raises(error, match=match):
+        NMF(2, max_iter=5).fit(make(X))
+
+
+@pytest.mark.parametrize("dtype", [str, object])
+def test_non_numeric_numpy(dtype):
+    X = np.full((20, 6), "abc", dtype=dtype)
+    with pytest.raises(ValueError, match="could not convert string to float"):
+        NMF(2, max_iter=5).fit(X)
+
+
+def test_non_numeric_dask():
+    with pytest.raises(ValueError, match="is not numeric"):
+        NMF(2, max_iter=5).fit(da.from_array(GOOD.astype(str), chunks=(10, 6)))
+
+
+def test_negative_sparse():
+    with pytest.raises(ValueError, match="Negative values in data passed to NMF"):
+        NMF(2, max_iter=5).fit(sp.csr_array(_with(-2.0)))
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"n_components": 0}, "'n_components' parameter of NMF must be an int in the range"),
+        ({"n_components": -3}, "'n_components'"),
+        ({"n_components": 2.5}, "'n_components'.*Got 2.5"),
+        ({"n_components": "two"}, "'n_components'"),
+        ({"solver": "lbfgs"}, "'solver' parameter of NMF must be a str among"),
+        ({"init": "svd"}, "'init' parameter of NMF"),
+        ({"beta_loss": "hellinger"}, "'beta_loss' parameter of NMF"),
+        ({"tol": -1e-3}, "'tol' parameter of NMF must be a float in the range \\[0, inf\\)"),
+        ({"max_iter": -1}, "'max_iter' parameter of NMF must be an int in the range \\[1, inf\\)"),
+        ({"max_iter": 0}, "'max_iter'"),
+        ({"max_iter": 2.0}, "'max_iter'"),
+        ({"l1_ratio": 1.5}, "'l1_ratio' parameter of NMF must be a float in the range \\[0, 1\\]"),
+        ({"l1_ratio": -0.1}, "'l1_ratio'"),
+        ({"alpha_W": -1.0}, "'alpha_W'"),
+        ({"alpha_H": "different"}, "'alpha_H'"),
+        ({"random_state": "seed"}, "'random_state'"),
+        ({"inner_iter": 0}, "'inner_iter'"),
+        ({"cache": "sometimes"}, "'cache'"),
+        ({"panel_bytes": "lots"}, "'panel_bytes'"),
+        ({"panel_bytes": -5}, "'panel_bytes'"),
+        ({"shuffle": "yes"}, "'shuffle'"),
+    ],
+)
+def test_bad_parameters(params, match):
+    with pytest.raises(InvalidParameterError, match=match) as info:
+        NMF(**{"n_components": 2, **params}).fit(GOOD)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+@pytest.mark.parametrize("beta_loss", ["kullback-leibler", "itakura-saito", 1, 0.5])
+def test_beta_losses_other_than_frobenius_are_not_implemented_yet(beta_loss):
+    with pytest.raises(ValueError, match="is not implemented yet.*Frobenius"):
+        NMF(2, beta_loss=beta_loss).fit(GOOD)
+
+
+def test_frobenius_by_number_is_accepted():
+    NMF(2, beta_loss=2, max_iter=5, tol=0).fit(GOOD)
+
+
+def test_nndsvd_needs_n_components_at_most_min_shape():
+    with pytest.raises(ValueError, match="init = 'nndsvda' can only be used when n_components"):
+        NMF(7, init="nndsvda").fit(GOOD)
+    # init=None falls back to 'random' as scikit-learn does.
+    assert NMF(7, max_iter=5, tol=0, random_state=0).fit(GOOD).n_components_ == 7
+
+
+@pytest.mark.parametrize(
+    "W, H, error, match",
+    [
+        (
+            np.ones((20, 2)),
+            np.ones((3, 6)),
+            ValueError,
+            "wrong first dimension passed to NMF \\(input H\\). Expected 2, but got 3",
+        ),
+        (np.ones((20, 2)), np.ones((2, 5)), ValueError, "wrong second dimension.*input H"),
+        (np.ones((19, 2)), np.ones((2, 6)), ValueError, "wrong first dimension.*input W"),
+        (
+            -np.ones((20, 2)),
+            np.ones((2, 6)),
+            ValueError,
+            "Negative values in data passed to NMF \\(input W\\)",
+        ),
+        (
+            np.ones((20, 2)),
+            np.full((2, 6), np.nan),
+            ValueError,
+            "NaN or infinity in NMF \\(input H\\)",
+        ),
+        (np.zeros((20, 2)), np.ones((2, 6)), ValueError, "full of zeros"),
+        (np.ones((20, 2), dtype=np.float32), np.ones((2, 6)), TypeError, "same dtype as X"),
+        (None, np.ones((2, 6)), ValueError, "needs both W and H"),
+        (np.ones(20), np.ones((2, 6)), ValueError, "Expected 2D array for NMF \\(input W\\)"),
+    ],
+)
+def test_bad_custom_init(W, H, error, match):
+    with pytest.raises(error, match=match):
+        NMF(2, init="custom").fit_transform(GOOD, W=W, H=H)
+
+
+def test_w_and_h_without_custom_init_warn():
+    with pytest.warns(RuntimeWarning, match="provided W or H are ignored"):
+        NMF(2, max_iter=3, tol=0).fit_transform(GOOD, W=np.ones((20, 2)), H=np.ones((2, 6)))
+
+
+@pytest.mark.parametrize(
+    "make", [np.asarray, lambda X: da.from_array(X, chunks=(5, 3))], ids=["numpy", "dask"]
+)
+def test_transform_with_wrong_number_of_columns(make):
+    model = NMF(2, max_iter=10).fit(GOOD)
+    with pytest.raises(ValueError, match="X has 5 features, but NMF is expecting 6 features"):
+        model.transform(make(GOOD[:, :5]))
+
+
+def test_transform_of_negative_dask_input_fails_on_compute():
+    model = NMF(2, max_iter=10).fit(GOOD)
+    W = model.transform(da.from_array(_with(-1.0, (19, 0)), chunks=(10, 6)))
+    with pytest.raises(ValueError, match="Negative values in data passed to NMF"):
+        W.compute(scheduler="sync")
+
+
+@pytest.mark.parametrize("method", ["transform", "inverse_transform"])
+def test_use_before_fit(method):
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        getattr(NMF(2), method)(GOOD)
+
+
+def test_inverse_transform_with_wrong_width():
+    model = NMF(2, max_iter=10).fit(GOOD)
+    with pytest.raises(ValueError, match="Expected W of shape \\(n_samples, 2\\)"):
+        model.inverse_transform(np.ones((4, 3)))
+
+
+def test_missing_zarr_path(tmp_path):
+    with pytest.raises(MatrixPathError, match="does not exist") as info:
+        NMF(2).fit(str(tmp_path / "nothing.zarr"))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
