@@ -17,11 +17,6 @@ def low_rank(m: int, n: int, k: int, noise: float = 0.1, seed: int = 0, dtype=np
     return (W @ H + noise * rng.uniform(size=(m, n))).astype(dtype)
 
 
-@pytest.fixture
-def X_dense():
-    return low_rank(300, 40, 5)
-
-
 def _as_numpy(X, panel_rows):
     return X
 

@@ -104,7 +104,7 @@ def test_bad_parameters(params, match):
 
 @pytest.mark.parametrize("beta_loss", ["kullback-leibler", "itakura-saito", 1, 0.5])
 def test_beta_losses_other_than_frobenius_are_not_implemented_yet(beta_loss):
-    with pytest.raises(ValueError, match="is not implemented yet.*Frobenius"):
+    with pytest.raises(ValueError, match=r"is not implemented yet.*Frobenius"):
         NMF(2, beta_loss=beta_loss).fit(GOOD)
 
 

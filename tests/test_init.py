@@ -69,7 +69,7 @@ def test_nndsvd_matches_sklearn_on_an_exactly_low_rank_matrix(method, lazy, sync
 
 
 def test_nndsvd_coefficients_guard_an_empty_part():
-    signs, coef_w, coef_h = init.nndsvd_coefficients(
+    _, coef_w, coef_h = init.nndsvd_coefficients(
         np.array([2.0, 1.0]), np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 0.0]])
     )
     assert np.all(np.isfinite(coef_w)) and coef_w[1] == 0 and coef_h[1] == 0
