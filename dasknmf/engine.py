@@ -295,7 +295,7 @@ def dask_panels(X: da.Array, panel_bytes: int | None = None, cache: bool | str =
     panel_rows = tuple(b - a for a, b in itertools.pairwise(bounds))
     X = X.rechunk((panel_rows, n_cols))
     cached = should_cache(X.nbytes, cache)
-    items = list(X.to_delayed().ravel())
+    items = blocks_as_delayed(X)
     locations = None
     if cached:
         items, locations = _persist_panels(items, panel_rows)
@@ -316,6 +316,17 @@ def dask_panels(X: da.Array, panel_bytes: int | None = None, cache: bool | str =
         array=X,
         locations=locations,
     )
+
+
+def blocks_as_delayed(X: da.Array) -> list:
+    """The blocks of a Dask array as ``Delayed`` objects, in C order.
+
+    Graph optimization would drop the futures of an array persisted on a distributed cluster,
+    and with them the data; so a persisted array keeps its graph as it is.
+    """
+    from distributed import futures_of
+
+    return list(X.to_delayed(optimize_graph=not futures_of(X)).ravel())
 
 
 def _aligned_copy(x):

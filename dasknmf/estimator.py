@@ -303,7 +303,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _panels(self, X, reset: bool) -> engine.Panels:
         """Validate X and split it into row panels."""
         if _is_lazy_input(X):
-            X = _as_dask_matrix(X)
+            X = _as_dask_matrix(X, self._panel_budget())
             if reset:
                 self.n_features_in_ = X.shape[1]
                 if hasattr(self, "feature_names_in_"):
@@ -519,10 +519,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return tags
 
 
-def _as_dask_matrix(X) -> da.Array:
+def _as_dask_matrix(X, panel_bytes: int) -> da.Array:
     """A Dask array, zarr.Array or Zarr path as a 2-D floating Dask array."""
     if not isinstance(X, da.Array):
-        X = io.open_matrix(X)
+        X = io.open_matrix(X, panel_bytes=panel_bytes)
     io.check_matrix_shape(X.shape, "X")
     io.check_matrix_dtype(X.dtype, "X")
     if X.dtype not in (np.float32, np.float64):

@@ -15,7 +15,7 @@ import numbers
 import dask.array as da
 import numpy as np
 
-from dasknmf.engine import Panels
+from dasknmf.engine import Panels, blocks_as_delayed, tree_reduce
 
 #: Rows per random stream; a panel draws the streams it overlaps and keeps its rows.
 RANDOM_BLOCK = 4096
@@ -154,7 +154,7 @@ def _truncated_svd(panels: Panels, k: int, entropy: int, col_bounds: list[int]):
         ut = u.T.rechunk((k, tuple(panels.row_sizes)))
         ut, s, v = dask.persist(ut, s, v)
         s, v = dask.compute(s, v)
-        return list(ut.to_delayed().ravel()), s, v
+        return blocks_as_delayed(ut), s, v
     from sklearn.utils.extmath import randomized_svd
 
     u, s, v = randomized_svd(panels.array, k, n_iter=SVD_POWER_ITER, random_state=seed)
@@ -165,7 +165,6 @@ def nndsvd_init(
     panels: Panels, k: int, col_bounds: list[int], mean: float, entropy: int, variant: str
 ):
     """'nndsvd', 'nndsvda' or 'nndsvdar' from a randomized truncated SVD of X."""
-    from dasknmf.engine import tree_reduce
 
     ops = panels.ops
     ut_blocks, s, v = _truncated_svd(panels, k, entropy, col_bounds)

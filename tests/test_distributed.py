@@ -1,0 +1,85 @@
+"""The Dask engine on a real LocalCluster with worker processes, from memory and from Zarr."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import low_rank
+from distributed import Client, LocalCluster
+
+from dasknmf import NMF, save_matrix
+
+KWARGS = dict(
+    n_components=4, init="random", random_state=0, tol=0, max_iter=25, panel_bytes=50 * 30 * 8
+)
+
+
+@pytest.fixture(scope="module")
+def X():
+    return low_rank(200, 30, 4)
+
+
+@pytest.fixture(scope="module")
+def in_memory(X):
+    model = NMF(**KWARGS)
+    return model.fit_transform(X), model
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cluster_fit_is_bit_identical_to_in_memory(cluster, X, in_memory, cache):
+    W_ref, reference = in_memory
+    model = NMF(cache=cache, **KWARGS)
+    W = model.fit_transform(da.from_array(X, chunks=(50, 30)))
+    assert isinstance(W, da.Array) and W.chunks[0] == (50,) * 4
+    np.testing.assert_array_equal(W.compute(), W_ref)
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    assert model.loss_history_ == reference.loss_history_
+    assert model.reconstruction_err_ == reference.reconstruction_err_
+
+
+def test_fit_from_a_zarr_path_streams_it(cluster, X, in_memory, tmp_path):
+    path = save_matrix(tmp_path / "X.zarr", X, chunks=(50, 30))
+    model = NMF(cache=False, **KWARGS)
+    W = model.fit_transform(str(path))
+    np.testing.assert_array_equal(W.compute(), in_memory[0])
+    assert model.n_features_in_ == 30
+
+
+def test_stopping_rule_on_a_cluster_matches_in_memory(cluster, X):
+    """The next iteration is submitted before the stopping rule runs; when it says stop, the
+    speculative iteration is dropped and the result is the one of the iteration that stopped."""
+    kwargs = dict(KWARGS, tol=1e-3, max_iter=500)
+    reference = NMF(**kwargs).fit(X)
+    model = NMF(**kwargs).fit(da.from_array(X, chunks=(50, 30)))
+    assert 1 < model.n_iter_ == reference.n_iter_ < 500
+    np.testing.assert_array_equal(model.components_, reference.components_)
+
+
+def test_lazy_transform_on_the_cluster(cluster, X, in_memory):
+    _, model = in_memory
+    W = model.transform(da.from_array(X, chunks=(50, 30)))
+    np.testing.assert_array_equal(W.compute(), model.transform(X))
+
+
+def test_same_factors_on_every_scheduler(X, tmp_path):
+    """Same input, chunks and seed: bit-identical factors on the synchronous and threaded
+    schedulers and on LocalClusters of 1 and 2 worker processes (BLAS pinned to one thread)."""
+    Xd = da.from_array(X, chunks=(50, 30))
+    kwargs = dict(KWARGS, init="nndsvda")
+    results = {}
+    for name in ("synchronous", "threads"):
+        with dask.config.set(scheduler=name):
+            results[name] = NMF(**kwargs).fit(Xd).components_
+    for n_workers in (1, 2):
+        with (
+            LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                dashboard_address=None,
+                memory_limit="1GiB",
+            ) as local,
+            Client(local),
+        ):
+            results[f"{n_workers} workers"] = NMF(**kwargs).fit(Xd).components_
+    for name, H in results.items():
+        np.testing.assert_array_equal(H, results["synchronous"], err_msg=name)
