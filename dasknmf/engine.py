@@ -23,6 +23,7 @@ import collections
 import functools
 import itertools
 import math
+import operator
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
+from dask.delayed import Delayed
 
 from dasknmf import kernels
 from dasknmf._blas import pin_worker_blas
@@ -69,8 +71,12 @@ class EagerOps:
     def call(self, fn: Callable, *args: Any):
         return fn(*args)
 
-    def constant(self, value):
-        """A value that many tasks read."""
+    def item(self, obj, index: int):
+        """``obj[index]`` of a task's tuple of outputs."""
+        return obj[index]
+
+    def share(self, value):
+        """A value that many tasks read, made once."""
         return value
 
     def persist(self, *objs):
@@ -85,15 +91,11 @@ class EagerOps:
 
 
 class DaskOps:
-    """Build ``dask.delayed`` tasks; run them on the current scheduler when persisted.
-
-    ``is_async``: the scheduler is a distributed Client, whose ``persist`` returns at once.
-    """
+    """Build ``dask.delayed`` tasks; they run on the current scheduler when persisted or
+    computed (or stay lazy, for results returned as Dask arrays)."""
 
     is_lazy = True
-
-    def __init__(self):
-        self.is_async = distributed_client() is not None
+    is_async = False
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
         """One task per item; ``workers[i]``, if given, is where item i's task should run (the
@@ -110,9 +112,13 @@ class DaskOps:
     def call(self, fn: Callable, *args: Any):
         return dask.delayed(fn, pure=False)(*args)
 
-    def constant(self, value):
-        # One key that every task reads, instead of a copy embedded in each task.
-        return dask.delayed(value, pure=True)
+    def item(self, obj, index: int):
+        return obj[index]
+
+    def share(self, value):
+        # One key that every task reads, instead of a copy embedded in (and traversed for) each
+        # task: building tasks around a dataclass or list argument cost ~10 ms per iteration.
+        return dask.delayed(value, pure=True, traverse=False)
 
     def persist(self, *objs):
         return dask.persist(*objs)
@@ -124,10 +130,66 @@ class DaskOps:
         pass
 
 
-def _sum_in_order(*parts):
+class FutureOps:
+    """Submit tasks to a distributed Client at once, as futures.
+
+    Used to fit on a distributed cluster: the work of an iteration starts while the driver is
+    still submitting it, and nothing is spent building and optimizing ``dask.delayed`` graphs
+    (22 ms of driver CPU per iteration, a third of a core on a 2-core machine). An argument that
+    is a ``Delayed`` (a panel of X read from its source) is computed into a future first.
+    """
+
+    is_lazy = True
+    is_async = True
+
+    def __init__(self, client):
+        self.client = client
+
+    def _resolve(self, args) -> list:
+        return [self.client.compute(a) if isinstance(a, Delayed) else a for a in args]
+
+    def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
+        """One task per item; ``workers[i]``, if given, is where item i's task should run."""
+        common = self._resolve(common)
+        if workers is None:
+            return [
+                self.client.submit(fn, *common, *self._resolve(item), pure=False) for item in items
+            ]
+        return [
+            self.client.submit(
+                fn,
+                *common,
+                *self._resolve(item),
+                pure=False,
+                workers=[worker],
+                allow_other_workers=True,
+            )
+            for item, worker in zip(items, workers, strict=True)
+        ]
+
+    def call(self, fn: Callable, *args: Any):
+        return self.client.submit(fn, *self._resolve(args), pure=False)
+
+    def item(self, obj, index: int):
+        return self.client.submit(operator.getitem, obj, index, pure=False)
+
+    def share(self, value):
+        return self.client.scatter(value, hash=False)
+
+    def persist(self, *objs):
+        return objs
+
+    def fetch(self, obj):
+        return self.client.gather(obj)
+
+    def close(self) -> None:
+        pass
+
+
+def sum_in_order(*parts):
     """Σ parts, left to right; tuples are summed field by field."""
     if isinstance(parts[0], tuple):
-        return tuple(_sum_in_order(*fields) for fields in zip(*parts, strict=True))
+        return tuple(sum_in_order(*fields) for fields in zip(*parts, strict=True))
     total = parts[0].copy()
     for part in parts[1:]:
         total += part
@@ -137,7 +199,7 @@ def _sum_in_order(*parts):
 def tree_reduce(
     ops,
     items: list,
-    combine: Callable = _sum_in_order,
+    combine: Callable = sum_in_order,
     first: Callable | None = None,
     split_every: int | None = None,
 ):
@@ -210,7 +272,6 @@ class Panels:
     shape: tuple[int, int]
     dtype: np.dtype
     cached: bool = False
-    array: Any = field(default=None, repr=False)  # X whole: in memory, or the rechunked Dask array
     locations: list[str] | None = None  # the worker holding each cached panel
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any) -> list:
@@ -248,7 +309,6 @@ def in_memory_panels(X, panel_bytes: int | None = None, n_threads: int | None = 
         row_bounds=bounds,
         shape=tuple(X.shape),
         dtype=X.dtype,
-        array=X,
     )
 
 
@@ -284,36 +344,35 @@ def should_cache(nbytes: int, cache: bool | str) -> bool:
     return bool(cache)
 
 
-def dask_panels(X: da.Array, panel_bytes: int | None = None, cache: bool | str = "auto") -> Panels:
+def dask_panels(
+    X: da.Array, panel_bytes: int | None = None, cache: bool | str = "auto", lazy: bool = False
+) -> Panels:
     """Full-width row panels of a Dask array: consecutive row chunks are grouped up to
     ``panel_bytes``, all column chunks of a band of rows merge into one panel; X is persisted
-    when ``should_cache`` says so, otherwise every iteration reads it again."""
+    when ``should_cache`` says so, otherwise every iteration reads it again.
+
+    With a distributed Client, work is submitted as futures (``FutureOps``) unless ``lazy``
+    asks for ``dask.delayed`` results.
+    """
     budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
     n_rows, n_cols = X.shape
     row_nbytes = n_cols * X.dtype.itemsize
     bounds = coalesce_bounds(X.chunks[0], [rows * row_nbytes for rows in X.chunks[0]], budget)
     panel_rows = tuple(b - a for a, b in itertools.pairwise(bounds))
     X = X.rechunk((panel_rows, n_cols))
+    client = None if lazy else distributed_client()
     cached = should_cache(X.nbytes, cache)
     items = blocks_as_delayed(X)
     locations = None
     if cached:
-        items, locations = _persist_panels(items, panel_rows)
-        # The same matrix, now backed by the cached panels (the SVD of the init reads it).
-        X = da.concatenate(
-            [
-                da.from_delayed(item, shape=(rows, n_cols), dtype=X.dtype)
-                for item, rows in zip(items, panel_rows, strict=True)
-            ]
-        )
+        items, locations = _persist_panels(items, panel_rows, client)
     return Panels(
-        ops=DaskOps(),
+        ops=DaskOps() if client is None else FutureOps(client),
         items=items,
         row_bounds=bounds,
         shape=(n_rows, n_cols),
         dtype=X.dtype,
         cached=cached,
-        array=X,
         locations=locations,
     )
 
@@ -333,27 +392,31 @@ def _aligned_copy(x):
     return kernels.aligned(x)
 
 
-def _persist_panels(items: list, sizes: Sequence[int]) -> tuple[list, list[str] | None]:
-    """Keep the panels in cluster memory. On a distributed cluster, consecutive panels go to each
-    worker in turn, balanced by rows, and every later task on a panel is placed with it: the
-    scheduler then neither moves panels between workers nor leaves most of them on one worker."""
-    client = distributed_client()
+def _persist_panels(items: list, sizes: Sequence[int], client) -> tuple[list, list | None]:
+    """Keep the panels in memory: persisted ``Delayed`` objects without ``client``, else
+    futures on the cluster. There, consecutive panels go to each worker in turn, balanced by
+    rows, and every later task on a panel is placed with it: the scheduler then neither moves
+    panels between workers nor leaves most of them on one worker."""
     if client is None:
         return list(dask.persist(*items)), None
-    from distributed import futures_of, wait
+    from distributed import wait
 
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     starts = np.cumsum([0, *sizes[:-1]])
     targets = [workers[int(start * len(workers) // sum(sizes))] for start in starts]
-    placed = []
-    for item, worker in zip(items, targets, strict=True):
-        with dask.annotate(workers=[worker], allow_other_workers=True):
-            placed.append(dask.delayed(_aligned_copy, pure=False)(item))
-    placed = list(dask.persist(*placed))
-    futures = [futures_of(p)[0] for p in placed]
+    futures = [
+        client.submit(
+            _aligned_copy,
+            client.compute(item),
+            pure=False,
+            workers=[worker],
+            allow_other_workers=True,
+        )
+        for item, worker in zip(items, targets, strict=True)
+    ]
     wait(futures)
     holders = client.who_has(futures)
-    return placed, [sorted(holders[f.key])[0] for f in futures]
+    return futures, [sorted(holders[f.key])[0] for f in futures]
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +434,8 @@ class Objective:
     l2_w: float = 0.0
     l1_h: float = 0.0
     l2_h: float = 0.0
-    inner_iter: int = 1
+    sweeps_w: int = 1  # sweeps of the update rule per iteration, for W and for H
+    sweeps_h: int = 1
 
     @property
     def rule(self):
@@ -383,7 +447,7 @@ def _dot64(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a.ravel().astype(np.float64), b.ravel().astype(np.float64)))
 
 
-def _full_h(h_blocks: Sequence[np.ndarray]) -> np.ndarray:
+def full_width(h_blocks: Sequence[np.ndarray]) -> np.ndarray:
     return h_blocks[0] if len(h_blocks) == 1 else np.concatenate(h_blocks, axis=1)
 
 
@@ -398,7 +462,7 @@ def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
     """
     pin_worker_blas()
     x, wt = kernels.aligned(x), kernels.aligned(wt)
-    h = kernels.aligned(_full_h(h_blocks))
+    h = kernels.aligned(full_width(h_blocks))
     gram_h = h @ h.T
     cross = kernels.dot_h(x, h)
     stats = np.zeros(6)
@@ -412,7 +476,7 @@ def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
         cross,
         l1=objective.l1_w,
         l2=objective.l2_w,
-        n_sweeps=objective.inner_iter,
+        n_sweeps=objective.sweeps_w,
         order=order,
     )
     stats[P_SUM_W] = wt.sum(dtype=np.float64)
@@ -424,7 +488,7 @@ def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
 
 def _panel_partials(block: int, *outs) -> tuple:
     """Σ over ``panel_step`` outputs of (B_i, stats_i, A_i,block)."""
-    return _sum_in_order(*((out[1], out[2], out[3 + block]) for out in outs))
+    return sum_in_order(*((out[1], out[2], out[3 + block]) for out in outs))
 
 
 def h_step(objective: Objective, order, block: int, raw: bool, h: np.ndarray, *parts):
@@ -436,7 +500,7 @@ def h_step(objective: Objective, order, block: int, raw: bool, h: np.ndarray, *p
     Returns ``(H_j, H_j·H_jᵀ, stats_j, B, panel stats)`` with stats_j in the ``H_*`` layout.
     """
     pin_worker_blas()
-    partials = _panel_partials(block, *parts) if raw else _sum_in_order(*parts)
+    partials = _panel_partials(block, *parts) if raw else sum_in_order(*parts)
     gram_w, panel_stats, a = partials
     h = kernels.aligned(h)
     stats = np.zeros(5)
@@ -448,7 +512,7 @@ def h_step(objective: Objective, order, block: int, raw: bool, h: np.ndarray, *p
         a,
         l1=objective.l1_h,
         l2=objective.l2_h,
-        n_sweeps=objective.inner_iter,
+        n_sweeps=objective.sweeps_h,
         order=order,
     )
     stats[H_CROSS] = _dot64(a, h)
@@ -461,7 +525,7 @@ def _h_summary(*outs) -> tuple:
     """Σ over ``h_step`` outputs (or over earlier results of this function) of
     (H_j·H_jᵀ, stats_j); B and the panel stats are the same in all and are taken from the first.
     Returns ``(H·Hᵀ, H stats, B, panel stats)``: all the driver needs of an iteration."""
-    sums = _sum_in_order(*((out[-4], out[-3]) for out in outs))
+    sums = sum_in_order(*((out[-4], out[-3]) for out in outs))
     return (*sums, outs[0][-2], outs[0][-1])
 
 
@@ -553,7 +617,8 @@ def iterate(
     orders=(None, None),
 ):
     """Build (or, eagerly, run) one iteration. Returns the new blocks of Wᵀ and of H and the
-    summary ``(H·Hᵀ, H stats, B, panel stats)``.
+    summary ``(H·Hᵀ, H stats, B, panel stats)``. ``objective`` and ``col_bounds`` may be
+    ``ops.share``d.
 
     The critical path is panel_step → h_step (which also runs the last level of its reduction)
     → the next panel_step; the summary is off it.
@@ -563,12 +628,12 @@ def iterate(
     outs = panels.map(
         panel_step, list(zip(panels.items, wt, strict=True)), objective, order_w, col_bounds, h
     )
-    new_wt = [out[0] for out in outs]
+    new_wt = [ops.item(out, 0) for out in outs]
     h_outs = []
     for j, h_j in enumerate(h):
         parts, raw = reduce_to_fanin(ops, outs, functools.partial(_panel_partials, j))
         h_outs.append(ops.call(h_step, objective, order_h, j, raw, h_j, *parts))
-    new_h = [out[0] for out in h_outs]
+    new_h = [ops.item(out, 0) for out in h_outs]
     summary = tree_reduce(ops, h_outs, _h_summary, first=_h_summary)
     return new_wt, new_h, summary
 
@@ -588,7 +653,7 @@ def reduce_to_fanin(ops, items: list, first: Callable, split_every: int | None =
             ops.call(level, *items[start : start + split_every])
             for start in range(0, len(items), split_every)
         ]
-        level = _sum_in_order
+        level = sum_in_order
     return items, False
 
 
@@ -659,13 +724,14 @@ def fit(
     k = objective.n_components
     in_flight: collections.deque = collections.deque()
     latest = (wt, h)
+    shared = ops.share(objective), ops.share(col_bounds)
 
     def submit() -> None:
         nonlocal latest
         orders = (None, None)
         if shuffle_rng is not None:
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
-        step = ops.persist(*iterate(panels, objective, *latest, col_bounds, orders))
+        step = ops.persist(*iterate(panels, shared[0], *latest, shared[1], orders))
         latest = step[:2]
         in_flight.append(step)
 
@@ -709,7 +775,7 @@ def reconstruction_error(panels: Panels, wt: list, h: list) -> float:
     """‖X − WH‖_F by one more pass over X (exact; the Gram identity used during the iterations
     loses digits when the residual is small against ‖X‖)."""
     ops = panels.ops
-    h_full = ops.call(_full_h, h) if len(h) > 1 else h[0]
+    h_full = ops.call(full_width, h) if len(h) > 1 else h[0]
     parts = panels.map(_residual_task, list(zip(panels.items, wt, strict=True)), h_full)
     return math.sqrt(float(ops.fetch(tree_reduce(ops, parts))[0]))
 

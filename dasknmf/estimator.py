@@ -10,6 +10,7 @@ import numbers
 import os
 import warnings
 
+import dask
 import dask.array as da
 import numpy as np
 import zarr
@@ -25,9 +26,18 @@ __all__ = ["NMF", "InvalidParameterError"]
 
 _BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
 
-#: HALS inner sweeps per outer iteration when ``inner_iter='auto'``: each costs O(k²·(m + n))
-#: and no read of X, and cuts the number of passes over X (see benchmarks/RESULTS.md).
-AUTO_HALS_SWEEPS = 5
+#: At most this many HALS sweeps per factor and iteration with ``inner_iter='auto'``.
+MAX_AUTO_SWEEPS = 10
+
+
+def auto_sweeps(n_other: int, n_components: int) -> int:
+    """HALS sweeps for a factor when ``inner_iter='auto'``.
+
+    A sweep over a row of W costs k² flops against the 2·n·k of the two products of that row
+    with X (for H: k² against 2·m·k), so sweeps are cheap while n/k (m/k) is large; they cut
+    the number of passes over X (Gillis & Glineur 2012; benchmarks/RESULTS.md).
+    """
+    return int(np.clip(n_other // n_components, 1, MAX_AUTO_SWEEPS))
 
 
 class InvalidParameterError(ValueError, TypeError):
@@ -74,8 +84,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ``init='custom'``).
     init : {'random', 'nndsvd', 'nndsvda', 'nndsvdar', 'custom'}, default=None
         Initialization. None: 'nndsvda' if n_components <= min(n_samples, n_features),
-        otherwise 'random'. NNDSVD uses a randomized SVD (``dask.array.linalg.svd_compressed``
-        for Dask input).
+        otherwise 'random'. NNDSVD uses a randomized SVD over the row panels of X, one read of
+        X per power iteration (see ``dasknmf.svd``).
     solver : {'cd', 'hals', 'mu'}, default='cd'
         'cd' (scikit-learn's name) and 'hals' are the same coordinate-descent family:
         hierarchical alternating least squares. 'mu' is the multiplicative update.
@@ -98,8 +108,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Visit the components in a random order in each 'cd' sweep.
     inner_iter : int or 'auto', default='auto'
         Sweeps of the update rule per factor and iteration. Extra sweeps reuse the statistics
-        of one read of X (Gillis & Glineur 2012). 'auto': 5 for 'cd'/'hals', 1 for 'mu'
-        (scikit-learn's single update).
+        of one read of X (Gillis & Glineur 2012). 'auto': for 'cd'/'hals', n_features //
+        n_components sweeps for W and n_samples // n_components for H, each between 1 and
+        10; for 'mu', 1 (scikit-learn's single update). ``inner_iter=1`` with 'cd' is
+        scikit-learn's algorithm step for step.
     panel_bytes : int, str or None, default=None
         Target size of a row panel of X (the unit of work of one task), e.g. ``"64MiB"``;
         default ``dask.config`` key ``dasknmf.panel-bytes``.
@@ -285,9 +297,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _objective(self, n_samples: int, n_features: int, n_components: int) -> engine.Objective:
         alpha_H = self.alpha_W if self.alpha_H == "same" else self.alpha_H
         solver = "mu" if self.solver == "mu" else "hals"
-        inner = self.inner_iter
-        if inner == "auto":
-            inner = 1 if solver == "mu" else AUTO_HALS_SWEEPS
+        if self.inner_iter != "auto":
+            sweeps_w = sweeps_h = int(self.inner_iter)
+        elif solver == "mu":
+            sweeps_w = sweeps_h = 1
+        else:
+            sweeps_w = auto_sweeps(n_features, n_components)
+            sweeps_h = auto_sweeps(n_samples, n_components)
         return engine.Objective(
             n_components=n_components,
             solver=solver,
@@ -295,7 +311,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             l2_w=n_features * self.alpha_W * (1.0 - self.l1_ratio),
             l1_h=n_samples * alpha_H * self.l1_ratio,
             l2_h=n_samples * alpha_H * (1.0 - self.l1_ratio),
-            inner_iter=int(inner),
+            sweeps_w=sweeps_w,
+            sweeps_h=sweeps_h,
         )
 
     # ---- input ---------------------------------------------------------------------------
@@ -313,8 +330,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                     f"X has {X.shape[1]} features, but NMF is expecting "
                     f"{self.n_features_in_} features as input."
                 )
+            # transform returns a lazy Dask array, so it neither caches nor submits anything.
             cache = self.cache if reset else False
-            return engine.dask_panels(X, self._panel_budget(), cache)
+            return engine.dask_panels(X, self._panel_budget(), cache, lazy=not reset)
         X = validate_data(
             self,
             X,
@@ -473,7 +491,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                     engine.transform_panel,
                     [(x,) for x in panels.items],
                     objective,
-                    ops.constant(H),
+                    ops.share(H),
                     gram_h,
                     self.max_iter,
                     self.tol,
@@ -573,7 +591,7 @@ def _assemble_w(panels: engine.Panels, wt: list, k: int):
     if not panels.ops.is_lazy:
         return np.ascontiguousarray(np.concatenate(wt, axis=1).T)
     blocks = [
-        da.from_delayed(b, shape=(k, rows), dtype=panels.dtype)
+        da.from_delayed(dask.delayed(b), shape=(k, rows), dtype=panels.dtype)
         for b, rows in zip(wt, panels.row_sizes, strict=True)
     ]
     return da.concatenate(blocks, axis=1).T

@@ -3,56 +3,36 @@
 Blocks of Wᵀ follow the row panels of X, blocks of H its column blocks; every block is made by
 its own task, so nothing of size m or n passes through the driver. Random values come from
 streams keyed by ``SeedSequence(random_state, spawn_key=(stream, block))`` over blocks of a fixed
-number of rows (``RANDOM_BLOCK``), not over panels: the initialization, and so the result, does
-not depend on how X is chunked.
+number of rows (``dasknmf._random``), not over panels: the initialization, and so the result,
+does not depend on how X is chunked beyond rounding.
 """
 
 from __future__ import annotations
 
 import itertools
-import numbers
 
-import dask.array as da
 import numpy as np
 
-from dasknmf.engine import Panels, blocks_as_delayed, tree_reduce
+from dasknmf import svd
+from dasknmf._random import normal_rows, seed_entropy
+from dasknmf.engine import Panels, tree_reduce
 
-#: Rows per random stream; a panel draws the streams it overlaps and keeps its rows.
-RANDOM_BLOCK = 4096
 #: Power iterations of the randomized SVD behind NNDSVD (a starting point needs no more).
-SVD_POWER_ITER = 2
+SVD_POWER_ITER = 1
 #: NNDSVD truncates entries below this to zero (scikit-learn's ``eps``).
 NNDSVD_EPS = 1e-6
 
 # Random streams.
-_W_RANDOM, _H_RANDOM, _W_FILL, _H_FILL = range(4)
+_W_RANDOM, _H_RANDOM, _W_FILL, _H_FILL, _SVD_SKETCH = range(5)
 
 INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
 
-
-def seed_entropy(random_state) -> int:
-    """An integer seed from scikit-learn's ``random_state`` (None, int or RandomState)."""
-    if random_state is None:
-        return int(np.random.SeedSequence().entropy)
-    if isinstance(random_state, numbers.Integral):
-        return int(random_state)
-    if isinstance(random_state, np.random.RandomState):
-        return int(random_state.randint(np.iinfo(np.int32).max))
-    if isinstance(random_state, np.random.Generator):
-        return int(random_state.integers(np.iinfo(np.int64).max))
-    raise ValueError(f"{random_state!r} cannot be used to seed a numpy.random.RandomState instance")
+__all__ = ["INIT_METHODS", "initialize", "seed_entropy"]
 
 
 def half_normal_rows(entropy: int, stream: int, start: int, stop: int, width: int) -> np.ndarray:
     """Rows ``start:stop`` of an endless (·, width) matrix of |N(0, 1)| draws."""
-    parts = []
-    for block in range(start // RANDOM_BLOCK, (stop - 1) // RANDOM_BLOCK + 1):
-        seed = np.random.SeedSequence(entropy, spawn_key=(stream, block))
-        values = np.abs(np.random.default_rng(seed).standard_normal((RANDOM_BLOCK, width)))
-        first = max(start - block * RANDOM_BLOCK, 0)
-        last = min(stop - block * RANDOM_BLOCK, RANDOM_BLOCK)
-        parts.append(values[first:last])
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return np.abs(normal_rows(entropy, stream, start, stop, width))
 
 
 def random_block(
@@ -141,43 +121,21 @@ def nndsvd_block(
     return block.astype(dtype)
 
 
-def _truncated_svd(panels: Panels, k: int, entropy: int, col_bounds: list[int]):
-    """Randomized SVD of X: blocks of Uᵀ by row panel (as ``panels.ops`` holds them), S, and Vᵀ's
-    transpose V as numpy (k, n)."""
-    seed = entropy % (2**32)
-    if panels.ops.is_lazy:
-        import dask
-
-        u, s, v = da.linalg.svd_compressed(
-            panels.array, k, n_power_iter=SVD_POWER_ITER, seed=seed, compute=False
-        )
-        ut = u.T.rechunk((k, tuple(panels.row_sizes)))
-        ut, s, v = dask.persist(ut, s, v)
-        s, v = dask.compute(s, v)
-        return blocks_as_delayed(ut), s, v
-    from sklearn.utils.extmath import randomized_svd
-
-    u, s, v = randomized_svd(panels.array, k, n_iter=SVD_POWER_ITER, random_state=seed)
-    return [u[start:stop].T for start, stop in _ranges(panels.row_bounds)], s, v
-
-
 def nndsvd_init(
     panels: Panels, k: int, col_bounds: list[int], mean: float, entropy: int, variant: str
 ):
     """'nndsvd', 'nndsvda' or 'nndsvdar' from a randomized truncated SVD of X."""
-
     ops = panels.ops
-    ut_blocks, s, v = _truncated_svd(panels, k, entropy, col_bounds)
-    u_norms = ops.fetch(tree_reduce(ops, ops.map(signed_norms_sq, [(b,) for b in ut_blocks])))
-    v_norms = signed_norms_sq(v)
+    ut, s, vt = svd.randomized_svd(panels, k, SVD_POWER_ITER, entropy, col_bounds, _SVD_SKETCH)
+    u_norms, v_norms = (
+        ops.fetch(tree_reduce(ops, ops.map(signed_norms_sq, [(b,) for b in blocks])))
+        for blocks in (ut, vt)
+    )
     signs, coef_w, coef_h = nndsvd_coefficients(s, u_norms, v_norms)
     fill = {"nndsvd": "zeros", "nndsvda": "mean", "nndsvdar": "random"}[variant]
     wt = panels.map(
         nndsvd_block,
-        [
-            (*bounds, block)
-            for bounds, block in zip(_ranges(panels.row_bounds), ut_blocks, strict=True)
-        ],
+        [(*bounds, b) for bounds, b in zip(_ranges(panels.row_bounds), ut, strict=True)],
         signs,
         coef_w,
         fill,
@@ -188,7 +146,7 @@ def nndsvd_init(
     )
     h = ops.map(
         nndsvd_block,
-        [(start, stop, v[:, start:stop]) for start, stop in _ranges(col_bounds)],
+        [(*bounds, b) for bounds, b in zip(_ranges(col_bounds), vt, strict=True)],
         signs,
         coef_h,
         fill,

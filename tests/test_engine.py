@@ -120,9 +120,8 @@ def test_eager_and_dask_runs_are_bit_identical(sync_scheduler):
     results = []
     for lazy in (False, True):
         panels, stats, cols, wt, h = _setup(X, 30, lazy=lazy)
-        result = engine.fit(
-            panels, engine.Objective(3, inner_iter=3), wt, h, stats.sum_sq, cols, max_iter=4, tol=0
-        )
+        objective = engine.Objective(3, sweeps_w=3, sweeps_h=2)
+        result = engine.fit(panels, objective, wt, h, stats.sum_sq, cols, max_iter=4, tol=0)
         results.append(panels.ops.fetch((result.wt, result.h)))
     (wt_a, h_a), (wt_b, h_b) = results
     for a, b in zip(wt_a + h_a, wt_b + h_b, strict=True):

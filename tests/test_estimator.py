@@ -295,3 +295,16 @@ def test_sklearn_check_estimator():
     skipped = {r["check_name"] for r in results if r["status"] == "skipped"}
     assert skipped <= {"check_array_api_input"}
     assert len(results) > 40
+
+
+def test_auto_sweeps_follow_the_cost_ratio():
+    from dasknmf.estimator import auto_sweeps
+
+    assert auto_sweeps(2000, 20) == 10  # capped
+    assert auto_sweeps(64, 10) == 6
+    assert auto_sweeps(64, 30) == 2
+    assert auto_sweeps(5, 20) == 1
+    objective = NMF(n_components=10)._objective(1797, 64, 10)
+    assert (objective.sweeps_w, objective.sweeps_h) == (6, 10)
+    assert NMF(solver="mu")._objective(1797, 64, 10).sweeps_w == 1
+    assert NMF(inner_iter=3)._objective(1797, 64, 10).sweeps_h == 3

@@ -1,0 +1,3 @@
+from dasknmf.cli import main
+
+main()

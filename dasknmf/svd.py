@@ -1,0 +1,132 @@
+"""Randomized truncated SVD of X over its row panels, one read of X per subspace iteration.
+
+Subspace iteration (Halko, Martinsson & Tropp 2011) alternates Y = X·Z and Z' = Xᵀ·Q with
+Q = orth(Y). Both products need the same panel X_i, so one task per panel forms
+Y_i = X_i·Z, its Gram matrix Y_iᵀ·Y_i and P_i = Y_iᵀ·X_i; with G = Σ Y_iᵀY_i = V·Λ·Vᵀ and
+T = V·Λ^(-1/2), Q = Y·T is orthonormal and B = Qᵀ·X = Tᵀ·ΣP_i. The SVD of the small B, from the
+eigenvectors of B·Bᵀ = Tᵀ·(ΣP·Pᵀ)·T = Ũ·Σ²·Ũᵀ, gives the next Z = Bᵀ·Ũ·Σ⁻¹ (orthonormal),
+and at the end U = Q·Ũ, S = Σ, Vᵀ = Z. ``n_iter`` power iterations cost n_iter + 1 reads of X,
+where the textbook form costs 2·n_iter + 2.
+
+Orthonormalizing through Gram matrices loses directions whose singular values are below
+~1e-8 of the largest; an initialization does not need them. Everything here is written against
+``engine.Panels``, so the in-memory and the Dask paths compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+
+from dasknmf import kernels
+from dasknmf._blas import pin_worker_blas
+from dasknmf._random import normal_rows
+from dasknmf.engine import Panels, full_width, reduce_to_fanin, sum_in_order, tree_reduce
+
+#: Extra sketch columns beyond the rank asked for.
+OVERSAMPLES = 10
+#: Eigenvalues of a Gram matrix below this fraction of the largest are dropped (rank deficit).
+RANK_CUTOFF = 1e-12
+
+
+def _sketch_panel(col_bounds, z_blocks, x):
+    """Y_iᵀ = (X_i·Z)ᵀ, its Gram matrix (float64) and P_i = Y_iᵀ·X_i split by column block."""
+    pin_worker_blas()
+    x = kernels.aligned(x)
+    yt = kernels.dot_h(x, full_width(z_blocks))
+    yt64 = yt.astype(np.float64)
+    p = kernels.dot_w(x, yt)
+    return (yt, yt64 @ yt64.T, *(p[:, a:b] for a, b in itertools.pairwise(col_bounds)))
+
+
+def _block_partials(block: int, *outs) -> tuple:
+    return sum_in_order(*((out[1], out[2 + block]) for out in outs))
+
+
+def _block_sums(block: int, raw: bool, *parts):
+    """The last level of the reduction for column block ``block``: (G, P_j, P_j·P_jᵀ)."""
+    gram, p = _block_partials(block, *parts) if raw else sum_in_order(*parts)
+    p64 = p.astype(np.float64)
+    return gram, p, p64 @ p64.T
+
+
+def _gram_summary(*block_sums) -> tuple:
+    """(G, Σ_j P_j·P_jᵀ): what the driver needs of a pass."""
+    return block_sums[0][0], sum_in_order(*(b[2] for b in block_sums))
+
+
+def _next_z(coef: np.ndarray, dtype, block_sum) -> np.ndarray:
+    """A column block of the next Zᵀ: coefᵀ·P_j, component-major."""
+    return np.ascontiguousarray((coef.T @ block_sum[1].astype(np.float64)).astype(dtype))
+
+
+def _gaussian_block(entropy: int, stream: int, width: int, dtype, start: int, stop: int):
+    return np.ascontiguousarray(normal_rows(entropy, stream, start, stop, width).T, dtype=dtype)
+
+
+def _orthonormalizer(gram: np.ndarray) -> np.ndarray:
+    """T with Tᵀ·G·T = I on the numerical range of G (no columns for dropped directions)."""
+    values, vectors = np.linalg.eigh(gram)
+    keep = values > max(values.max(initial=0), 0) * RANK_CUTOFF
+    return vectors[:, keep] / np.sqrt(values[keep])
+
+
+def randomized_svd(
+    panels: Panels, k: int, n_iter: int, entropy: int, col_bounds: list[int], stream: int
+):
+    """The leading ``k`` singular triplets of X.
+
+    Returns ``(ut, s, vt)``: blocks of Uᵀ by row panel (k, m_i), the singular values (numpy,
+    length k, zero beyond the numerical rank) and blocks of Vᵀ by column block (k, n_j), held
+    as ``panels.ops`` holds data.
+    """
+    ops = panels.ops
+    n_rows, n_cols = panels.shape
+    width = min(k + OVERSAMPLES, n_rows, n_cols)
+    z = ops.map(
+        _gaussian_block, list(itertools.pairwise(col_bounds)), entropy, stream, width, panels.dtype
+    )
+    for _ in range(n_iter + 1):
+        yt, z, sigma, coef_u = _subspace_pass(panels, z, col_bounds)
+        if not sigma.size:  # X is zero
+            break
+    kept = min(k, sigma.size)
+    s = np.zeros(k)
+    s[:kept] = sigma[:kept]
+    ut = ops.map(_leading_rows, [(b,) for b in yt], coef_u[:, :kept], k, panels.dtype)
+    vt = ops.map(_leading_rows, [(b,) for b in z], None, k, panels.dtype)
+    return ut, s, vt
+
+
+def _subspace_pass(panels: Panels, z: list, col_bounds: list[int]):
+    """One read of X: from Zᵀ blocks to (Y_iᵀ blocks, next Zᵀ blocks, Σ, coefficients that turn
+    Y_iᵀ into Uᵀ blocks)."""
+    ops = panels.ops
+    outs = panels.map(_sketch_panel, [(x,) for x in panels.items], col_bounds, z)
+    sums = []
+    for j in range(len(z)):
+        parts, raw = reduce_to_fanin(ops, outs, functools.partial(_block_partials, j))
+        sums.append(ops.call(_block_sums, j, raw, *parts))
+    yt = [ops.item(out, 0) for out in outs]
+    summary = tree_reduce(ops, sums, _gram_summary, first=_gram_summary)
+    yt, sums, summary = ops.persist(yt, sums, summary)
+    gram, ppt = ops.fetch(summary)
+    t = _orthonormalizer(gram)
+    values, u_small = np.linalg.eigh(t.T @ ppt @ t)
+    values, u_small = values[::-1], u_small[:, ::-1]  # descending
+    sigma = np.sqrt(np.maximum(values, 0))
+    keep = sigma > sigma.max(initial=0) * np.sqrt(RANK_CUTOFF)
+    sigma, u_small = sigma[keep], u_small[:, keep]
+    next_z = ops.map(_next_z, [(b,) for b in sums], (t @ u_small) / sigma, panels.dtype)
+    return yt, next_z, sigma, t @ u_small
+
+
+def _leading_rows(coef, n: int, dtype, block: np.ndarray) -> np.ndarray:
+    """The first ``n`` rows of coefᵀ·block (of block itself if coef is None), zero-padded when
+    the rank is below ``n``."""
+    rows = block if coef is None else coef.T @ block.astype(np.float64)
+    out = np.zeros((n, block.shape[1]), dtype=dtype)
+    out[: min(n, rows.shape[0])] = rows[:n]
+    return out

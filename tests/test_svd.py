@@ -1,0 +1,72 @@
+"""Randomized SVD over panels against numpy's exact SVD."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from dasknmf import engine, svd
+
+
+def _decaying(m=300, n=80, seed=0):
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.normal(size=(m, n)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return (u * 0.7 ** np.arange(n)) @ v.T
+
+
+def _svd(X, k, n_iter, kind="numpy", n_panels=3, col_block_bytes=None):
+    rows = -(-X.shape[0] // n_panels)
+    budget = rows * X.shape[1] * X.dtype.itemsize
+    if kind == "dask":
+        panels = engine.dask_panels(
+            da.from_array(X, chunks=(rows, X.shape[1])), budget, cache=False
+        )
+    else:
+        panels = engine.in_memory_panels(sp.csr_array(X) if kind == "sparse" else X, budget)
+    cols = engine.even_bounds(X.shape[1], 1 if col_block_bytes is None else 3)
+    ut, s, vt = svd.randomized_svd(panels, k, n_iter, entropy=0, col_bounds=cols, stream=9)
+    ut, vt = panels.ops.fetch((ut, vt))
+    return np.concatenate(ut, axis=1).T, s, np.concatenate(vt, axis=1)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "sparse", "dask"])
+@pytest.mark.parametrize("col_blocks", [None, 3])
+def test_leading_triplets_match_numpy(kind, col_blocks, sync_scheduler):
+    X = _decaying()
+    U, s, Vt = _svd(X, 5, n_iter=2, kind=kind, col_block_bytes=col_blocks)
+    U_ref, s_ref, Vt_ref = np.linalg.svd(X, full_matrices=False)
+    np.testing.assert_allclose(s, s_ref[:5], rtol=1e-8)
+    # Singular vectors up to sign.
+    signs = np.sign(np.sum(U * U_ref[:, :5], axis=0))
+    np.testing.assert_allclose(U * signs, U_ref[:, :5], atol=1e-6)
+    np.testing.assert_allclose(Vt * signs[:, None], Vt_ref[:5], atol=1e-6)
+    np.testing.assert_allclose(U.T @ U, np.eye(5), atol=1e-10)
+
+
+def test_more_power_iterations_are_more_accurate():
+    rng = np.random.default_rng(1)
+    X = np.abs(rng.normal(size=(400, 120)))  # slow spectral decay
+    s_ref = np.linalg.svd(X, compute_uv=False)[:10]
+    errors = [np.abs(_svd(X, 10, n_iter)[1] - s_ref).max() for n_iter in (0, 1, 3)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_rank_below_k_gives_zero_triplets():
+    rng = np.random.default_rng(2)
+    X = rng.uniform(size=(60, 3)) @ rng.uniform(size=(3, 20))
+    U, s, Vt = _svd(X, 6, n_iter=1)
+    assert np.all(s[3:] == 0) and np.all(U[:, 3:] == 0) and np.all(Vt[3:] == 0)
+    np.testing.assert_allclose((U * s) @ Vt, X, atol=1e-8)
+
+
+def test_zero_matrix():
+    U, s, Vt = _svd(np.zeros((10, 4)), 2, n_iter=1)
+    assert not s.any() and not U.any() and not Vt.any()
+    assert U.shape == (10, 2) and Vt.shape == (2, 4)
+
+
+def test_k_above_the_smaller_dimension_is_capped_by_the_sketch():
+    X = _decaying(50, 6)
+    _, s, _ = _svd(X, 6, n_iter=1)
+    np.testing.assert_allclose(s, np.linalg.svd(X, compute_uv=False), rtol=1e-8)
