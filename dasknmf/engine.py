@@ -447,8 +447,17 @@ def _dot64(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a.ravel().astype(np.float64), b.ravel().astype(np.float64)))
 
 
-def full_width(h_blocks: Sequence[np.ndarray]) -> np.ndarray:
-    return h_blocks[0] if len(h_blocks) == 1 else np.concatenate(h_blocks, axis=1)
+def full_width(h_blocks: Sequence) -> np.ndarray:
+    """The column blocks of H (or of another component-major factor) side by side."""
+    arrays = [h_array(b) for b in h_blocks]
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+
+
+def h_array(block) -> np.ndarray:
+    """The array of a column block of H, held either as is (from the initialization) or as the
+    whole output tuple of its ``h_step``: the next iteration reads the tuple directly, which
+    saves a ``getitem`` task — a scheduler round trip — on the critical path."""
+    return block[0] if isinstance(block, tuple) else block
 
 
 def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
@@ -491,7 +500,7 @@ def _panel_partials(block: int, *outs) -> tuple:
     return sum_in_order(*((out[1], out[2], out[3 + block]) for out in outs))
 
 
-def h_step(objective: Objective, order, block: int, raw: bool, h: np.ndarray, *parts):
+def h_step(objective: Objective, order, block: int, raw: bool, h, *parts):
     """Update column block ``block`` of H from the panel partials A_j = Wᵀ·X_j and B = Wᵀ·W.
 
     ``parts`` are ``panel_step`` outputs (``raw``) or sums of them from ``_panel_partials``; the
@@ -502,7 +511,7 @@ def h_step(objective: Objective, order, block: int, raw: bool, h: np.ndarray, *p
     pin_worker_blas()
     partials = _panel_partials(block, *parts) if raw else sum_in_order(*parts)
     gram_w, panel_stats, a = partials
-    h = kernels.aligned(h)
+    h = kernels.aligned(h_array(h))
     stats = np.zeros(5)
     stats[H_SUM_H_OLD] = h.sum(dtype=np.float64)
     stats[H_SQ_H_OLD] = _dot64(h, h)
@@ -616,8 +625,9 @@ def iterate(
     col_bounds: list[int],
     orders=(None, None),
 ):
-    """Build (or, eagerly, run) one iteration. Returns the new blocks of Wᵀ and of H and the
-    summary ``(H·Hᵀ, H stats, B, panel stats)``. ``objective`` and ``col_bounds`` may be
+    """Build (or, eagerly, run) one iteration. Returns the new blocks of Wᵀ, the new column
+    blocks of H (as ``h_step`` outputs, see ``h_array``) and the summary ``(H·Hᵀ, H stats, B,
+    panel stats)``. ``objective`` and ``col_bounds`` may be
     ``ops.share``d.
 
     The critical path is panel_step → h_step (which also runs the last level of its reduction)
@@ -633,9 +643,8 @@ def iterate(
     for j, h_j in enumerate(h):
         parts, raw = reduce_to_fanin(ops, outs, functools.partial(_panel_partials, j))
         h_outs.append(ops.call(h_step, objective, order_h, j, raw, h_j, *parts))
-    new_h = [ops.item(out, 0) for out in h_outs]
     summary = tree_reduce(ops, h_outs, _h_summary, first=_h_summary)
-    return new_wt, new_h, summary
+    return new_wt, h_outs, summary
 
 
 def reduce_to_fanin(ops, items: list, first: Callable, split_every: int | None = None):
@@ -768,7 +777,8 @@ def fit(
         if not ops.is_async and n_iter < max_iter:
             submit()
     in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
-    return FitResult(wt=list(wt), h=list(h), n_iter=n_iter, history=history)
+    h = [ops.item(b, 0) if ops.is_lazy else h_array(b) for b in h]
+    return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
 
 
 def reconstruction_error(panels: Panels, wt: list, h: list) -> float:
