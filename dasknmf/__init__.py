@@ -3,6 +3,7 @@
 from dasknmf import _config  # noqa: F401  (registers the dask.config defaults)
 from dasknmf.estimator import NMF, InvalidParameterError
 from dasknmf.io import MatrixPathError, open_matrix, save_matrix
+from dasknmf.io import load_model as load
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "InvalidParameterError",
     "MatrixPathError",
     "__version__",
+    "load",
     "open_matrix",
     "save_matrix",
 ]

@@ -135,8 +135,8 @@ class FutureOps:
 
     Used to fit on a distributed cluster: the work of an iteration starts while the driver is
     still submitting it, and nothing is spent building and optimizing ``dask.delayed`` graphs
-    (22 ms of driver CPU per iteration, a third of a core on a 2-core machine). An argument that
-    is a ``Delayed`` (a panel of X read from its source) is computed into a future first.
+    (22 ms of driver CPU per iteration, a third of a core on a 2-core machine). Panels of X are
+    futures (cached) or ``StreamedPanel``s (read by the task that uses them).
     """
 
     is_lazy = True
@@ -145,21 +145,15 @@ class FutureOps:
     def __init__(self, client):
         self.client = client
 
-    def _resolve(self, args) -> list:
-        return [self.client.compute(a) if isinstance(a, Delayed) else a for a in args]
-
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
         """One task per item; ``workers[i]``, if given, is where item i's task should run."""
-        common = self._resolve(common)
         if workers is None:
-            return [
-                self.client.submit(fn, *common, *self._resolve(item), pure=False) for item in items
-            ]
+            return [self.client.submit(fn, *common, *item, pure=False) for item in items]
         return [
             self.client.submit(
                 fn,
                 *common,
-                *self._resolve(item),
+                *item,
                 pure=False,
                 workers=[worker],
                 allow_other_workers=True,
@@ -168,7 +162,7 @@ class FutureOps:
         ]
 
     def call(self, fn: Callable, *args: Any):
-        return self.client.submit(fn, *self._resolve(args), pure=False)
+        return self.client.submit(fn, *args, pure=False)
 
     def item(self, obj, index: int):
         return self.client.submit(operator.getitem, obj, index, pure=False)
@@ -366,6 +360,8 @@ def dask_panels(
     locations = None
     if cached:
         items, locations = _persist_panels(items, panel_rows, client)
+    elif client is not None:
+        items = [StreamedPanel(item) for item in items]
     return Panels(
         ops=DaskOps() if client is None else FutureOps(client),
         items=items,
@@ -386,6 +382,30 @@ def blocks_as_delayed(X: da.Array) -> list:
     from distributed import futures_of
 
     return list(X.to_delayed(optimize_graph=not futures_of(X)).ravel())
+
+
+@dataclass(frozen=True)
+class StreamedPanel:
+    """A panel of X that the task using it reads from X's source.
+
+    For X streamed from its source on a distributed cluster. A panel read by a task of its own
+    would have the same key in every iteration; with the next iteration submitted before the
+    current one ends, the scheduler would then keep every panel in memory from one iteration to
+    the next — caching X by accident. Read inside the task, a panel is in memory only while
+    its task runs.
+    """
+
+    source: Delayed
+
+    def read(self):
+        return self.source.compute(scheduler="sync")
+
+
+def panel_data(x):
+    """The array of a panel, aligned (see ``kernels.aligned``): read now if streamed."""
+    if isinstance(x, StreamedPanel):
+        x = x.read()
+    return kernels.aligned(x)
 
 
 def _aligned_copy(x):
@@ -470,7 +490,7 @@ def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
     matrix, the statistics vector (``P_*`` layout) and W_iᵀ·X_i split at ``col_bounds``.
     """
     pin_worker_blas()
-    x, wt = kernels.aligned(x), kernels.aligned(wt)
+    x, wt = panel_data(x), kernels.aligned(wt)
     h = kernels.aligned(full_width(h_blocks))
     gram_h = h @ h.T
     cross = kernels.dot_h(x, h)
@@ -545,7 +565,7 @@ def transform_panel(
     falls to ``tol`` × its first value (or ``max_iter`` sweeps) — one read of X_i in all.
     Returns the (m_i, k) block of W."""
     pin_worker_blas()
-    x, h = kernels.aligned(x), kernels.aligned(h)
+    x, h = panel_data(x), kernels.aligned(h)
     # A lazy transform has no validation pass of its own: each panel checks itself.
     stats = kernels.panel_moments(x)
     _reject_bad_values(
@@ -588,7 +608,7 @@ class Moments:
 def moments(panels: Panels) -> Moments:
     """One pass over X: min, non-finite count, Σx, Σx², nnz."""
     ops = panels.ops
-    parts = panels.map(kernels.panel_moments, [(x,) for x in panels.items])
+    parts = panels.map(_moments_task, [(x,) for x in panels.items])
     total = ops.fetch(tree_reduce(ops, parts, kernels.combine_moments))
     return Moments(
         min=float(total[kernels.MOMENT_MIN]),
@@ -598,6 +618,10 @@ def moments(panels: Panels) -> Moments:
         nnz=int(total[kernels.MOMENT_NNZ]),
         size=int(total[kernels.MOMENT_SIZE]),
     )
+
+
+def _moments_task(x) -> np.ndarray:
+    return kernels.panel_moments(panel_data(x))
 
 
 def check_values(panels: Panels, whom: str = "NMF (input X)") -> Moments:
@@ -792,5 +816,5 @@ def reconstruction_error(panels: Panels, wt: list, h: list) -> float:
 
 def _residual_task(h: np.ndarray, x, wt: np.ndarray) -> np.ndarray:
     pin_worker_blas()
-    x, wt, h = kernels.aligned(x), kernels.aligned(wt), kernels.aligned(h)
+    x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
     return np.array([kernels.residual_sq(x, wt, h)])

@@ -136,6 +136,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Only for input with string column names.
     loss_history_ : list of float
         The objective after each iteration; entry 0 is the initialization.
+    W_ : ndarray or dask.array.Array of shape (n_samples, n_components)
+        W of the fit (what ``fit_transform`` returned): numpy for in-memory input, a Dask array
+        backed by blocks on the cluster for Dask input, a lazy Dask array reading the store
+        for a model from ``dasknmf.load``.
 
     Notes
     -----
@@ -454,6 +458,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.n_components_ = k
         self.n_iter_ = result.n_iter
         self.loss_history_ = list(result.history.loss)
+        self.W_ = _assemble_w(panels, result.wt, k)
         if self.n_iter_ == self.max_iter and self.tol > 0:
             warnings.warn(
                 f"Maximum number of iterations {self.max_iter} reached. Increase it to "
@@ -461,7 +466,27 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 ConvergenceWarning,
                 stacklevel=3,
             )
-        return _assemble_w(panels, result.wt, k)
+        return self.W_
+
+    def save(self, path, *, overwrite: bool = False):
+        """Write the fitted model to a Zarr group (see ``dasknmf.load``).
+
+        Arrays ``W`` (``W_``, written chunk by chunk from the cluster for a Dask fit) and ``H``
+        (``components_``); attributes with the parameters, ``n_iter_``, ``loss_history_``,
+        ``reconstruction_err_``, the input shape and the package version. The group is written
+        to a temporary sibling and renamed to ``path`` when complete.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Must not exist unless ``overwrite``.
+        overwrite : bool, default=False
+
+        Returns
+        -------
+        pathlib.Path
+        """
+        return io.save_model(self, path, overwrite=overwrite)
 
     # ---- using a fitted model --------------------------------------------------------------
 

@@ -184,23 +184,113 @@ def save_matrix(
     check_matrix_dtype(X.dtype, "X")
     chunks = tuple(chunks) if chunks is not None else default_chunks(X.shape, X.dtype.itemsize)
     with atomic_path(path, overwrite) as tmp:
-        target = zarr.create_array(
-            str(tmp), shape=X.shape, chunks=chunks, dtype=X.dtype, compressors=_read_codec()
-        )
-        if isinstance(X, da.Array):
-            # Whole stored chunks per task: no two tasks write the same chunk.
-            aligned = X.rechunk(
-                (
-                    _panel_rows(
-                        X.shape[0],
-                        X.shape[1] * X.dtype.itemsize,
-                        chunks[0],
-                        get_bytes("dasknmf.panel-bytes"),
-                    ),
-                    chunks[1],
-                )
-            )
-            da.store(aligned, target, lock=False)
-        else:
-            target[...] = X
+        _write_array(str(tmp), X, chunks)
     return pathlib.Path(path)
+
+
+def _write_array(where, X, chunks: tuple[int, int]) -> zarr.Array:
+    """Create a Zarr array at ``where`` (a path, or a path inside a group) and write numpy or
+    Dask ``X`` into it, chunk by chunk. A Dask array is written by its own tasks, whole stored
+    chunks per task, so no two tasks write the same chunk."""
+    target = zarr.create_array(
+        where, shape=X.shape, chunks=chunks, dtype=X.dtype, compressors=_read_codec()
+    )
+    if isinstance(X, da.Array):
+        rows = _panel_rows(
+            X.shape[0], X.shape[1] * X.dtype.itemsize, chunks[0], get_bytes("dasknmf.panel-bytes")
+        )
+        da.store(X.rechunk((rows, chunks[1])), target, lock=False)
+    else:
+        target[...] = X
+    return target
+
+
+# ---- fitted models ---------------------------------------------------------------------------
+
+#: Version of the layout of a saved model (a Zarr group with arrays W and H and attributes).
+MODEL_FORMAT = 1
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.random.RandomState | np.random.Generator):
+        return None  # a generator's state is not a parameter worth keeping
+    return value
+
+
+def save_model(model, path, *, overwrite: bool = False) -> pathlib.Path:
+    """Write a fitted ``dasknmf.NMF`` to a Zarr group: arrays ``H`` (components_) and ``W`` (the
+    transformed training data, if the model holds it), and attributes with the parameters, the
+    number of iterations, the loss history, the reconstruction error, the input shape, the
+    dtype and the package version. A Dask W is written chunk by chunk by the cluster. The group
+    is written to a temporary sibling and renamed to ``path`` when complete."""
+    from sklearn.utils.validation import check_is_fitted
+
+    from dasknmf import __version__
+
+    check_is_fitted(model)
+    H = np.asarray(model.components_)
+    k, n_features = H.shape
+    attributes = {
+        "dasknmf": {"format": MODEL_FORMAT, "version": __version__},
+        "params": {key: _jsonable(v) for key, v in model.get_params().items()},
+        "n_components": int(k),
+        "n_iter": int(model.n_iter_),
+        "loss_history": [float(v) for v in model.loss_history_],
+        "reconstruction_err": float(model.reconstruction_err_),
+        "n_features": int(n_features),
+        "dtype": str(H.dtype),
+    }
+    W = getattr(model, "W_", None)
+    if W is not None:
+        attributes["n_samples"] = int(W.shape[0])
+    if hasattr(model, "feature_names_in_"):
+        attributes["feature_names_in"] = [str(name) for name in model.feature_names_in_]
+    with atomic_path(path, overwrite) as tmp:
+        group = zarr.open_group(str(tmp), mode="w")
+        _write_array(group.store_path / "H", H, default_chunks(H.shape, H.dtype.itemsize))
+        if W is not None:
+            _write_array(group.store_path / "W", W, default_chunks(W.shape, W.dtype.itemsize))
+        group.attrs.update(attributes)
+    return pathlib.Path(path)
+
+
+def load_model(path):
+    """A fitted ``dasknmf.NMF`` from a group written by ``save_model``; ``transform`` works
+    without refitting. ``W_``, if saved, is a lazy Dask array reading the stored W."""
+    from dasknmf.estimator import NMF
+
+    node = _open_node(path)
+    attributes = dict(node.attrs) if isinstance(node, zarr.Group) else {}
+    if "dasknmf" not in attributes or "H" not in node:
+        raise ValueError(f"{path} is not a dasknmf model (no 'dasknmf' attribute and array H).")
+    found = attributes["dasknmf"].get("format")
+    if found != MODEL_FORMAT:
+        raise ValueError(
+            f"{path} holds a model in format {found}; this dasknmf reads format {MODEL_FORMAT}."
+        )
+    H = node["H"][...]
+    if H.shape != (attributes["n_components"], attributes["n_features"]):
+        raise ValueError(
+            f"{path}: H has shape {H.shape}, the attributes say "
+            f"{(attributes['n_components'], attributes['n_features'])}."
+        )
+    model = NMF(**attributes["params"])
+    model.components_ = H
+    model.n_components_ = attributes["n_components"]
+    model.n_features_in_ = attributes["n_features"]
+    model.n_iter_ = attributes["n_iter"]
+    model.loss_history_ = list(attributes["loss_history"])
+    model.reconstruction_err_ = attributes["reconstruction_err"]
+    if "feature_names_in" in attributes:
+        model.feature_names_in_ = np.asarray(attributes["feature_names_in"], dtype=object)
+    if "W" in node:
+        W = node["W"]
+        if W.shape != (attributes.get("n_samples"), attributes["n_components"]):
+            raise ValueError(
+                f"{path}: W has shape {W.shape}, the attributes say "
+                f"{(attributes.get('n_samples'), attributes['n_components'])}."
+            )
+        model.W_ = da.from_zarr(W)
+    return model

@@ -23,7 +23,14 @@ import numpy as np
 from dasknmf import kernels
 from dasknmf._blas import pin_worker_blas
 from dasknmf._random import normal_rows
-from dasknmf.engine import Panels, full_width, reduce_to_fanin, sum_in_order, tree_reduce
+from dasknmf.engine import (
+    Panels,
+    full_width,
+    panel_data,
+    reduce_to_fanin,
+    sum_in_order,
+    tree_reduce,
+)
 
 #: Extra sketch columns beyond the rank asked for.
 OVERSAMPLES = 10
@@ -34,7 +41,7 @@ RANK_CUTOFF = 1e-12
 def _sketch_panel(col_bounds, z_blocks, x):
     """Y_iᵀ = (X_i·Z)ᵀ, its Gram matrix (float64) and P_i = Y_iᵀ·X_i split by column block."""
     pin_worker_blas()
-    x = kernels.aligned(x)
+    x = panel_data(x)
     yt = kernels.dot_h(x, full_width(z_blocks))
     yt64 = yt.astype(np.float64)
     p = kernels.dot_w(x, yt)
