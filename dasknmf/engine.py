@@ -20,6 +20,7 @@ same panels give bit-identical factors either way.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import itertools
 import math
@@ -245,6 +246,16 @@ def coalesce_bounds(chunks: Sequence[int], chunk_nbytes: Sequence[float], budget
     return bounds
 
 
+def wide(shape: tuple[int, int], n_components: int, itemsize: int, budget: int) -> bool:
+    """Whether to factorize Xᵀ instead of X: when a task on a one-row panel — the row, H and the
+    k×n partials — would not fit ``budget`` and a task on a one-column panel of Xᵀ is smaller.
+    (If neither fits, the smaller is taken; a two-pass 2-D block scheme would be needed.)"""
+    n_rows, n_cols = shape
+    per_row_task = (3 * n_components + 1) * n_cols * itemsize
+    per_column_task = (3 * n_components + 1) * n_rows * itemsize
+    return per_row_task > budget and per_column_task < per_row_task
+
+
 def column_bounds(n_features: int, n_components: int, itemsize: int) -> list[int]:
     """Column blocks of H (and of the A partials) of at most ``dasknmf.h-block-bytes``."""
     budget = get_bytes("dasknmf.h-block-bytes")
@@ -460,6 +471,18 @@ class Objective:
     @property
     def rule(self):
         return get_solver(self.solver)
+
+    def transposed(self) -> Objective:
+        """The same objective for Xᵀ ≈ Hᵀ·Wᵀ: the roles of W and H swap."""
+        return dataclasses.replace(
+            self,
+            l1_w=self.l1_h,
+            l2_w=self.l2_h,
+            l1_h=self.l1_w,
+            l2_h=self.l2_w,
+            sweeps_w=self.sweeps_h,
+            sweeps_h=self.sweeps_w,
+        )
 
 
 def _dot64(a: np.ndarray, b: np.ndarray) -> float:

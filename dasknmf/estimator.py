@@ -321,30 +321,36 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     # ---- input ---------------------------------------------------------------------------
 
-    def _panels(self, X, reset: bool) -> engine.Panels:
-        """Validate X and split it into row panels."""
-        if _is_lazy_input(X):
-            X = _as_dask_matrix(X, self._panel_budget())
-            if reset:
-                self.n_features_in_ = X.shape[1]
-                if hasattr(self, "feature_names_in_"):
-                    del self.feature_names_in_
-            elif X.shape[1] != self.n_features_in_:
-                raise ValueError(
-                    f"X has {X.shape[1]} features, but NMF is expecting "
-                    f"{self.n_features_in_} features as input."
-                )
-            # transform returns a lazy Dask array, so it neither caches nor submits anything.
-            cache = self.cache if reset else False
-            return engine.dask_panels(X, self._panel_budget(), cache, lazy=not reset)
-        X = validate_data(
-            self,
-            X,
-            accept_sparse=("csr", "csc"),
-            dtype=[np.float64, np.float32],
-            reset=reset,
-            ensure_non_negative=not reset,
-        )
+    def _check_input(self, X, reset: bool):
+        """X validated: numpy or scipy.sparse through scikit-learn's ``validate_data``, or a
+        floating Dask array for Dask, Zarr and path input."""
+        if not _is_lazy_input(X):
+            return validate_data(
+                self,
+                X,
+                accept_sparse=("csr", "csc"),
+                dtype=[np.float64, np.float32],
+                reset=reset,
+                ensure_non_negative=not reset,
+            )
+        X = _as_dask_matrix(X, self._panel_budget())
+        if reset:
+            self.n_features_in_ = X.shape[1]
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but NMF is expecting "
+                f"{self.n_features_in_} features as input."
+            )
+        return X
+
+    def _panels(self, X, fitting: bool) -> engine.Panels:
+        """Row panels of a validated X. ``transform`` returns a lazy Dask array, so for it
+        X is neither cached nor submitted."""
+        if isinstance(X, da.Array):
+            cache = self.cache if fitting else False
+            return engine.dask_panels(X, self._panel_budget(), cache, lazy=not fitting)
         return engine.in_memory_panels(X, self._panel_budget())
 
     # ---- fitting -------------------------------------------------------------------------
@@ -387,10 +393,18 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         W : ndarray or dask.array.Array of shape (n_samples, n_components)
         """
         self._validate_params()
-        panels = self._panels(X, reset=True)
+        X = self._check_input(X, reset=True)
+        n_samples, n_features = X.shape
+        method, k = self._resolve_init(n_samples, n_features, W, H)
+        if method == "custom":
+            W, H = _check_custom_init(W, H, (n_samples, k), (k, n_features), X.dtype)
+        # A wide X whose full-width row panels would not fit the budget is factorized as
+        # Xᵀ ≈ Hᵀ·Wᵀ: its row panels are column blocks of X.
+        transposed = engine.wide(X.shape, k, X.dtype.itemsize, self._panel_budget())
+        panels = self._panels(X.T if transposed else X, fitting=True)
         try:
             with single_blas_thread():
-                return self._fit_panels(panels, W, H)
+                return self._fit_panels(panels, method, k, W, H, transposed)
         finally:
             panels.close()
 
@@ -427,15 +441,26 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
         return method, int(k)
 
-    def _fit_panels(self, panels: engine.Panels, W, H):
-        n_samples, n_features = panels.shape
-        method, k = self._resolve_init(n_samples, n_features, W, H)
-        if method == "custom":
-            W, H = _check_custom_init(W, H, (n_samples, k), (k, n_features), panels.dtype)
+    def _fit_panels(self, panels: engine.Panels, method: str, k: int, W, H, transposed: bool):
+        """Fit on ``panels``, which hold X, or Xᵀ when ``transposed`` (W and H swap roles)."""
+        n_rows, n_cols = panels.shape
+        objective = self._objective(*((n_cols, n_rows) if transposed else (n_rows, n_cols)), k)
+        if transposed:
+            objective = objective.transposed()
+            W, H = (None, None) if W is None else (H.T, W.T)
         stats = engine.check_values(panels)
-        col_bounds = engine.column_bounds(n_features, k, panels.dtype.itemsize)
-        wt, h = init.initialize(panels, method, k, col_bounds, stats.mean, self.random_state, W, H)
-        objective = self._objective(n_samples, n_features, k)
+        col_bounds = engine.column_bounds(n_cols, k, panels.dtype.itemsize)
+        wt, h = init.initialize(
+            panels,
+            method,
+            k,
+            col_bounds,
+            stats.mean,
+            self.random_state,
+            W,
+            H,
+            swap_streams=transposed,
+        )
         shuffle_rng = None
         if self.shuffle:
             shuffle_rng = np.random.RandomState(init.seed_entropy(self.random_state) % 2**32)
@@ -453,12 +478,16 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 callback=report,
             )
         self.reconstruction_err_ = engine.reconstruction_error(panels, result.wt, result.h)
-        h_blocks = panels.ops.fetch(result.h)
-        self.components_ = np.concatenate(h_blocks, axis=1) if len(h_blocks) > 1 else h_blocks[0]
+        if transposed:
+            self.components_ = _side_by_side(panels.ops.fetch(result.wt))
+            W = _side_by_side(panels.ops.fetch(result.h)).T
+            self.W_ = da.from_array(W) if panels.ops.is_lazy else W
+        else:
+            self.components_ = _side_by_side(panels.ops.fetch(result.h))
+            self.W_ = _assemble_w(panels, result.wt, k)
         self.n_components_ = k
         self.n_iter_ = result.n_iter
         self.loss_history_ = list(result.history.loss)
-        self.W_ = _assemble_w(panels, result.wt, k)
         if self.n_iter_ == self.max_iter and self.tol > 0:
             warnings.warn(
                 f"Maximum number of iterations {self.max_iter} reached. Increase it to "
@@ -504,7 +533,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             Zarr or path input (each row panel is read once when it is computed).
         """
         check_is_fitted(self)
-        panels = self._panels(X, reset=False)
+        panels = self._panels(self._check_input(X, reset=False), fitting=False)
         H = self.components_
         k = H.shape[0]
         objective = self._objective(*panels.shape, k)
@@ -609,6 +638,11 @@ def _check_custom_init(W, H, w_shape, h_shape, dtype):
         checked.append(array)
     H, W = checked
     return W, H
+
+
+def _side_by_side(blocks: list) -> np.ndarray:
+    """Component-major blocks joined along their second axis."""
+    return np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
 
 
 def _assemble_w(panels: engine.Panels, wt: list, k: int):

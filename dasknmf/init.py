@@ -47,14 +47,22 @@ def _ranges(bounds: list[int]) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-def random_init(panels: Panels, k: int, col_bounds: list[int], mean: float, entropy: int):
-    """scikit-learn's 'random': |N(0, 1)|·sqrt(mean(X) / k)."""
+def random_init(
+    panels: Panels,
+    k: int,
+    col_bounds: list[int],
+    mean: float,
+    entropy: int,
+    streams: tuple[int, int],
+):
+    """scikit-learn's 'random': |N(0, 1)|·sqrt(mean(X) / k), W from the first stream, H from
+    the second."""
     ops = panels.ops
     scale = np.sqrt(mean / k)
     wt = panels.map(
-        random_block, _ranges(panels.row_bounds), entropy, _W_RANDOM, scale, panels.dtype, k
+        random_block, _ranges(panels.row_bounds), entropy, streams[0], scale, panels.dtype, k
     )
-    h = ops.map(random_block, _ranges(col_bounds), entropy, _H_RANDOM, scale, panels.dtype, k)
+    h = ops.map(random_block, _ranges(col_bounds), entropy, streams[1], scale, panels.dtype, k)
     return wt, h
 
 
@@ -122,9 +130,16 @@ def nndsvd_block(
 
 
 def nndsvd_init(
-    panels: Panels, k: int, col_bounds: list[int], mean: float, entropy: int, variant: str
+    panels: Panels,
+    k: int,
+    col_bounds: list[int],
+    mean: float,
+    entropy: int,
+    variant: str,
+    fill_streams: tuple[int, int],
 ):
-    """'nndsvd', 'nndsvda' or 'nndsvdar' from a randomized truncated SVD of X."""
+    """'nndsvd', 'nndsvda' or 'nndsvdar' from a randomized truncated SVD of X; nndsvdar's noise
+    for W and H comes from the two ``fill_streams``."""
     ops = panels.ops
     ut, s, vt = svd.randomized_svd(panels, k, SVD_POWER_ITER, entropy, col_bounds, _SVD_SKETCH)
     u_norms, v_norms = (
@@ -141,7 +156,7 @@ def nndsvd_init(
         fill,
         mean,
         entropy,
-        _W_FILL,
+        fill_streams[0],
         panels.dtype,
     )
     h = ops.map(
@@ -152,7 +167,7 @@ def nndsvd_init(
         fill,
         mean,
         entropy,
-        _H_FILL,
+        fill_streams[1],
         panels.dtype,
     )
     return wt, h
@@ -189,15 +204,23 @@ def initialize(
     random_state=None,
     W=None,
     H=None,
+    swap_streams: bool = False,
 ):
-    """Initial blocks of Wᵀ and H for ``method``; persisted when ``panels.ops`` is lazy."""
+    """Initial blocks of Wᵀ and H for ``method``; persisted when ``panels.ops`` is lazy.
+
+    ``swap_streams`` when the panels hold Xᵀ: W of Xᵀ is Hᵀ of X and draws from H's streams, so
+    that a random initialization is the same in both orientations.
+    """
     entropy = seed_entropy(random_state)
+    streams = (_W_RANDOM, _H_RANDOM, _W_FILL, _H_FILL)
+    if swap_streams:
+        streams = (_H_RANDOM, _W_RANDOM, _H_FILL, _W_FILL)
     if method == "random":
-        wt, h = random_init(panels, k, col_bounds, mean, entropy)
+        wt, h = random_init(panels, k, col_bounds, mean, entropy, streams[:2])
     elif method == "custom":
         wt, h = custom_init(panels, col_bounds, W, H)
     elif method in ("nndsvd", "nndsvda", "nndsvdar"):
-        wt, h = nndsvd_init(panels, k, col_bounds, mean, entropy, method)
+        wt, h = nndsvd_init(panels, k, col_bounds, mean, entropy, method, streams[2:])
     else:
         raise ValueError(
             f"Invalid init parameter: got {method!r} instead of one of {(None, *INIT_METHODS)!r}"

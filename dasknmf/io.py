@@ -7,6 +7,7 @@ write never leaves something that looks finished.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pathlib
 import shutil
@@ -21,6 +22,8 @@ from dasknmf._config import get_bytes
 
 #: Chunks written by ``save_matrix`` aim at this size (every iteration re-reads them).
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+#: Fewer whole rows than this per chunk, and ``save_matrix`` writes 2-D tiles instead.
+MIN_CHUNK_ROWS = 64
 
 
 class MatrixPathError(FileNotFoundError, ValueError):
@@ -80,6 +83,8 @@ def open_matrix(
     Returns
     -------
     dask.array.Array of shape (n_samples, n_features)
+        Chunks span a whole number of stored rows (about ``panel_bytes`` of full-width rows)
+        and keep the stored column chunking.
     """
     node = _open_node(source)
     where = str(source) if isinstance(source, str | os.PathLike) else repr(source)
@@ -105,7 +110,7 @@ def open_matrix(
     budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
     n_rows, n_cols = node.shape
     rows = _panel_rows(n_rows, n_cols * node.dtype.itemsize, stored[0], budget)
-    return da.from_zarr(node, chunks=(rows, n_cols))
+    return da.from_zarr(node, chunks=(rows, stored[1]))
 
 
 def _open_node(source):
@@ -125,11 +130,15 @@ def _open_node(source):
 def default_chunks(
     shape: tuple[int, int], itemsize: int, target: int = DEFAULT_CHUNK_BYTES
 ) -> tuple[int, int]:
-    """Chunks of about ``target`` bytes: full rows when a row fits, else row segments."""
+    """Chunks of about ``target`` bytes: bands of whole rows when at least
+    ``MIN_CHUNK_ROWS`` rows fit, else square-ish tiles, which serve row panels and the column
+    panels of a wide matrix (factorized as Xᵀ) alike."""
     n_rows, n_cols = shape
-    cols = min(n_cols, max(1, target // itemsize))
-    rows = min(n_rows, max(1, target // (cols * itemsize)))
-    return rows, cols
+    rows = target // (n_cols * itemsize)
+    if rows >= min(n_rows, MIN_CHUNK_ROWS):
+        return min(n_rows, rows), n_cols
+    side = max(1, math.isqrt(target // itemsize))
+    return min(n_rows, side), min(n_cols, side)
 
 
 @contextlib.contextmanager

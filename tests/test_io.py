@@ -44,9 +44,15 @@ def test_sharded_arrays_are_read_by_whole_shards(tmp_path):
 
 
 def test_default_chunks():
-    assert default_chunks((10**6, 100), 8, target=8000) == (10, 100)
-    assert default_chunks((10, 10**6), 8, target=8000) == (1, 1000)  # rows wider than target
+    assert default_chunks((10**6, 100), 8) == (20971, 100)  # bands of 16 MiB
+    assert default_chunks((8, 100), 8, target=8000) == (8, 100)  # all rows fit: one band
+    assert default_chunks((10**4, 10**6), 4) == (2048, 2048)  # wide: 16 MiB tiles
     assert default_chunks((3, 4), 8) == (3, 4)
+
+
+def test_open_keeps_the_stored_column_chunks(tmp_path):
+    path = save_matrix(tmp_path / "x.zarr", X, chunks=(16, 4))
+    assert open_matrix(path, panel_bytes=32 * 6 * 4).chunks == ((32, 32, 32, 4), (4, 2))
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
