@@ -299,9 +299,9 @@ def _nbytes(x) -> int:
 
 def in_memory_panels(X, panel_bytes: int | None = None, n_threads: int | None = None) -> Panels:
     """Split an in-memory matrix (numpy, or scipy.sparse converted to CSR) into row panels of
-    about ``panel_bytes`` (default ``dasknmf.panel-bytes``). The split depends only on the shape
-    and the budget, not on the machine, so results are the same everywhere."""
-    budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
+    about ``panel_bytes`` (default ``dasknmf.memory-panel-bytes``). The split depends only on
+    the shape and the budget, not on the machine, so results are the same everywhere."""
+    budget = panel_bytes or get_bytes("dasknmf.memory-panel-bytes")
     if sp.issparse(X):
         X = X.tocsr()
     n_rows = X.shape[0]
@@ -372,7 +372,9 @@ def dask_panels(
     if cached:
         items, locations = _persist_panels(items, panel_rows, client)
     elif client is not None:
+        # Any worker can read a panel from the source; a fixed one keeps W_i where it is.
         items = [StreamedPanel(item) for item in items]
+        locations = _balanced_workers(client, panel_rows)
     return Panels(
         ops=DaskOps() if client is None else FutureOps(client),
         items=items,
@@ -423,18 +425,23 @@ def _aligned_copy(x):
     return kernels.aligned(x)
 
 
+def _balanced_workers(client, sizes: Sequence[int]) -> list[str]:
+    """A worker for each panel: consecutive panels go to each worker in turn, balanced by
+    rows."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    starts = np.cumsum([0, *sizes[:-1]])
+    return [workers[int(start * len(workers) // sum(sizes))] for start in starts]
+
+
 def _persist_panels(items: list, sizes: Sequence[int], client) -> tuple[list, list | None]:
     """Keep the panels in memory: persisted ``Delayed`` objects without ``client``, else
-    futures on the cluster. There, consecutive panels go to each worker in turn, balanced by
-    rows, and every later task on a panel is placed with it: the scheduler then neither moves
-    panels between workers nor leaves most of them on one worker."""
+    futures on the cluster, on ``_balanced_workers``. Every later task on a panel is placed
+    with it: the scheduler then neither moves panels between workers nor leaves most of them
+    on one worker."""
     if client is None:
         return list(dask.persist(*items)), None
     from distributed import wait
 
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    starts = np.cumsum([0, *sizes[:-1]])
-    targets = [workers[int(start * len(workers) // sum(sizes))] for start in starts]
     futures = [
         client.submit(
             _aligned_copy,
@@ -443,7 +450,7 @@ def _persist_panels(items: list, sizes: Sequence[int], client) -> tuple[list, li
             workers=[worker],
             allow_other_workers=True,
         )
-        for item, worker in zip(items, targets, strict=True)
+        for item, worker in zip(items, _balanced_workers(client, sizes), strict=True)
     ]
     wait(futures)
     holders = client.who_has(futures)

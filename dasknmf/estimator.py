@@ -114,7 +114,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         scikit-learn's algorithm step for step.
     panel_bytes : int, str or None, default=None
         Target size of a row panel of X (the unit of work of one task), e.g. ``"64MiB"``;
-        default ``dask.config`` key ``dasknmf.panel-bytes``.
+        default ``dask.config`` keys ``dasknmf.panel-bytes`` for Dask input (64 MiB: fewer,
+        larger tasks, since every task costs the scheduler time) and
+        ``dasknmf.memory-panel-bytes`` for in-memory input (16 MiB: enough panels to keep the
+        threads busy).
     cache : bool or 'auto', default='auto'
         Dask input only: keep X in cluster memory between iterations (True), re-read it from
         its source every iteration (False), or keep it when it takes at most
@@ -289,9 +292,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 "loss (beta_loss='frobenius' or 2)."
             )
 
-    def _panel_budget(self) -> int:
+    def _panel_budget(self, lazy: bool = True) -> int:
+        """Bytes of a row panel: ``panel_bytes``, else ``dasknmf.panel-bytes`` for Dask input
+        and ``dasknmf.memory-panel-bytes`` for in-memory input."""
         if self.panel_bytes is None:
-            return get_bytes("dasknmf.panel-bytes")
+            return get_bytes("dasknmf.panel-bytes" if lazy else "dasknmf.memory-panel-bytes")
         if isinstance(self.panel_bytes, str):
             from dask.utils import parse_bytes
 
@@ -351,7 +356,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if isinstance(X, da.Array):
             cache = self.cache if fitting else False
             return engine.dask_panels(X, self._panel_budget(), cache, lazy=not fitting)
-        return engine.in_memory_panels(X, self._panel_budget())
+        return engine.in_memory_panels(X, self._panel_budget(lazy=False))
 
     # ---- fitting -------------------------------------------------------------------------
 
@@ -400,7 +405,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             W, H = _check_custom_init(W, H, (n_samples, k), (k, n_features), X.dtype)
         # A wide X whose full-width row panels would not fit the budget is factorized as
         # Xᵀ ≈ Hᵀ·Wᵀ: its row panels are column blocks of X.
-        transposed = engine.wide(X.shape, k, X.dtype.itemsize, self._panel_budget())
+        budget = self._panel_budget(lazy=isinstance(X, da.Array))
+        transposed = engine.wide(X.shape, k, X.dtype.itemsize, budget)
         panels = self._panels(X.T if transposed else X, fitting=True)
         try:
             with single_blas_thread():

@@ -90,30 +90,33 @@ def panel_moments(x) -> np.ndarray:
     raise TypeError(f"dasknmf kernels do not handle panels of type {type(x).__name__}")
 
 
+#: Values per block in ``panel_moments``: bounds its float64 temporaries to 8 MiB.
+_MOMENT_BLOCK = 2**20
+
+
 def _moments_of_values(values: np.ndarray, size: int) -> np.ndarray:
-    values64 = values.astype(np.float64, copy=False)
-    finite = np.isfinite(values64)
-    n_nonfinite = values64.size - np.count_nonzero(finite)
-    if n_nonfinite:
-        values64 = values64[finite]
-    stored_min = values64.min() if values64.size else np.inf
+    """Moments of the stored values (all of a dense panel; ``data`` of a sparse one), summed
+    in float64 over blocks so that no float64 copy of the whole panel is made."""
+    stored_min, n_nonfinite, total, total_sq, nnz = np.inf, 0, 0.0, 0.0, 0
+    for start in range(0, values.size, _MOMENT_BLOCK):
+        block = values[start : start + _MOMENT_BLOCK].astype(np.float64)
+        finite = np.isfinite(block)
+        if not finite.all():
+            n_nonfinite += block.size - int(np.count_nonzero(finite))
+            block = block[finite]
+        if block.size:
+            stored_min = min(stored_min, float(block.min()))
+        total += float(block.sum())
+        total_sq += float(np.dot(block, block))
+        nnz += int(np.count_nonzero(block))
     if size > values.size:  # a sparse panel has implicit zeros
         stored_min = min(stored_min, 0.0)
-    return np.array(
-        [
-            stored_min,
-            n_nonfinite,
-            values64.sum(),
-            np.dot(values64, values64),
-            np.count_nonzero(values64),
-            size,
-        ]
-    )
+    return np.array([stored_min, n_nonfinite, total, total_sq, nnz, size])
 
 
 @panel_moments.register
 def _(x: np.ndarray) -> np.ndarray:
-    return _moments_of_values(x.ravel(), x.size)
+    return _moments_of_values(x.reshape(-1), x.size)
 
 
 @_register_sparse(panel_moments)

@@ -103,3 +103,15 @@ def test_aligned_copies_only_unaligned_buffers(panel):
 def test_unsupported_panel_type_is_a_type_error(kernel, args):
     with pytest.raises(TypeError, match="do not handle panels of type list"):
         kernel(DENSE.tolist(), *args)
+
+
+def test_moments_are_summed_block_by_block(monkeypatch):
+    monkeypatch.setattr(kernels, "_MOMENT_BLOCK", 7)
+    x = DENSE.astype(np.float64)
+    x[29, 11] = np.nan  # in the last block
+    m = kernels.panel_moments(x)
+    finite = x[np.isfinite(x)]
+    assert m[kernels.MOMENT_NONFINITE] == 1
+    assert m[kernels.MOMENT_SUM] == pytest.approx(finite.sum())
+    assert m[kernels.MOMENT_SUMSQ] == pytest.approx((finite**2).sum())
+    assert m[kernels.MOMENT_NNZ] == np.count_nonzero(finite)
