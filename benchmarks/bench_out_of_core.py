@@ -1,8 +1,9 @@
 """Out-of-core benchmark: an 8 GB Zarr matrix on a LocalCluster with 2 GB of worker memory.
 
 X = W·H + 0.1·noise, float32, 1,000,000 × 2,000 (8 GB; rank 20; uniform draws from Dask's
-``default_rng(0)``), written once to ``benchmarks/_data/`` (reused if present). On a LocalCluster
-of 2 worker processes × 1 thread with 1 GiB each, the script measures
+``default_rng(0)``), and the same with 250,000 rows (2 GB), written once to
+``benchmarks/_data/`` (reused if present). On a LocalCluster of 2 worker processes × 1 thread
+with 1 GiB each, the script measures, for each size,
 
 - one raw read of the store on the same cluster: ``da.from_zarr(path).sum()`` (median of 3);
 - an NMF fit, k = 20, random init, 4 iterations, X streamed (``cache='auto'`` decides: X is
@@ -31,9 +32,10 @@ import psutil
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import machine, write_section
 
-M, N, K, RANK = 1_000_000, 2_000, 20, 20
+N, K, RANK = 2_000, 20, 20
+SIZES = (250_000, 1_000_000)
 WORKERS, WORKER_MEMORY = 2, 2**30
-DATA = pathlib.Path(__file__).with_name("_data") / "out_of_core.zarr"
+DATA = pathlib.Path(__file__).with_name("_data")
 
 
 class ProcessMemory:
@@ -60,36 +62,88 @@ class ProcessMemory:
         self._thread.join()
 
 
-def make_store(client) -> None:
+def make_store(n_rows: int) -> pathlib.Path:
     import dask.array as da
 
     from dasknmf import save_matrix
 
-    if DATA.exists():
-        return
-    DATA.parent.mkdir(exist_ok=True)
+    path = DATA / f"out_of_core_{n_rows}.zarr"
+    if path.exists():
+        return path
+    DATA.mkdir(exist_ok=True)
     rng = da.random.default_rng(0)
     rows = 2048
-    W = rng.uniform(size=(M, RANK), chunks=(rows, RANK))
+    W = rng.uniform(size=(n_rows, RANK), chunks=(rows, RANK))
     H = rng.uniform(size=(RANK, N), chunks=(RANK, N))
-    noise = rng.uniform(size=(M, N), chunks=(rows, N))
-    X = (W @ H + 0.1 * noise).astype(np.float32)
+    noise = rng.uniform(size=(n_rows, N), chunks=(rows, N))
     start = time.perf_counter()
-    save_matrix(DATA, X, chunks=(rows, N))
-    print(f"wrote {DATA} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    save_matrix(path, (W @ H + 0.1 * noise).astype(np.float32), chunks=(rows, N))
+    print(f"wrote {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return path
+
+
+def measure(client, path: pathlib.Path, n_iter: int) -> dict:
+    """Raw read, per-iteration time, bytes between workers and peak memory for one store."""
+    import dask.array as da
+
+    from dasknmf import NMF, engine, open_matrix
+
+    X = open_matrix(path)
+    reads = []
+    for _ in range(3):
+        start = time.perf_counter()
+        da.from_zarr(str(path)).sum().compute()
+        reads.append(time.perf_counter() - start)
+
+    pids = {f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
+    pids["driver + scheduler"] = os.getpid()
+    stamps, sent = [], []
+    record = engine.History.record
+
+    def timed_record(self, *a, **kw):
+        stamps.append(time.perf_counter())
+        sent.append(
+            sum(client.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total).values())
+        )
+        record(self, *a, **kw)
+
+    engine.History.record = timed_record
+    try:
+        model = NMF(n_components=K, init="random", random_state=0, tol=0, max_iter=n_iter)
+        before = client.run(os.getpid)
+        with ProcessMemory(pids) as memory:
+            start = time.perf_counter()
+            model.fit(str(path))
+            fit_seconds = time.perf_counter() - start
+    finally:
+        engine.History.record = record
+    budget = engine.get_bytes("dasknmf.panel-bytes")
+    n_panels = (
+        len(engine.coalesce_bounds(X.chunks[0], [r * N * 4 for r in X.chunks[0]], budget)) - 1
+    )
+    return dict(
+        n_rows=X.shape[0],
+        nbytes=X.nbytes,
+        disk=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+        cached=engine.should_cache(X.nbytes, "auto"),
+        n_panels=n_panels,
+        raw_read=statistics.median(reads),
+        # stamps[0] and [1] are both taken after iteration 1.
+        per_iteration=statistics.median(np.diff(stamps[1:])),
+        moved=statistics.median(np.diff(sent[1:])),
+        fit_seconds=fit_seconds,
+        restarted=client.run(os.getpid) != before,
+        peak=memory.peak,
+    )
 
 
 def main() -> None:
-    import dask.array as da
     from distributed import Client, LocalCluster
-
-    from dasknmf import NMF, engine, open_matrix
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="store in benchmarks/RESULTS.md")
     parser.add_argument("--iterations", type=int, default=4)
     args = parser.parse_args()
-
     with (
         LocalCluster(
             n_workers=WORKERS,
@@ -99,85 +153,59 @@ def main() -> None:
         ) as cluster,
         Client(cluster) as client,
     ):
-        make_store(client)
-        X = open_matrix(DATA)
-        disk = sum(f.stat().st_size for f in DATA.rglob("*") if f.is_file())
-        reads = []
-        for _ in range(3):
-            start = time.perf_counter()
-            da.from_zarr(str(DATA)).sum().compute()
-            reads.append(time.perf_counter() - start)
-        raw_read = statistics.median(reads)
-
-        pids = {f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
-        pids["driver + scheduler"] = os.getpid()
-        stamps, sent = [], []
-        record = engine.History.record
-
-        def timed_record(self, *a, **kw):
-            stamps.append(time.perf_counter())
-            sent.append(
-                sum(
-                    client.run(
-                        lambda dask_worker: dask_worker.transfer_outgoing_bytes_total
-                    ).values()
-                )
-            )
-            record(self, *a, **kw)
-
-        engine.History.record = timed_record
-        model = NMF(n_components=K, init="random", random_state=0, tol=0, max_iter=args.iterations)
-        restarts_before = client.run(os.getpid)
-        with ProcessMemory(pids) as memory:
-            start = time.perf_counter()
-            model.fit(str(DATA))
-            fit_seconds = time.perf_counter() - start
-        restarted = client.run(os.getpid) != restarts_before
-        cached = engine.should_cache(X.nbytes, "auto")
-        # stamps[0] and [1] are both taken after iteration 1.
-        per_iteration = statistics.median(np.diff(stamps[1:]))
-        moved = statistics.median(np.diff(sent[1:]))
-        n_panels = (
-            len(
-                engine.coalesce_bounds(
-                    X.chunks[0],
-                    [r * N * 4 for r in X.chunks[0]],
-                    engine.get_bytes("dasknmf.panel-bytes"),
-                )
-            )
-            - 1
-        )
+        results = [measure(client, make_store(n_rows), args.iterations) for n_rows in SIZES]
 
     # The estimate of the design: every panel's partial (k × n float32, plus k × k and the
     # statistics) travels once. Measured is less: consecutive panels sit on one worker, and the
     # reduction tree sums a worker's partials there before anything crosses.
     partial = K * N * 4 + K * K * 4 + 64
-    estimate = n_panels * partial
     limit = WORKER_MEMORY / 2**20
     lines = [
-        "## Out of core: 8 GB Zarr, 2 GB of workers (`benchmarks/bench_out_of_core.py`)",
+        "## Out of core: Zarr on 2 GB of workers (`benchmarks/bench_out_of_core.py`)",
         "",
-        f"Run {datetime.date.today().isoformat()} on {machine()}. X is {M:,} × {N:,} float32 "
-        f"({X.nbytes / 1e9:.1f} GB in memory, {disk / 1e9:.1f} GB on disk, blosc-lz4); "
-        f"LocalCluster of {WORKERS} worker processes × 1 thread with {limit:.0f} MiB each; "
-        f"k = {K}, random init, {args.iterations} iterations, `cache='auto'` "
-        f"({'cached' if cached else 'streamed from Zarr every iteration'}); "
-        f"{n_panels} row panels.",
+        f"Run {datetime.date.today().isoformat()} on {machine()}. X is n × {N:,} float32, "
+        f"rank {RANK} plus noise, blosc-lz4; LocalCluster of {WORKERS} worker processes × 1 "
+        f"thread with {limit:.0f} MiB each; k = {K}, random init, {args.iterations} "
+        "iterations, default settings (`cache='auto'`, 64 MiB panels).",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| one raw read, `da.from_zarr(path).sum()` (median of 3) | {raw_read:.1f} s |",
-        f"| NMF, median time per iteration | {per_iteration:.1f} s |",
-        f"| ratio per iteration / raw read | {per_iteration / raw_read:.2f}× |",
-        f"| whole fit (validation pass, {args.iterations} iterations, error pass) | "
-        f"{fit_seconds:.0f} s |",
-        f"| bytes sent between workers per iteration, measured | {moved / 2**20:.1f} MiB |",
-        f"| the same, estimated as panels × k × n × itemsize | {estimate / 2**20:.1f} MiB |",
-        f"| any worker restarted | {'yes' if restarted else 'no'} |",
+        "| measure | " + " | ".join(f"{r['n_rows']:,} rows" for r in results) + " |",
+        "|---|" + "---|" * len(results),
     ]
-    for name, peak in memory.peak.items():
+
+    def row(label, values):
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    row(
+        "X in memory / on disk",
+        [f"{r['nbytes'] / 1e9:.1f} / {r['disk'] / 1e9:.1f} GB" for r in results],
+    )
+    row("X cached or streamed", ["cached" if r["cached"] else "streamed" for r in results])
+    row("row panels", [str(r["n_panels"]) for r in results])
+    row(
+        "one raw read, `da.from_zarr(path).sum()` (median of 3)",
+        [f"{r['raw_read']:.1f} s" for r in results],
+    )
+    row("NMF, median time per iteration", [f"{r['per_iteration']:.1f} s" for r in results])
+    row(
+        "**per iteration / raw read**",
+        [f"**{r['per_iteration'] / r['raw_read']:.2f}×**" for r in results],
+    )
+    row(
+        "whole fit (validation pass, iterations, error pass)",
+        [f"{r['fit_seconds']:.0f} s" for r in results],
+    )
+    row(
+        "bytes between workers per iteration, measured",
+        [f"{r['moved'] / 2**20:.1f} MiB" for r in results],
+    )
+    row(
+        "the same, estimated as panels × k × n × itemsize",
+        [f"{r['n_panels'] * partial / 2**20:.1f} MiB" for r in results],
+    )
+    row("any worker restarted", ["yes" if r["restarted"] else "no" for r in results])
+    for name in results[0]["peak"]:
         bound = f" (limit {limit:.0f} MiB)" if name.startswith("worker") else ""
-        lines.append(f"| peak RSS, {name} | {peak / 2**20:.0f} MiB{bound} |")
+        row(f"peak RSS, {name}{bound}", [f"{r['peak'][name] / 2**20:.0f} MiB" for r in results])
     text = "\n".join(lines)
     print(text)
     if args.write:

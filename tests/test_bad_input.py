@@ -190,3 +190,18 @@ def test_missing_zarr_path(tmp_path):
     with pytest.raises(MatrixPathError, match="does not exist") as info:
         NMF(2).fit(str(tmp_path / "nothing.zarr"))
     assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("value, match", [(-0.5, "Negative values"), (np.nan, "NaN")])
+def test_bad_value_in_the_last_chunk_of_a_store_stops_the_fit_before_any_result(
+    tmp_path, value, match, sync_scheduler
+):
+    from dasknmf import save_matrix
+
+    X = np.abs(np.random.default_rng(0).normal(size=(1000, 8))) + 0.1
+    X[-1, -1] = value  # the very last element of the last chunk
+    path = save_matrix(tmp_path / "X.zarr", X, chunks=(64, 8))
+    model = NMF(2, max_iter=5)
+    with pytest.raises(ValueError, match=match):
+        model.fit(str(path))
+    assert not hasattr(model, "components_") and not hasattr(model, "W_")
