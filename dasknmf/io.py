@@ -199,16 +199,13 @@ def save_matrix(
 
 def _write_array(where, X, chunks: tuple[int, int]) -> zarr.Array:
     """Create a Zarr array at ``where`` (a path, or a path inside a group) and write numpy or
-    Dask ``X`` into it, chunk by chunk. A Dask array is written by its own tasks, whole stored
-    chunks per task, so no two tasks write the same chunk."""
+    Dask ``X`` into it, chunk by chunk. A Dask array is written by its own tasks, one stored
+    chunk each: no two tasks write the same chunk, and a task holds no more than a chunk."""
     target = zarr.create_array(
         where, shape=X.shape, chunks=chunks, dtype=X.dtype, compressors=_read_codec()
     )
     if isinstance(X, da.Array):
-        rows = _panel_rows(
-            X.shape[0], X.shape[1] * X.dtype.itemsize, chunks[0], get_bytes("dasknmf.panel-bytes")
-        )
-        da.store(X.rechunk((rows, chunks[1])), target, lock=False)
+        da.store(X.rechunk(chunks), target, lock=False)
     else:
         target[...] = X
     return target
