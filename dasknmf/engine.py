@@ -1,14 +1,15 @@
 """One NMF iteration as a graph over the row panels of X, and the driver that runs it.
 
-Per iteration every row panel X_i is read once, by one task that
+Per iteration every row panel X_i is read once, by one task (``steps.panel_step``) that
 
-1. forms C_i = H·X_iᵀ with the current H (the Gram matrix H·Hᵀ comes from the driver),
+1. forms C_i = H·X_iᵀ with the current H,
 2. updates its block of W from (C_i, H·Hᵀ) — several inner sweeps cost no further read of X,
 3. emits the partials of the H update, A_i = W_iᵀ·X_i (split by the column blocks of H) and
    B_i = W_iᵀ·W_i, and scalar statistics of the objective.
 
 A and B are summed by fixed-order trees; each column block H_j is then updated by its own task
-from (A_j, B). Only k×k matrices and scalars return to the driver.
+(``steps.h_step``). Only k×k matrices and scalars return to the driver. Other β-divergences
+follow the same scheme with the partials of their multiplicative updates.
 
 The iteration is written once, against the small ``Ops`` interface. ``EagerOps`` calls the
 functions at once on in-memory panels (numpy or scipy.sparse), running the panels of a phase in a
@@ -20,7 +21,6 @@ same panels give bit-identical factors either way.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import itertools
 import math
@@ -35,18 +35,10 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
-from dask.delayed import Delayed
 
-from dasknmf import kernels
-from dasknmf._blas import pin_worker_blas
+from dasknmf import kernels, steps
 from dasknmf._config import get_bytes
-from dasknmf.solvers import get_solver
-
-# Layout of the statistics vector of a panel task.
-P_CROSS_OLD, P_WGW_OLD, P_SUM_W_OLD, P_SQ_W_OLD, P_SUM_W, P_VIOLATION = range(6)
-# Layout of the statistics vector of an H block task.
-H_CROSS, H_SUM_H_OLD, H_SQ_H_OLD, H_SUM_H, H_VIOLATION = range(5)
-
+from dasknmf.steps import Objective, StreamedPanel, sum_in_order
 
 # --------------------------------------------------------------------------------------------
 # Executing a phase: eagerly, or as Dask tasks
@@ -179,16 +171,6 @@ class FutureOps:
 
     def close(self) -> None:
         pass
-
-
-def sum_in_order(*parts):
-    """Σ parts, left to right; tuples are summed field by field."""
-    if isinstance(parts[0], tuple):
-        return tuple(sum_in_order(*fields) for fields in zip(*parts, strict=True))
-    total = parts[0].copy()
-    for part in parts[1:]:
-        total += part
-    return total
 
 
 def tree_reduce(
@@ -397,30 +379,6 @@ def blocks_as_delayed(X: da.Array) -> list:
     return list(X.to_delayed(optimize_graph=not futures_of(X)).ravel())
 
 
-@dataclass(frozen=True)
-class StreamedPanel:
-    """A panel of X that the task using it reads from X's source.
-
-    For X streamed from its source on a distributed cluster. A panel read by a task of its own
-    would have the same key in every iteration; with the next iteration submitted before the
-    current one ends, the scheduler would then keep every panel in memory from one iteration to
-    the next — caching X by accident. Read inside the task, a panel is in memory only while
-    its task runs.
-    """
-
-    source: Delayed
-
-    def read(self):
-        return self.source.compute(scheduler="sync")
-
-
-def panel_data(x):
-    """The array of a panel, aligned (see ``kernels.aligned``): read now if streamed."""
-    if isinstance(x, StreamedPanel):
-        x = x.read()
-    return kernels.aligned(x)
-
-
 def _aligned_copy(x):
     return kernels.aligned(x)
 
@@ -458,163 +416,6 @@ def _persist_panels(items: list, sizes: Sequence[int], client) -> tuple[list, li
 
 
 # --------------------------------------------------------------------------------------------
-# The tasks
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What an iteration minimizes and how: ½‖X − WH‖² + l1_w·ΣW + ½·l2_w·‖W‖² + (same for H)."""
-
-    n_components: int
-    solver: str = "hals"
-    l1_w: float = 0.0
-    l2_w: float = 0.0
-    l1_h: float = 0.0
-    l2_h: float = 0.0
-    sweeps_w: int = 1  # sweeps of the update rule per iteration, for W and for H
-    sweeps_h: int = 1
-
-    @property
-    def rule(self):
-        return get_solver(self.solver)
-
-    def transposed(self) -> Objective:
-        """The same objective for Xᵀ ≈ Hᵀ·Wᵀ: the roles of W and H swap."""
-        return dataclasses.replace(
-            self,
-            l1_w=self.l1_h,
-            l2_w=self.l2_h,
-            l1_h=self.l1_w,
-            l2_h=self.l2_w,
-            sweeps_w=self.sweeps_h,
-            sweeps_h=self.sweeps_w,
-        )
-
-
-def _dot64(a: np.ndarray, b: np.ndarray) -> float:
-    """⟨a, b⟩ accumulated in float64."""
-    return float(np.dot(a.ravel().astype(np.float64), b.ravel().astype(np.float64)))
-
-
-def full_width(h_blocks: Sequence) -> np.ndarray:
-    """The column blocks of H (or of another component-major factor) side by side."""
-    arrays = [h_array(b) for b in h_blocks]
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
-
-
-def h_array(block) -> np.ndarray:
-    """The array of a column block of H, held either as is (from the initialization) or as the
-    whole output tuple of its ``h_step``: the next iteration reads the tuple directly, which
-    saves a ``getitem`` task — a scheduler round trip — on the critical path."""
-    return block[0] if isinstance(block, tuple) else block
-
-
-def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
-    """The one task per row panel and iteration: update W_i, emit the partials of the H update.
-
-    H·Hᵀ is formed here (k²·n flops, little beside the k·m_i·n of H·X_iᵀ) rather than passed
-    in, so that the task depends only on the H blocks of the previous iteration.
-
-    Returns ``(Wt_i, B_i, stats_i, A_i1, ..., A_iQ)``: the new (k, m_i) block of Wᵀ, its Gram
-    matrix, the statistics vector (``P_*`` layout) and W_iᵀ·X_i split at ``col_bounds``.
-    """
-    pin_worker_blas()
-    x, wt = panel_data(x), kernels.aligned(wt)
-    h = kernels.aligned(full_width(h_blocks))
-    gram_h = h @ h.T
-    cross = kernels.dot_h(x, h)
-    stats = np.zeros(6)
-    stats[P_CROSS_OLD] = _dot64(wt, cross)
-    stats[P_WGW_OLD] = _dot64(wt @ wt.T, gram_h)
-    stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
-    stats[P_SQ_W_OLD] = _dot64(wt, wt)
-    wt, violation = objective.rule.update(
-        wt.copy(),  # the input may be a persisted block that other tasks still read
-        gram_h,
-        cross,
-        l1=objective.l1_w,
-        l2=objective.l2_w,
-        n_sweeps=objective.sweeps_w,
-        order=order,
-    )
-    stats[P_SUM_W] = wt.sum(dtype=np.float64)
-    stats[P_VIOLATION] = violation
-    a = kernels.dot_w(x, wt)
-    a_blocks = [a[:, start:stop] for start, stop in itertools.pairwise(col_bounds)]
-    return (wt, wt @ wt.T, stats, *a_blocks)
-
-
-def _panel_partials(block: int, *outs) -> tuple:
-    """Σ over ``panel_step`` outputs of (B_i, stats_i, A_i,block)."""
-    return sum_in_order(*((out[1], out[2], out[3 + block]) for out in outs))
-
-
-def h_step(objective: Objective, order, block: int, raw: bool, h, *parts):
-    """Update column block ``block`` of H from the panel partials A_j = Wᵀ·X_j and B = Wᵀ·W.
-
-    ``parts`` are ``panel_step`` outputs (``raw``) or sums of them from ``_panel_partials``; the
-    last level of the reduction runs here, in the same task as the update.
-
-    Returns ``(H_j, H_j·H_jᵀ, stats_j, B, panel stats)`` with stats_j in the ``H_*`` layout.
-    """
-    pin_worker_blas()
-    partials = _panel_partials(block, *parts) if raw else sum_in_order(*parts)
-    gram_w, panel_stats, a = partials
-    h = kernels.aligned(h_array(h))
-    stats = np.zeros(5)
-    stats[H_SUM_H_OLD] = h.sum(dtype=np.float64)
-    stats[H_SQ_H_OLD] = _dot64(h, h)
-    h, violation = objective.rule.update(
-        h.copy(),
-        gram_w,
-        a,
-        l1=objective.l1_h,
-        l2=objective.l2_h,
-        n_sweeps=objective.sweeps_h,
-        order=order,
-    )
-    stats[H_CROSS] = _dot64(a, h)
-    stats[H_SUM_H] = h.sum(dtype=np.float64)
-    stats[H_VIOLATION] = violation
-    return h, h @ h.T, stats, gram_w, panel_stats
-
-
-def _h_summary(*outs) -> tuple:
-    """Σ over ``h_step`` outputs (or over earlier results of this function) of
-    (H_j·H_jᵀ, stats_j); B and the panel stats are the same in all and are taken from the first.
-    Returns ``(H·Hᵀ, H stats, B, panel stats)``: all the driver needs of an iteration."""
-    sums = sum_in_order(*((out[-4], out[-3]) for out in outs))
-    return (*sums, outs[0][-2], outs[0][-1])
-
-
-def transform_panel(
-    objective: Objective, h: np.ndarray, gram_h: np.ndarray, max_iter: int, tol: float, x
-) -> np.ndarray:
-    """W_i for a fixed H: HALS sweeps from zero on the cached C_i = H·X_iᵀ until the violation
-    falls to ``tol`` × its first value (or ``max_iter`` sweeps) — one read of X_i in all.
-    Returns the (m_i, k) block of W."""
-    pin_worker_blas()
-    x, h = panel_data(x), kernels.aligned(h)
-    # A lazy transform has no validation pass of its own: each panel checks itself.
-    stats = kernels.panel_moments(x)
-    _reject_bad_values(
-        int(stats[kernels.MOMENT_NONFINITE]), stats[kernels.MOMENT_MIN], "NMF (input X)"
-    )
-    cross = kernels.dot_h(x, h)
-    wt = np.zeros_like(cross)
-    rule = get_solver("hals")
-    first = None
-    for _ in range(max_iter):
-        wt, violation = rule.update(wt, gram_h, cross, l1=objective.l1_w, l2=objective.l2_w)
-        if first is None:
-            first = violation
-        if first == 0 or violation <= tol * first:
-            break
-    return np.ascontiguousarray(wt.T)
-
-
-# --------------------------------------------------------------------------------------------
 # Drivers
 # --------------------------------------------------------------------------------------------
 
@@ -638,7 +439,7 @@ class Moments:
 def moments(panels: Panels) -> Moments:
     """One pass over X: min, non-finite count, Σx, Σx², nnz."""
     ops = panels.ops
-    parts = panels.map(_moments_task, [(x,) for x in panels.items])
+    parts = panels.map(steps.moments_task, [(x,) for x in panels.items])
     total = ops.fetch(tree_reduce(ops, parts, kernels.combine_moments))
     return Moments(
         min=float(total[kernels.MOMENT_MIN]),
@@ -650,25 +451,11 @@ def moments(panels: Panels) -> Moments:
     )
 
 
-def _moments_task(x) -> np.ndarray:
-    return kernels.panel_moments(panel_data(x))
-
-
 def check_values(panels: Panels, whom: str = "NMF (input X)") -> Moments:
     """Run the validation pass; reject NaN, infinity and negative values with a clear error."""
     stats = moments(panels)
-    _reject_bad_values(stats.n_nonfinite, stats.min, whom)
+    steps.reject_bad_values(stats.n_nonfinite, stats.min, whom)
     return stats
-
-
-def _reject_bad_values(n_nonfinite: int, minimum: float, whom: str) -> None:
-    if n_nonfinite:
-        raise ValueError(
-            f"Input X contains NaN or infinity ({n_nonfinite} non-finite values); "
-            f"{whom} must be finite."
-        )
-    if minimum < 0:
-        raise ValueError(f"Negative values in data passed to {whom} (minimum {minimum:g}).")
 
 
 def iterate(
@@ -690,14 +477,19 @@ def iterate(
     ops = panels.ops
     order_w, order_h = orders
     outs = panels.map(
-        panel_step, list(zip(panels.items, wt, strict=True)), objective, order_w, col_bounds, h
+        steps.panel_step,
+        list(zip(panels.items, wt, strict=True)),
+        objective,
+        order_w,
+        col_bounds,
+        h,
     )
     new_wt = [ops.item(out, 0) for out in outs]
     h_outs = []
     for j, h_j in enumerate(h):
-        parts, raw = reduce_to_fanin(ops, outs, functools.partial(_panel_partials, j))
-        h_outs.append(ops.call(h_step, objective, order_h, j, raw, h_j, *parts))
-    summary = tree_reduce(ops, h_outs, _h_summary, first=_h_summary)
+        parts, raw = reduce_to_fanin(ops, outs, functools.partial(steps._panel_partials, j))
+        h_outs.append(ops.call(steps.h_step, objective, order_h, j, raw, h_j, *parts))
+    summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
     return new_wt, h_outs, summary
 
 
@@ -734,18 +526,19 @@ class History:
     def record(
         self,
         objective: Objective,
-        fro_sq: float,
+        value: float,
         sum_w: float,
         sq_w: float,
         sum_h: float,
         sq_h: float,
     ) -> None:
-        """Append the objective at a point given ‖X − WH‖² and the sums the penalties need."""
-        fro_sq = max(float(fro_sq), 0.0)
-        self.error.append(math.sqrt(fro_sq))
+        """Append the objective at a point, from D_β(X | WH) (½‖X − WH‖² for Frobenius) and
+        the sums the penalties need; the error is scikit-learn's sqrt(2·D_β)."""
+        value = max(float(value), 0.0)
+        self.error.append(math.sqrt(2 * value))
         self.loss.append(
             float(
-                0.5 * fro_sq
+                value
                 + objective.l1_w * sum_w
                 + 0.5 * objective.l2_w * sq_w
                 + objective.l1_h * sum_h
@@ -799,52 +592,77 @@ def fit(
         in_flight.append(step)
 
     history = History()
+    recent: dict[int, tuple] = {}  # the factors of the last two iterations
     submit()
-    n_iter = 0
+    n_iter = stop = 0
     for n_iter in range(1, max_iter + 1):
         if ops.is_async and n_iter < max_iter:
             submit()
         wt, h, summary = in_flight.popleft()
-        gram_h, h_stats, gram_w, panel_stats = ops.fetch(summary)
-        if n_iter == 1:
-            history.record(
-                objective,
-                norm_x_sq - 2 * panel_stats[P_CROSS_OLD] + panel_stats[P_WGW_OLD],
-                panel_stats[P_SUM_W_OLD],
-                panel_stats[P_SQ_W_OLD],
-                h_stats[H_SUM_H_OLD],
-                h_stats[H_SQ_H_OLD],
-            )
-        history.record(
-            objective,
-            norm_x_sq - 2 * h_stats[H_CROSS] + _dot64(gram_w, gram_h),
-            panel_stats[P_SUM_W],
-            float(np.trace(gram_w)),
-            h_stats[H_SUM_H],
-            float(np.trace(gram_h)),
-        )
-        history.violation.append(float(panel_stats[P_VIOLATION] + h_stats[H_VIOLATION]))
-        if callback is not None:
-            callback(n_iter, history)
-        if tol > 0 and objective.rule.converged(n_iter, tol, history.as_dict()):
+        recent[n_iter] = (wt, h)
+        recent.pop(n_iter - 2, None)
+        known = _record(history, objective, norm_x_sq, n_iter, ops.fetch(summary))
+        if callback is not None and known:
+            callback(known, history)
+        if tol > 0 and known and objective.rule.converged(known, tol, history.as_dict()):
+            stop = known
             break
         if not ops.is_async and n_iter < max_iter:
             submit()
     in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
-    h = [ops.item(b, 0) if ops.is_lazy else h_array(b) for b in h]
+    n_iter = stop or n_iter
+    wt, h = recent[n_iter]
+    h = [ops.item(b, 0) if ops.is_lazy else steps.h_array(b) for b in h]
     return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
 
 
-def reconstruction_error(panels: Panels, wt: list, h: list) -> float:
-    """‖X − WH‖_F by one more pass over X (exact; the Gram identity used during the iterations
-    loses digits when the residual is small against ‖X‖)."""
+def _record(history: History, objective: Objective, norm_x_sq: float, n_iter: int, summary) -> int:
+    """Record what iteration ``n_iter``'s summary tells; return the last iteration whose
+    objective is now known (0: only the initialization's).
+
+    For Frobenius the Gram identity gives the objective at the end of the iteration. For
+    another β-divergence only the panel tasks see W·H, with the factors they start from, so
+    the objective of iteration t is known when iteration t + 1 has run (the last one's comes
+    from ``final_pass``).
+    """
+    gram_h, h_stats, gram_w, panel_stats = summary
+    old_sums = (
+        panel_stats[steps.P_SUM_W_OLD],
+        panel_stats[steps.P_SQ_W_OLD],
+        h_stats[steps.H_SUM_H_OLD],
+        h_stats[steps.H_SQ_H_OLD],
+    )
+    if not objective.frobenius:
+        history.record(objective, panel_stats[steps.P_DIV_OLD], *old_sums)
+        return n_iter - 1
+    if n_iter == 1:
+        cross, wgw = panel_stats[steps.P_CROSS_OLD], panel_stats[steps.P_WGW_OLD]
+        history.record(objective, 0.5 * (norm_x_sq - 2 * cross + wgw), *old_sums)
+    history.record(
+        objective,
+        0.5 * (norm_x_sq - 2 * h_stats[steps.H_CROSS] + steps._dot64(gram_w, gram_h)),
+        panel_stats[steps.P_SUM_W],
+        float(np.trace(gram_w)),
+        h_stats[steps.H_SUM_H],
+        float(np.trace(gram_h)),
+    )
+    history.violation.append(float(panel_stats[steps.P_VIOLATION] + h_stats[steps.H_VIOLATION]))
+    return n_iter
+
+
+def final_pass(panels: Panels, objective: Objective, result: FitResult) -> tuple[float, list]:
+    """One more pass over X for the exact D_β(X | WH) of the result (the Gram identity of the
+    iterations loses digits when the residual is small against ‖X‖). Completes the history when
+    its last entry was not known yet. Returns (D_β, the column blocks of H as numpy)."""
     ops = panels.ops
-    h_full = ops.call(full_width, h) if len(h) > 1 else h[0]
-    parts = panels.map(_residual_task, list(zip(panels.items, wt, strict=True)), h_full)
-    return math.sqrt(float(ops.fetch(tree_reduce(ops, parts))[0]))
-
-
-def _residual_task(h: np.ndarray, x, wt: np.ndarray) -> np.ndarray:
-    pin_worker_blas()
-    x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
-    return np.array([kernels.residual_sq(x, wt, h)])
+    h_full = ops.call(steps.full_width, result.h) if len(result.h) > 1 else result.h[0]
+    parts = panels.map(
+        steps.final_stats, list(zip(panels.items, result.wt, strict=True)), objective.beta, h_full
+    )
+    value, sum_w, sq_w = ops.fetch(tree_reduce(ops, parts))
+    h_blocks = ops.fetch(result.h)
+    if len(result.history.loss) == result.n_iter:
+        sum_h = sum(float(b.sum(dtype=np.float64)) for b in h_blocks)
+        sq_h = sum(steps._dot64(b, b) for b in h_blocks)
+        result.history.record(objective, value, sum_w, sq_w, sum_h, sq_h)
+    return float(value), h_blocks

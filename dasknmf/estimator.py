@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from dasknmf import engine, init, io
+from dasknmf import engine, init, io, steps
 from dasknmf._blas import single_blas_thread
 from dasknmf._config import get_bytes
 
@@ -89,8 +89,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     solver : {'cd', 'hals', 'mu'}, default='cd'
         'cd' (scikit-learn's name) and 'hals' are the same coordinate-descent family:
         hierarchical alternating least squares. 'mu' is the multiplicative update.
-    beta_loss : 'frobenius' or 2, default='frobenius'
-        The β-divergence to minimize. Only the Frobenius loss is implemented so far.
+    beta_loss : float or {'frobenius', 'kullback-leibler', 'itakura-saito'}, default='frobenius'
+        The β-divergence to minimize (2 Frobenius, 1 Kullback–Leibler, 0 Itakura–Saito); other
+        than Frobenius, only with ``solver='mu'``. On sparse X, W·H is evaluated only where X
+        is stored. β <= 0 needs X without zeros.
     tol : float, default=1e-4
         Tolerance of scikit-learn's stopping rule for the solver: for 'cd'/'hals', the
         projected-gradient violation relative to that of the first iteration; for 'mu', the
@@ -285,12 +287,17 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             _check_param(
                 "panel_bytes", pb, valid, "a positive int, a size string such as '64MiB', or None"
             )
-        beta_value = _BETA_LOSSES.get(beta, beta) if isinstance(beta, str) else float(beta)
-        if beta_value != 2.0:
+        if self.solver != "mu" and self._beta() != 2:
             raise ValueError(
-                f"beta_loss={beta!r} is not implemented yet: dasknmf minimizes the Frobenius "
-                "loss (beta_loss='frobenius' or 2)."
+                f"Invalid beta_loss parameter: solver {self.solver!r} does not handle "
+                f"beta_loss = {beta!r}"
             )
+
+    def _beta(self) -> float:
+        """``beta_loss`` as a number (2 Frobenius, 1 Kullback–Leibler, 0 Itakura–Saito)."""
+        if isinstance(self.beta_loss, str):
+            return _BETA_LOSSES[self.beta_loss]
+        return float(self.beta_loss)
 
     def _panel_budget(self, lazy: bool = True) -> int:
         """Bytes of a row panel: ``panel_bytes``, else ``dasknmf.panel-bytes`` for Dask input
@@ -316,6 +323,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return engine.Objective(
             n_components=n_components,
             solver=solver,
+            beta=self._beta(),
             l1_w=n_features * self.alpha_W * self.l1_ratio,
             l2_w=n_features * self.alpha_W * (1.0 - self.l1_ratio),
             l1_h=n_samples * alpha_H * self.l1_ratio,
@@ -455,6 +463,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             objective = objective.transposed()
             W, H = (None, None) if W is None else (H.T, W.T)
         stats = engine.check_values(panels)
+        if stats.min == 0 and objective.beta <= 0:
+            raise ValueError(
+                "When beta_loss <= 0 and X contains zeros, the solver may diverge. Please add "
+                "small values to X, or use a positive beta_loss."
+            )
         col_bounds = engine.column_bounds(n_cols, k, panels.dtype.itemsize)
         wt, h = init.initialize(
             panels,
@@ -483,13 +496,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 shuffle_rng=shuffle_rng,
                 callback=report,
             )
-        self.reconstruction_err_ = engine.reconstruction_error(panels, result.wt, result.h)
+        value, h_blocks = engine.final_pass(panels, objective, result)
+        self.reconstruction_err_ = float(np.sqrt(2 * max(value, 0.0)))
         if transposed:
             self.components_ = _side_by_side(panels.ops.fetch(result.wt))
-            W = _side_by_side(panels.ops.fetch(result.h)).T
+            W = _side_by_side(h_blocks).T
             self.W_ = da.from_array(W) if panels.ops.is_lazy else W
         else:
-            self.components_ = _side_by_side(panels.ops.fetch(result.h))
+            self.components_ = _side_by_side(h_blocks)
             self.W_ = _assemble_w(panels, result.wt, k)
         self.n_components_ = k
         self.n_iter_ = result.n_iter
@@ -548,7 +562,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         try:
             with single_blas_thread():
                 blocks = panels.map(
-                    engine.transform_panel,
+                    steps.transform_panel,
                     [(x,) for x in panels.items],
                     objective,
                     ops.share(H),

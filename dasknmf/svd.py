@@ -23,14 +23,8 @@ import numpy as np
 from dasknmf import kernels
 from dasknmf._blas import pin_worker_blas
 from dasknmf._random import normal_rows
-from dasknmf.engine import (
-    Panels,
-    full_width,
-    panel_data,
-    reduce_to_fanin,
-    sum_in_order,
-    tree_reduce,
-)
+from dasknmf.engine import Panels, reduce_to_fanin, tree_reduce
+from dasknmf.steps import full_width, panel_data, sum_in_order
 
 #: Extra sketch columns beyond the rank asked for.
 OVERSAMPLES = 10

@@ -103,9 +103,19 @@ def test_bad_parameters(params, match):
 
 
 @pytest.mark.parametrize("beta_loss", ["kullback-leibler", "itakura-saito", 1, 0.5])
-def test_beta_losses_other_than_frobenius_are_not_implemented_yet(beta_loss):
-    with pytest.raises(ValueError, match=r"is not implemented yet.*Frobenius"):
-        NMF(2, beta_loss=beta_loss).fit(GOOD)
+@pytest.mark.parametrize("solver", ["cd", "hals"])
+def test_beta_losses_other_than_frobenius_need_mu(beta_loss, solver):
+    with pytest.raises(ValueError, match=f"solver '{solver}' does not handle beta_loss"):
+        NMF(2, solver=solver, beta_loss=beta_loss).fit(GOOD)
+
+
+@pytest.mark.parametrize("beta_loss", ["itakura-saito", 0, -0.5])
+@pytest.mark.parametrize("make", [np.asarray, sp.csr_array], ids=["dense", "sparse"])
+def test_beta_at_most_zero_refuses_zeros_in_x(beta_loss, make):
+    X = GOOD.copy()
+    X[5, 1] = 0
+    with pytest.raises(ValueError, match="When beta_loss <= 0 and X contains zeros"):
+        NMF(2, solver="mu", beta_loss=beta_loss).fit(make(X))
 
 
 def test_frobenius_by_number_is_accepted():

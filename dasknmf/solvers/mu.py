@@ -1,4 +1,4 @@
-"""Multiplicative updates (Lee & Seung 2001) for the Frobenius loss, scikit-learn's 'mu'."""
+"""Multiplicative updates (Lee & Seung 2001; Févotte & Idier 2011), scikit-learn's 'mu'."""
 
 from __future__ import annotations
 
@@ -30,14 +30,33 @@ def update(
     components move at once). The violation is not measured by this rule and is NaN.
     """
     for _ in range(n_sweeps):
-        denominator = gram @ F
-        if l1:
-            denominator += l1
-        if l2:
-            denominator += l2 * F
-        denominator[denominator == 0] = EPSILON
-        F *= cross / denominator
+        F = step(F, cross, gram @ F, l1=l1, l2=l2)
     return F, float("nan")
+
+
+def step(
+    F: np.ndarray,
+    numerator: np.ndarray,
+    denominator: np.ndarray,
+    *,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    gamma: float = 1.0,
+) -> np.ndarray:
+    """One multiplicative update of ``F`` in place: F ← F ∘ (numerator / (denominator + l1 +
+    l2·F))^γ, with scikit-learn's guard against a zero denominator. ``denominator`` may be
+    a column (k, 1) broadcast over F; it is not modified."""
+    denominator = np.broadcast_to(denominator, F.shape)
+    if l1:
+        denominator = denominator + l1
+    if l2:
+        denominator = denominator + l2 * F
+    denominator = np.where(denominator == 0, EPSILON, denominator)
+    ratio = numerator / denominator
+    if gamma != 1:
+        ratio **= gamma
+    F *= ratio
+    return F
 
 
 def converged(n_iter: int, tol: float, history: dict) -> bool:

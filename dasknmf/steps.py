@@ -1,0 +1,352 @@
+"""The tasks of an iteration — per row panel and per column block of H — as plain functions of
+arrays: kernels and update rules put together, no Dask. ``engine`` runs them eagerly or as
+Dask tasks.
+
+One row panel X_i is read once per iteration, by ``panel_step``: it updates W_i from H and
+emits the partials of the H update. ``h_step`` sums the last level of those partials and
+updates one column block of H. For the Frobenius loss the partials are A_i = W_iᵀ·X_i and
+B_i = W_iᵀ·W_i; for another β-divergence they are the numerator W_iᵀ·(X_i ∘ (W_i·H)^(β−2))
+and the denominator W_iᵀ·(W_i·H)^(β−1) of the multiplicative update (for β = 1 only
+colsum(W_i)).
+
+Factors are component-major: a block of Wᵀ is (k, m_i), a column block of H is (k, n_j).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dasknmf import divergence, kernels
+from dasknmf._blas import pin_worker_blas
+from dasknmf.solvers import get_solver, mu
+
+# Layout of the statistics vector of a panel task ("OLD": at the factors the task started from).
+P_CROSS_OLD, P_WGW_OLD, P_SUM_W_OLD, P_SQ_W_OLD, P_SUM_W, P_VIOLATION, P_DIV_OLD = range(7)
+# Layout of the statistics vector of an H block task.
+H_CROSS, H_SUM_H_OLD, H_SQ_H_OLD, H_SUM_H, H_VIOLATION = range(5)
+# Layout of the vector of ``final_stats``.
+F_DIV, F_SUM_W, F_SQ_W = range(3)
+
+#: Factors below this are set to zero after a β < 1 (W) or β ≤ 1 (H) update, as scikit-learn
+#: does "for stability".
+_TINY = np.finfo(np.float64).eps
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What an iteration minimizes and how: D_β(X | WH) + l1_w·ΣW + ½·l2_w·‖W‖² + (the same
+    for H), D_2 being ½‖X − WH‖²."""
+
+    n_components: int
+    solver: str = "hals"
+    beta: float = 2.0
+    l1_w: float = 0.0
+    l2_w: float = 0.0
+    l1_h: float = 0.0
+    l2_h: float = 0.0
+    sweeps_w: int = 1  # sweeps of the update rule per iteration, for W and for H
+    sweeps_h: int = 1
+
+    @property
+    def rule(self):
+        return get_solver(self.solver)
+
+    @property
+    def frobenius(self) -> bool:
+        return self.beta == 2
+
+    def transposed(self) -> Objective:
+        """The same objective for Xᵀ ≈ Hᵀ·Wᵀ: the roles of W and H swap."""
+        return dataclasses.replace(
+            self,
+            l1_w=self.l1_h,
+            l2_w=self.l2_h,
+            l1_h=self.l1_w,
+            l2_h=self.l2_w,
+            sweeps_w=self.sweeps_h,
+            sweeps_h=self.sweeps_w,
+        )
+
+
+# ---- panels and blocks -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamedPanel:
+    """A panel of X that the task using it reads from X's source (``source.compute``).
+
+    For X streamed from its source on a distributed cluster. A panel read by a task of its own
+    would have the same key in every iteration; with the next iteration submitted before the
+    current one ends, the scheduler would then keep every panel in memory from one iteration to
+    the next — caching X by accident. Read inside the task, a panel is in memory only while
+    its task runs.
+    """
+
+    source: object  # a dask.delayed object reading the panel
+
+    def read(self):
+        return self.source.compute(scheduler="sync")
+
+
+def panel_data(x):
+    """The array of a panel, aligned (see ``kernels.aligned``): read now if streamed."""
+    if isinstance(x, StreamedPanel):
+        x = x.read()
+    return kernels.aligned(x)
+
+
+def full_width(h_blocks: Sequence) -> np.ndarray:
+    """The column blocks of H (or of another component-major factor) side by side."""
+    arrays = [h_array(b) for b in h_blocks]
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+
+
+def h_array(block) -> np.ndarray:
+    """The array of a column block of H, held either as is (from the initialization) or as the
+    whole output tuple of its ``h_step``: the next iteration reads the tuple directly, which
+    saves a ``getitem`` task — a scheduler round trip — on the critical path."""
+    return block[0] if isinstance(block, tuple) else block
+
+
+def _dot64(a: np.ndarray, b: np.ndarray) -> float:
+    """⟨a, b⟩ accumulated in float64."""
+    return float(np.dot(a.ravel().astype(np.float64), b.ravel().astype(np.float64)))
+
+
+def _split(a: np.ndarray, col_bounds: Sequence[int]) -> list[np.ndarray]:
+    return [a[:, start:stop] for start, stop in itertools.pairwise(col_bounds)]
+
+
+# ---- one iteration ---------------------------------------------------------------------------
+
+
+def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
+    """The one task per row panel and iteration: update W_i, emit the partials of the H update.
+
+    H·Hᵀ is formed here (k²·n flops, little beside the k·m_i·n of H·X_iᵀ) rather than passed
+    in, so that the task depends only on the H blocks of the previous iteration.
+
+    Returns ``(Wt_i, B_i, stats_i, A_i1, ..., A_iQ)``: the new (k, m_i) block of Wᵀ, its Gram
+    matrix (for another β: the tuple of the denominator partials by column block), the
+    statistics vector (``P_*`` layout) and the numerator partials split at ``col_bounds``.
+    """
+    pin_worker_blas()
+    x, wt = panel_data(x), kernels.aligned(wt)
+    h = kernels.aligned(full_width(h_blocks))
+    stats = np.zeros(7)
+    stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
+    stats[P_SQ_W_OLD] = _dot64(wt, wt)
+    wt = wt.copy()  # the input may be a persisted block that other tasks still read
+    if not objective.frobenius:
+        return _panel_step_divergence(objective, col_bounds, h, x, wt, stats)
+    gram_h = h @ h.T
+    cross = kernels.dot_h(x, h)
+    stats[P_CROSS_OLD] = _dot64(wt, cross)
+    stats[P_WGW_OLD] = _dot64(wt @ wt.T, gram_h)
+    wt, violation = objective.rule.update(
+        wt,
+        gram_h,
+        cross,
+        l1=objective.l1_w,
+        l2=objective.l2_w,
+        n_sweeps=objective.sweeps_w,
+        order=order,
+    )
+    stats[P_SUM_W] = wt.sum(dtype=np.float64)
+    stats[P_VIOLATION] = violation
+    return (wt, wt @ wt.T, stats, *_split(kernels.dot_w(x, wt), col_bounds))
+
+
+def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):
+    """``panel_step`` for a β-divergence other than Frobenius: multiplicative updates."""
+    beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
+    wh = divergence.sampled_product(x, wt, h)
+    stats[P_DIV_OLD] = divergence.divergence(x, wh, wt, h, beta)
+    for sweep in range(objective.sweeps_w):
+        if sweep:
+            wh = divergence.sampled_product(x, wt, h)
+        numerator = kernels.dot_h(divergence.weighted(x, wh, beta), h)
+        denominator = divergence.w_denominator(x, wh, wt, h, beta)
+        wt = mu.step(wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma)
+        if beta < 1:
+            wt[wt < _TINY] = 0
+    stats[P_SUM_W] = wt.sum(dtype=np.float64)
+    wh = divergence.sampled_product(x, wt, h)
+    numerators = _split(kernels.dot_w(divergence.weighted(x, wh, beta), wt), col_bounds)
+    denominator = divergence.h_denominator(x, wh, wt, h, beta)
+    if denominator.ndim == 1:  # β = 1: colsum(W_i), the same for every column block
+        denominators = (denominator,) * len(numerators)
+    else:
+        denominators = tuple(_split(denominator, col_bounds))
+    return (wt, denominators, stats, *numerators)
+
+
+def _panel_partials(block: int, *outs) -> tuple:
+    """Σ over ``panel_step`` outputs of (B_i or the denominator of column block ``block``,
+    stats_i, A_i of column block ``block``)."""
+    return sum_in_order(
+        *(
+            (out[1][block] if isinstance(out[1], tuple) else out[1], out[2], out[3 + block])
+            for out in outs
+        )
+    )
+
+
+def h_step(objective: Objective, order, block: int, raw: bool, h, *parts):
+    """Update column block ``block`` of H from the summed panel partials.
+
+    ``parts`` are ``panel_step`` outputs (``raw``) or sums of them from ``_panel_partials``; the
+    last level of the reduction runs here, in the same task as the update.
+
+    Returns ``(H_j, H_j·H_jᵀ, stats_j, B or None, panel stats)`` with stats_j in the ``H_*``
+    layout.
+    """
+    pin_worker_blas()
+    partials = _panel_partials(block, *parts) if raw else sum_in_order(*parts)
+    second, panel_stats, a = partials
+    h = kernels.aligned(h_array(h))
+    stats = np.zeros(5)
+    stats[H_SUM_H_OLD] = h.sum(dtype=np.float64)
+    stats[H_SQ_H_OLD] = _dot64(h, h)
+    h = h.copy()
+    if objective.frobenius:
+        h, violation = objective.rule.update(
+            h,
+            second,
+            a,
+            l1=objective.l1_h,
+            l2=objective.l2_h,
+            n_sweeps=objective.sweeps_h,
+            order=order,
+        )
+        stats[H_CROSS] = _dot64(a, h)
+        stats[H_VIOLATION] = violation
+    else:
+        h = _h_step_divergence(objective, h, a, second)
+        second = None
+    stats[H_SUM_H] = h.sum(dtype=np.float64)
+    return h, h @ h.T, stats, second, panel_stats
+
+
+def _h_step_divergence(objective: Objective, h, numerator, denominator) -> np.ndarray:
+    if denominator.ndim == 1:  # β = 1: colsum(W); scikit-learn makes a zero column sum 1
+        denominator = np.where(denominator == 0, 1.0, denominator)[:, None]
+    h = mu.step(
+        h,
+        numerator,
+        denominator,
+        l1=objective.l1_h,
+        l2=objective.l2_h,
+        gamma=divergence.mm_exponent(objective.beta),
+    )
+    if objective.beta <= 1:
+        h[h < _TINY] = 0
+    return h
+
+
+def _h_summary(*outs) -> tuple:
+    """Σ over ``h_step`` outputs (or over earlier results of this function) of
+    (H_j·H_jᵀ, stats_j); B and the panel stats are the same in all and are taken from the first.
+    Returns ``(H·Hᵀ, H stats, B, panel stats)``: all the driver needs of an iteration."""
+    sums = sum_in_order(*((out[-4], out[-3]) for out in outs))
+    return (*sums, outs[0][-2], outs[0][-1])
+
+
+def sum_in_order(*parts):
+    """Σ parts, left to right; tuples are summed field by field."""
+    if isinstance(parts[0], tuple):
+        return tuple(sum_in_order(*fields) for fields in zip(*parts, strict=True))
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+# ---- passes around the iterations ------------------------------------------------------------
+
+
+def moments_task(x) -> np.ndarray:
+    """``kernels.panel_moments`` of a panel (the validation pass)."""
+    return kernels.panel_moments(panel_data(x))
+
+
+def reject_bad_values(n_nonfinite: int, minimum: float, whom: str) -> None:
+    """A clear error for NaN, infinity or negative values."""
+    if n_nonfinite:
+        raise ValueError(
+            f"Input X contains NaN or infinity ({n_nonfinite} non-finite values); "
+            f"{whom} must be finite."
+        )
+    if minimum < 0:
+        raise ValueError(f"Negative values in data passed to {whom} (minimum {minimum:g}).")
+
+
+def final_stats(beta: float, h: np.ndarray, x, wt: np.ndarray) -> np.ndarray:
+    """The exact D_β(X_i | W_i·H) of a panel, ΣW_i and ‖W_i‖² (``F_*`` layout)."""
+    pin_worker_blas()
+    x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
+    if beta == 2:
+        value = 0.5 * kernels.residual_sq(x, wt, h)
+    else:
+        value = divergence.divergence(x, divergence.sampled_product(x, wt, h), wt, h, beta)
+    return np.array([value, wt.sum(dtype=np.float64), _dot64(wt, wt)])
+
+
+def transform_panel(
+    objective: Objective, h: np.ndarray, gram_h: np.ndarray, max_iter: int, tol: float, x
+) -> np.ndarray:
+    """W_i for a fixed H, from one read of X_i. Frobenius: non-negative least squares by HALS
+    sweeps from zero on the cached C_i = H·X_iᵀ until the violation falls to ``tol`` × its
+    first value (or ``max_iter`` sweeps). Another β: scikit-learn's W-only multiplicative
+    updates from sqrt(mean(X_i)/k), checked every 10 iterations. Returns the (m_i, k) block."""
+    pin_worker_blas()
+    x, h = panel_data(x), kernels.aligned(h)
+    # A lazy transform has no validation pass of its own: each panel checks itself.
+    moments = kernels.panel_moments(x)
+    reject_bad_values(
+        int(moments[kernels.MOMENT_NONFINITE]), moments[kernels.MOMENT_MIN], "NMF (input X)"
+    )
+    if not objective.frobenius:
+        mean = moments[kernels.MOMENT_SUM] / moments[kernels.MOMENT_SIZE]
+        return _transform_divergence(objective, h, max_iter, tol, x, mean)
+    cross = kernels.dot_h(x, h)
+    wt = np.zeros_like(cross)
+    rule = get_solver("hals")
+    first = None
+    for _ in range(max_iter):
+        wt, violation = rule.update(wt, gram_h, cross, l1=objective.l1_w, l2=objective.l2_w)
+        if first is None:
+            first = violation
+        if first == 0 or violation <= tol * first:
+            break
+    return np.ascontiguousarray(wt.T)
+
+
+def _transform_divergence(objective, h, max_iter, tol, x, mean) -> np.ndarray:
+    beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
+    k = h.shape[0]
+    wt = np.full((k, x.shape[0]), np.sqrt(mean / k), dtype=h.dtype)
+
+    def error(wh):
+        return np.sqrt(2 * max(divergence.divergence(x, wh, wt, h, beta), 0.0))
+
+    wh = divergence.sampled_product(x, wt, h)
+    first = previous = error(wh)
+    for n_iter in range(1, max_iter + 1):
+        numerator = kernels.dot_h(divergence.weighted(x, wh, beta), h)
+        denominator = divergence.w_denominator(x, wh, wt, h, beta)
+        wt = mu.step(wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma)
+        if beta < 1:
+            wt[wt < _TINY] = 0
+        wh = divergence.sampled_product(x, wt, h)
+        if tol > 0 and n_iter % mu.CHECK_EVERY == 0:
+            current = error(wh)
+            if first == 0 or (previous - current) / first < tol:
+                break
+            previous = current
+    return np.ascontiguousarray(wt.T)
