@@ -259,6 +259,7 @@ class Panels:
     shape: tuple[int, int]
     dtype: np.dtype
     cached: bool = False
+    sparse: bool = False  # panels are scipy.sparse
     locations: list[str] | None = None  # the worker holding each cached panel
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any) -> list:
@@ -296,6 +297,7 @@ def in_memory_panels(X, panel_bytes: int | None = None, n_threads: int | None = 
         row_bounds=bounds,
         shape=tuple(X.shape),
         dtype=X.dtype,
+        sparse=sp.issparse(X),
     )
 
 
@@ -348,7 +350,9 @@ def dask_panels(
     panel_rows = tuple(b - a for a, b in itertools.pairwise(bounds))
     X = X.rechunk((panel_rows, n_cols))
     client = None if lazy else distributed_client()
-    cached = should_cache(X.nbytes, cache)
+    sparse = sp.issparse(X._meta)
+    # The size of sparse data is known after the validation pass: see ``cache_panels``.
+    cached = cache is True if sparse else should_cache(X.nbytes, cache)
     items = blocks_as_delayed(X)
     locations = None
     if cached:
@@ -364,8 +368,21 @@ def dask_panels(
         shape=(n_rows, n_cols),
         dtype=X.dtype,
         cached=cached,
+        sparse=sparse,
         locations=locations,
     )
+
+
+def cache_panels(panels: Panels) -> None:
+    """Keep panels that are read from their source in memory from now on (for sparse X, whose
+    size is known only after the validation pass has counted its non-zeros)."""
+    if panels.cached or not panels.ops.is_lazy:
+        return
+    items = [p.source if isinstance(p, StreamedPanel) else p for p in panels.items]
+    panels.items, panels.locations = _persist_panels(
+        items, panels.row_sizes, panels.ops.client if panels.ops.is_async else None
+    )
+    panels.cached = True
 
 
 def blocks_as_delayed(X: da.Array) -> list:

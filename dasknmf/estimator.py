@@ -463,6 +463,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             objective = objective.transposed()
             W, H = (None, None) if W is None else (H.T, W.T)
         stats = engine.check_values(panels)
+        if panels.sparse and self.cache == "auto":
+            stored = stats.nnz * (panels.dtype.itemsize + 8) + (n_rows + 1) * 8
+            if engine.should_cache(stored, "auto"):
+                engine.cache_panels(panels)
         if stats.min == 0 and objective.beta <= 0:
             raise ValueError(
                 "When beta_loss <= 0 and X contains zeros, the solver may diverge. Please add "

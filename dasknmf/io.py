@@ -16,8 +16,10 @@ from collections.abc import Iterator
 
 import dask.array as da
 import numpy as np
+import scipy.sparse as sp
 import zarr
 
+from dasknmf import csr
 from dasknmf._config import get_bytes
 
 #: Chunks written by ``save_matrix`` aim at this size (every iteration re-reads them).
@@ -73,7 +75,9 @@ def open_matrix(
     Parameters
     ----------
     source : str, os.PathLike, zarr.Array or zarr.Group
-        A Zarr v3 (or v2) store holding a 2-D numeric array, or a group holding one.
+        A Zarr v3 (or v2) store holding a 2-D numeric array, a group in the anndata CSR
+        encoding (read as CSR row panels, ``scipy.sparse.csr_matrix`` chunks), or a group
+        holding one of these (an AnnData store's ``X``: ``component="X"``).
     component : str, optional
         The array's name inside a group (e.g. ``"X"``).
     panel_bytes : int, optional
@@ -99,6 +103,9 @@ def open_matrix(
             )
         node = node[component]
         where = f"{where}/{component}"
+    budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
+    if csr.is_sparse_group(node):
+        return csr.open_group(node, where, budget)
     if isinstance(node, zarr.Group):
         raise ValueError(
             f"{where} is a Zarr group, not a matrix; pass component= to name the array "
@@ -107,7 +114,6 @@ def open_matrix(
     check_matrix_shape(node.shape, where)
     check_matrix_dtype(node.dtype, where)
     stored = node.shards or node.chunks
-    budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
     n_rows, n_cols = node.shape
     rows = _panel_rows(n_rows, n_cols * node.dtype.itemsize, stored[0], budget)
     return da.from_zarr(node, chunks=(rows, stored[1]))
@@ -168,18 +174,21 @@ def atomic_path(path, overwrite: bool = False) -> Iterator[pathlib.Path]:
 def save_matrix(
     path, X, *, chunks: tuple[int, int] | None = None, overwrite: bool = False
 ) -> pathlib.Path:
-    """Write a dense matrix (numpy or Dask) to a Zarr v3 array, chunk by chunk.
+    """Write a matrix to Zarr, chunk by chunk: dense (numpy or Dask) as a 2-D array, sparse
+    (scipy.sparse, or Dask with sparse chunks) as a group in the anndata CSR encoding.
 
-    A Dask array is written by its own tasks on the current scheduler (never gathered here).
-    The store is written to a temporary sibling and renamed to ``path`` when complete.
+    A dense Dask array is written by its own tasks on the current scheduler (never gathered
+    here); a sparse one block after block, one block in this process at a time. The store is
+    written to a temporary sibling and renamed to ``path`` when complete.
 
     Parameters
     ----------
     path : str or os.PathLike
         Where the store goes; must not exist unless ``overwrite``.
-    X : ndarray or dask.array.Array of shape (n_samples, n_features)
+    X : ndarray, scipy.sparse matrix or dask.array.Array of shape (n_samples, n_features)
     chunks : (int, int), optional
-        Stored chunk shape; default about 16 MiB of whole rows.
+        Stored chunk shape of a dense matrix; default about 16 MiB of whole rows (2-D tiles
+        for very wide rows). Sparse data is stored in runs of 4 Mi entries.
     overwrite : bool
         Replace an existing store at ``path``.
 
@@ -187,14 +196,34 @@ def save_matrix(
     -------
     pathlib.Path of the written store.
     """
-    if not isinstance(X, da.Array):
+    if not isinstance(X, da.Array) and not sp.issparse(X):
         X = np.asarray(X)
     check_matrix_shape(X.shape, "X")
     check_matrix_dtype(X.dtype, "X")
+    if _is_sparse(X):
+        with atomic_path(path, overwrite) as tmp:
+            writer = csr.Writer(tmp, X.shape[1], X.dtype)
+            for block in csr.row_blocks(X, _sparse_block_rows(X)):
+                writer.append(block)
+            writer.close()
+        return pathlib.Path(path)
     chunks = tuple(chunks) if chunks is not None else default_chunks(X.shape, X.dtype.itemsize)
     with atomic_path(path, overwrite) as tmp:
         _write_array(str(tmp), X, chunks)
     return pathlib.Path(path)
+
+
+def _is_sparse(X) -> bool:
+    return sp.issparse(X) or (isinstance(X, da.Array) and sp.issparse(X._meta))
+
+
+def _sparse_block_rows(X) -> int:
+    """Rows per block when writing in-memory sparse data: about 16 MiB of entries."""
+    if isinstance(X, da.Array):
+        return 0  # Dask blocks are written as they are
+    entry_bytes = X.dtype.itemsize + 8
+    per_row = max(1.0, X.nnz * entry_bytes / max(X.shape[0], 1))
+    return max(1, int(DEFAULT_CHUNK_BYTES // per_row))
 
 
 def _write_array(where, X, chunks: tuple[int, int]) -> zarr.Array:

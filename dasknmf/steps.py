@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from dasknmf import divergence, kernels
 from dasknmf._blas import pin_worker_blas
@@ -94,9 +95,12 @@ class StreamedPanel:
 
 
 def panel_data(x):
-    """The array of a panel, aligned (see ``kernels.aligned``): read now if streamed."""
+    """The array of a panel, aligned (see ``kernels.aligned``) and, if sparse, CSR (the
+    panel of a transposed CSR matrix is CSC): read now if streamed."""
     if isinstance(x, StreamedPanel):
         x = x.read()
+    if sp.issparse(x) and x.format != "csr":
+        x = x.tocsr()
     return kernels.aligned(x)
 
 

@@ -1,0 +1,162 @@
+"""Sparse matrices in Zarr, in the anndata CSR encoding, without anndata.
+
+A Zarr group with attributes ``encoding-type: csr_matrix``, ``encoding-version: 0.1.0`` and
+``shape: [m, n]``, holding the arrays ``data``, ``indices`` and ``indptr`` of a CSR matrix —
+what ``AnnData.write_zarr`` writes for a sparse ``X``, so a scverse user's store opens directly
+and what dasknmf writes opens in anndata.
+
+Reading gives a Dask array of ``scipy.sparse.csr_matrix`` row panels; each panel task reads its
+slice of ``indptr`` and the matching runs of ``data`` and ``indices``, and checks them.
+Writing appends row blocks one after the other, so a matrix larger than memory is written
+block by block.
+"""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+import zarr
+
+ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
+#: Entries per stored chunk of ``data`` and ``indices`` (16 MiB of float32 data).
+ENTRIES_PER_CHUNK = 1 << 22
+
+
+def is_csr_group(node) -> bool:
+    return isinstance(node, zarr.Group) and node.attrs.get("encoding-type") == "csr_matrix"
+
+
+def is_sparse_group(node) -> bool:
+    return isinstance(node, zarr.Group) and str(node.attrs.get("encoding-type", "")).endswith(
+        "_matrix"
+    )
+
+
+def check_group(group: zarr.Group, where: str) -> tuple[tuple[int, int], int]:
+    """The shape and nnz of a CSR group, after the checks that need no full read: a clear
+    ValueError if the arrays are missing or inconsistent with each other or with ``shape``."""
+    if group.attrs.get("encoding-type") != "csr_matrix":
+        raise ValueError(
+            f"{where} is a {group.attrs.get('encoding-type')} group; dasknmf reads row panels of "
+            "CSR (encoding-type csr_matrix). Convert it to CSR first."
+        )
+    missing = [name for name in ("data", "indices", "indptr") if name not in group]
+    if missing or "shape" not in group.attrs:
+        raise ValueError(
+            f"{where} is not a complete CSR group: it lacks {missing or ['the shape attribute']}."
+        )
+    shape = tuple(int(s) for s in group.attrs["shape"])
+    if len(shape) != 2:
+        raise ValueError(f"{where}: the shape attribute {list(shape)} is not 2-D.")
+    data, indices, indptr = group["data"], group["indices"], group["indptr"]
+    if indptr.shape != (shape[0] + 1,):
+        raise ValueError(
+            f"{where}: indptr has {indptr.shape[0]} entries, the shape {list(shape)} needs "
+            f"{shape[0] + 1}."
+        )
+    if data.shape != indices.shape:
+        raise ValueError(
+            f"{where}: data has {data.shape[0]} entries but indices {indices.shape[0]}."
+        )
+    first, last = int(indptr[0]), int(indptr[shape[0]])
+    if first != 0 or last != data.shape[0]:
+        raise ValueError(
+            f"{where}: indptr must run from 0 to nnz = {data.shape[0]}, it runs from {first} "
+            f"to {last}."
+        )
+    if data.dtype.kind not in "biuf" or indices.dtype.kind not in "iu":
+        raise ValueError(
+            f"{where}: data must be numeric and indices integers, got {data.dtype} and "
+            f"{indices.dtype}."
+        )
+    return shape, data.shape[0]
+
+
+def read_rows(group: zarr.Group, start: int, stop: int, where: str) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a CSR group, checked: indptr monotone, indices in range."""
+    n_cols = int(group.attrs["shape"][1])
+    indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
+    if np.any(np.diff(indptr) < 0):
+        raise ValueError(f"{where}: indptr decreases within rows {start}:{stop}; not CSR.")
+    low, high = int(indptr[0]), int(indptr[-1])
+    indices = np.asarray(group["indices"][low:high])
+    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
+        raise ValueError(
+            f"{where}: column indices out of range [0, {n_cols}) in rows {start}:{stop}."
+        )
+    data = np.asarray(group["data"][low:high])
+    return sp.csr_matrix((data, indices, indptr - low), shape=(stop - start, n_cols))
+
+
+def open_group(group: zarr.Group, where: str, panel_bytes: int) -> da.Array:
+    """A CSR group as a Dask array of CSR row panels of about ``panel_bytes`` of stored data."""
+    (n_rows, n_cols), nnz = check_group(group, where)
+    dtype = group["data"].dtype
+    entry_bytes = dtype.itemsize + group["indices"].dtype.itemsize
+    row_bytes = max(1.0, (nnz * entry_bytes + n_rows * 8) / max(n_rows, 1))
+    rows = max(1, min(n_rows, int(panel_bytes // row_bytes)))
+    meta = sp.csr_matrix((0, 0), dtype=dtype)
+    read = dask.delayed(read_rows, pure=True)
+    blocks = [
+        da.from_delayed(
+            read(group, start, min(start + rows, n_rows), where),
+            shape=(min(rows, n_rows - start), n_cols),
+            dtype=dtype,
+            meta=meta,
+        )
+        for start in range(0, n_rows, rows)
+    ]
+    return da.concatenate(blocks, axis=0)
+
+
+class Writer:
+    """Appends CSR row blocks to a new group in the anndata encoding."""
+
+    def __init__(self, path, n_cols: int, dtype, index_dtype=np.int64):
+        self.group = zarr.open_group(str(path), mode="w")
+        self.n_cols = int(n_cols)
+        self.n_rows = 0
+        self.nnz = 0
+        compressors = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+        for name, kind, chunks in (
+            ("data", dtype, ENTRIES_PER_CHUNK),
+            ("indices", index_dtype, ENTRIES_PER_CHUNK),
+            ("indptr", np.int64, ENTRIES_PER_CHUNK),
+        ):
+            self.group.create_array(
+                name, shape=(0,), chunks=(chunks,), dtype=kind, compressors=compressors
+            )
+        self.group["indptr"].append(np.zeros(1, dtype=np.int64))
+
+    def append(self, block) -> None:
+        """Append the rows of a scipy.sparse (or dense) block."""
+        block = sp.csr_matrix(block)
+        if block.shape[1] != self.n_cols:
+            raise ValueError(
+                f"A block of {block.shape[1]} columns cannot follow blocks of {self.n_cols}."
+            )
+        block.sum_duplicates()  # canonical CSR: sorted, unique column indices per row
+        if block.nnz:
+            self.group["data"].append(block.data.astype(self.group["data"].dtype, copy=False))
+            self.group["indices"].append(block.indices.astype(self.group["indices"].dtype))
+        self.group["indptr"].append(block.indptr[1:].astype(np.int64) + self.nnz)
+        self.n_rows += block.shape[0]
+        self.nnz += block.nnz
+
+    def close(self) -> zarr.Group:
+        self.group.attrs.update({**ENCODING, "shape": [self.n_rows, self.n_cols]})
+        return self.group
+
+
+def row_blocks(X, rows: int):
+    """scipy.sparse or Dask-with-sparse-chunks X as a sequence of CSR row blocks (a Dask block
+    is computed when its turn comes, so one block at a time is in this process)."""
+    if isinstance(X, da.Array):
+        for block in X.rechunk({1: -1}).to_delayed()[:, 0]:
+            yield block.compute()
+        return
+    X = X.tocsr()
+    for start in range(0, X.shape[0], rows):
+        yield X[start : start + rows]
