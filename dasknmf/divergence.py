@@ -18,7 +18,8 @@ from functools import singledispatch
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf.kernels import _register_sparse
+from dasknmf import _compiled
+from dasknmf.kernels import _register_sparse, dot_h, dot_w
 
 #: scikit-learn's guard against dividing by (or taking a negative power of) zero.
 EPSILON = np.finfo(np.float32).eps
@@ -94,8 +95,11 @@ def divergence(x, wh: np.ndarray, wt: np.ndarray, h: np.ndarray, beta: float) ->
     keep = x_values > EPSILON
     x_values, wh_values = x_values[keep], np.maximum(wh_values[keep], EPSILON)
     if beta == 1:
-        sum_wh = float(wt.sum(axis=1, dtype=np.float64) @ h.sum(axis=1, dtype=np.float64))
-        return float(np.dot(x_values, np.log(x_values / wh_values))) + sum_wh - x_values.sum()
+        return (
+            float(np.dot(x_values, np.log(x_values / wh_values)))
+            + _sum_wh(wt, h)
+            - (x_values.sum())
+        )
     if beta == 0:
         ratio = x_values / wh_values
         return float(ratio.sum() - x.shape[0] * x.shape[1] - np.log(ratio).sum())
@@ -104,6 +108,11 @@ def divergence(x, wh: np.ndarray, wt: np.ndarray, h: np.ndarray, beta: float) ->
     return ((x_values**beta).sum() - beta * sum_x_wh + (beta - 1) * sum_wh_beta) / (
         beta * (beta - 1)
     )
+
+
+def _sum_wh(wt: np.ndarray, h: np.ndarray) -> float:
+    """Σ (W·H) over every entry, in closed form: colsum(W)·rowsum(H)."""
+    return float(wt.sum(axis=1, dtype=np.float64) @ h.sum(axis=1, dtype=np.float64))
 
 
 def _sum_power(x, wh, wt, h, beta) -> float:
@@ -172,3 +181,32 @@ def _floored_power(wh: np.ndarray, exponent: float) -> np.ndarray:
     if exponent < 0:
         wh[wh < EPSILON] = EPSILON
     return wh**exponent
+
+
+# ---- both together ---------------------------------------------------------------------------
+
+
+def _fused(x, beta: float) -> bool:
+    """Whether the compiled Kullback–Leibler kernels serve this panel."""
+    return beta == 1 and sp.issparse(x) and _compiled.enabled()
+
+
+def w_statistics(x, wt: np.ndarray, h: np.ndarray, beta: float, with_divergence: bool = False):
+    """Numerator (X ∘ (W·H)^(β−2))·Hᵀ and denominator of the W update, both (k, m_i), and
+    D_β(X_i | W_i·H) when asked (else None)."""
+    if _fused(x, beta):
+        numerator, logs, total = _compiled.kl_w_numerator(x, wt, h, EPSILON, with_divergence)
+        value = logs + _sum_wh(wt, h) - total if with_divergence else None
+        return numerator, w_denominator(x, None, wt, h, beta), value
+    wh = sampled_product(x, wt, h)
+    value = divergence(x, wh, wt, h, beta) if with_divergence else None
+    return dot_h(weighted(x, wh, beta), h), w_denominator(x, wh, wt, h, beta), value
+
+
+def h_statistics(x, wt: np.ndarray, h: np.ndarray, beta: float):
+    """The panel's numerator Wᵀ·(X ∘ (W·H)^(β−2)), (k, n), and denominator (see
+    ``h_denominator``) of the H update."""
+    if _fused(x, beta):
+        return _compiled.kl_h_numerator(x, wt, h, EPSILON), h_denominator(x, None, wt, h, beta)
+    wh = sampled_product(x, wt, h)
+    return dot_w(weighted(x, wh, beta), wt), h_denominator(x, wh, wt, h, beta)

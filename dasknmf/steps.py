@@ -169,20 +169,18 @@ def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
 def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):
     """``panel_step`` for a β-divergence other than Frobenius: multiplicative updates."""
     beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
-    wh = divergence.sampled_product(x, wt, h)
-    stats[P_DIV_OLD] = divergence.divergence(x, wh, wt, h, beta)
     for sweep in range(objective.sweeps_w):
-        if sweep:
-            wh = divergence.sampled_product(x, wt, h)
-        numerator = kernels.dot_h(divergence.weighted(x, wh, beta), h)
-        denominator = divergence.w_denominator(x, wh, wt, h, beta)
+        numerator, denominator, value = divergence.w_statistics(
+            x, wt, h, beta, with_divergence=sweep == 0
+        )
+        if sweep == 0:
+            stats[P_DIV_OLD] = value
         wt = mu.step(wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma)
         if beta < 1:
             wt[wt < _TINY] = 0
     stats[P_SUM_W] = wt.sum(dtype=np.float64)
-    wh = divergence.sampled_product(x, wt, h)
-    numerators = _split(kernels.dot_w(divergence.weighted(x, wh, beta), wt), col_bounds)
-    denominator = divergence.h_denominator(x, wh, wt, h, beta)
+    numerator, denominator = divergence.h_statistics(x, wt, h, beta)
+    numerators = _split(numerator, col_bounds)
     if denominator.ndim == 1:  # β = 1: colsum(W_i), the same for every column block
         denominators = (denominator,) * len(numerators)
     else:
@@ -335,22 +333,21 @@ def _transform_divergence(objective, h, max_iter, tol, x, mean) -> np.ndarray:
     beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
     k = h.shape[0]
     wt = np.full((k, x.shape[0]), np.sqrt(mean / k), dtype=h.dtype)
-
-    def error(wh):
-        return np.sqrt(2 * max(divergence.divergence(x, wh, wt, h, beta), 0.0))
-
-    wh = divergence.sampled_product(x, wt, h)
-    first = previous = error(wh)
-    for n_iter in range(1, max_iter + 1):
-        numerator = kernels.dot_h(divergence.weighted(x, wh, beta), h)
-        denominator = divergence.w_denominator(x, wh, wt, h, beta)
+    first = previous = None
+    for n_iter in range(max_iter + 1):
+        check = n_iter == 0 or (tol > 0 and n_iter % mu.CHECK_EVERY == 0)
+        numerator, denominator, value = divergence.w_statistics(x, wt, h, beta, check)
+        if check:
+            current = np.sqrt(2 * max(value, 0.0))
+            if first is None:
+                first = previous = current
+            elif first == 0 or (previous - current) / first < tol:
+                break
+            else:
+                previous = current
+        if n_iter == max_iter:
+            break
         wt = mu.step(wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma)
         if beta < 1:
             wt[wt < _TINY] = 0
-        wh = divergence.sampled_product(x, wt, h)
-        if tol > 0 and n_iter % mu.CHECK_EVERY == 0:
-            current = error(wh)
-            if first == 0 or (previous - current) / first < tol:
-                break
-            previous = current
     return np.ascontiguousarray(wt.T)
