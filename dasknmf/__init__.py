@@ -1,12 +1,28 @@
-"""dasknmf: distributed, out-of-core Non-negative Matrix Factorization on Dask and Zarr."""
+"""dasknmf: distributed, out-of-core Non-negative Matrix Factorization on Dask and Zarr.
+
+The public names are imported on first use (PEP 562): a Dask worker that unpickles a task
+from ``dasknmf.steps`` imports this package too, and should not pay for scikit-learn (the
+estimator's base classes, ~90 MiB resident) when it only runs the per-panel kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from dasknmf import _config  # noqa: F401  (registers the dask.config defaults)
-from dasknmf.converters import convert
-from dasknmf.estimator import NMF, InvalidParameterError
-from dasknmf.io import MatrixPathError, open_matrix, save_matrix
-from dasknmf.io import load_model as load
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "NMF": ("dasknmf.estimator", "NMF"),
+    "InvalidParameterError": ("dasknmf.estimator", "InvalidParameterError"),
+    "MatrixPathError": ("dasknmf.io", "MatrixPathError"),
+    "convert": ("dasknmf.converters", "convert"),
+    "load": ("dasknmf.io", "load_model"),
+    "open_matrix": ("dasknmf.io", "open_matrix"),
+    "save_matrix": ("dasknmf.io", "save_matrix"),
+}
 
 __all__ = [
     "NMF",
@@ -18,3 +34,23 @@ __all__ = [
     "open_matrix",
     "save_matrix",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dasknmf.converters import convert
+    from dasknmf.estimator import NMF, InvalidParameterError
+    from dasknmf.io import MatrixPathError, open_matrix, save_matrix
+    from dasknmf.io import load_model as load
+
+
+def __getattr__(name: str):
+    try:
+        module, attribute = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'dasknmf' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -83,3 +83,17 @@ def test_same_factors_on_every_scheduler(X, tmp_path):
             results[f"{n_workers} workers"] = NMF(**kwargs).fit(Xd).components_
     for name, H in results.items():
         np.testing.assert_array_equal(H, results["synchronous"], err_msg=name)
+
+
+def test_worker_tasks_do_not_import_scikit_learn_or_numba(cluster, X):
+    """Workers run the per-panel tasks only: unpickling them must not import the estimator's
+    scikit-learn (~90 MiB resident per worker) nor numba, which out-of-core budgets can't spare."""
+
+    def heavy_modules():
+        import sys
+
+        return sorted(m for m in ("dasknmf.steps", "sklearn", "numba") if m in sys.modules)
+
+    cluster.restart()  # fresh worker processes
+    NMF(**KWARGS).fit(da.from_array(X, chunks=(50, 30)))
+    assert list(cluster.run(heavy_modules).values()) == [["dasknmf.steps"]] * 2

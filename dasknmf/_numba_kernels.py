@@ -1,0 +1,58 @@
+"""The numba kernels behind ``dasknmf._compiled``, in their own module so that importing
+dasknmf (on the client or on a worker) does not import numba and LLVM (~60 MiB per process)
+unless a compiled kernel is actually called."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+
+# fastmath lets the k-long reductions vectorize (X is finite, validated before any fit);
+# accumulating in the factors' dtype, as scikit-learn does, halves the time again.
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def kl_rows(indptr, indices, data, w, ht, eps, out, with_divergence):  # pragma: no cover
+    """out[r] += Σ_p x_p / max(w_r·h_c, ε) · h_c over the stored entries (r, c) of X; with
+    ``with_divergence``, also Σ x·log(x / max(wh, ε)) and Σ x over entries x > ε."""
+    k = w.shape[1]
+    divergence = 0.0
+    total = 0.0
+    for r in range(indptr.size - 1):
+        w_r, out_r = w[r], out[r]
+        for p in range(indptr[r], indptr[r + 1]):
+            h_c = ht[indices[p]]
+            wh = w_r[0] * h_c[0]
+            for t in range(1, k):
+                wh += w_r[t] * h_c[t]
+            if wh < eps:
+                wh = eps
+            x = data[p]
+            q = x / wh
+            for t in range(k):
+                out_r[t] += q * h_c[t]
+            if with_divergence and x > eps:
+                divergence += x * math.log(x / wh)
+                total += x
+    return divergence, total
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def kl_columns(indptr, indices, data, w, ht, eps, out):  # pragma: no cover
+    """out[c] += Σ_p x_p / max(w_r·h_c, ε) · w_r over the stored entries (r, c) of X."""
+    k = w.shape[1]
+    for r in range(indptr.size - 1):
+        w_r = w[r]
+        for p in range(indptr[r], indptr[r + 1]):
+            c = indices[p]
+            h_c = ht[c]
+            wh = w_r[0] * h_c[0]
+            for t in range(1, k):
+                wh += w_r[t] * h_c[t]
+            if wh < eps:
+                wh = eps
+            q = data[p] / wh
+            out_c = out[c]
+            for t in range(k):
+                out_c[t] += q * w_r[t]
