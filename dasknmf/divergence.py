@@ -151,10 +151,10 @@ def weighted(x, wh: np.ndarray, beta: float):
 
 
 def w_denominator(x, wh: np.ndarray, wt: np.ndarray, h: np.ndarray, beta: float) -> np.ndarray:
-    """(W·H)^(β−1)·Hᵀ for the W update, component-major (k, m_i): for β = 1, rowsum(H) in every
-    column."""
+    """(W·H)^(β−1)·Hᵀ for the W update, component-major (k, m_i): for β = 1 the same column
+    rowsum(H) for every row, returned once as (k, 1)."""
     if beta == 1:
-        return np.repeat(h.sum(axis=1)[:, None], wt.shape[1], axis=1)
+        return h.sum(axis=1)[:, None]
     if not sp.issparse(x):
         return h @ _floored_power(wh, beta - 1).T
     return np.concatenate(

@@ -30,14 +30,15 @@ _BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
 MAX_AUTO_SWEEPS = 10
 
 
-def auto_sweeps(n_other: int, n_components: int) -> int:
-    """HALS sweeps for a factor when ``inner_iter='auto'``.
+def auto_sweeps(entries: float, n_components: int) -> int:
+    """HALS sweeps for a factor when ``inner_iter='auto'``, given the stored entries of X per
+    row (for W) or per column (for H): n (m) for dense X, fewer for sparse X.
 
-    A sweep over a row of W costs k² flops against the 2·n·k of the two products of that row
-    with X (for H: k² against 2·m·k), so sweeps are cheap while n/k (m/k) is large; they cut
-    the number of passes over X (Gillis & Glineur 2012; benchmarks/RESULTS.md).
+    A sweep over a row of W costs k² flops against the 2·entries·k of the two products of that
+    row with X, so sweeps are cheap while entries/k is large; they cut the number of passes
+    over X (Gillis & Glineur 2012; benchmarks/RESULTS.md).
     """
-    return int(np.clip(n_other // n_components, 1, MAX_AUTO_SWEEPS))
+    return int(np.clip(entries // n_components, 1, MAX_AUTO_SWEEPS))
 
 
 class InvalidParameterError(ValueError, TypeError):
@@ -310,7 +311,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             return int(parse_bytes(self.panel_bytes))
         return int(self.panel_bytes)
 
-    def _objective(self, n_samples: int, n_features: int, n_components: int) -> engine.Objective:
+    def _objective(
+        self, n_samples: int, n_features: int, n_components: int, stored: int | None = None
+    ) -> engine.Objective:
+        """The objective and the sweeps of the update rule; ``stored`` is the number of stored
+        entries of X (all m·n when dense)."""
+        stored = n_samples * n_features if stored is None else stored
         alpha_H = self.alpha_W if self.alpha_H == "same" else self.alpha_H
         solver = "mu" if self.solver == "mu" else "hals"
         if self.inner_iter != "auto":
@@ -318,8 +324,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         elif solver == "mu":
             sweeps_w = sweeps_h = 1
         else:
-            sweeps_w = auto_sweeps(n_features, n_components)
-            sweeps_h = auto_sweeps(n_samples, n_components)
+            sweeps_w = auto_sweeps(stored / n_samples, n_components)
+            sweeps_h = auto_sweeps(stored / n_features, n_components)
         return engine.Objective(
             n_components=n_components,
             solver=solver,
@@ -458,14 +464,18 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _fit_panels(self, panels: engine.Panels, method: str, k: int, W, H, transposed: bool):
         """Fit on ``panels``, which hold X, or Xᵀ when ``transposed`` (W and H swap roles)."""
         n_rows, n_cols = panels.shape
-        objective = self._objective(*((n_cols, n_rows) if transposed else (n_rows, n_cols)), k)
         if transposed:
-            objective = objective.transposed()
             W, H = (None, None) if W is None else (H.T, W.T)
         stats = engine.check_values(panels)
+        stored = stats.nnz if panels.sparse else n_rows * n_cols
+        objective = self._objective(
+            *((n_cols, n_rows) if transposed else (n_rows, n_cols)), k, stored
+        )
+        if transposed:
+            objective = objective.transposed()
         if panels.sparse and self.cache == "auto":
-            stored = stats.nnz * (panels.dtype.itemsize + 8) + (n_rows + 1) * 8
-            if engine.should_cache(stored, "auto"):
+            stored_bytes = stats.nnz * (panels.dtype.itemsize + 8) + (n_rows + 1) * 8
+            if engine.should_cache(stored_bytes, "auto"):
                 engine.cache_panels(panels)
         if stats.min == 0 and objective.beta <= 0:
             raise ValueError(

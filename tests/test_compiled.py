@@ -38,8 +38,15 @@ def test_h_statistics_agree():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fits_agree(dtype):
-    kwargs = dict(n_components=4, solver="mu", beta_loss="kullback-leibler", init="random",
-                  random_state=0, tol=0, max_iter=20)
+    kwargs = dict(
+        n_components=4,
+        solver="mu",
+        beta_loss="kullback-leibler",
+        init="random",
+        random_state=0,
+        tol=0,
+        max_iter=20,
+    )
     data = X.astype(dtype)
     compiled, plain = _both(lambda: NMF(**kwargs).fit(data))
     rtol = 1e-4 if dtype == np.float32 else 1e-10

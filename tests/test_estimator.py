@@ -271,7 +271,8 @@ def test_shuffle_is_reproducible():
 def test_sparse_input_like_dense():
     X = low_rank(120, 40, 3)
     X[X < np.quantile(X, 0.6)] = 0
-    kwargs = dict(n_components=3, init="nndsvda", random_state=0, tol=0, max_iter=50)
+    # The same sweeps for both (by default, sparse X gets fewer: see the next test).
+    kwargs = dict(n_components=3, init="nndsvda", random_state=0, tol=0, max_iter=50, inner_iter=4)
     dense = NMF(**kwargs).fit(X)
     sparse = NMF(**kwargs).fit(sp.csc_matrix(X))
     np.testing.assert_allclose(sparse.components_, dense.components_, rtol=1e-6, atol=1e-9)
@@ -306,5 +307,8 @@ def test_auto_sweeps_follow_the_cost_ratio():
     assert auto_sweeps(5, 20) == 1
     objective = NMF(n_components=10)._objective(1797, 64, 10)
     assert (objective.sweeps_w, objective.sweeps_h) == (6, 10)
+    # Sparse: 40 stored entries per row make a sweep of W relatively dear.
+    sparse = NMF(n_components=20)._objective(100_000, 20_000, 20, stored=4_000_000)
+    assert (sparse.sweeps_w, sparse.sweeps_h) == (2, 10)
     assert NMF(solver="mu")._objective(1797, 64, 10).sweeps_w == 1
     assert NMF(inner_iter=3)._objective(1797, 64, 10).sweeps_h == 3

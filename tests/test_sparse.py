@@ -89,12 +89,17 @@ def test_broken_csr_groups_are_named(tmp_path, edit, match, sync_scheduler):
     assert not hasattr(model, "components_")
 
 
-def test_negative_stored_value_is_found(tmp_path, sync_scheduler):
+@pytest.mark.parametrize(
+    "value, match", [(-2.0, "Negative values in data passed to NMF"), (np.nan, "NaN or infinity")]
+)
+def test_bad_stored_value_is_found(tmp_path, sync_scheduler, value, match):
     Y = X.copy()
-    Y.data[-1] = -2.0  # in the last panel
+    Y.data[-1] = value  # in the last panel
     path = save_matrix(tmp_path / "x.zarr", Y)
-    with pytest.raises(ValueError, match="Negative values in data passed to NMF"):
-        NMF(3, max_iter=5).fit(str(path))
+    model = NMF(3, max_iter=5)
+    with pytest.raises(ValueError, match=match):
+        model.fit(str(path))
+    assert not hasattr(model, "components_")
 
 
 KL = dict(

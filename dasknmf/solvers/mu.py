@@ -45,8 +45,8 @@ def step(
 ) -> np.ndarray:
     """One multiplicative update of ``F`` in place: F ← F ∘ (numerator / (denominator + l1 +
     l2·F))^γ, with scikit-learn's guard against a zero denominator. ``denominator`` may be
-    a column (k, 1) broadcast over F; it is not modified."""
-    denominator = np.broadcast_to(denominator, F.shape)
+    a column (k, 1) broadcast over F (then, without l2, it stays that small); it is not
+    modified."""
     if l1:
         denominator = denominator + l1
     if l2:
