@@ -584,6 +584,9 @@ def fit(
     tol: float,
     shuffle_rng: np.random.RandomState | None = None,
     callback: Callable[[int, History], None] | None = None,
+    checkpoint=None,
+    start: int = 0,
+    history: History | None = None,
 ) -> FitResult:
     """Alternate W and H updates until the solver's stopping rule or ``max_iter``.
 
@@ -592,6 +595,11 @@ def fit(
     are persisted and only the k×k summary comes back to this process. On a distributed
     cluster the next iteration is submitted before the summary is read, so the cluster never
     waits for this process; if the rule then says stop, that speculative iteration is dropped.
+
+    ``checkpoint`` (a ``dasknmf.checkpoint.Checkpoint``) is written after every
+    ``checkpoint.every``-th iteration. A resumed fit passes the checkpoint's factors as ``wt``
+    and ``h``, its iteration as ``start`` and its ``history`` (and ``shuffle_rng`` in the
+    checkpoint's state): it then computes exactly what the uninterrupted fit would have.
     """
     ops = panels.ops
     k = objective.n_components
@@ -599,20 +607,30 @@ def fit(
     latest = (wt, h)
     shared = ops.share(objective), ops.share(col_bounds)
 
+    # The shuffling generator's state before each submitted iteration's draws: a checkpoint
+    # after iteration t keeps the state for t + 1, whether or not t + 1 is already in flight.
+    rng_before: dict[int, tuple] = {}
+    next_iter = start + 1  # the iteration that submit() builds
+
     def submit() -> None:
-        nonlocal latest
+        nonlocal latest, next_iter
         orders = (None, None)
         if shuffle_rng is not None:
+            rng_before[next_iter] = shuffle_rng.get_state()
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
         step = ops.persist(*iterate(panels, shared[0], *latest, shared[1], orders))
         latest = step[:2]
         in_flight.append(step)
+        next_iter += 1
 
-    history = History()
-    recent: dict[int, tuple] = {}  # the factors of the last two iterations
-    submit()
-    n_iter = stop = 0
-    for n_iter in range(1, max_iter + 1):
+    history = history if history is not None else History()
+    # The factors of the last two iterations. Those of ``start`` are arrays; later H blocks
+    # are whole ``h_step`` output tuples (see ``steps.h_array``).
+    recent: dict[int, tuple] = {start: (wt, h)}
+    n_iter, stop = start, 0
+    if start < max_iter:
+        submit()
+    for n_iter in range(start + 1, max_iter + 1):
         if ops.is_async and n_iter < max_iter:
             submit()
         wt, h, summary = in_flight.popleft()
@@ -624,12 +642,21 @@ def fit(
         if tol > 0 and known and objective.rule.converged(known, tol, history.as_dict()):
             stop = known
             break
+        if checkpoint is not None and checkpoint.due(n_iter):
+            state = rng_before.get(n_iter + 1) if shuffle_rng is not None else None
+            if shuffle_rng is not None and state is None:
+                state = shuffle_rng.get_state()
+            checkpoint.save(ops, panels.map, n_iter, wt, h, history, state)
+        rng_before.pop(n_iter, None)
         if not ops.is_async and n_iter < max_iter:
             submit()
     in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
     n_iter = stop or n_iter
     wt, h = recent[n_iter]
-    h = [ops.item(b, 0) if ops.is_lazy else steps.h_array(b) for b in h]
+    if ops.is_lazy and n_iter > start:
+        h = [ops.item(b, 0) for b in h]
+    elif not ops.is_lazy:
+        h = [steps.h_array(b) for b in h]
     return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
 
 

@@ -6,6 +6,8 @@ scipy.sparse, Dask for Dask arrays, Zarr arrays and paths — and hands over to 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import numbers
 import os
 import warnings
@@ -21,10 +23,13 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from dasknmf import engine, init, io, steps
 from dasknmf._blas import single_blas_thread
 from dasknmf._config import get_bytes
+from dasknmf.checkpoint import Checkpoint
 
 __all__ = ["NMF", "InvalidParameterError"]
 
 _BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
+
+logger = logging.getLogger(__name__)
 
 #: At most this many HALS sweeps per factor and iteration with ``inner_iter='auto'``.
 MAX_AUTO_SWEEPS = 10
@@ -127,6 +132,19 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ``dasknmf.cache-fraction`` of the cluster's memory ('auto').
     progress : bool, default=False
         Show a progress bar over iterations with the objective.
+    checkpoint : str, os.PathLike or None, default=None
+        A folder to write a checkpoint to every ``checkpoint_every`` iterations: the factors,
+        the iteration and the loss history, written atomically (a checkpoint is always the
+        previous one or the new one, never half of one). For a fit on a cluster the workers
+        write the blocks of W: the folder must be on storage they share with this process.
+    checkpoint_every : int, default=10
+        Iterations between checkpoints.
+    resume : bool, default=False
+        Continue from the newest checkpoint in ``checkpoint`` instead of initializing. The
+        checkpoint must come from a fit of the same input with the same settings (``tol``,
+        ``max_iter`` and the reporting options may differ); the factors are then
+        bit-identical to those of a fit that was never interrupted. Raises
+        ``dasknmf.checkpoint.CheckpointError`` (a ``ValueError``) otherwise.
 
     Attributes
     ----------
@@ -173,6 +191,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         panel_bytes=None,
         cache="auto",
         progress=False,
+        checkpoint=None,
+        checkpoint_every=10,
+        resume=False,
     ):
         self.n_components = n_components
         self.init = init
@@ -190,6 +211,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.panel_bytes = panel_bytes
         self.cache = cache
         self.progress = progress
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
 
     # ---- parameters ---------------------------------------------------------------------
 
@@ -279,6 +303,21 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         _check_param(
             "progress", self.progress, isinstance(self.progress, bool | np.bool_), "a bool"
         )
+        _check_param(
+            "checkpoint",
+            self.checkpoint,
+            self.checkpoint is None or isinstance(self.checkpoint, str | os.PathLike),
+            "a str or os.PathLike (a folder) or None",
+        )
+        _check_param(
+            "checkpoint_every",
+            self.checkpoint_every,
+            _is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
+            "an int in the range [1, inf)",
+        )
+        _check_param("resume", self.resume, isinstance(self.resume, bool | np.bool_), "a bool")
+        if self.resume and self.checkpoint is None:
+            raise ValueError("resume=True needs checkpoint, the folder to resume from.")
         pb = self.panel_bytes
         if pb is not None:
             try:
@@ -483,21 +522,42 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 "small values to X, or use a positive beta_loss."
             )
         col_bounds = engine.column_bounds(n_cols, k, panels.dtype.itemsize)
-        wt, h = init.initialize(
-            panels,
-            method,
-            k,
-            col_bounds,
-            stats.mean,
-            self.random_state,
-            W,
-            H,
-            swap_streams=transposed,
-        )
         shuffle_rng = None
         if self.shuffle:
             shuffle_rng = np.random.RandomState(init.seed_entropy(self.random_state) % 2**32)
-        with _Reporter(self.verbose, self.progress, self.max_iter) as report:
+        ckpt, start, history = None, 0, None
+        if self.checkpoint is not None:
+            fingerprint = self._fingerprint(panels, stats, objective, method, col_bounds)
+            ckpt = Checkpoint(self.checkpoint, self.checkpoint_every, fingerprint)
+        if self.resume:
+            state = ckpt.load(panels.ops, panels.map)
+            wt, h, start = state.wt, state.h, state.n_iter
+            history = engine.History(**state.history)
+            if shuffle_rng is not None:
+                shuffle_rng.set_state(state.shuffle_state)
+        else:
+            wt, h = init.initialize(
+                panels,
+                method,
+                k,
+                col_bounds,
+                stats.mean,
+                self.random_state,
+                W,
+                H,
+                swap_streams=transposed,
+            )
+        logger.info(
+            "NMF fit: X %s %s%s, %d components, %s, beta %g, %s",
+            "x".join(map(str, (n_cols, n_rows) if transposed else (n_rows, n_cols))),
+            panels.dtype,
+            " sparse" if panels.sparse else "",
+            k,
+            objective.solver,
+            objective.beta,
+            f"resumed at iteration {start}" if self.resume else f"init {method}",
+        )
+        with _Reporter(self.verbose, self.progress, self.max_iter, start) as report:
             result = engine.fit(
                 panels,
                 objective,
@@ -509,9 +569,17 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 tol=self.tol,
                 shuffle_rng=shuffle_rng,
                 callback=report,
+                checkpoint=ckpt,
+                start=start,
+                history=history,
             )
         value, h_blocks = engine.final_pass(panels, objective, result)
         self.reconstruction_err_ = float(np.sqrt(2 * max(value, 0.0)))
+        logger.info(
+            "NMF fit done: %d iterations, reconstruction error %.6g",
+            result.n_iter,
+            self.reconstruction_err_,
+        )
         if transposed:
             self.components_ = _side_by_side(panels.ops.fetch(result.wt))
             W = _side_by_side(h_blocks).T
@@ -530,6 +598,27 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 stacklevel=3,
             )
         return self.W_
+
+    def _fingerprint(self, panels, stats, objective, method: str, col_bounds) -> dict:
+        """What the iterates of a fit depend on, for checking that a checkpoint fits: the
+        update rule, the initialization, the panel layout and the input (its statistics from
+        the validation pass stand for its contents)."""
+        seed = self.random_state
+        return {
+            **{f"settings.{key}": value for key, value in dataclasses.asdict(objective).items()},
+            "settings.init": method,
+            "settings.random_state": seed if seed is None or _is_int(seed) else type(seed).__name__,
+            "settings.shuffle": bool(self.shuffle),
+            "settings.panels": list(map(int, panels.row_bounds)),
+            "settings.column_blocks": list(map(int, col_bounds)),
+            "input.shape": list(panels.shape),
+            "input.dtype": str(panels.dtype),
+            "input.sparse": bool(panels.sparse),
+            "input.nnz": stats.nnz,
+            "input.sum": stats.sum,
+            "input.sum_sq": stats.sum_sq,
+            "input.min": stats.min,
+        }
 
     def save(self, path, *, overwrite: bool = False):
         """Write the fitted model to a Zarr group (see ``dasknmf.load``).
@@ -693,17 +782,21 @@ def _assemble_w(panels: engine.Panels, wt: list, k: int):
 class _Reporter:
     """Per-iteration output: scikit-learn style lines (verbose) and/or a tqdm bar (progress)."""
 
-    def __init__(self, verbose: int, progress: bool, max_iter: int):
+    def __init__(self, verbose: int, progress: bool, max_iter: int, start: int = 0):
         self.verbose = verbose
         self.progress = progress
         self.max_iter = max_iter
+        self.start = start
         self._bar = None
 
     def __enter__(self):
         if self.progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.max_iter, desc="NMF", unit="it")
+            self._bar = tqdm(total=self.max_iter, initial=self.start, desc="NMF", unit="it")
+            client = engine.distributed_client()
+            if client is not None:
+                self._bar.write(f"Dask dashboard: {client.dashboard_link}")
         return self
 
     def __call__(self, n_iter: int, history: engine.History) -> None:
