@@ -119,6 +119,31 @@ def open_matrix(
     return da.from_zarr(node, chunks=(rows, stored[1]))
 
 
+def describe_matrix(source, component: str | None = None) -> dict:
+    """What ``dasknmf info`` shows of a stored matrix: shape, dtype, dense or CSR, the stored
+    chunks, the row panels dasknmf reads, and (for CSR, from ``indptr``) the stored entries."""
+    X = open_matrix(source, component)
+    node = _open_node(source)
+    if component is not None:
+        node = node[component]
+    info = {
+        "path": str(source),
+        "shape": list(X.shape),
+        "dtype": str(X.dtype),
+        "format": "csr" if sp.issparse(X._meta) else "dense",
+        "panels": len(X.chunks[0]),
+        "panel_rows": max(X.chunks[0]),
+    }
+    if info["format"] == "csr":
+        info["nnz"] = int(node["indptr"][-1])
+        info["density"] = info["nnz"] / max(1, X.shape[0] * X.shape[1])
+    else:
+        info["chunks"] = list(node.chunks)
+        if node.shards is not None:
+            info["shards"] = list(node.shards)
+    return info
+
+
 def _open_node(source):
     if isinstance(source, zarr.Array | zarr.Group):
         return source
@@ -247,6 +272,8 @@ MODEL_FORMAT = 1
 
 
 def _jsonable(value):
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.random.RandomState | np.random.Generator):

@@ -1,17 +1,27 @@
 """The command line, run as a user runs it: in a subprocess."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
+from conftest import low_rank
+
+import dasknmf
+from dasknmf import NMF
 
 
-def _run(*args, cwd=None):
+def _run(*args, cwd=None, env=None):
     return subprocess.run(
         [sys.executable, "-m", "dasknmf", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env=env,
         timeout=300,
     )
 
@@ -58,3 +68,177 @@ def test_usage_errors_exit_2_without_a_traceback(args, message):
 def test_version():
     result = _run("--version")
     assert result.returncode == 0 and "dasknmf, version" in result.stdout
+
+
+# ---- the batch pipeline: convert -> fit -> transform -> info -> plot --------------------------
+
+
+def _last_json(result) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A rank-4 matrix as .npy, and as Zarr (through `dasknmf convert`)."""
+    folder = tmp_path_factory.mktemp("cli")
+    X = low_rank(1200, 40, 4).astype(np.float32)
+    np.save(folder / "X.npy", X)
+    record = _last_json(_run("convert", str(folder / "X.npy"), str(folder / "X.zarr"), "--json"))
+    assert record["shape"] == [1200, 40] and record["format"] == "dense"
+    return folder, X
+
+
+def test_fit_transform_info_plot(stored, tmp_path):
+    folder, X = stored
+    model = tmp_path / "model.zarr"
+    fit = _last_json(
+        _run(
+            "fit",
+            str(folder / "X.zarr"),
+            "-k",
+            "4",
+            "-o",
+            str(model),
+            "--workers",
+            "1",
+            "--init",
+            "random",
+            "--random-state",
+            "0",
+            "--max-iter",
+            "40",
+            "--tol",
+            "0",
+            "--json",
+        )
+    )
+    assert fit["n_iter"] == 40 and fit["output"] == str(model)
+    reference = NMF(n_components=4, init="random", random_state=0, max_iter=40, tol=0).fit(X)
+    assert fit["reconstruction_err"] == pytest.approx(reference.reconstruction_err_, rel=1e-5)
+    fitted = dasknmf.load(model)
+    np.testing.assert_allclose(fitted.components_, reference.components_, rtol=1e-4, atol=1e-6)
+
+    W_path = tmp_path / "W.zarr"
+    out = _last_json(
+        _run(
+            "transform",
+            str(model),
+            str(folder / "X.zarr"),
+            "-o",
+            str(W_path),
+            "--workers",
+            "1",
+            "--json",
+        )
+    )
+    assert out["shape"] == [1200, 4]
+    np.testing.assert_allclose(
+        dasknmf.open_matrix(W_path).compute(), reference.transform(X), rtol=1e-3, atol=1e-4
+    )
+
+    info = _last_json(_run("info", str(model), "--json"))
+    assert info["kind"] == "model" and info["n_iter"] == 40 and info["n_components"] == 4
+    text = _run("info", str(folder / "X.zarr"))
+    assert "shape: [1200, 40]" in text.stdout and "format: dense" in text.stdout
+
+    pytest.importorskip("matplotlib")
+    plot = _run("plot", str(model), "-o", str(tmp_path / "loss.png"))
+    assert plot.returncode == 0, plot.stderr
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_info_on_a_sparse_store(tmp_path):
+    import scipy.sparse as sp
+
+    X = sp.random(50, 30, density=0.1, format="csr", random_state=0)
+    dasknmf.save_matrix(tmp_path / "S.zarr", X)
+    info = _last_json(_run("info", str(tmp_path / "S.zarr"), "--json"))
+    assert info["format"] == "csr" and info["nnz"] == X.nnz and info["shape"] == [50, 30]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "{X}", "-k", "2", "-o", "{existing}"], "already exists; pass --overwrite"),
+        (["fit", "{tmp}/none.zarr", "-k", "2", "-o", "{out}"], "does not exist"),
+        (["fit", "{X}", "-k", "0", "-o", "{out}"], "Invalid value for '-k'"),
+        (
+            ["fit", "{X}", "-k", "2", "-o", "{out}", "--solver", "als"],
+            "Invalid value for '--solver'",
+        ),
+        (["fit", "{X}", "-k", "2", "-o", "{out}", "--beta-loss", "kl"], "'beta_loss' parameter"),
+        (["fit", "{X}", "-k", "2", "-o", "{out}", "--alpha-h", "x"], "--alpha-h must be a number"),
+        (["fit", "{X}", "-k", "2", "-o", "{out}", "--resume"], "no checkpoint in"),
+        (
+            ["fit", "{X}", "-k", "2", "-o", "{out}", "--workers", "1", "--scheduler-address", "x"],
+            "--workers sizes the default LocalCluster only",
+        ),
+        (["fit", "{npy}", "-k", "2", "-o", "{out}"], "is not a Zarr store"),
+        (["fit", "{X}", "-k", "2", "-o", "{out}", "--component", "X"], "has no component"),
+        (["transform", "{npy}", "{X}", "-o", "{out}"], "X.npy is not a Zarr store"),
+        (["plot", "{X}", "-o", "{tmp}/p.png"], "is not a dasknmf model"),
+        (["convert", "{tmp}/a.csv", "{out}"], "does not exist"),
+        (["info", "{npy}"], "is not a Zarr store"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(stored, tmp_path, args, message):
+    folder, _ = stored
+    (tmp_path / "existing.zarr").mkdir()
+    names = dict(X=folder / "X.zarr", npy=folder / "X.npy", tmp=tmp_path,
+                 out=tmp_path / "out.zarr", existing=tmp_path / "existing.zarr")  # fmt: skip
+    result = _run(*(a.format(**names) for a in args), "-q")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sum(line.startswith("Error:") for line in result.stderr.splitlines()) == 1
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_other_failures_exit_1(stored, tmp_path):
+    """No scheduler at the address: not bad input, a failure of the run."""
+    folder, _ = stored
+    env = dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="1s")
+    result = _run("fit", str(folder / "X.zarr"), "-k", "2", "-o", str(tmp_path / "m.zarr"),
+                  "--scheduler-address", "tcp://127.0.0.1:9", "-q", env=env)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "m.zarr").exists()
+
+
+def test_killed_fit_resumes_bit_identically(tmp_path):
+    """SIGKILL to the whole job (driver, scheduler and workers) while it runs; --resume then
+    gives exactly the factors of a run that was never interrupted, and the killed run left no
+    model behind."""
+    X = low_rank(20_000, 200, 10).astype(np.float32)
+    source = dasknmf.save_matrix(tmp_path / "X.zarr", X, chunks=(2500, 200))
+    settings = ["-k", "10", "--init", "random", "--random-state", "0", "--tol", "0",
+                "--max-iter", "80", "--workers", "2", "-q"]  # fmt: skip
+    reference = tmp_path / "reference.zarr"
+    assert _run("fit", str(source), "-o", str(reference), *settings).returncode == 0
+
+    model, checkpoint = tmp_path / "model.zarr", tmp_path / "ckpt"
+    args = ["fit", str(source), "-o", str(model), *settings, "--checkpoint", str(checkpoint),
+            "--checkpoint-every", "2"]  # fmt: skip
+    job = subprocess.Popen(
+        [sys.executable, "-m", "dasknmf", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (checkpoint / "iter-00000004").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "no checkpoint came"
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not model.exists()
+    stopped_at = json.loads(next(checkpoint.glob("iter-*/state.json")).read_text())["n_iter"]
+    assert 4 <= stopped_at < 80
+
+    resumed = _last_json(_run(*args, "--resume", "--json"))
+    assert resumed["n_iter"] == 80
+    a, b = dasknmf.load(reference), dasknmf.load(model)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    np.testing.assert_array_equal(a.W_.compute(), b.W_.compute())
+    assert a.loss_history_ == b.loss_history_
