@@ -3,10 +3,14 @@
 import pathlib
 
 import pytest
+import yaml
 
-from dasknmf.cluster import connect, from_spec, local_cluster
+from dasknmf.cluster import connect, from_spec, load_spec, local_cluster
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "cluster_configs"
+SPECS = sorted(CONFIGS.glob("*.yaml"))
+# Packages a spec needs besides its module (distributed.deploy.ssh imports without asyncssh).
+NEEDS = {"ssh.yaml": ["asyncssh"]}
 
 
 def test_local_yaml_builds_a_real_local_cluster():
@@ -66,3 +70,155 @@ def test_bad_connect_arguments(tmp_path):
         connect(address="tcp://1.2.3.4:8786", spec="x.yaml"),
     ):
         pass
+
+
+def test_the_specs_are_there():
+    assert {p.name for p in SPECS} >= {
+        "local.yaml",
+        "ssh.yaml",
+        "slurm.yaml",
+        "pbs.yaml",
+        "kubernetes.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_spec_loads_where_its_package_is_installed(path):
+    text = path.read_text()
+    assert text.startswith("# "), "each spec starts with a header saying what it is"
+    spec = yaml.safe_load(text)
+    assert spec["version"] == 1
+    for module in [spec["module"], *NEEDS.get(path.name, [])]:
+        pytest.importorskip(module)
+    cluster_class, args, kwargs = load_spec(path)
+    assert cluster_class.__name__ == spec["class"]
+    assert (args, kwargs) == (spec["args"], spec["kwargs"])
+
+
+# Where each spec asks for one thread per worker process (dasknmf's parallelism comes from tasks).
+ONE_THREAD = {
+    "local.yaml": lambda kw: kw["threads_per_worker"] == 1,
+    "ssh.yaml": lambda kw: kw["worker_options"]["nthreads"] == 1,
+    "slurm.yaml": lambda kw: kw["cores"] == kw["processes"],
+    "pbs.yaml": lambda kw: kw["cores"] == kw["processes"],
+    "kubernetes.yaml": lambda kw: "--nthreads 1" in kw["worker_command"],
+}
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_spec_runs_one_thread_per_worker(path):
+    assert ONE_THREAD[path.name](yaml.safe_load(path.read_text())["kwargs"])
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (
+            "slurm.yaml",
+            [
+                "#SBATCH -J dasknmf-worker",
+                "#SBATCH -p normal",
+                "#SBATCH -A my-project",
+                "#SBATCH --cpus-per-task=8",
+                "#SBATCH --mem=64G",
+                "#SBATCH -t 04:00:00",
+                "#SBATCH --hint=nomultithread",
+            ],
+        ),
+        (
+            "pbs.yaml",
+            [
+                "#PBS -N dasknmf-worker",
+                "#PBS -q workq",
+                "#PBS -A my-project",
+                "#PBS -l select=1:ncpus=8:mem=64GB",
+                "#PBS -l walltime=04:00:00",
+                "#PBS -j oe",
+            ],
+        ),
+    ],
+)
+def test_jobqueue_specs_write_the_job_script(name, expected):
+    pytest.importorskip("dask_jobqueue")
+    with from_spec(CONFIGS / name) as cluster:
+        script = cluster.job_script()
+        assert not cluster.workers, "n_workers: 0 submits no job"
+    lines = script.splitlines()
+    for directive in expected:
+        assert directive in lines
+    (command,) = [line for line in lines if "distributed.cli.dask_worker" in line]
+    for flags in (
+        "--nthreads 1",
+        "--memory-limit 8.00GiB",
+        "--nworkers 8",
+        "--local-directory ${TMPDIR:-/tmp}",
+    ):
+        assert flags in command
+
+
+def test_ssh_spec_is_checked_without_connecting():
+    pytest.importorskip("asyncssh")
+    _, _, kwargs = load_spec(CONFIGS / "ssh.yaml")
+    assert len(kwargs["hosts"]) >= 2  # a scheduler and at least one worker host
+
+
+def test_kubernetes_spec():
+    pytest.importorskip("dask_kubernetes.operator")
+    _, args, kwargs = load_spec(CONFIGS / "kubernetes.yaml")
+    assert args == []
+    assert kwargs["resources"]["limits"]["cpu"] == "1"
+
+
+def _spec(tmp_path, module, name, **kwargs):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"module": module, "class": name, "kwargs": kwargs}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n_workers": 1, "memory_limit": "1GiB"},  # LocalCluster's own and a Nanny's keyword
+        {"lifetime": "1h", "nthreads": 1},  # passed on by the Nanny to its Worker
+        {"processes": False, "lifetime": "1h"},  # straight to a Worker
+    ],
+)
+def test_keywords_passed_on_to_workers_are_accepted(tmp_path, kwargs):
+    load_spec(_spec(tmp_path, "distributed", "LocalCluster", **kwargs))
+
+
+def test_an_unknown_keyword_is_named(tmp_path):
+    path = _spec(tmp_path, "distributed", "LocalCluster", n_wrkers=2)
+    with pytest.raises(ValueError, match="n_wrkers") as error:
+        from_spec(path)
+    assert str(path) in str(error.value)
+    assert "did you mean 'n_workers'" in str(error.value)
+    with pytest.raises(ValueError, match="takes no keyword 'env'"):  # a Nanny's, not a Worker's
+        load_spec(_spec(tmp_path, "distributed", "LocalCluster", processes=False, env={}))
+    path.write_text("module: distributed\nclass: LocalCluster\nargs: " + str([0] * 40))
+    with pytest.raises(ValueError, match="does not take these arguments: too many positional"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize(
+    "module, name, kwargs, typo",
+    [
+        (
+            "dask_jobqueue",
+            "SLURMCluster",
+            {"cores": 1, "memory": "1GiB", "walltme": "1:00"},
+            "walltme",
+        ),
+        ("dask_jobqueue", "PBSCluster", {"cores": 1, "memory": "1GiB", "qeue": "q"}, "qeue"),
+        (
+            "distributed.deploy.ssh",
+            "SSHCluster",
+            {"hosts": ["a", "b"], "worker_option": {}},
+            "worker_option",
+        ),
+    ],
+)
+def test_typos_are_caught_behind_kwargs(tmp_path, module, name, kwargs, typo):
+    pytest.importorskip(module)
+    with pytest.raises(ValueError, match=f"{name} takes no keyword '{typo}'"):
+        load_spec(_spec(tmp_path, module, name, **kwargs))
