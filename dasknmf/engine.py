@@ -161,7 +161,9 @@ class FutureOps:
         return self.client.submit(operator.getitem, obj, index, pure=False)
 
     def share(self, value):
-        return self.client.scatter(value, hash=False)
+        # On every worker: scattered data has no lineage, so a single copy would be lost
+        # (and the fit restarted, see NMF) with the worker that held it.
+        return self.client.scatter(value, hash=False, broadcast=True)
 
     def persist(self, *objs):
         return objs
@@ -385,6 +387,31 @@ def cache_panels(panels: Panels) -> None:
     panels.cached = True
 
 
+#: Seconds ``relocate`` waits for as many workers as before a loss.
+RELOCATE_WAIT = 60
+
+
+def relocate(panels: Panels) -> None:
+    """After workers were lost: place the panels' tasks on the workers there are now (a task
+    pinned to a worker that is gone would wait for it forever). Cached panels are recomputed
+    from their source by the scheduler, and tasks then go where they landed."""
+    if not panels.ops.is_async or panels.locations is None:
+        return
+    from distributed import wait
+
+    client = panels.ops.client
+    try:  # the workers that replace the lost ones, if they come
+        client.wait_for_workers(len(set(panels.locations)), timeout=RELOCATE_WAIT)
+    except TimeoutError:
+        client.wait_for_workers(1)
+    if panels.cached:
+        wait(panels.items)
+        holders = client.who_has(panels.items)
+        panels.locations = [sorted(holders[f.key])[0] for f in panels.items]
+    else:
+        panels.locations = _balanced_workers(client, panels.row_sizes)
+
+
 def blocks_as_delayed(X: da.Array) -> list:
     """The blocks of a Dask array as ``Delayed`` objects, in C order.
 
@@ -527,6 +554,18 @@ def reduce_to_fanin(ops, items: list, first: Callable, split_every: int | None =
         ]
         level = sum_in_order
     return items, False
+
+
+def _lost_data_errors() -> tuple[type[BaseException], ...]:
+    from concurrent.futures import CancelledError
+
+    from distributed.scheduler import KilledWorker
+
+    return (CancelledError, KilledWorker)  # FutureCancelledError is a CancelledError
+
+
+#: What a fit on a cluster raises when a worker died with results nothing can recompute.
+LOST_DATA = _lost_data_errors()
 
 
 @dataclass

@@ -7,6 +7,7 @@ scipy.sparse, Dask for Dask arrays, Zarr arrays and paths — and hands over to 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import numbers
 import os
@@ -30,6 +31,9 @@ __all__ = ["NMF", "InvalidParameterError"]
 _BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
 
 logger = logging.getLogger(__name__)
+
+#: Restarts of a fit after a worker loss, before the error is raised.
+MAX_RECOVERIES = 3
 
 #: At most this many HALS sweeps per factor and iteration with ``inner_iter='auto'``.
 MAX_AUTO_SWEEPS = 10
@@ -522,20 +526,22 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 "small values to X, or use a positive beta_loss."
             )
         col_bounds = engine.column_bounds(n_cols, k, panels.dtype.itemsize)
-        shuffle_rng = None
-        if self.shuffle:
-            shuffle_rng = np.random.RandomState(init.seed_entropy(self.random_state) % 2**32)
-        ckpt, start, history = None, 0, None
+        ckpt = None
         if self.checkpoint is not None:
             fingerprint = self._fingerprint(panels, stats, objective, method, col_bounds)
             ckpt = Checkpoint(self.checkpoint, self.checkpoint_every, fingerprint)
-        if self.resume:
-            state = ckpt.load(panels.ops, panels.map)
-            wt, h, start = state.wt, state.h, state.n_iter
-            history = engine.History(**state.history)
-            if shuffle_rng is not None:
-                shuffle_rng.set_state(state.shuffle_state)
-        else:
+
+        def starting_point(from_checkpoint: bool):
+            """(Wᵀ blocks, H blocks, iteration, history, shuffling generator) to start from."""
+            shuffle_rng = None
+            if self.shuffle:
+                shuffle_rng = np.random.RandomState(init.seed_entropy(self.random_state) % 2**32)
+            if from_checkpoint:
+                state = ckpt.load(panels.ops, panels.map)
+                if shuffle_rng is not None:
+                    shuffle_rng.set_state(state.shuffle_state)
+                history = engine.History(**state.history)
+                return state.wt, state.h, state.n_iter, history, shuffle_rng
             wt, h = init.initialize(
                 panels,
                 method,
@@ -547,6 +553,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 H,
                 swap_streams=transposed,
             )
+            return wt, h, 0, None, shuffle_rng
+
+        wt, h, start, history, shuffle_rng = starting_point(self.resume)
         logger.info(
             "NMF fit: X %s %s%s, %d components, %s, beta %g, %s",
             "x".join(map(str, (n_cols, n_rows) if transposed else (n_rows, n_cols))),
@@ -558,22 +567,42 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             f"resumed at iteration {start}" if self.resume else f"init {method}",
         )
         with _Reporter(self.verbose, self.progress, self.max_iter, start) as report:
-            result = engine.fit(
-                panels,
-                objective,
-                wt,
-                h,
-                stats.sum_sq,
-                col_bounds,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                shuffle_rng=shuffle_rng,
-                callback=report,
-                checkpoint=ckpt,
-                start=start,
-                history=history,
-            )
-        value, h_blocks = engine.final_pass(panels, objective, result)
+            for attempt in itertools.count(1):
+                try:
+                    result = engine.fit(
+                        panels,
+                        objective,
+                        wt,
+                        h,
+                        stats.sum_sq,
+                        col_bounds,
+                        max_iter=self.max_iter,
+                        tol=self.tol,
+                        shuffle_rng=shuffle_rng,
+                        callback=report,
+                        checkpoint=ckpt,
+                        start=start,
+                        history=history,
+                    )
+                    value, h_blocks = engine.final_pass(panels, objective, result)
+                    break
+                except engine.LOST_DATA as error:
+                    # A worker died with blocks of W or H that nothing can recompute (their
+                    # inputs, the previous iteration's blocks, are gone): start again from the
+                    # newest checkpoint, else from the initialization. Either gives exactly
+                    # the factors of an undisturbed fit.
+                    if attempt > MAX_RECOVERIES:
+                        raise
+                    from_checkpoint = ckpt is not None and ckpt.latest() is not None
+                    logger.warning(
+                        "Data lost on the cluster (%s: %s); restarting the fit from %s",
+                        type(error).__name__,
+                        error,
+                        "the checkpoint" if from_checkpoint else "the initialization",
+                    )
+                    engine.relocate(panels)
+                    wt, h, start, history, shuffle_rng = starting_point(from_checkpoint)
+                    report.restart(start)
         self.reconstruction_err_ = float(np.sqrt(2 * max(value, 0.0)))
         logger.info(
             "NMF fit done: %d iterations, reconstruction error %.6g",
@@ -798,6 +827,12 @@ class _Reporter:
             if client is not None:
                 self._bar.write(f"Dask dashboard: {client.dashboard_link}")
         return self
+
+    def restart(self, n_iter: int) -> None:
+        """The fit starts again after ``n_iter`` iterations (after a worker loss)."""
+        if self._bar is not None:
+            self._bar.reset(total=self.max_iter)
+            self._bar.update(n_iter)
 
     def __call__(self, n_iter: int, history: engine.History) -> None:
         loss = history.loss[-1]

@@ -1,0 +1,119 @@
+"""Faults a cluster has: a worker process killed mid-fit, workers with less memory than X."""
+
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import low_rank
+from distributed import Client, LocalCluster
+
+from dasknmf import NMF, estimator, save_matrix
+
+KWARGS = dict(n_components=5, init="random", random_state=0, tol=0, max_iter=24)
+
+
+def _kill_workers_at(monkeypatch, client, n_iter: int, how_many: int) -> list:
+    """Kill ``how_many`` worker processes (SIGKILL) when the fit reports iteration ``n_iter``,
+    and wait until the scheduler has seen them go; their nannies start fresh ones."""
+    killed = []
+    report = estimator._Reporter.__call__
+
+    def call(self, i, history):
+        if i == n_iter and not killed:
+            victims = sorted(client.run(os.getpid).items())[-how_many:]
+            for _, pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while any(address in client.scheduler_info()["workers"] for address, _ in victims):
+                assert time.monotonic() < deadline, "the scheduler did not see the workers die"
+                time.sleep(0.05)
+            killed.extend(victims)
+        report(self, i, history)
+
+    monkeypatch.setattr(estimator._Reporter, "__call__", call)
+    return killed
+
+
+@pytest.fixture(scope="module")
+def nanny_cluster():
+    """Two worker processes under nannies, which restart a worker that dies."""
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    X = low_rank(4000, 60, 5)
+    path = save_matrix(tmp_path_factory.mktemp("x") / "X.zarr", X, chunks=(500, 60))
+    return X, str(path)
+
+
+@pytest.mark.parametrize(
+    "cache, checkpoint_every, how_many",
+    [(True, None, 1), (False, None, 1), (True, None, 2), (False, 3, 2)],
+    ids=["cached-one", "streamed-one", "cached-all", "streamed-all-checkpoint"],
+)
+def test_workers_killed_mid_fit_change_nothing(
+    nanny_cluster, stored, tmp_path, monkeypatch, caplog, cache, checkpoint_every, how_many
+):
+    """One worker lost: Dask recomputes what it held. All lost — the scattered settings too,
+    which nothing can recompute: the fit starts again from its checkpoint, else from the
+    initialization. Either way the factors are those of an undisturbed fit."""
+    client = nanny_cluster
+    _, path = stored
+    kwargs = dict(KWARGS, cache=cache, panel_bytes=500 * 60 * 8)
+    reference = NMF(**kwargs)
+    W_ref = reference.fit_transform(path).compute()
+
+    if checkpoint_every:
+        kwargs.update(checkpoint=tmp_path / "ckpt", checkpoint_every=checkpoint_every)
+    killed = _kill_workers_at(monkeypatch, client, 7, how_many)
+    model = NMF(**kwargs)
+    with caplog.at_level(logging.WARNING, logger="dasknmf"):
+        W = model.fit_transform(path).compute()
+    assert len(killed) == how_many, "the workers were not killed"
+    if how_many == 2:
+        start = "the checkpoint" if checkpoint_every else "the initialization"
+        assert f"restarting the fit from {start}" in caplog.text
+    client.wait_for_workers(2, timeout=60)
+    np.testing.assert_array_equal(W, W_ref)
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    assert model.loss_history_ == reference.loss_history_
+    assert model.n_iter_ == KWARGS["max_iter"]
+
+
+def test_workers_with_less_memory_than_x_equal_the_in_memory_fit(tmp_path):
+    """X of 192 MiB streamed through two workers of 160 MiB each (about 90 of them taken by
+    the interpreter and libraries): no worker is terminated, and the factors are the
+    in-memory fit's to float tolerance (the panels differ, so the summation order does)."""
+    n_rows, n_cols = 24_576, 1024
+    rng = np.random.default_rng(0)
+    X = (rng.uniform(size=(n_rows, 6)) @ rng.uniform(size=(6, n_cols))).astype(np.float64)
+    X += 0.01 * rng.uniform(size=X.shape)
+    path = save_matrix(tmp_path / "X.zarr", X, chunks=(2048, n_cols))
+    kwargs = dict(n_components=6, init="random", random_state=0, tol=0, max_iter=6)
+    reference = NMF(**kwargs).fit(X)
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit="160MiB",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        assert X.nbytes > 160 * 2**20
+        pids = client.run(os.getpid)
+        model = NMF(cache=False, panel_bytes=16 * 2**20, **kwargs).fit(str(path))
+        assert client.run(os.getpid) == pids, "a worker was terminated"
+    np.testing.assert_allclose(model.components_, reference.components_, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(model.loss_history_, reference.loss_history_, rtol=1e-9)
