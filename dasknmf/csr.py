@@ -74,19 +74,32 @@ def check_group(group: zarr.Group, where: str) -> tuple[tuple[int, int], int]:
     return shape, data.shape[0]
 
 
+def _read(array: zarr.Array, start: int, stop: int, where: str, rows: tuple[int, int]):
+    try:
+        return np.asarray(array[start:stop])
+    except Exception as error:
+        from dasknmf.io import CorruptStoreError
+
+        raise CorruptStoreError(
+            f"{where}: cannot read {array.basename} of rows {rows[0]}:{rows[1]}: a stored chunk "
+            f"is corrupt or truncated ({type(error).__name__}: {error})."
+        ) from error
+
+
 def read_rows(group: zarr.Group, start: int, stop: int, where: str) -> sp.csr_matrix:
     """Rows ``start:stop`` of a CSR group, checked: indptr monotone, indices in range."""
     n_cols = int(group.attrs["shape"][1])
-    indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
+    rows = (start, stop)
+    indptr = _read(group["indptr"], start, stop + 1, where, rows).astype(np.int64)
     if np.any(np.diff(indptr) < 0):
         raise ValueError(f"{where}: indptr decreases within rows {start}:{stop}; not CSR.")
     low, high = int(indptr[0]), int(indptr[-1])
-    indices = np.asarray(group["indices"][low:high])
+    indices = _read(group["indices"], low, high, where, rows)
     if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
         raise ValueError(
             f"{where}: column indices out of range [0, {n_cols}) in rows {start}:{stop}."
         )
-    data = np.asarray(group["data"][low:high])
+    data = _read(group["data"], low, high, where, rows)
     return sp.csr_matrix((data, indices, indptr - low), shape=(stop - start, n_cols))
 
 

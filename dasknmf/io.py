@@ -14,6 +14,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 
+import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
@@ -36,6 +37,34 @@ class MatrixPathError(FileNotFoundError, ValueError):
 def _read_codec() -> zarr.codecs.BloscCodec:
     # lz4 decompresses at about disk speed; zstd was 3x slower to read here (DESIGN §5).
     return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+class CorruptStoreError(ValueError):
+    """A stored chunk cannot be read back: corrupt or truncated on disk."""
+
+
+class CheckedReader:
+    """Dask's ``getter`` for a stored array, naming the store and the rows when a chunk cannot
+    be decoded (a truncated or corrupted chunk file makes the codec fail with a message such
+    as "error during blosc decompression: -1", which says neither)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __call__(self, a, b, asarray=True, lock=None):
+        from dask.array.core import getter
+
+        try:
+            return getter(a, b, asarray=asarray, lock=lock)
+        except Exception as error:
+            rows = b[0] if isinstance(b, tuple) else b
+            raise CorruptStoreError(
+                f"{self.where}: cannot read rows {rows.start}:{rows.stop}: a stored chunk is "
+                f"corrupt or truncated ({type(error).__name__}: {error})."
+            ) from error
+
+    def __dask_tokenize__(self):
+        return ("dasknmf.io.CheckedReader", self.where)
 
 
 def check_matrix_dtype(dtype, whom: str) -> None:
@@ -116,7 +145,9 @@ def open_matrix(
     stored = node.shards or node.chunks
     n_rows, n_cols = node.shape
     rows = _panel_rows(n_rows, n_cols * node.dtype.itemsize, stored[0], budget)
-    return da.from_zarr(node, chunks=(rows, stored[1]))
+    chunks = (rows, stored[1])
+    name = "from-zarr-" + dask.base.tokenize(node, chunks)
+    return da.from_array(node, chunks=chunks, name=name, getitem=CheckedReader(where))
 
 
 def describe_matrix(source, component: str | None = None) -> dict:

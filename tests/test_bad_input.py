@@ -215,3 +215,40 @@ def test_bad_value_in_the_last_chunk_of_a_store_stops_the_fit_before_any_result(
     with pytest.raises(ValueError, match=match):
         model.fit(str(path))
     assert not hasattr(model, "components_") and not hasattr(model, "W_")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_a_damaged_chunk_file_is_named(tmp_path, sync_scheduler, damage, sparse):
+    from dasknmf import save_matrix
+    from dasknmf.io import CorruptStoreError
+
+    X = np.abs(np.random.default_rng(0).normal(size=(400, 20))) + 0.1
+    path = save_matrix(tmp_path / "X.zarr", sp.csr_matrix(X) if sparse else X, chunks=(100, 20))
+    chunks = (path / "data" / "c") if sparse else (path / "c")
+    chunk = sorted(p for p in chunks.rglob("*") if p.is_file())[-1]  # the last stored chunk
+    raw = bytearray(chunk.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[16:48] = b"\xff" * 32
+    chunk.write_bytes(bytes(raw))
+    model = NMF(2, max_iter=3)
+    with pytest.raises(CorruptStoreError, match="X.zarr.*corrupt or truncated") as info:
+        model.fit(str(path))
+    assert isinstance(info.value, ValueError)
+    assert not hasattr(model, "components_")
+
+
+def test_unknown_parameters():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_component'"):
+        NMF(n_component=2)
+    with pytest.raises(ValueError, match="Invalid parameter 'n_component'"):
+        NMF().set_params(n_component=2)
+
+
+def test_more_components_than_rows_or_columns_as_scikit_learn():
+    """Allowed with a random initialization (as scikit-learn does); nndsvd refuses it."""
+    model = NMF(8, init="random", random_state=0, max_iter=20).fit(GOOD)
+    assert model.components_.shape == (8, 6)
+    assert np.all(np.isfinite(model.components_))

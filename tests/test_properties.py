@@ -1,0 +1,122 @@
+"""Properties that hold for any small non-negative matrix (hypothesis): dense and sparse, with
+zero rows and columns, duplicated rows, constant and all-zero matrices. The factors are
+non-negative and finite, the objective never increases, and the result does not depend on
+how X is cut into panels or Dask chunks beyond float tolerance."""
+
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from dasknmf import NMF
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SOLVERS = [
+    {"solver": "cd"},
+    {"solver": "mu"},
+    {"solver": "mu", "beta_loss": "kullback-leibler"},
+]
+
+
+@st.composite
+def matrices(draw):
+    """A small non-negative matrix with, at random, zero rows/columns, duplicated rows, or a
+    constant or all-zero value."""
+    m, n = draw(st.integers(2, 14)), draw(st.integers(2, 9))
+    values = st.one_of(st.just(0.0), st.floats(0.0, 100.0, allow_subnormal=False))
+    X = draw(arrays(np.float64, (m, n), elements=values))
+    kind = draw(st.sampled_from(["any", "zero-rows-cols", "duplicated", "constant", "zero"]))
+    if kind == "zero-rows-cols":
+        X[draw(st.integers(0, m - 1))] = 0
+        X[:, draw(st.integers(0, n - 1))] = 0
+    elif kind == "duplicated":
+        X[m // 2 :] = X[: m - m // 2]
+    elif kind == "constant":
+        X[:] = draw(st.floats(0.01, 10.0))
+    elif kind == "zero":
+        X[:] = 0
+    return X
+
+
+def _fit(X, solver, k, **kwargs):
+    model = NMF(k, init="random", random_state=0, tol=0, max_iter=12, **solver, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        W = model.fit_transform(X)
+    return (W.compute() if isinstance(W, da.Array) else W), model
+
+
+@SETTINGS
+@given(X=matrices(), solver=st.sampled_from(SOLVERS), k=st.integers(1, 4), sparse=st.booleans())
+def test_factors_are_non_negative_finite_and_the_objective_never_increases(X, solver, k, sparse):
+    W, model = _fit(sp.csr_matrix(X) if sparse else X, solver, k)
+    H = model.components_
+    for factor in (W, H):
+        assert np.all(np.isfinite(factor)) and np.all(factor >= 0)
+    loss = np.array(model.loss_history_)
+    assert np.all(np.isfinite(loss)) and len(loss) == model.n_iter_ + 1
+    # Each update minimizes (HALS) or majorizes (MU) the objective: rounding aside, it never
+    # goes up.
+    slack = 1e-9 * loss[0] + 1e-12
+    assert np.all(np.diff(loss) <= slack), np.diff(loss).max()
+    if not X.any():
+        assert model.reconstruction_err_ == 0
+
+
+def _close(a, b, scale):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7 * (1.0 + scale))
+
+
+@SETTINGS
+@given(
+    X=matrices(),
+    solver=st.sampled_from(SOLVERS),
+    k=st.integers(1, 3),
+    rows=st.integers(1, 6),
+)
+def test_the_result_does_not_depend_on_the_panels_or_chunks(X, solver, k, rows):
+    """One panel, panels of about ``rows`` rows in memory, and Dask chunks of ``rows`` rows.
+
+    (The panel budget stays above what a one-row task needs: below it, X is factorized as Xᵀ,
+    which updates H before W — the same fixed points, but on a degenerate X, such as
+    [[1, 0], [0, 1]] with k = 1, not the same one.)"""
+    one = _fit(X, solver, k)
+    one_row_task = (3 * k + 1) * X.shape[1] * 8
+    many = _fit(X, solver, k, panel_bytes=max(rows * X.shape[1] * 8, one_row_task))
+    with dask.config.set(scheduler="synchronous"):
+        chunked = _fit(da.from_array(X, chunks=(rows, X.shape[1])), solver, k)
+    scale = float(X.max())
+    for W, model in (many, chunked):
+        _close(W @ model.components_, one[0] @ one[1].components_, scale)
+        _close(model.reconstruction_err_, one[1].reconstruction_err_, scale)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, bool, np.float16])
+def test_integer_bool_and_half_inputs_are_converted_as_scikit_learn_does(dtype):
+    from sklearn.decomposition import NMF as SklearnNMF
+
+    X = (np.random.default_rng(0).uniform(size=(30, 8)) * 3).astype(dtype)
+    ours = NMF(2, init="random", random_state=0, max_iter=20, tol=0).fit(X)
+    theirs = SklearnNMF(2, init="random", random_state=0, max_iter=20, tol=0).fit(X)
+    assert ours.components_.dtype == theirs.components_.dtype == np.float64
+    with dask.config.set(scheduler="synchronous"):
+        lazy = NMF(2, init="random", random_state=0, max_iter=20, tol=0).fit(da.from_array(X))
+    assert lazy.components_.dtype == np.float64
+    np.testing.assert_allclose(lazy.components_, ours.components_, rtol=1e-10)
+
+
+def test_float32_stays_float32_on_every_path():
+    X = np.random.default_rng(0).uniform(size=(30, 8)).astype(np.float32)
+    kwargs = dict(n_components=2, init="random", random_state=0, max_iter=5)
+    assert NMF(**kwargs).fit_transform(X).dtype == np.float32
+    assert NMF(**kwargs).fit_transform(sp.csr_matrix(X)).dtype == np.float32
+    with dask.config.set(scheduler="synchronous"):
+        model = NMF(**kwargs)
+        W = model.fit_transform(da.from_array(X, chunks=(10, 8)))
+    assert W.dtype == np.float32 and model.components_.dtype == np.float32
