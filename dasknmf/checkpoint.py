@@ -145,12 +145,14 @@ class Checkpoint:
         differ = sorted(
             key for key in stored.keys() | mine.keys() if stored.get(key) != mine.get(key)
         )
-        kind = "input" if all(key.startswith("input.") for key in differ) else "settings"
+        kind = "other settings"
+        if all(key.startswith("input.") for key in differ):
+            kind = "another input"
         details = "; ".join(
             f"{key}: checkpoint {stored.get(key)!r}, now {mine.get(key)!r}" for key in differ
         )
         raise CheckpointError(
-            f"Cannot resume from {generation}: it was written for a different {kind} ({details})."
+            f"Cannot resume from {generation}: it was written for {kind} ({details})."
         )
 
     # ---- writing ----------------------------------------------------------------------------

@@ -96,18 +96,18 @@ def test_no_checkpoint_to_resume_from(X, tmp_path):
 @pytest.mark.parametrize(
     "change, kind, key",
     [
-        ({"n_components": 3}, "settings", "settings.n_components"),
-        ({"alpha_W": 0.1}, "settings", "settings.l2_w"),
-        ({"solver": "mu"}, "settings", "settings.solver"),
-        ({"random_state": 1}, "settings", "settings.random_state"),
-        ({"panel_bytes": 200 * 30 * 8 // 2}, "settings", "settings.panels"),
+        ({"n_components": 3}, "other settings", "settings.n_components"),
+        ({"alpha_W": 0.1}, "other settings", "settings.l2_w"),
+        ({"solver": "mu"}, "other settings", "settings.solver"),
+        ({"random_state": 1}, "other settings", "settings.random_state"),
+        ({"panel_bytes": 200 * 30 * 8 // 2}, "other settings", "settings.panels"),
     ],
 )
 def test_a_checkpoint_of_other_settings_is_refused(X, tmp_path, change, kind, key):
     NMF(max_iter=2, checkpoint=tmp_path, checkpoint_every=2, **BASE).fit(X)
     before = _generations(tmp_path)
     kwargs = dict(BASE, **change)
-    with pytest.raises(CheckpointError, match=f"different {kind} .*{key}"):
+    with pytest.raises(CheckpointError, match=f"written for {kind} .*{key}"):
         NMF(max_iter=4, checkpoint=tmp_path, resume=True, **kwargs).fit(X)
     assert _generations(tmp_path) == before  # the checkpoint is left as it was
 
@@ -116,7 +116,7 @@ def test_a_checkpoint_of_another_input_is_refused(X, tmp_path):
     NMF(max_iter=2, checkpoint=tmp_path, checkpoint_every=2, **BASE).fit(X)
     other = X.copy()
     other[0, 0] += 1.0
-    with pytest.raises(CheckpointError, match=r"different input \(input.sum"):
+    with pytest.raises(CheckpointError, match=r"written for another input \(input.sum"):
         NMF(max_iter=4, checkpoint=tmp_path, resume=True, **BASE).fit(other)
 
 

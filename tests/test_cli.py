@@ -242,3 +242,27 @@ def test_killed_fit_resumes_bit_identically(tmp_path):
     np.testing.assert_array_equal(a.components_, b.components_)
     np.testing.assert_array_equal(a.W_.compute(), b.W_.compute())
     assert a.loss_history_ == b.loss_history_
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(stored, tmp_path):
+    folder, _ = stored
+    common = ["fit", str(folder / "X.zarr"), "-o", str(tmp_path / "m.zarr"), "--workers", "1",
+              "--init", "random", "--random-state", "0", "--tol", "0", "-q"]  # fmt: skip
+    first = _run(*common, "-k", "4", "--max-iter", "4", "--checkpoint-every", "2")
+    assert first.returncode == 0, first.stderr
+    other = _run(*common, "-k", "3", "--max-iter", "8", "--resume", "--overwrite")
+    assert other.returncode == 2
+    assert "written for other settings" in other.stderr
+    assert "settings.n_components: checkpoint 4, now 3" in other.stderr
+    same = _last_json(_run(*common, "-k", "4", "--max-iter", "8", "--resume", "--overwrite",
+                           "--json"))  # fmt: skip
+    assert same["n_iter"] == 8
+
+
+def test_defaults_come_from_dask_config_and_the_environment():
+    code = "import dask, dasknmf; print(dask.config.get('dasknmf.panel-bytes'))"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert plain.stdout.strip() == "64MiB"
+    env = dict(os.environ, DASK_DASKNMF__PANEL_BYTES="8MiB")
+    set_ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert set_.stdout.strip() == "8MiB"
