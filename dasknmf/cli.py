@@ -121,6 +121,12 @@ def _where_to_run(command):
                 type=click.IntRange(min=1),
                 help="Worker processes of the default LocalCluster [default: one per core].",
             ),
+            click.option(
+                "--wait-for-workers",
+                type=click.FloatRange(min=0),
+                help="Fail (exit 1) if no worker has joined after this many seconds "
+                "[default: wait as long as it takes, e.g. for a batch queue].",
+            ),
         ]
     ):
         command = decorator(command)
@@ -141,8 +147,16 @@ def _connect(cluster, scheduler_address, scheduler_file, workers):
     return connect(address=scheduler_address, scheduler_file=scheduler_file, spec=cluster, **local)
 
 
-def _announce(client) -> None:
-    """Log the cluster (the progress bar shows the dashboard link)."""
+def _announce(client, wait_for_workers: float | None) -> None:
+    """Wait for a worker if asked to, and log the cluster (the progress bar shows the
+    dashboard link)."""
+    if wait_for_workers is not None:
+        try:
+            client.wait_for_workers(1, timeout=wait_for_workers)
+        except TimeoutError:
+            raise click.ClickException(
+                f"No Dask worker joined {client.scheduler.address} within {wait_for_workers:g} s."
+            ) from None
     workers = client.scheduler_info(n_workers=-1)["workers"]
     logger.info("Dask cluster: %d workers, dashboard %s", len(workers), client.dashboard_link)
 
@@ -196,8 +210,8 @@ def _beta_loss(value: str):
 @_fails_cleanly
 def fit(input_path, n_components, output, component, solver, beta_loss, init, max_iter, tol,
         random_state, alpha_w, alpha_h, l1_ratio, checkpoint, checkpoint_every, resume,
-        overwrite, cluster, scheduler_address, scheduler_file, workers, as_json, quiet,
-        verbose):  # fmt: skip
+        overwrite, cluster, scheduler_address, scheduler_file, workers, wait_for_workers,
+        as_json, quiet, verbose):  # fmt: skip
     """Fit NMF to the matrix in INPUT (a Zarr store) and write the model to OUTPUT."""
     from dasknmf import NMF, open_matrix
 
@@ -229,7 +243,7 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
     )
     model._validate_params()  # before a cluster starts
     with _connect(cluster, scheduler_address, scheduler_file, workers) as client:
-        _announce(client)
+        _announce(client, wait_for_workers)
         start = time.perf_counter()
         model.fit(X)
         seconds = time.perf_counter() - start
@@ -264,7 +278,7 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
 @_common
 @_fails_cleanly
 def transform(model_path, input_path, output, component, overwrite, cluster, scheduler_address,
-              scheduler_file, workers, as_json, quiet, verbose):  # fmt: skip
+              scheduler_file, workers, wait_for_workers, as_json, quiet, verbose):  # fmt: skip
     """Write W for the matrix in INPUT under the fitted MODEL (H fixed) to OUTPUT."""
     from dasknmf import load, open_matrix, save_matrix
 
@@ -273,7 +287,7 @@ def transform(model_path, input_path, output, component, overwrite, cluster, sch
     model = load(model_path)
     X = open_matrix(input_path, component)
     with _connect(cluster, scheduler_address, scheduler_file, workers) as client:
-        _announce(client)
+        _announce(client, wait_for_workers)
         start = time.perf_counter()
         W = model.transform(X)
         save_matrix(output, W, overwrite=overwrite)

@@ -266,3 +266,18 @@ def test_defaults_come_from_dask_config_and_the_environment():
     env = dict(os.environ, DASK_DASKNMF__PANEL_BYTES="8MiB")
     set_ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert set_.stdout.strip() == "8MiB"
+
+
+def test_a_cluster_without_workers_fails_after_wait_for_workers(stored, tmp_path):
+    """A batch spec with n_workers: 0, or a queue that never starts the jobs: exit 1 instead
+    of waiting forever."""
+    from distributed import LocalCluster
+
+    folder, _ = stored
+    with LocalCluster(n_workers=0, dashboard_address=None) as empty:
+        result = _run("fit", str(folder / "X.zarr"), "-k", "2", "-o", str(tmp_path / "m.zarr"),
+                      "--scheduler-address", empty.scheduler_address, "--wait-for-workers", "1",
+                      "-q")  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "No Dask worker joined" in result.stderr and "within 1 s" in result.stderr
+    assert not (tmp_path / "m.zarr").exists()
