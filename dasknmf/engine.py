@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import logging
 import math
 import operator
 import os
@@ -39,6 +40,8 @@ import scipy.sparse as sp
 from dasknmf import kernels, steps
 from dasknmf._config import get_bytes
 from dasknmf.steps import Objective, StreamedPanel, sum_in_order
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Executing a phase: eagerly, or as Dask tasks
@@ -123,6 +126,38 @@ class DaskOps:
         pass
 
 
+def _the(value):
+    return value
+
+
+def _loose_restrictions_plugin():
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class LooseRestrictions(SchedulerPlugin):
+        """Sends tasks pinned to a worker that is gone to the workers that join.
+
+        dasknmf places a task with its panel (``workers=[w]``, ``allow_other_workers=True``).
+        When every worker dies, such tasks wait in the 'no-worker' state, and distributed, on a
+        new worker, reschedules only the tasks whose restrictions that worker meets — never
+        these — so the fit would wait forever. This does what the loose restrictions mean.
+        """
+
+        name = "dasknmf-loose-restrictions"
+
+        def add_worker(self, scheduler, worker):
+            stuck = []
+            for ts in scheduler.unrunnable:
+                valid = scheduler.valid_workers(ts)
+                if ts.loose_restrictions and valid is not None and not valid:
+                    stuck.append(ts.key)
+            if stuck:
+                scheduler.transitions(
+                    dict.fromkeys(stuck, "processing"), stimulus_id=f"dasknmf-unpin-{worker}"
+                )
+
+    return LooseRestrictions()
+
+
 class FutureOps:
     """Submit tasks to a distributed Client at once, as futures.
 
@@ -137,6 +172,10 @@ class FutureOps:
 
     def __init__(self, client):
         self.client = client
+        try:
+            client.register_plugin(_loose_restrictions_plugin(), name="dasknmf-loose-restrictions")
+        except Exception as error:  # e.g. a remote scheduler without dasknmf installed
+            logger.warning("Could not register dasknmf's scheduler plugin: %s", error)
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
         """One task per item; ``workers[i]``, if given, is where item i's task should run."""
@@ -161,9 +200,11 @@ class FutureOps:
         return self.client.submit(operator.getitem, obj, index, pure=False)
 
     def share(self, value):
-        # On every worker: scattered data has no lineage, so a single copy would be lost
-        # (and the fit restarted, see NMF) with the worker that held it.
-        return self.client.scatter(value, hash=False, broadcast=True)
+        # A task that returns the value, rather than scattered data: a task has lineage, so the
+        # scheduler makes the value again if its worker dies (scattered data would be lost for
+        # good, and a broadcast scatter waits on every worker the scheduler knows of, even one
+        # that is dying).
+        return self.client.submit(_the, value, pure=False)
 
     def persist(self, *objs):
         return objs

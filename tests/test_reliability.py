@@ -37,9 +37,10 @@ def _kill_workers_at(monkeypatch, client, n_iter: int, how_many: int) -> list:
     return killed
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def nanny_cluster():
-    """Two worker processes under nannies, which restart a worker that dies."""
+    """Two worker processes under nannies, which restart a worker that dies (a fresh cluster
+    for each test: a nanny does not always bring its worker back after a SIGKILL)."""
     with (
         LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
@@ -62,11 +63,11 @@ def stored(tmp_path_factory):
     ids=["cached-one", "streamed-one", "cached-all", "streamed-all-checkpoint"],
 )
 def test_workers_killed_mid_fit_change_nothing(
-    nanny_cluster, stored, tmp_path, monkeypatch, caplog, cache, checkpoint_every, how_many
+    nanny_cluster, stored, tmp_path, monkeypatch, cache, checkpoint_every, how_many
 ):
-    """One worker lost: Dask recomputes what it held. All lost — the scattered settings too,
-    which nothing can recompute: the fit starts again from its checkpoint, else from the
-    initialization. Either way the factors are those of an undisturbed fit."""
+    """One worker lost, or all of them: Dask recomputes what they held, from the store and the
+    tasks' lineage (tasks placed on a worker that is gone go to the new ones: see
+    ``engine.LooseRestrictions``). The factors are those of an undisturbed fit."""
     client = nanny_cluster
     _, path = stored
     kwargs = dict(KWARGS, cache=cache, panel_bytes=500 * 60 * 8)
@@ -77,17 +78,45 @@ def test_workers_killed_mid_fit_change_nothing(
         kwargs.update(checkpoint=tmp_path / "ckpt", checkpoint_every=checkpoint_every)
     killed = _kill_workers_at(monkeypatch, client, 7, how_many)
     model = NMF(**kwargs)
-    with caplog.at_level(logging.WARNING, logger="dasknmf"):
-        W = model.fit_transform(path).compute()
+    W = model.fit_transform(path).compute()
     assert len(killed) == how_many, "the workers were not killed"
-    if how_many == 2:
-        start = "the checkpoint" if checkpoint_every else "the initialization"
-        assert f"restarting the fit from {start}" in caplog.text
-    client.wait_for_workers(2, timeout=60)
     np.testing.assert_array_equal(W, W_ref)
     np.testing.assert_array_equal(model.components_, reference.components_)
     assert model.loss_history_ == reference.loss_history_
     assert model.n_iter_ == KWARGS["max_iter"]
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 4], ids=["from-init", "from-checkpoint"])
+def test_data_the_cluster_cannot_recompute_restarts_the_fit(
+    nanny_cluster, stored, tmp_path, monkeypatch, caplog, checkpoint_every
+):
+    """When the cluster reports data lost for good (a cancelled key, a KilledWorker), the fit
+    starts again from its newest checkpoint, else from the initialization, and ends where an
+    undisturbed fit ends. The loss is injected once, in the final pass after the loop."""
+    from distributed.client import FutureCancelledError
+
+    from dasknmf import engine
+
+    _, path = stored
+    kwargs = dict(KWARGS, cache=False, panel_bytes=500 * 60 * 8)
+    reference = NMF(**kwargs).fit(path)
+    if checkpoint_every:
+        kwargs.update(checkpoint=tmp_path / "ckpt", checkpoint_every=checkpoint_every)
+    final_pass, failures = engine.final_pass, []
+
+    def lose_once(*args):
+        if not failures:
+            failures.append(1)
+            raise FutureCancelledError("panel_step-0", reason="lost dependencies")
+        return final_pass(*args)
+
+    monkeypatch.setattr(engine, "final_pass", lose_once)
+    with caplog.at_level(logging.WARNING, logger="dasknmf"):
+        model = NMF(**kwargs).fit(path)
+    start = "the checkpoint" if checkpoint_every else "the initialization"
+    assert f"restarting the fit from {start}" in caplog.text
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    assert model.loss_history_ == reference.loss_history_
 
 
 def test_workers_with_less_memory_than_x_equal_the_in_memory_fit(tmp_path):
