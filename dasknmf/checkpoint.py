@@ -108,9 +108,9 @@ class Checkpoint:
         generations = sorted(p for p in self.path.iterdir() if _GENERATION.match(p.name))
         return generations[-1] if generations else None
 
-    def load(self, ops, panels_map) -> State:
-        """Read the newest generation; its blocks are read by tasks (``panels_map`` places the
-        blocks of Wᵀ with their panels). Raises ``CheckpointError`` when there is none or when
+    def load(self, panels) -> State:
+        """Read the newest generation into ``panels``' layout; its blocks are read by tasks,
+        those of Wᵀ placed with their panels. Raises ``CheckpointError`` when there is none or when
         it was written for other settings or another input."""
         generation = self.latest()
         if generation is None:
@@ -126,7 +126,8 @@ class Checkpoint:
                 f"this dasknmf reads format {FORMAT}."
             )
         self._check_fingerprint(state["fingerprint"], generation)
-        wt = panels_map(_read_block, [(str(generation / f"wt-{i}"),) for i in range(state["n_wt"])])
+        ops = panels.ops
+        wt = panels.map(_read_block, [(str(generation / f"wt-{i}"),) for i in range(state["n_wt"])])
         h = ops.map(_read_block, [(str(generation / f"h-{j}"),) for j in range(state["n_h"])])
         wt, h = ops.persist(wt, h)
         logger.info("Resuming from %s (iteration %d)", generation, state["n_iter"])
@@ -160,14 +161,16 @@ class Checkpoint:
     def due(self, n_iter: int) -> bool:
         return n_iter % self.every == 0
 
-    def save(self, ops, panels_map, n_iter: int, wt: list, h: list, history, shuffle_state):
-        """Write the factors after iteration ``n_iter`` as a new generation, atomically."""
+    def save(self, panels, n_iter: int, wt: list, h: list, history, shuffle_state):
+        """Write the factors after iteration ``n_iter`` (blocks as ``panels.ops`` holds them)
+        as a new generation, atomically."""
+        ops = panels.ops
         self.path.mkdir(parents=True, exist_ok=True)
         name = f"iter-{n_iter:08d}"
         tmp = self.path / f".{name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            written = panels_map(
+            written = panels.map(
                 _write_block, [(str(tmp / f"wt-{i}"), b) for i, b in enumerate(wt)]
             ) + ops.map(_write_block, [(str(tmp / f"h-{j}"), b) for j, b in enumerate(h)])
             ops.fetch(written)

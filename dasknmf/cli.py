@@ -76,10 +76,10 @@ def _emit(as_json: bool, record: dict, text: str, quiet: bool) -> None:
 
 
 def _check_output(path: pathlib.Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise BadInput(f"{path} already exists; pass --overwrite to replace it.")
-    if not path.parent.exists():
-        raise BadInput(f"Cannot write {path}: its folder {path.parent} does not exist.")
+    """Refuse an OUTPUT before any work (the write itself checks again)."""
+    from dasknmf.io import check_output
+
+    check_output(path, overwrite, how="--overwrite")
 
 
 _INPUT = click.Path(exists=True, path_type=pathlib.Path)

@@ -723,20 +723,20 @@ def fit(
             stop = known
             break
         if checkpoint is not None and checkpoint.due(n_iter):
-            state = rng_before.get(n_iter + 1) if shuffle_rng is not None else None
-            if shuffle_rng is not None and state is None:
-                state = shuffle_rng.get_state()
-            checkpoint.save(ops, panels.map, n_iter, wt, h, history, state)
+            state = None
+            if shuffle_rng is not None:
+                state = rng_before.get(n_iter + 1) or shuffle_rng.get_state()
+            checkpoint.save(panels, n_iter, wt, h, history, state)
         rng_before.pop(n_iter, None)
         if not ops.is_async and n_iter < max_iter:
             submit()
     in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
     n_iter = stop or n_iter
     wt, h = recent[n_iter]
-    if ops.is_lazy and n_iter > start:
-        h = [ops.item(b, 0) for b in h]
-    elif not ops.is_lazy:
+    if not ops.is_lazy:
         h = [steps.h_array(b) for b in h]
+    elif n_iter > start:  # h_step output tuples (those of ``start`` are arrays already)
+        h = [ops.item(b, 0) for b in h]
     return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
 
 

@@ -537,7 +537,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             if self.shuffle:
                 shuffle_rng = np.random.RandomState(init.seed_entropy(self.random_state) % 2**32)
             if from_checkpoint:
-                state = ckpt.load(panels.ops, panels.map)
+                state = ckpt.load(panels)
                 if shuffle_rng is not None:
                     shuffle_rng.set_state(state.shuffle_state)
                 history = engine.History(**state.history)

@@ -19,6 +19,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 import zarr
+from dask.array.core import getter
 
 from dasknmf import csr
 from dasknmf._config import get_bytes
@@ -52,8 +53,6 @@ class CheckedReader:
         self.where = where
 
     def __call__(self, a, b, asarray=True, lock=None):
-        from dask.array.core import getter
-
         try:
             return getter(a, b, asarray=asarray, lock=lock)
         except Exception as error:
@@ -203,15 +202,22 @@ def default_chunks(
     return min(n_rows, side), min(n_cols, side)
 
 
+def check_output(path, overwrite: bool, how: str = "overwrite=True") -> None:
+    """Refuse to write ``path`` when it exists (unless ``overwrite``; ``how`` says how to ask
+    for that) or when its folder does not."""
+    path = pathlib.Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass {how} to replace it.")
+    if not path.parent.exists():
+        raise MatrixPathError(f"Cannot write {path}: its folder {path.parent} does not exist.")
+
+
 @contextlib.contextmanager
 def atomic_path(path, overwrite: bool = False) -> Iterator[pathlib.Path]:
     """Yield a temporary sibling of ``path`` to write into; rename it to ``path`` on success,
     remove it on failure."""
     path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
-    if not path.parent.exists():
-        raise MatrixPathError(f"Cannot write {path}: its folder {path.parent} does not exist.")
+    check_output(path, overwrite)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
