@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from dasknmf import csr
 from dasknmf.io import (
+    CONVERTIBLE,
     DEFAULT_CHUNK_BYTES,
     MatrixPathError,
     atomic_path,
@@ -27,7 +28,7 @@ from dasknmf.io import (
     save_matrix,
 )
 
-SUFFIXES = (".npy", ".npz", ".mtx", ".h5ad")
+SUFFIXES = CONVERTIBLE
 #: Entries of a Matrix Market file parsed at a time.
 MTX_BLOCK = 1 << 20
 

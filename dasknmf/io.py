@@ -30,6 +30,10 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 MIN_CHUNK_ROWS = 64
 
 
+#: File types ``dasknmf.convert`` turns into Zarr stores.
+CONVERTIBLE = (".npy", ".npz", ".mtx", ".h5ad")
+
+
 class MatrixPathError(FileNotFoundError, ValueError):
     """A path that should hold a matrix does not exist (both a FileNotFoundError and a
     ValueError, so either ``except`` clause catches it)."""
@@ -185,7 +189,10 @@ def _open_node(source):
     try:
         return zarr.open(str(source), mode="r")
     except (FileNotFoundError, zarr.errors.NodeNotFoundError) as error:
-        raise MatrixPathError(f"{source} is not a Zarr store: {error}") from error
+        hint = ""
+        if path.suffix.lower() in CONVERTIBLE:
+            hint = f"; convert it first: dasknmf convert {source} DST.zarr"
+        raise MatrixPathError(f"{source} is not a Zarr store{hint} ({error})") from error
 
 
 def default_chunks(

@@ -174,7 +174,7 @@ def test_info_on_a_sparse_store(tmp_path):
             ["fit", "{X}", "-k", "2", "-o", "{out}", "--workers", "1", "--scheduler-address", "x"],
             "--workers sizes the default LocalCluster only",
         ),
-        (["fit", "{npy}", "-k", "2", "-o", "{out}"], "is not a Zarr store"),
+        (["fit", "{npy}", "-k", "2", "-o", "{out}"], "X.npy is not a Zarr store; convert it first"),
         (["fit", "{X}", "-k", "2", "-o", "{out}", "--component", "X"], "has no component"),
         (["transform", "{npy}", "{X}", "-o", "{out}"], "X.npy is not a Zarr store"),
         (["plot", "{X}", "-o", "{tmp}/p.png"], "is not a dasknmf model"),
