@@ -318,7 +318,7 @@ def convert_command(src, dst, overwrite, as_json, quiet, verbose):
     _check_output(dst, overwrite)
     start = time.perf_counter()
     convert(src, dst, overwrite=overwrite)
-    info = describe_matrix(dst)
+    info = describe_matrix(dst, count=False)  # no second read of what was just written
     record = {"command": "convert", "input": str(src), "output": str(dst), **info}
     record["seconds"] = round(time.perf_counter() - start, 3)
     shape = " x ".join(map(str, info["shape"]))
@@ -355,7 +355,9 @@ def _describe(path: pathlib.Path, component):
 @_common
 @_fails_cleanly
 def info(path, component, as_json, quiet, verbose):
-    """Describe a stored matrix (shape, dtype, dense/CSR, chunks, nnz) or a fitted model."""
+    """Describe a stored matrix (shape, dtype, dense/CSR, chunks, nnz) or a fitted model.
+
+    For a dense matrix, counting the non-zeros reads the whole store once."""
     _setup_logging(verbose, quiet)
     kind, record = _describe(path, component)
     record = {"command": "info", "kind": kind, **record}

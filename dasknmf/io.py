@@ -153,9 +153,11 @@ def open_matrix(
     return da.from_array(node, chunks=chunks, name=name, getitem=CheckedReader(where))
 
 
-def describe_matrix(source, component: str | None = None) -> dict:
+def describe_matrix(source, component: str | None = None, *, count: bool = True) -> dict:
     """What ``dasknmf info`` shows of a stored matrix: shape, dtype, dense or CSR, the stored
-    chunks, the row panels dasknmf reads, and (for CSR, from ``indptr``) the stored entries."""
+    chunks, the row panels dasknmf reads, and the non-zeros (for CSR the stored entries, from
+    ``indptr``; for a dense store counted in one read of it, on the current scheduler, unless
+    ``count`` is False)."""
     X = open_matrix(source, component)
     node = _open_node(source)
     if component is not None:
@@ -172,6 +174,8 @@ def describe_matrix(source, component: str | None = None) -> dict:
         info["nnz"] = int(node["indptr"][-1])
         info["density"] = info["nnz"] / max(1, X.shape[0] * X.shape[1])
     else:
+        if count:
+            info["nnz"] = int(da.count_nonzero(X).compute())
         info["chunks"] = list(node.chunks)
         if node.shards is not None:
             info["shards"] = list(node.shards)

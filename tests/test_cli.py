@@ -141,6 +141,7 @@ def test_fit_transform_info_plot(stored, tmp_path):
     assert info["kind"] == "model" and info["n_iter"] == 40 and info["n_components"] == 4
     text = _run("info", str(folder / "X.zarr"))
     assert "shape: [1200, 40]" in text.stdout and "format: dense" in text.stdout
+    assert f"nnz: {np.count_nonzero(X)}" in text.stdout
 
     pytest.importorskip("matplotlib")
     plot = _run("plot", str(model), "-o", str(tmp_path / "loss.png"))
