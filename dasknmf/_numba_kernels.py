@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 
 # fastmath lets the k-long reductions vectorize (X is finite, validated before any fit);
 # accumulating in the factors' dtype, as scikit-learn does, halves the time again.
@@ -56,3 +57,52 @@ def kl_columns(indptr, indices, data, w, ht, eps, out):  # pragma: no cover
             out_c = out[c]
             for t in range(k):
                 out_c[t] += q * w_r[t]
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def kl_update_rows(indptr, indices, data, w, ht, den, l2, eps, out):  # pragma: no cover
+    """The multiplicative Kullback–Leibler update of W, row by row, fused with the numerator
+    of the H update: for each row r, num = Σ_p x_p / max(w_r·h_c, ε) · h_c (with the old w_r),
+    then w_r ← w_r ∘ num / d for d = den + l2·w_r (ε where d = 0, as in ``mu.step``), then
+    out[c] += x_p / max(w_r·h_c, ε) · w_r with the new w_r — while the row's h_c are still
+    in cache. Also returns Σ x·log(x / max(wh, ε)) and Σ x over x > ε at the old W."""
+    k = w.shape[1]
+    num = np.empty(k, dtype=w.dtype)
+    divergence = 0.0
+    total = 0.0
+    for r in range(indptr.size - 1):
+        w_r = w[r]
+        num[:] = 0
+        start, stop = indptr[r], indptr[r + 1]
+        for p in range(start, stop):
+            h_c = ht[indices[p]]
+            wh = w_r[0] * h_c[0]
+            for t in range(1, k):
+                wh += w_r[t] * h_c[t]
+            if wh < eps:
+                wh = eps
+            x = data[p]
+            q = x / wh
+            for t in range(k):
+                num[t] += q * h_c[t]
+            if x > eps:
+                divergence += x * math.log(q)
+                total += x
+        for t in range(k):
+            d = den[t] + l2 * w_r[t]
+            if d == 0:
+                d = eps
+            w_r[t] *= num[t] / d
+        for p in range(start, stop):
+            c = indices[p]
+            h_c = ht[c]
+            wh = w_r[0] * h_c[0]
+            for t in range(1, k):
+                wh += w_r[t] * h_c[t]
+            if wh < eps:
+                wh = eps
+            q = data[p] / wh
+            out_c = out[c]
+            for t in range(k):
+                out_c[t] += q * w_r[t]
+    return divergence, total

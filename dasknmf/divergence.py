@@ -186,15 +186,31 @@ def _floored_power(wh: np.ndarray, exponent: float) -> np.ndarray:
 # ---- both together ---------------------------------------------------------------------------
 
 
-def _fused(x, beta: float) -> bool:
+def fused(x, beta: float) -> bool:
     """Whether the compiled Kullback–Leibler kernels serve this panel."""
     return beta == 1 and sp.issparse(x) and _compiled.enabled()
+
+
+def kl_update(x, wt: np.ndarray, h: np.ndarray, *, l1: float = 0.0, l2: float = 0.0):
+    """For a panel that ``fused`` serves: ``mu.step`` of W with ``w_statistics`` (β = 1), then
+    ``h_statistics`` at the new W, in one compiled pass over the stored entries.
+
+    Returns the new Wᵀ (k, m_i), the numerator and denominator of the H update, and
+    D_KL(X_i | W_i·H) at the old W.
+    """
+    denominator = w_denominator(x, None, wt, h, 1)[:, 0]
+    if l1:
+        denominator = denominator + l1
+    sum_wh = _sum_wh(wt, h)
+    wt, numerator, logs, total = _compiled.kl_update(x, wt, h, denominator, l2, EPSILON)
+    value = logs + sum_wh - total
+    return wt, numerator, h_denominator(x, None, wt, h, 1), value
 
 
 def w_statistics(x, wt: np.ndarray, h: np.ndarray, beta: float, with_divergence: bool = False):
     """Numerator (X ∘ (W·H)^(β−2))·Hᵀ and denominator of the W update, both (k, m_i), and
     D_β(X_i | W_i·H) when asked (else None)."""
-    if _fused(x, beta):
+    if fused(x, beta):
         numerator, logs, total = _compiled.kl_w_numerator(x, wt, h, EPSILON, with_divergence)
         value = logs + _sum_wh(wt, h) - total if with_divergence else None
         return numerator, w_denominator(x, None, wt, h, beta), value
@@ -206,7 +222,7 @@ def w_statistics(x, wt: np.ndarray, h: np.ndarray, beta: float, with_divergence:
 def h_statistics(x, wt: np.ndarray, h: np.ndarray, beta: float):
     """The panel's numerator Wᵀ·(X ∘ (W·H)^(β−2)), (k, n), and denominator (see
     ``h_denominator``) of the H update."""
-    if _fused(x, beta):
+    if fused(x, beta):
         return _compiled.kl_h_numerator(x, wt, h, EPSILON), h_denominator(x, None, wt, h, beta)
     wh = sampled_product(x, wt, h)
     return dot_w(weighted(x, wh, beta), wt), h_denominator(x, wh, wt, h, beta)

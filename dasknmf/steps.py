@@ -169,17 +169,24 @@ def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
 def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):
     """``panel_step`` for a β-divergence other than Frobenius: multiplicative updates."""
     beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
-    for sweep in range(objective.sweeps_w):
-        numerator, denominator, value = divergence.w_statistics(
-            x, wt, h, beta, with_divergence=sweep == 0
+    if objective.sweeps_w == 1 and divergence.fused(x, beta):
+        wt, numerator, denominator, stats[P_DIV_OLD] = divergence.kl_update(
+            x, wt, h, l1=objective.l1_w, l2=objective.l2_w
         )
-        if sweep == 0:
-            stats[P_DIV_OLD] = value
-        wt = mu.step(wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma)
-        if beta < 1:
-            wt[wt < _TINY] = 0
+    else:
+        for sweep in range(objective.sweeps_w):
+            numerator, denominator, value = divergence.w_statistics(
+                x, wt, h, beta, with_divergence=sweep == 0
+            )
+            if sweep == 0:
+                stats[P_DIV_OLD] = value
+            wt = mu.step(
+                wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma
+            )
+            if beta < 1:
+                wt[wt < _TINY] = 0
+        numerator, denominator = divergence.h_statistics(x, wt, h, beta)
     stats[P_SUM_W] = wt.sum(dtype=np.float64)
-    numerator, denominator = divergence.h_statistics(x, wt, h, beta)
     numerators = _split(numerator, col_bounds)
     if denominator.ndim == 1:  # β = 1: colsum(W_i), the same for every column block
         denominators = (denominator,) * len(numerators)

@@ -6,6 +6,7 @@ import pytest
 import scipy.sparse as sp
 
 from dasknmf import NMF, _compiled, divergence
+from dasknmf.solvers import mu
 
 pytest.importorskip("numba")
 
@@ -34,6 +35,25 @@ def test_h_statistics_agree():
     compiled, plain = _both(lambda: divergence.h_statistics(X, WT, H, 1))
     for a, b in zip(compiled, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("l1", "l2"), [(0.0, 0.0), (0.3, 0.0), (0.0, 0.5), (0.2, 0.7)])
+def test_fused_update_is_the_update_then_the_h_statistics(l1, l2):
+    """``divergence.kl_update`` (W updated row by row inside the pass over the entries) gives
+    what ``mu.step`` with ``w_statistics``, then ``h_statistics`` at the new W give."""
+    h = H.copy()
+    h[2] = 0  # a zero row of H: rowsum 0, the denominator's guard
+    with dask.config.set({"dasknmf.compiled": True}):
+        wt, numerator, denominator, value = divergence.kl_update(X, WT.copy(), h, l1=l1, l2=l2)
+    with dask.config.set({"dasknmf.compiled": False}):
+        w_num, w_den, expected_value = divergence.w_statistics(X, WT, h, 1, with_divergence=True)
+        expected_wt = mu.step(WT.copy(), w_num, w_den, l1=l1, l2=l2)
+        expected_num, expected_den = divergence.h_statistics(X, expected_wt, h, 1)
+    np.testing.assert_allclose(wt, expected_wt, rtol=1e-12)
+    np.testing.assert_allclose(numerator, expected_num, rtol=1e-12)
+    np.testing.assert_allclose(denominator, expected_den, rtol=1e-12)
+    assert value == pytest.approx(expected_value, rel=1e-12)
+    assert not np.array_equal(wt, WT)  # it did update
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
