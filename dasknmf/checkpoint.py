@@ -2,12 +2,13 @@
 
 A checkpoint is a folder. Each save writes a complete generation ``iter-NNNNNNNN/`` — the blocks
 of Wᵀ and H as they are in the fit (one Zarr array per block, written by the task holding it,
-so W never passes through this process), and ``state.json`` with the iteration, the history,
-the state of the shuffling generator and the fingerprint of the settings and the input — under
-a temporary name, and renames it into place when complete. A rename within a folder is atomic,
-so every ``iter-*`` generation is whole; older ones are removed after the new one is in place,
-and the newest is the checkpoint. A process killed at any moment leaves either the previous
-checkpoint or the new one.
+so W never passes through this process; for a fit with extrapolation also the plain blocks of
+Wᵀ and the previous blocks of H), and ``state.json`` with the iteration, the history, the
+state of the shuffling generator (and of the extrapolation) and the fingerprint of the
+settings and the input — under a temporary name, and renames it into place when complete. A
+rename within a folder is atomic, so every ``iter-*`` generation is whole; older ones are
+removed after the new one is in place, and the newest is the checkpoint. A process killed at
+any moment leaves either the previous checkpoint or the new one.
 
 Resuming reads the newest generation into the same panel layout and continues the loop from
 the next iteration: the factors are bit-identical to those of an uninterrupted run.
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from dasknmf.solvers import extrapolation
 from dasknmf.steps import h_array
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class State:
     shuffle_state: tuple | None
     wt: list
     h: list
+    momentum: tuple | None = None  # of an extrapolated fit (see ``engine.iterate``)
 
 
 def _write_block(path: str, block) -> int:
@@ -129,6 +132,17 @@ class Checkpoint:
         ops = panels.ops
         wt = panels.map(_read_block, [(str(generation / f"wt-{i}"),) for i in range(state["n_wt"])])
         h = ops.map(_read_block, [(str(generation / f"h-{j}"),) for j in range(state["n_h"])])
+        momentum = None
+        if state.get("control") is not None:
+            wt_plain = panels.map(
+                _read_block, [(str(generation / f"wtp-{i}"),) for i in range(state["n_wt"])]
+            )
+            h_previous = ops.map(
+                _read_block, [(str(generation / f"hp-{j}"),) for j in range(state["n_h"])]
+            )
+            wt_plain, h_previous = ops.persist(wt_plain, h_previous)
+            control = extrapolation.Control(**state["control"])
+            momentum = (list(wt_plain), list(h_previous), control)
         wt, h = ops.persist(wt, h)
         logger.info("Resuming from %s (iteration %d)", generation, state["n_iter"])
         return State(
@@ -137,6 +151,7 @@ class Checkpoint:
             shuffle_state=_rng_state_from_json(state["shuffle_state"]),
             wt=list(wt),
             h=list(h),
+            momentum=momentum,
         )
 
     def _check_fingerprint(self, stored: dict, generation: pathlib.Path) -> None:
@@ -161,9 +176,9 @@ class Checkpoint:
     def due(self, n_iter: int) -> bool:
         return n_iter % self.every == 0
 
-    def save(self, panels, n_iter: int, wt: list, h: list, history, shuffle_state):
+    def save(self, panels, n_iter: int, wt: list, h: list, history, shuffle_state, momentum=None):
         """Write the factors after iteration ``n_iter`` (blocks as ``panels.ops`` holds them)
-        as a new generation, atomically."""
+        and, for an extrapolated fit, its ``momentum``, as a new generation, atomically."""
         ops = panels.ops
         self.path.mkdir(parents=True, exist_ok=True)
         name = f"iter-{n_iter:08d}"
@@ -173,6 +188,15 @@ class Checkpoint:
             written = panels.map(
                 _write_block, [(str(tmp / f"wt-{i}"), b) for i, b in enumerate(wt)]
             ) + ops.map(_write_block, [(str(tmp / f"h-{j}"), b) for j, b in enumerate(h)])
+            control = None
+            if momentum is not None:
+                wt_plain, h_previous, control = momentum
+                written += panels.map(
+                    _write_block, [(str(tmp / f"wtp-{i}"), b) for i, b in enumerate(wt_plain)]
+                ) + ops.map(
+                    _write_block, [(str(tmp / f"hp-{j}"), b) for j, b in enumerate(h_previous)]
+                )
+                control = ops.fetch(control).as_dict()
             ops.fetch(written)
             state = {
                 "format": FORMAT,
@@ -181,6 +205,7 @@ class Checkpoint:
                 "n_h": len(h),
                 "history": history.as_dict(),
                 "shuffle_state": _rng_state_to_json(shuffle_state),
+                "control": control,
                 "fingerprint": self.fingerprint,
             }
             with (tmp / "state.json").open("w") as f:

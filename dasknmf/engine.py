@@ -39,6 +39,7 @@ import scipy.sparse as sp
 
 from dasknmf import kernels, steps
 from dasknmf._config import get_bytes
+from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective, StreamedPanel, sum_in_order
 
 logger = logging.getLogger(__name__)
@@ -550,32 +551,70 @@ def iterate(
     h: list,
     col_bounds: list[int],
     orders=(None, None),
+    momentum: tuple | None = None,
+    norm_x_sq: float | None = None,
 ):
     """Build (or, eagerly, run) one iteration. Returns the new blocks of Wᵀ, the new column
-    blocks of H (as ``h_step`` outputs, see ``h_array``) and the summary ``(H·Hᵀ, H stats, B,
-    panel stats)``. ``objective`` and ``col_bounds`` may be
-    ``ops.share``d.
+    blocks of H (as ``h_step`` outputs, see ``h_array``), the summary ``(H·Hᵀ, H stats, B,
+    panel stats)`` and the momentum of the next iteration. ``objective`` and ``col_bounds``
+    may be ``ops.share``d.
+
+    ``momentum``, for a fit with extrapolation (``solvers.extrapolation``), is ``(plain blocks
+    of Wᵀ, the H blocks of the iteration before, control)``; then ``wt`` holds the pushed
+    blocks of Wᵀ, and ``norm_x_sq`` is needed for the next control. Without, it is None.
 
     The critical path is panel_step → h_step (which also runs the last level of its reduction)
-    → the next panel_step; the summary is off it.
+    → the next panel_step; the summary is off it (with extrapolation, the next control is on
+    it: one small task).
     """
     ops = panels.ops
     order_w, order_h = orders
-    outs = panels.map(
-        steps.panel_step,
-        list(zip(panels.items, wt, strict=True)),
-        objective,
-        order_w,
-        col_bounds,
-        h,
-    )
+    if momentum is None:
+        outs = panels.map(
+            steps.panel_step,
+            list(zip(panels.items, wt, strict=True)),
+            objective,
+            order_w,
+            col_bounds,
+            h,
+        )
+    else:
+        wt_plain, h_previous, control = momentum
+        outs = panels.map(
+            steps.extrapolated_panel_step,
+            list(zip(panels.items, wt, wt_plain, strict=True)),
+            objective,
+            order_w,
+            col_bounds,
+            h,
+            h_previous,
+            control,
+        )
     new_wt = [ops.item(out, 0) for out in outs]
     h_outs = []
     for j, h_j in enumerate(h):
         parts, raw = reduce_to_fanin(ops, outs, functools.partial(steps._panel_partials, j))
-        h_outs.append(ops.call(steps.h_step, objective, order_h, j, raw, h_j, *parts))
+        if momentum is None:
+            h_outs.append(ops.call(steps.h_step, objective, order_h, j, raw, h_j, *parts))
+        else:
+            h_outs.append(
+                ops.call(
+                    steps.extrapolated_h_step,
+                    objective,
+                    order_h,
+                    j,
+                    raw,
+                    h_j,
+                    h_previous[j],
+                    control,
+                    *parts,
+                )
+            )
     summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
-    return new_wt, h_outs, summary
+    if momentum is not None:
+        control = ops.call(steps.advance_control, control, objective, norm_x_sq, summary)
+        momentum = ([ops.item(out, -1) for out in outs], h, control)
+    return new_wt, h_outs, summary, momentum
 
 
 def reduce_to_fanin(ops, items: list, first: Callable, split_every: int | None = None):
@@ -633,15 +672,7 @@ class History:
         the sums the penalties need; the error is scikit-learn's sqrt(2·D_β)."""
         value = max(float(value), 0.0)
         self.error.append(math.sqrt(2 * value))
-        self.loss.append(
-            float(
-                value
-                + objective.l1_w * sum_w
-                + 0.5 * objective.l2_w * sq_w
-                + objective.l1_h * sum_h
-                + 0.5 * objective.l2_h * sq_h
-            )
-        )
+        self.loss.append(objective.penalized(value, sum_w, sq_w, sum_h, sq_h))
 
 
 @dataclass
@@ -650,6 +681,7 @@ class FitResult:
     h: list
     n_iter: int
     history: History
+    momentum: tuple | None = None
 
 
 def fit(
@@ -667,6 +699,7 @@ def fit(
     checkpoint=None,
     start: int = 0,
     history: History | None = None,
+    momentum: tuple | None = None,
 ) -> FitResult:
     """Alternate W and H updates until the solver's stopping rule or ``max_iter``.
 
@@ -680,11 +713,17 @@ def fit(
     ``checkpoint.every``-th iteration. A resumed fit passes the checkpoint's factors as ``wt``
     and ``h``, its iteration as ``start`` and its ``history`` (and ``shuffle_rng`` in the
     checkpoint's state): it then computes exactly what the uninterrupted fit would have.
+
+    With ``objective.extrapolate`` the iterates are pushed along their last step
+    (``solvers.extrapolation``); a resumed fit then also passes the checkpoint's ``momentum``
+    (see ``iterate``). ``FitResult.momentum`` is the momentum after the last iteration.
     """
     ops = panels.ops
+    if objective.extrapolate and momentum is None:
+        momentum = (list(wt), list(h), _first_control(panels, objective, wt, h))
     k = objective.n_components
     in_flight: collections.deque = collections.deque()
-    latest = (wt, h)
+    latest = (wt, h, momentum)
     shared = ops.share(objective), ops.share(col_bounds)
 
     # The shuffling generator's state before each submitted iteration's draws: a checkpoint
@@ -698,23 +737,26 @@ def fit(
         if shuffle_rng is not None:
             rng_before[next_iter] = shuffle_rng.get_state()
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
-        step = ops.persist(*iterate(panels, shared[0], *latest, shared[1], orders))
-        latest = step[:2]
+        wt, h, momentum = latest
+        step = ops.persist(
+            *iterate(panels, shared[0], wt, h, shared[1], orders, momentum, norm_x_sq)
+        )
+        latest = (step[0], step[1], step[3])
         in_flight.append(step)
         next_iter += 1
 
     history = history if history is not None else History()
     # The factors of the last two iterations. Those of ``start`` are arrays; later H blocks
     # are whole ``h_step`` output tuples (see ``steps.h_array``).
-    recent: dict[int, tuple] = {start: (wt, h)}
+    recent: dict[int, tuple] = {start: (wt, h, momentum)}
     n_iter, stop = start, 0
     if start < max_iter:
         submit()
     for n_iter in range(start + 1, max_iter + 1):
         if ops.is_async and n_iter < max_iter:
             submit()
-        wt, h, summary = in_flight.popleft()
-        recent[n_iter] = (wt, h)
+        wt, h, summary, momentum = in_flight.popleft()
+        recent[n_iter] = (wt, h, momentum)
         recent.pop(n_iter - 2, None)
         known = _record(history, objective, norm_x_sq, n_iter, ops.fetch(summary))
         if callback is not None and known:
@@ -726,18 +768,31 @@ def fit(
             state = None
             if shuffle_rng is not None:
                 state = rng_before.get(n_iter + 1) or shuffle_rng.get_state()
-            checkpoint.save(panels, n_iter, wt, h, history, state)
+            checkpoint.save(panels, n_iter, wt, h, history, state, momentum)
         rng_before.pop(n_iter, None)
         if not ops.is_async and n_iter < max_iter:
             submit()
     in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
     n_iter = stop or n_iter
-    wt, h = recent[n_iter]
+    wt, h, momentum = recent[n_iter]
     if not ops.is_lazy:
         h = [steps.h_array(b) for b in h]
     elif n_iter > start:  # h_step output tuples (those of ``start`` are arrays already)
         h = [ops.item(b, 0) for b in h]
-    return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
+    return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history, momentum=momentum)
+
+
+def _first_control(panels: Panels, objective: Objective, wt: list, h: list):
+    """The extrapolation control of the first iteration: it balances the components of the
+    initialization (see ``solvers.extrapolation``), so that the first violation, the
+    reference of the stopping rule, is measured at the scales of the later ones."""
+    if objective.has_penalties:
+        return extrapolation.Control()
+    ops = panels.ops
+    sq_w = tree_reduce(ops, panels.map(steps.component_sq_norms, [(b,) for b in wt]))
+    sq_h = tree_reduce(ops, ops.map(steps.component_sq_norms, [(b,) for b in h]))
+    scale = extrapolation.balance(*ops.fetch((sq_w, sq_h)))
+    return extrapolation.Control(scale=scale, scale_older=scale)
 
 
 def _record(history: History, objective: Objective, norm_x_sq: float, n_iter: int, summary) -> int:
@@ -749,7 +804,7 @@ def _record(history: History, objective: Objective, norm_x_sq: float, n_iter: in
     the objective of iteration t is known when iteration t + 1 has run (the last one's comes
     from ``final_pass``).
     """
-    gram_h, h_stats, gram_w, panel_stats = summary
+    _, h_stats, _, panel_stats = summary
     old_sums = (
         panel_stats[steps.P_SUM_W_OLD],
         panel_stats[steps.P_SQ_W_OLD],
@@ -762,14 +817,7 @@ def _record(history: History, objective: Objective, norm_x_sq: float, n_iter: in
     if n_iter == 1:
         cross, wgw = panel_stats[steps.P_CROSS_OLD], panel_stats[steps.P_WGW_OLD]
         history.record(objective, 0.5 * (norm_x_sq - 2 * cross + wgw), *old_sums)
-    history.record(
-        objective,
-        0.5 * (norm_x_sq - 2 * h_stats[steps.H_CROSS] + steps._dot64(gram_w, gram_h)),
-        panel_stats[steps.P_SUM_W],
-        float(np.trace(gram_w)),
-        h_stats[steps.H_SUM_H],
-        float(np.trace(gram_h)),
-    )
+    history.record(objective, *steps.frobenius_terms(norm_x_sq, summary))
     history.violation.append(float(panel_stats[steps.P_VIOLATION] + h_stats[steps.H_VIOLATION]))
     return n_iter
 

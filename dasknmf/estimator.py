@@ -122,8 +122,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Sweeps of the update rule per factor and iteration. Extra sweeps reuse the statistics
         of one read of X (Gillis & Glineur 2012). 'auto': for 'cd'/'hals', n_features //
         n_components sweeps for W and n_samples // n_components for H, each between 1 and
-        10; for 'mu', 1 (scikit-learn's single update). ``inner_iter=1`` with 'cd' is
-        scikit-learn's algorithm step for step.
+        10; for 'mu', 1 (scikit-learn's single update). ``inner_iter=1`` with 'cd' and
+        ``extrapolate=False`` is scikit-learn's algorithm step for step.
+    extrapolate : bool or 'auto', default='auto'
+        'cd'/'hals' only: after each update, push W and H further along their last step and
+        update from there, with restarts when the objective increases (Ang & Gillis 2019,
+        ``dasknmf.solvers.extrapolation``). Usually reaches a given error in far fewer
+        iterations; the objective may rise for one iteration before a restart. 'auto': on
+        for 'cd'/'hals', off for 'mu' (True with 'mu' is an error).
     panel_bytes : int, str or None, default=None
         Target size of a row panel of X (the unit of work of one task), e.g. ``"64MiB"``;
         default ``dask.config`` keys ``dasknmf.panel-bytes`` for Dask input (64 MiB: fewer,
@@ -192,6 +198,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         verbose=0,
         shuffle=False,
         inner_iter="auto",
+        extrapolate="auto",
         panel_bytes=None,
         cache="auto",
         progress=False,
@@ -212,6 +219,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.verbose = verbose
         self.shuffle = shuffle
         self.inner_iter = inner_iter
+        self.extrapolate = extrapolate
         self.panel_bytes = panel_bytes
         self.cache = cache
         self.progress = progress
@@ -296,6 +304,18 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             ii == "auto" if isinstance(ii, str) else _is_int(ii) and ii >= 1,
             "an int in the range [1, inf) or 'auto'",
         )
+        ex = self.extrapolate
+        _check_param(
+            "extrapolate",
+            ex,
+            ex == "auto" if isinstance(ex, str) else isinstance(ex, bool | np.bool_),
+            "a bool or 'auto'",
+        )
+        if ex is True and self.solver == "mu":
+            raise InvalidParameterError(
+                "The 'extrapolate' parameter of NMF applies to solver 'cd'/'hals' only; "
+                "solver='mu' needs extrapolate=False or 'auto'."
+            )
         _check_param(
             "cache",
             self.cache,
@@ -379,6 +399,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             l2_h=n_samples * alpha_H * (1.0 - self.l1_ratio),
             sweeps_w=sweeps_w,
             sweeps_h=sweeps_h,
+            extrapolate=solver == "hals" and self.extrapolate in ("auto", True),
         )
 
     # ---- input ---------------------------------------------------------------------------
@@ -532,7 +553,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             ckpt = Checkpoint(self.checkpoint, self.checkpoint_every, fingerprint)
 
         def starting_point(from_checkpoint: bool):
-            """(Wᵀ blocks, H blocks, iteration, history, shuffling generator) to start from."""
+            """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) to start
+            from."""
             shuffle_rng = None
             if self.shuffle:
                 shuffle_rng = np.random.RandomState(init.seed_entropy(self.random_state) % 2**32)
@@ -541,7 +563,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 if shuffle_rng is not None:
                     shuffle_rng.set_state(state.shuffle_state)
                 history = engine.History(**state.history)
-                return state.wt, state.h, state.n_iter, history, shuffle_rng
+                return state.wt, state.h, state.n_iter, history, shuffle_rng, state.momentum
             wt, h = init.initialize(
                 panels,
                 method,
@@ -553,9 +575,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 H,
                 swap_streams=transposed,
             )
-            return wt, h, 0, None, shuffle_rng
+            return wt, h, 0, None, shuffle_rng, None
 
-        wt, h, start, history, shuffle_rng = starting_point(self.resume)
+        wt, h, start, history, shuffle_rng, momentum = starting_point(self.resume)
         logger.info(
             "NMF fit: X %s %s%s, %d components, %s, beta %g, %s",
             "x".join(map(str, (n_cols, n_rows) if transposed else (n_rows, n_cols))),
@@ -583,6 +605,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                         checkpoint=ckpt,
                         start=start,
                         history=history,
+                        momentum=momentum,
                     )
                     value, h_blocks = engine.final_pass(panels, objective, result)
                     break
@@ -601,7 +624,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                         "the checkpoint" if from_checkpoint else "the initialization",
                     )
                     engine.relocate(panels)
-                    wt, h, start, history, shuffle_rng = starting_point(from_checkpoint)
+                    wt, h, start, history, shuffle_rng, momentum = starting_point(from_checkpoint)
                     report.restart(start)
         self.reconstruction_err_ = float(np.sqrt(2 * max(value, 0.0)))
         logger.info(

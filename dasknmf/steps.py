@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from dasknmf import divergence, kernels
 from dasknmf._blas import pin_worker_blas
-from dasknmf.solvers import get_solver, mu
+from dasknmf.solvers import extrapolation, get_solver, mu
 
 # Layout of the statistics vector of a panel task ("OLD": at the factors the task started from).
 P_CROSS_OLD, P_WGW_OLD, P_SUM_W_OLD, P_SQ_W_OLD, P_SUM_W, P_VIOLATION, P_DIV_OLD = range(7)
@@ -52,6 +52,7 @@ class Objective:
     l2_h: float = 0.0
     sweeps_w: int = 1  # sweeps of the update rule per iteration, for W and for H
     sweeps_h: int = 1
+    extrapolate: bool = False  # push the iterates along their last step (HALS only)
 
     @property
     def rule(self):
@@ -60,6 +61,20 @@ class Objective:
     @property
     def frobenius(self) -> bool:
         return self.beta == 2
+
+    @property
+    def has_penalties(self) -> bool:
+        return any((self.l1_w, self.l2_w, self.l1_h, self.l2_h))
+
+    def penalized(self, value: float, sum_w: float, sq_w: float, sum_h: float, sq_h: float):
+        """The objective from D_β(X | WH) and the sums the penalties need."""
+        return float(
+            value
+            + self.l1_w * sum_w
+            + 0.5 * self.l2_w * sq_w
+            + self.l1_h * sum_h
+            + 0.5 * self.l2_h * sq_h
+        )
 
     def transposed(self) -> Objective:
         """The same objective for Xᵀ ≈ Hᵀ·Wᵀ: the roles of W and H swap."""
@@ -140,8 +155,39 @@ def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
     statistics vector (``P_*`` layout) and the numerator partials split at ``col_bounds``.
     """
     pin_worker_blas()
-    x, wt = panel_data(x), kernels.aligned(wt)
-    h = kernels.aligned(full_width(h_blocks))
+    return _panel_step(objective, order, col_bounds, full_width(h_blocks), x, wt)
+
+
+def extrapolated_panel_step(
+    objective: Objective, order, col_bounds, h_blocks, h_previous, control, x, wt, wt_plain
+):
+    """``panel_step`` with extrapolation (``solvers.extrapolation``).
+
+    ``wt`` is the pushed W_i of the previous iteration, ``wt_plain`` its plain W_i; the H
+    blocks are plain, ``h_previous`` those one iteration older. The update starts from the
+    pushed W_i (on a restart, from the plain one) and uses the pushed H; the returned W_i and
+    the partials of the H update are those of the pushed new W_i. Returns ``panel_step``'s
+    tuple with the plain new W_i appended.
+    """
+    pin_worker_blas()
+    h = pushed_h(full_width(h_blocks), full_width(h_previous), control)
+    wt, wt_plain = (extrapolation.rescaled(w, control.scale) for w in (wt, wt_plain))
+    start = wt_plain if control.restart else wt
+    return _panel_step(objective, order, col_bounds, h, x, start, push=(wt_plain, control.beta))
+
+
+def pushed_h(h: np.ndarray, previous: np.ndarray, control) -> np.ndarray:
+    """The H that an extrapolated iteration uses (the plain one on a restart), its components
+    rescaled as ``control`` says."""
+    h = extrapolation.rescaled(kernels.aligned(h), control.scale, inverse=True)
+    if control.restart:
+        return h
+    previous = extrapolation.rescaled(kernels.aligned(previous), control.scale_older, inverse=True)
+    return extrapolation.extrapolate(h, previous, control.beta)
+
+
+def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
+    x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
     stats = np.zeros(7)
     stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
     stats[P_SQ_W_OLD] = _dot64(wt, wt)
@@ -161,9 +207,13 @@ def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
         n_sweeps=objective.sweeps_w,
         order=order,
     )
-    stats[P_SUM_W] = wt.sum(dtype=np.float64)
     stats[P_VIOLATION] = violation
-    return (wt, wt @ wt.T, stats, *_split(kernels.dot_w(x, wt), col_bounds))
+    if push is not None:
+        plain = wt
+        wt = extrapolation.extrapolate(plain, kernels.aligned(push[0]), push[1])
+    stats[P_SUM_W] = wt.sum(dtype=np.float64)
+    out = (wt, wt @ wt.T, stats, *_split(kernels.dot_w(x, wt), col_bounds))
+    return out if push is None else (*out, plain)
 
 
 def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):
@@ -240,6 +290,42 @@ def h_step(objective: Objective, order, block: int, raw: bool, h, *parts):
         second = None
     stats[H_SUM_H] = h.sum(dtype=np.float64)
     return h, h @ h.T, stats, second, panel_stats
+
+
+def extrapolated_h_step(
+    objective: Objective, order, block: int, raw: bool, h, h_previous, control, *parts
+):
+    """``h_step`` from the pushed H block (see ``extrapolated_panel_step``)."""
+    start = pushed_h(h_array(h), h_array(h_previous), control)
+    return h_step(objective, order, block, raw, start, *parts)
+
+
+def component_sq_norms(factor) -> np.ndarray:
+    """Σ over a component-major block of each component's squares, in float64."""
+    factor = h_array(factor)
+    return np.einsum("ij,ij->i", factor, factor, dtype=np.float64)
+
+
+def advance_control(control, objective: Objective, norm_x_sq: float, summary):
+    """The extrapolation control of the next iteration, from this iteration's summary."""
+    gram_h, _, gram_w, _ = summary
+    scale = None
+    if not objective.has_penalties:  # else rescaling would change the objective
+        scale = extrapolation.balance(np.diag(gram_w), np.diag(gram_h))
+    return control.advance(objective.penalized(*frobenius_terms(norm_x_sq, summary)), scale)
+
+
+def frobenius_terms(norm_x_sq: float, summary) -> tuple[float, ...]:
+    """½‖X − WH‖² at the end of an iteration (by the Gram identity), ΣW, ‖W‖², ΣH and ‖H‖²,
+    from the iteration's summary ``(H·Hᵀ, H stats, B, panel stats)``."""
+    gram_h, h_stats, gram_w, panel_stats = summary
+    return (
+        0.5 * (norm_x_sq - 2 * h_stats[H_CROSS] + _dot64(gram_w, gram_h)),
+        panel_stats[P_SUM_W],
+        float(np.trace(gram_w)),
+        h_stats[H_SUM_H],
+        float(np.trace(gram_h)),
+    )
 
 
 def _h_step_divergence(objective: Objective, h, numerator, denominator) -> np.ndarray:

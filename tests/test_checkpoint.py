@@ -27,10 +27,12 @@ def _generations(path):
     [
         {},
         {"shuffle": True},
+        {"alpha_W": 0.01},
+        {"extrapolate": False},
         {"solver": "mu"},
         {"solver": "mu", "beta_loss": "kullback-leibler", "alpha_W": 0.01},
     ],
-    ids=["hals", "hals-shuffle", "mu", "kl"],
+    ids=["hals", "hals-shuffle", "hals-penalized", "hals-plain", "mu", "kl"],
 )
 def test_resumed_fit_is_bit_identical(X, tmp_path, settings):
     kwargs = dict(BASE, **settings)

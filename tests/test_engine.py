@@ -81,7 +81,8 @@ def _setup(X, panel_rows, k=3, lazy=False):
 def test_iteration_summary_is_small():
     X = low_rank(60, 9, 3)
     panels, _, cols, wt, h = _setup(X, 20)
-    new_wt, new_h, summary = engine.iterate(panels, engine.Objective(3), wt, h, cols)
+    new_wt, new_h, summary, momentum = engine.iterate(panels, engine.Objective(3), wt, h, cols)
+    assert momentum is None  # no extrapolation
     gram_h, h_stats, gram_w, panel_stats = summary
     assert gram_h.shape == gram_w.shape == (3, 3)
     assert h_stats.shape == (5,) and panel_stats.shape == (7,)
@@ -103,7 +104,7 @@ def test_graph_size_does_not_grow_with_iterations(sync_scheduler):
                 ).__dask_graph__()
             )
         )
-        wt, h, _ = dask.persist(*step)
+        wt, h, _, _ = dask.persist(*step)
     assert len(set(sizes)) == 1, sizes
 
 

@@ -93,7 +93,8 @@ def test_default_stopping_reaches_sklearn_error(dataset, init):
     "alpha_W, alpha_H, l1_ratio", [(0.0, "same", 0.0), (0.01, "same", 0.5), (0.02, 0.005, 1.0)]
 )
 def test_one_sweep_per_iteration_is_sklearn_step_for_step(solver, alpha_W, alpha_H, l1_ratio):
-    """With inner_iter=1 the update is scikit-learn's, so the factors agree to rounding."""
+    """With inner_iter=1 (and no extrapolation) the update is scikit-learn's, so the factors
+    agree to rounding."""
     X = low_rank(120, 30, 4)
     W0, H0 = _custom_start(X, 4)
     kwargs = dict(
@@ -106,7 +107,7 @@ def test_one_sweep_per_iteration_is_sklearn_step_for_step(solver, alpha_W, alpha
         alpha_H=alpha_H,
         l1_ratio=l1_ratio,
     )
-    ours = NMF(inner_iter=1, **kwargs)
+    ours = NMF(inner_iter=1, extrapolate=False, **kwargs)
     W = ours.fit_transform(X, W=W0.copy(), H=H0.copy())
     reference = SklearnNMF(**kwargs)
     W_sk = reference.fit_transform(X, W=W0.copy(), H=H0.copy())
@@ -116,6 +117,8 @@ def test_one_sweep_per_iteration_is_sklearn_step_for_step(solver, alpha_W, alpha
 
 @pytest.mark.parametrize("solver", ["cd", "mu"])
 def test_objective_never_increases_and_factors_stay_nonnegative(solver):
+    """Without extrapolation every update is a descent step (with it, see
+    tests/test_extrapolation.py)."""
     X = low_rank(200, 30, 5)
     model = NMF(
         n_components=5,
@@ -126,6 +129,7 @@ def test_objective_never_increases_and_factors_stay_nonnegative(solver):
         max_iter=60,
         alpha_W=0.001,
         l1_ratio=0.3,
+        extrapolate=False,
     )
     W = model.fit_transform(X)
     loss = np.array(model.loss_history_)

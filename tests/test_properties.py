@@ -1,7 +1,8 @@
 """Properties that hold for any small non-negative matrix (hypothesis): dense and sparse, with
 zero rows and columns, duplicated rows, constant and all-zero matrices. The factors are
-non-negative and finite, the objective never increases, and the result does not depend on
-how X is cut into panels or Dask chunks beyond float tolerance."""
+non-negative and finite, the objective never increases (with extrapolation: ends below where
+it started), and the result does not depend on how X is cut into panels or Dask chunks beyond
+float tolerance."""
 
 import warnings
 
@@ -18,7 +19,8 @@ from dasknmf import NMF
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOLVERS = [
-    {"solver": "cd"},
+    {"solver": "cd"},  # with extrapolation ('auto')
+    {"solver": "cd", "extrapolate": False},
     {"solver": "mu"},
     {"solver": "mu", "beta_loss": "kullback-leibler"},
 ]
@@ -61,10 +63,15 @@ def test_factors_are_non_negative_finite_and_the_objective_never_increases(X, so
         assert np.all(np.isfinite(factor)) and np.all(factor >= 0)
     loss = np.array(model.loss_history_)
     assert np.all(np.isfinite(loss)) and len(loss) == model.n_iter_ + 1
-    # Each update minimizes (HALS) or majorizes (MU) the objective: rounding aside, it never
-    # goes up.
     slack = 1e-9 * loss[0] + 1e-12
-    assert np.all(np.diff(loss) <= slack), np.diff(loss).max()
+    if model.solver == "cd" and model.extrapolate in ("auto", True):
+        # A pushed point may raise the objective for an iteration (then the next restarts);
+        # the fit still ends below where it started.
+        assert loss[-1] <= loss[0] + slack
+    else:
+        # Each update minimizes (HALS) or majorizes (MU) the objective: rounding aside, it
+        # never goes up.
+        assert np.all(np.diff(loss) <= slack), np.diff(loss).max()
     if not X.any():
         assert model.reconstruction_err_ == 0
 

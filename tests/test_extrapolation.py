@@ -1,0 +1,121 @@
+"""HALS with extrapolation (dasknmf.solvers.extrapolation): the control's rules, the balancing
+of the components, and fits with it against fits without."""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import low_rank
+
+from dasknmf import NMF
+from dasknmf.solvers import extrapolation
+from dasknmf.solvers.extrapolation import BETA0, CEILING_GROWTH, DECAY, GROWTH, Control
+
+
+def test_beta_grows_under_its_ceiling_while_the_objective_falls():
+    control = Control()
+    first = control.advance(10.0)
+    assert not first.restart and first.loss == 10.0
+    assert first.ceiling == 1.0  # the ceiling starts at 1, its cap
+    assert first.beta == pytest.approx(min(first.ceiling, BETA0 * GROWTH))
+    betas = [first.beta]
+    for loss in np.linspace(9, 1, 40):
+        first = first.advance(float(loss))
+        betas.append(first.beta)
+    assert np.all(np.diff(betas) >= 0) and max(betas) <= 1.0
+
+
+def test_an_increase_restarts_with_a_smaller_beta_and_ceiling():
+    control = Control().advance(10.0).advance(9.0)
+    worse = control.advance(9.5)
+    assert worse.restart and worse.loss == 9.5
+    assert worse.beta == pytest.approx(control.beta / DECAY)
+    assert worse.ceiling == control.beta  # the β that failed
+    after = worse.advance(9.4)
+    assert not after.restart and after.beta <= after.ceiling
+    assert after.ceiling == pytest.approx(control.beta * CEILING_GROWTH)
+
+
+def test_scales_accumulate_for_the_older_h():
+    control = Control(scale=(2.0, 1.0), scale_older=(2.0, 1.0))
+    nxt = control.advance(1.0, (3.0, 0.5))
+    assert nxt.scale == (3.0, 0.5) and nxt.scale_older == (6.0, 0.5)
+    assert control.advance(1.0, None).scale is None
+
+
+def test_extrapolate_pushes_and_projects():
+    new, previous = np.array([[1.0, 2.0, 0.1]]), np.array([[0.5, 3.0, 1.0]])
+    out = extrapolation.extrapolate(new, previous, 0.5)
+    np.testing.assert_allclose(out, [[1.25, 1.5, 0.0]])  # 0.1 + 0.5·(0.1 − 1) < 0 → 0
+    assert out.dtype == new.dtype and new[0, 0] == 1.0  # a new array
+    assert extrapolation.extrapolate(new.astype(np.float32), previous, 0.3).dtype == np.float64
+
+
+def test_balance_equalizes_the_norms():
+    sq_w, sq_h = np.array([4.0, 1.0, 0.0, 9.0]), np.array([1.0, 16.0, 5.0, 0.0])
+    scale = np.array(extrapolation.balance(sq_w, sq_h))
+    np.testing.assert_allclose(sq_w[:2] * scale[:2] ** 2, sq_h[:2] / scale[:2] ** 2)
+    np.testing.assert_array_equal(scale[2:], 1.0)  # a zero component is left alone
+    f = np.ones((4, 3), dtype=np.float32)
+    assert extrapolation.rescaled(f, tuple(scale)).dtype == np.float32
+    inverse = extrapolation.rescaled(f, tuple(scale), inverse=True)
+    np.testing.assert_allclose(inverse[:, 0], 1 / scale)
+    assert extrapolation.rescaled(f, None) is f
+
+
+X = low_rank(300, 40, 6, seed=3)
+SETTINGS = dict(n_components=6, init="random", random_state=0, tol=0, max_iter=60)
+
+
+def test_extrapolation_reaches_the_error_of_three_times_the_iterations():
+    def error(max_iter, **kwargs):
+        return NMF(**{**SETTINGS, "max_iter": max_iter}, **kwargs).fit(X).reconstruction_err_
+
+    # 'auto': on for 'cd'
+    assert error(20) < error(60, extrapolate=False)
+    assert error(60) < error(200, extrapolate=False)
+
+
+def test_extrapolated_fit_returns_the_recorded_nonnegative_pair():
+    pushed = NMF(**SETTINGS).fit(X)
+    W = pushed.transform(X)
+    assert np.all(pushed.components_ >= 0) and np.all(W >= 0)
+    # The returned pair is the one whose objective was recorded last.
+    assert pushed.loss_history_[-1] == pytest.approx(0.5 * pushed.reconstruction_err_**2, rel=1e-6)
+
+
+def test_the_components_stay_balanced():
+    """Without penalties the scale of a component is free; the fit keeps ‖w_t‖ ≈ ‖h_t‖ (up to
+    the drift of the last iteration) instead of letting extrapolation spread them."""
+    model = NMF(**SETTINGS)
+    W = model.fit_transform(X)
+    ratio = np.linalg.norm(W, axis=0) / np.linalg.norm(model.components_, axis=1)
+    assert np.all((ratio > 0.5) & (ratio < 2)), ratio
+
+
+def test_balancing_does_not_change_the_path(monkeypatch):
+    """HALS and the extrapolation commute with rescaling components, so the objectives of a fit
+    that balances them agree, to rounding, with those of a fit that does not."""
+    balanced = NMF(**SETTINGS).fit(X).loss_history_
+    monkeypatch.setattr(extrapolation, "balance", lambda w, h: tuple(np.ones(len(w))))
+    unbalanced = NMF(**SETTINGS).fit(X).loss_history_
+    np.testing.assert_allclose(balanced, unbalanced, rtol=1e-6)
+
+
+def test_penalized_fit_is_not_rescaled(monkeypatch):
+    calls = []
+    real = extrapolation.balance
+    monkeypatch.setattr(extrapolation, "balance", lambda *a: calls.append(1) or real(*a))
+    NMF(alpha_W=0.01, **SETTINGS).fit(X)
+    assert not calls
+    NMF(**{**SETTINGS, "max_iter": 3}).fit(X)
+    assert len(calls) == 1 + 3  # the initialization and each iteration
+
+
+def test_extrapolate_parameter_errors():
+    with pytest.raises(ValueError, match="'extrapolate' parameter of NMF must be a bool or 'auto'"):
+        NMF(2, extrapolate="yes").fit(X)
+    with pytest.raises(ValueError, match="solver 'cd'/'hals' only"):
+        NMF(2, solver="mu", extrapolate=True).fit(X)
+    model = NMF(2, solver="mu", max_iter=5).fit(X)  # 'auto' is off for 'mu'
+    assert math.isfinite(model.reconstruction_err_)
