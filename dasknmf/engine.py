@@ -681,7 +681,6 @@ class FitResult:
     h: list
     n_iter: int
     history: History
-    momentum: tuple | None = None
 
 
 def fit(
@@ -716,7 +715,7 @@ def fit(
 
     With ``objective.extrapolate`` the iterates are pushed along their last step
     (``solvers.extrapolation``); a resumed fit then also passes the checkpoint's ``momentum``
-    (see ``iterate``). ``FitResult.momentum`` is the momentum after the last iteration.
+    (see ``iterate``).
     """
     ops = panels.ops
     if objective.extrapolate and momentum is None:
@@ -774,12 +773,12 @@ def fit(
             submit()
     in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
     n_iter = stop or n_iter
-    wt, h, momentum = recent[n_iter]
+    wt, h, _ = recent[n_iter]
     if not ops.is_lazy:
         h = [steps.h_array(b) for b in h]
     elif n_iter > start:  # h_step output tuples (those of ``start`` are arrays already)
         h = [ops.item(b, 0) for b in h]
-    return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history, momentum=momentum)
+    return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
 
 
 def _first_control(panels: Panels, objective: Objective, wt: list, h: list):
