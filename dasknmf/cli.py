@@ -198,6 +198,11 @@ def _beta_loss(value: str):
 @click.option("--alpha-h", default="same", show_default=True, help="A number, or 'same'.")
 @click.option("--l1-ratio", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option(
+    "--extrapolate/--no-extrapolate",
+    default=None,
+    help="Push W and H along their last step (HALS only) [default: on for cd/hals].",
+)
+@click.option(
     "--checkpoint",
     type=_OUTPUT,
     help="Checkpoint folder [default: OUTPUT.checkpoint, with --checkpoint-every or --resume].",
@@ -209,7 +214,7 @@ def _beta_loss(value: str):
 @_common
 @_fails_cleanly
 def fit(input_path, n_components, output, component, solver, beta_loss, init, max_iter, tol,
-        random_state, alpha_w, alpha_h, l1_ratio, checkpoint, checkpoint_every, resume,
+        random_state, alpha_w, alpha_h, l1_ratio, extrapolate, checkpoint, checkpoint_every, resume,
         overwrite, cluster, scheduler_address, scheduler_file, workers, wait_for_workers,
         as_json, quiet, verbose):  # fmt: skip
     """Fit NMF to the matrix in INPUT (a Zarr store) and write the model to OUTPUT."""
@@ -236,6 +241,7 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
         alpha_W=alpha_w,
         alpha_H=alpha_h,
         l1_ratio=l1_ratio,
+        extrapolate="auto" if extrapolate is None else extrapolate,
         progress=not quiet,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every or 10,

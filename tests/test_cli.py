@@ -149,6 +149,20 @@ def test_fit_transform_info_plot(stored, tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fit_without_extrapolation(stored, tmp_path):
+    folder, X = stored
+    model = tmp_path / "model.zarr"
+    settings = ["-k", "3", "--init", "random", "--random-state", "0", "--max-iter", "8"]
+    result = _run("fit", str(folder / "X.zarr"), "-o", str(model), "--workers", "1",
+                  "--tol", "0", "--no-extrapolate", *settings)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    fitted = dasknmf.load(model)
+    reference = NMF(3, init="random", random_state=0, max_iter=8, tol=0, extrapolate=False)
+    reference.fit(X)
+    assert fitted.extrapolate is False
+    np.testing.assert_allclose(fitted.components_, reference.components_, rtol=1e-4, atol=1e-6)
+
+
 def test_info_on_a_sparse_store(tmp_path):
     import scipy.sparse as sp
 
@@ -171,6 +185,10 @@ def test_info_on_a_sparse_store(tmp_path):
         (["fit", "{X}", "-k", "2", "-o", "{out}", "--beta-loss", "kl"], "'beta_loss' parameter"),
         (["fit", "{X}", "-k", "2", "-o", "{out}", "--alpha-h", "x"], "--alpha-h must be a number"),
         (["fit", "{X}", "-k", "2", "-o", "{out}", "--resume"], "no checkpoint in"),
+        (
+            ["fit", "{X}", "-k", "2", "-o", "{out}", "--solver", "mu", "--extrapolate"],
+            "'extrapolate' parameter of NMF applies to solver 'cd'/'hals' only",
+        ),
         (
             ["fit", "{X}", "-k", "2", "-o", "{out}", "--workers", "1", "--scheduler-address", "x"],
             "--workers sizes the default LocalCluster only",
