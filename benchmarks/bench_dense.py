@@ -56,10 +56,13 @@ def child_sklearn() -> dict:
     )
 
 
-def child_dasknmf(max_iter: int, tol: float, inner: str) -> dict:
+def child_dasknmf(max_iter: int, tol: float, setting: str) -> dict:
+    """A dasknmf fit; ``setting`` is ``inner_iter`` ('auto' or a number), with ``-plain`` for
+    ``extrapolate=False``."""
     from dasknmf import NMF
 
     X = make_x()
+    inner, _, plain = setting.partition("-")
     inner_iter = inner if inner == "auto" else int(inner)
     with PeakMemory() as memory, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -71,6 +74,7 @@ def child_dasknmf(max_iter: int, tol: float, inner: str) -> dict:
             random_state=0,
             max_iter=max_iter,
             inner_iter=inner_iter,
+            extrapolate=False if plain else "auto",
         )
         model.fit(X)
         seconds = time.perf_counter() - start
@@ -157,16 +161,14 @@ def main() -> None:
         return
 
     me = __file__
-    explore = {
-        inner: run_child(me, "--child", "dasknmf", "60", "0", inner)
-        for inner in ("auto", "1", "10")
-    }
-    rows = {"sklearn": [], "auto": [], "1": [], "10": [], "auto-own-stop": []}
+    settings = ("auto", "auto-plain", "10", "1-plain")
+    explore = {inner: run_child(me, "--child", "dasknmf", "60", "0", inner) for inner in settings}
+    rows = {"sklearn": [], "auto-own-stop": [], **{inner: [] for inner in settings}}
     targets = {}
     for round_ in range(args.rounds):
         sk = run_child(me, "--child", "sklearn")
         rows["sklearn"].append(sk)
-        for inner in ("auto", "1", "10"):
+        for inner in settings:
             n = first_reaching(explore[inner]["errors"], sk["error"])
             targets[inner] = n
             if n is not None:
@@ -199,9 +201,10 @@ def main() -> None:
         f"{med('sklearn', 'peak_extra') / 2**20:.0f} MiB |",
     ]
     for inner, label in (
-        ("auto", "dasknmf, default (`inner_iter='auto'`: 10 and 10 here)"),
+        ("auto", "dasknmf, default (`inner_iter='auto'`: 10 and 10 here; extrapolation)"),
+        ("auto-plain", "dasknmf, `extrapolate=False`"),
         ("10", "dasknmf, `inner_iter=10`"),
-        ("1", "dasknmf, `inner_iter=1` (scikit-learn's step)"),
+        ("1-plain", "dasknmf, `inner_iter=1, extrapolate=False` (scikit-learn's step)"),
     ):
         if not rows[inner]:
             lines.append(f"| {label} | did not reach {sk_error:.2f} in 60 iterations | | | | |")
