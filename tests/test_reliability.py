@@ -31,6 +31,12 @@ def _kill_workers_at(monkeypatch, client, n_iter: int, how_many: int) -> list:
                 assert time.monotonic() < deadline, "the scheduler did not see the workers die"
                 time.sleep(0.05)
             killed.extend(victims)
+            # A nanny sometimes does not bring its worker back (distributed); with no worker
+            # left the fit would wait until the test's timeout, so say so instead.
+            deadline = time.monotonic() + 90
+            while not client.scheduler_info()["workers"]:
+                assert time.monotonic() < deadline, "no nanny restarted its worker in 90 s"
+                time.sleep(0.05)
         report(self, i, history)
 
     monkeypatch.setattr(estimator._Reporter, "__call__", call)
