@@ -760,7 +760,8 @@ def fit(
         known = _record(history, objective, norm_x_sq, n_iter, ops.fetch(summary))
         if callback is not None and known:
             callback(known, history)
-        if tol > 0 and known and objective.rule.converged(known, tol, history.as_dict()):
+        rule = extrapolation if objective.extrapolate else objective.rule
+        if tol > 0 and known and rule.converged(known, tol, history.as_dict()):
             stop = known
             break
         if checkpoint is not None and checkpoint.due(n_iter):

@@ -119,3 +119,23 @@ def test_extrapolate_parameter_errors():
         NMF(2, solver="mu", extrapolate=True).fit(X)
     model = NMF(2, solver="mu", max_iter=5).fit(X)  # 'auto' is off for 'mu'
     assert math.isfinite(model.reconstruction_err_)
+
+
+def test_the_stopping_rule_needs_a_window_of_small_violations():
+    window = extrapolation.STOP_WINDOW
+    dip = [1.0, 1e-3, 1e-6] + [1e-3] * (window - 3)
+    assert not extrapolation.converged(len(dip), 1e-4, {"violation": dip})
+    settled = [1.0] + [1e-5] * window
+    assert extrapolation.converged(len(settled), 1e-4, {"violation": settled})
+    assert not extrapolation.converged(3, 1e-4, {"violation": [1.0, 1e-6, 1e-6]})  # too few
+    assert extrapolation.converged(1, 1e-4, {"violation": [0.0]})  # nothing to do
+
+
+@pytest.mark.parametrize("extrapolate", [True, False])
+def test_an_extrapolated_fit_stops_by_the_windowed_rule(monkeypatch, extrapolate):
+    calls = []
+    real = extrapolation.converged
+    monkeypatch.setattr(extrapolation, "converged", lambda *a: calls.append(1) or real(*a))
+    model = NMF(**{**SETTINGS, "tol": 1e-3, "max_iter": 200, "extrapolate": extrapolate}).fit(X)
+    assert bool(calls) == extrapolate
+    assert model.n_iter_ < 200 and (model.n_iter_ >= extrapolation.STOP_WINDOW or not extrapolate)

@@ -30,6 +30,8 @@ import numpy as np
 
 #: β of the first iteration and the factors that move it (the values recommended by Ang & Gillis).
 BETA0, GROWTH, CEILING_GROWTH, DECAY = 0.5, 1.05, 1.01, 1.5
+#: Iterations over which the stopping rule looks at the violation (see ``converged``).
+STOP_WINDOW = 10
 
 
 @dataclass(frozen=True)
@@ -85,3 +87,19 @@ def extrapolate(new: np.ndarray, previous: np.ndarray, beta: float) -> np.ndarra
     out += new
     np.maximum(out, 0, out=out)
     return out
+
+
+def converged(n_iter: int, tol: float, history: dict) -> bool:
+    """scikit-learn's 'cd' rule over a window: the largest projected-gradient violation of the
+    last ``STOP_WINDOW`` iterations ≤ tol × that of iteration 1.
+
+    The violation is measured at the pushed points, and it jumps with the pushes and restarts:
+    on a 20000 × 1000 matrix of rank 10 plus noise one iteration's violation fell below 1e-4
+    of the first after 23 iterations, at an error of 173 — 25% above the 138 of iteration 60
+    (plain HALS stopped after 55 iterations at 160; with the window the fit stops after 32 at
+    158). A single low value is no evidence of convergence."""
+    violations = history["violation"]
+    first = violations[0]
+    if first == 0:
+        return True
+    return len(violations) >= STOP_WINDOW and max(violations[-STOP_WINDOW:]) <= tol * first
