@@ -128,8 +128,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         'cd'/'hals' only: after each update, push W and H further along their last step and
         update from there, with restarts when the objective increases (Ang & Gillis 2019,
         ``dasknmf.solvers.extrapolation``). Usually reaches a given error in far fewer
-        iterations; the objective may rise for one iteration before a restart. 'auto': on
-        for 'cd'/'hals', off for 'mu' (True with 'mu' is an error).
+        iterations; the objective may rise for one iteration before a restart, and the
+        ``tol`` rule must hold for 10 iterations in a row. 'auto': on for 'cd'/'hals', off
+        for 'mu' (True with 'mu' is an error).
     panel_bytes : int, str or None, default=None
         Target size of a row panel of X (the unit of work of one task), e.g. ``"64MiB"``;
         default ``dask.config`` keys ``dasknmf.panel-bytes`` for Dask input (64 MiB: fewer,
