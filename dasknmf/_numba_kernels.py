@@ -10,31 +10,49 @@ import numba
 import numpy as np
 
 # fastmath lets the k-long reductions vectorize (X is finite, validated before any fit);
-# accumulating in the factors' dtype, as scikit-learn does, halves the time again.
+# accumulating in the factors' dtype, as scikit-learn does, halves the time again. The small
+# helpers are inlined into the kernels (numba IR), so they compile with the kernels' flags.
+
+
+@numba.njit(inline="always", fastmath=True)
+def _floored_dot(w_r, h_c, eps):  # pragma: no cover
+    """max(w_r·h_c, ε): W·H at one stored entry, with scikit-learn's floor."""
+    wh = w_r[0] * h_c[0]
+    for t in range(1, w_r.size):
+        wh += w_r[t] * h_c[t]
+    return eps if wh < eps else wh
+
+
+@numba.njit(inline="always", fastmath=True)
+def _add_scaled(out, q, v):  # pragma: no cover
+    """out += q·v over the k components."""
+    for t in range(v.size):
+        out[t] += q * v[t]
+
+
+@numba.njit(inline="always", fastmath=True)
+def _scatter_row(start, stop, indices, data, w_r, ht, eps, out):  # pragma: no cover
+    """out[c] += x_p / max(w_r·h_c, ε) · w_r over the stored entries p of one row."""
+    for p in range(start, stop):
+        c = indices[p]
+        _add_scaled(out[c], data[p] / _floored_dot(w_r, ht[c], eps), w_r)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def kl_rows(indptr, indices, data, w, ht, eps, out, with_divergence):  # pragma: no cover
     """out[r] += Σ_p x_p / max(w_r·h_c, ε) · h_c over the stored entries (r, c) of X; with
     ``with_divergence``, also Σ x·log(x / max(wh, ε)) and Σ x over entries x > ε."""
-    k = w.shape[1]
     divergence = 0.0
     total = 0.0
     for r in range(indptr.size - 1):
         w_r, out_r = w[r], out[r]
         for p in range(indptr[r], indptr[r + 1]):
             h_c = ht[indices[p]]
-            wh = w_r[0] * h_c[0]
-            for t in range(1, k):
-                wh += w_r[t] * h_c[t]
-            if wh < eps:
-                wh = eps
             x = data[p]
-            q = x / wh
-            for t in range(k):
-                out_r[t] += q * h_c[t]
+            q = x / _floored_dot(w_r, h_c, eps)
+            _add_scaled(out_r, q, h_c)
             if with_divergence and x > eps:
-                divergence += x * math.log(x / wh)
+                divergence += x * math.log(q)
                 total += x
     return divergence, total
 
@@ -42,21 +60,8 @@ def kl_rows(indptr, indices, data, w, ht, eps, out, with_divergence):  # pragma:
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def kl_columns(indptr, indices, data, w, ht, eps, out):  # pragma: no cover
     """out[c] += Σ_p x_p / max(w_r·h_c, ε) · w_r over the stored entries (r, c) of X."""
-    k = w.shape[1]
     for r in range(indptr.size - 1):
-        w_r = w[r]
-        for p in range(indptr[r], indptr[r + 1]):
-            c = indices[p]
-            h_c = ht[c]
-            wh = w_r[0] * h_c[0]
-            for t in range(1, k):
-                wh += w_r[t] * h_c[t]
-            if wh < eps:
-                wh = eps
-            q = data[p] / wh
-            out_c = out[c]
-            for t in range(k):
-                out_c[t] += q * w_r[t]
+        _scatter_row(indptr[r], indptr[r + 1], indices, data, w[r], ht, eps, out)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
@@ -80,15 +85,9 @@ def kl_update_rows(indptr, indices, data, w, ht, den, l2, eps, out):  # pragma: 
         start, stop = indptr[r], indptr[r + 1]
         for p in range(start, stop):
             h_c = ht[indices[p]]
-            wh = w_r[0] * h_c[0]
-            for t in range(1, k):
-                wh += w_r[t] * h_c[t]
-            if wh < eps:
-                wh = eps
-            q = data[p] / wh
+            q = data[p] / _floored_dot(w_r, h_c, eps)
             ratios[p - start] = q
-            for t in range(k):
-                num[t] += q * h_c[t]
+            _add_scaled(num, q, h_c)
         for p in range(start, stop):
             x = data[p]
             if x > eps:
@@ -99,16 +98,5 @@ def kl_update_rows(indptr, indices, data, w, ht, den, l2, eps, out):  # pragma: 
             if d == 0:
                 d = eps
             w_r[t] *= num[t] / d
-        for p in range(start, stop):
-            c = indices[p]
-            h_c = ht[c]
-            wh = w_r[0] * h_c[0]
-            for t in range(1, k):
-                wh += w_r[t] * h_c[t]
-            if wh < eps:
-                wh = eps
-            q = data[p] / wh
-            out_c = out[c]
-            for t in range(k):
-                out_c[t] += q * w_r[t]
+        _scatter_row(start, stop, indices, data, w_r, ht, eps, out)
     return divergence, total
