@@ -570,46 +570,27 @@ def iterate(
     ops = panels.ops
     order_w, order_h = orders
     if momentum is None:
-        outs = panels.map(
-            steps.panel_step,
-            list(zip(panels.items, wt, strict=True)),
-            objective,
-            order_w,
-            col_bounds,
-            h,
-        )
+        panel_step, h_step = steps.panel_step, steps.h_step
+        extra_items, extra_common = (), ()
     else:
+        panel_step, h_step = steps.extrapolated_panel_step, steps.extrapolated_h_step
         wt_plain, h_previous, control = momentum
-        outs = panels.map(
-            steps.extrapolated_panel_step,
-            list(zip(panels.items, wt, wt_plain, strict=True)),
-            objective,
-            order_w,
-            col_bounds,
-            h,
-            h_previous,
-            control,
-        )
+        extra_items, extra_common = (wt_plain,), (h_previous, control)
+    outs = panels.map(
+        panel_step,
+        list(zip(panels.items, wt, *extra_items, strict=True)),
+        objective,
+        order_w,
+        col_bounds,
+        h,
+        *extra_common,
+    )
     new_wt = [ops.item(out, 0) for out in outs]
     h_outs = []
     for j, h_j in enumerate(h):
         parts, raw = reduce_to_fanin(ops, outs, functools.partial(steps._panel_partials, j))
-        if momentum is None:
-            h_outs.append(ops.call(steps.h_step, objective, order_h, j, raw, h_j, *parts))
-        else:
-            h_outs.append(
-                ops.call(
-                    steps.extrapolated_h_step,
-                    objective,
-                    order_h,
-                    j,
-                    raw,
-                    h_j,
-                    h_previous[j],
-                    control,
-                    *parts,
-                )
-            )
+        previous = () if momentum is None else (h_previous[j], control)
+        h_outs.append(ops.call(h_step, objective, order_h, j, raw, h_j, *previous, *parts))
     summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
     if momentum is not None:
         control = ops.call(steps.advance_control, control, objective, norm_x_sq, summary)
