@@ -68,6 +68,24 @@ def _read_block(path: str) -> np.ndarray:
     return np.ascontiguousarray(zarr.open_array(path, mode="r")[...])
 
 
+def _read_factors(panels, folder: pathlib.Path, names, n_wt: int, n_h: int) -> tuple[list, list]:
+    """Blocks of Wᵀ and H named ``names[0]-i`` and ``names[1]-j`` in ``folder``, read by tasks
+    (those of Wᵀ placed with their panels) and persisted."""
+    w_name, h_name = names
+    wt = panels.map(_read_block, [(str(folder / f"{w_name}-{i}"),) for i in range(n_wt)])
+    h = panels.ops.map(_read_block, [(str(folder / f"{h_name}-{j}"),) for j in range(n_h)])
+    wt, h = panels.ops.persist(wt, h)
+    return list(wt), list(h)
+
+
+def _write_factors(panels, folder: pathlib.Path, names, wt: list, h: list) -> list:
+    """Tasks writing the blocks of Wᵀ and H (see ``_read_factors``) where they are."""
+    w_name, h_name = names
+    return panels.map(
+        _write_block, [(str(folder / f"{w_name}-{i}"), b) for i, b in enumerate(wt)]
+    ) + panels.ops.map(_write_block, [(str(folder / f"{h_name}-{j}"), b) for j, b in enumerate(h)])
+
+
 def _rng_state_to_json(state) -> list | None:
     if state is None:
         return None
@@ -129,21 +147,12 @@ class Checkpoint:
                 f"this dasknmf reads format {FORMAT}."
             )
         self._check_fingerprint(state["fingerprint"], generation)
-        ops = panels.ops
-        wt = panels.map(_read_block, [(str(generation / f"wt-{i}"),) for i in range(state["n_wt"])])
-        h = ops.map(_read_block, [(str(generation / f"h-{j}"),) for j in range(state["n_h"])])
+        counts = state["n_wt"], state["n_h"]
         momentum = None
         if state.get("control") is not None:
-            wt_plain = panels.map(
-                _read_block, [(str(generation / f"wtp-{i}"),) for i in range(state["n_wt"])]
-            )
-            h_previous = ops.map(
-                _read_block, [(str(generation / f"hp-{j}"),) for j in range(state["n_h"])]
-            )
-            wt_plain, h_previous = ops.persist(wt_plain, h_previous)
-            control = extrapolation.Control(**state["control"])
-            momentum = (list(wt_plain), list(h_previous), control)
-        wt, h = ops.persist(wt, h)
+            wt_plain, h_previous = _read_factors(panels, generation, ("wtp", "hp"), *counts)
+            momentum = (wt_plain, h_previous, extrapolation.Control(**state["control"]))
+        wt, h = _read_factors(panels, generation, ("wt", "h"), *counts)
         logger.info("Resuming from %s (iteration %d)", generation, state["n_iter"])
         return State(
             n_iter=int(state["n_iter"]),
@@ -185,17 +194,11 @@ class Checkpoint:
         tmp = self.path / f".{name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            written = panels.map(
-                _write_block, [(str(tmp / f"wt-{i}"), b) for i, b in enumerate(wt)]
-            ) + ops.map(_write_block, [(str(tmp / f"h-{j}"), b) for j, b in enumerate(h)])
+            written = _write_factors(panels, tmp, ("wt", "h"), wt, h)
             control = None
             if momentum is not None:
                 wt_plain, h_previous, control = momentum
-                written += panels.map(
-                    _write_block, [(str(tmp / f"wtp-{i}"), b) for i, b in enumerate(wt_plain)]
-                ) + ops.map(
-                    _write_block, [(str(tmp / f"hp-{j}"), b) for j, b in enumerate(h_previous)]
-                )
+                written += _write_factors(panels, tmp, ("wtp", "hp"), wt_plain, h_previous)
                 control = ops.fetch(control).as_dict()
             ops.fetch(written)
             state = {
