@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dasknmf.solvers import hals
+
 #: β of the first iteration and the factors that move it (the values recommended by Ang & Gillis).
 BETA0, GROWTH, CEILING_GROWTH, DECAY = 0.5, 1.05, 1.01, 1.5
 #: Iterations over which the stopping rule looks at the violation (see ``converged``).
@@ -98,8 +100,4 @@ def converged(n_iter: int, tol: float, history: dict) -> bool:
     of the first after 23 iterations, at an error of 173 — 25% above the 138 of iteration 60
     (plain HALS stopped after 55 iterations at 160; with the window the fit stops after 32 at
     158). A single low value is no evidence of convergence."""
-    violations = history["violation"]
-    first = violations[0]
-    if first == 0:
-        return True
-    return len(violations) >= STOP_WINDOW and max(violations[-STOP_WINDOW:]) <= tol * first
+    return hals.converged(n_iter, tol, history, window=STOP_WINDOW)

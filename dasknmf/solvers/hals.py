@@ -87,8 +87,11 @@ def _violation(f: np.ndarray, grad: np.ndarray) -> float:
     return float(np.abs(projected).sum(dtype=np.float64))
 
 
-def converged(n_iter: int, tol: float, history: dict) -> bool:
-    """scikit-learn's 'cd' rule: projected-gradient violation ≤ tol × that of iteration 1."""
+def converged(n_iter: int, tol: float, history: dict, window: int = 1) -> bool:
+    """scikit-learn's 'cd' rule: projected-gradient violation ≤ tol × that of iteration 1 — for
+    each of the last ``window`` iterations (scikit-learn's: the last one)."""
     violations = history["violation"]
     first = violations[0]
-    return first == 0 or violations[-1] / first <= tol
+    if first == 0:
+        return True
+    return len(violations) >= window and max(violations[-window:]) <= tol * first
