@@ -6,7 +6,9 @@ path (``dasknmf.divergence``) does each as a separate pass with nnz × k gathers
 over the stored entries does both, without temporaries — and ``kl_update`` also updates W
 row by row in that loop, so that a row's columns of H are gathered from memory once for the
 W update and the H numerator together (half the time of the two passes, measured on the
-sparse benchmark). Used when numba is installed
+sparse benchmark). For k <= ``_numba_kernels.SPECIALIZED_MAX_K`` that update runs a kernel
+generated for the k at hand (a row's k components in registers; its source is kept under
+``~/.cache/dasknmf/kernels`` for numba's cache). Used when numba is installed
 (``pip install "dasknmf[fast]"``) and ``dasknmf.compiled`` is not False; the results agree with
 the numpy path to rounding (tests/test_compiled.py).
 """
@@ -82,7 +84,7 @@ def kl_update(x, wt: np.ndarray, h: np.ndarray, denominator: np.ndarray, l2: flo
     w, ht = np.array(wt.T, order="C"), np.ascontiguousarray(h.T)
     out = np.zeros_like(ht)
     dtype = w.dtype.type
-    divergence, total = _kernels().kl_update_rows(
+    args = (
         x.indptr,
         x.indices,
         x.data.astype(w.dtype, copy=False),
@@ -93,4 +95,5 @@ def kl_update(x, wt: np.ndarray, h: np.ndarray, denominator: np.ndarray, l2: flo
         dtype(eps),
         out,
     )
+    divergence, total = _kernels().kl_update_kernel(*args)(*args)
     return np.ascontiguousarray(w.T), np.ascontiguousarray(out.T), divergence, total

@@ -1,5 +1,9 @@
 """The compiled sparse Kullback–Leibler kernels agree with the numpy path."""
 
+import os
+import subprocess
+import sys
+
 import dask
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ from dasknmf import NMF, _compiled, divergence
 from dasknmf.solvers import mu
 
 pytest.importorskip("numba")
+from dasknmf import _numba_kernels  # imports numba: after the skip
 
 X = sp.random(300, 80, density=0.1, format="csr", random_state=0, dtype=np.float64)
 X.data[:] = np.random.default_rng(0).poisson(2, X.nnz) + 1
@@ -37,23 +42,91 @@ def test_h_statistics_agree():
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "k",
+    [1, 4, _numba_kernels.SPECIALIZED_MAX_K, _numba_kernels.SPECIALIZED_MAX_K + 1],
+    ids=lambda k: f"k{k}",
+)
 @pytest.mark.parametrize(("l1", "l2"), [(0.0, 0.0), (0.3, 0.0), (0.0, 0.5), (0.2, 0.7)])
-def test_fused_update_is_the_update_then_the_h_statistics(l1, l2):
+def test_fused_update_is_the_update_then_the_h_statistics(l1, l2, k):
     """``divergence.kl_update`` (W updated row by row inside the pass over the entries) gives
-    what ``mu.step`` with ``w_statistics``, then ``h_statistics`` at the new W give."""
-    h = H.copy()
-    h[2] = 0  # a zero row of H: rowsum 0, the denominator's guard
+    what ``mu.step`` with ``w_statistics``, then ``h_statistics`` at the new W give — with
+    the kernels specialized to k (k <= SPECIALIZED_MAX_K) and with the generic one."""
+    factors = np.random.default_rng(k)
+    wt, h = factors.uniform(size=(k, X.shape[0])), factors.uniform(size=(k, X.shape[1]))
+    h[k // 2] = 0  # a zero row of H: rowsum 0, the denominator's guard
     with dask.config.set({"dasknmf.compiled": True}):
-        wt, numerator, denominator, value = divergence.kl_update(X, WT.copy(), h, l1=l1, l2=l2)
+        new_wt, numerator, denominator, value = divergence.kl_update(X, wt.copy(), h, l1=l1, l2=l2)
     with dask.config.set({"dasknmf.compiled": False}):
-        w_num, w_den, expected_value = divergence.w_statistics(X, WT, h, 1, with_divergence=True)
-        expected_wt = mu.step(WT.copy(), w_num, w_den, l1=l1, l2=l2)
+        w_num, w_den, expected_value = divergence.w_statistics(X, wt, h, 1, with_divergence=True)
+        expected_wt = mu.step(wt.copy(), w_num, w_den, l1=l1, l2=l2)
         expected_num, expected_den = divergence.h_statistics(X, expected_wt, h, 1)
-    np.testing.assert_allclose(wt, expected_wt, rtol=1e-12)
+    np.testing.assert_allclose(new_wt, expected_wt, rtol=1e-12)
     np.testing.assert_allclose(numerator, expected_num, rtol=1e-12)
     np.testing.assert_allclose(denominator, expected_den, rtol=1e-12)
     assert value == pytest.approx(expected_value, rel=1e-12)
-    assert not np.array_equal(wt, WT)  # it did update
+    assert not np.array_equal(new_wt, wt)  # it did update
+
+
+def test_kernel_choice():
+    def arguments(k, dtype=np.float32, index=np.int32):
+        x = sp.csr_matrix(X, dtype=dtype)
+        x.indptr, x.indices = x.indptr.astype(index), x.indices.astype(index)
+        w, ht = np.ones((X.shape[0], k), dtype), np.ones((X.shape[1], k), dtype)
+        eps, den = dtype(1e-9), np.ones(k, dtype)
+        return x.indptr, x.indices, x.data, w, ht, den, eps, eps, np.zeros_like(ht)
+
+    generic = _numba_kernels.kl_update_rows
+    limit = _numba_kernels.SPECIALIZED_MAX_K
+    assert _numba_kernels.kl_update_kernel(*arguments(limit + 1)) is generic
+    three = _numba_kernels.kl_update_kernel(*arguments(3))
+    assert three is not generic
+    assert _numba_kernels.kl_update_kernel(*arguments(3, np.float64, np.int64)) is three
+    assert len(three.overloads) >= 2  # one per signature, compiled on first use
+    assert _numba_kernels.kl_update_kernel(*arguments(4)) is not three
+
+
+_LOAD_K7 = """
+import numpy as np, scipy.sparse as sp
+from dasknmf import _numba_kernels
+x = sp.random(50, 30, density=0.3, format="csr", random_state=0, dtype=np.float64)
+w, ht = np.ones((50, 7)), np.ones((30, 7))
+arguments = (x.indptr, x.indices, x.data, w, ht, np.ones(7), 0.0, 1e-9, np.zeros_like(ht))
+kernel = _numba_kernels.kl_update_kernel(*arguments)
+kernel(*arguments)
+w_generic, out_generic = np.ones((50, 7)), np.zeros_like(ht)
+_numba_kernels.kl_update_rows(*arguments[:3], w_generic, ht, *arguments[5:8], out_generic)
+np.testing.assert_allclose(w, w_generic, rtol=1e-12)
+np.testing.assert_allclose(arguments[-1], out_generic, rtol=1e-12)
+print(kernel.stats.cache_hits.get(kernel.signatures[0], 0))
+"""
+
+
+def _in_a_new_process(cache_home):
+    environment = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    environment.pop("NUMBA_CACHE_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_K7], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1])
+
+
+def test_a_specialized_kernel_is_compiled_once_and_then_loaded_from_the_cache(tmp_path):
+    """The generated source is written under the user's cache directory, so that numba's
+    cache serves the next process (a cluster's worker processes start without it)."""
+    assert _in_a_new_process(tmp_path) == 0  # compiled
+    sources = list((tmp_path / "dasknmf" / "kernels").glob("*k7_*.py"))
+    assert len(sources) == 1
+    assert _in_a_new_process(tmp_path) == 1  # loaded
+    assert list((tmp_path / "dasknmf" / "kernels").glob("*k7_*.py")) == sources
+
+
+def test_without_a_cache_directory_the_kernel_is_compiled_in_memory(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    assert _in_a_new_process(blocked) == 0
+    assert blocked.read_text() == "not a directory"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
