@@ -192,9 +192,9 @@ def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
     stats = np.zeros(7)
     stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
     stats[P_SQ_W_OLD] = _dot64(wt, wt)
-    wt = wt.copy()  # the input may be a persisted block that other tasks still read
     if not objective.frobenius:
         return _panel_step_divergence(objective, col_bounds, h, x, wt, stats)
+    wt = wt.copy()  # updated in place; the input may be a block that other tasks still read
     gram_h = h @ h.T
     cross = kernels.dot_h(x, h)
     stats[P_CROSS_OLD] = _dot64(wt, cross)
@@ -220,11 +220,12 @@ def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
 def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):
     """``panel_step`` for a β-divergence other than Frobenius: multiplicative updates."""
     beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
-    if objective.sweeps_w == 1 and divergence.fused(x, beta):
+    if objective.sweeps_w == 1 and divergence.fused(x, beta):  # returns a new W_i
         wt, numerator, denominator, stats[P_DIV_OLD] = divergence.kl_update(
             x, wt, h, l1=objective.l1_w, l2=objective.l2_w
         )
     else:
+        wt = wt.copy()  # updated in place, as in ``_panel_step``
         for sweep in range(objective.sweeps_w):
             numerator, denominator, value = divergence.w_statistics(
                 x, wt, h, beta, with_divergence=sweep == 0

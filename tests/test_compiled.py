@@ -55,8 +55,10 @@ def test_fused_update_is_the_update_then_the_h_statistics(l1, l2, k):
     factors = np.random.default_rng(k)
     wt, h = factors.uniform(size=(k, X.shape[0])), factors.uniform(size=(k, X.shape[1]))
     h[k // 2] = 0  # a zero row of H: rowsum 0, the denominator's guard
+    given = wt.copy()
     with dask.config.set({"dasknmf.compiled": True}):
-        new_wt, numerator, denominator, value = divergence.kl_update(X, wt.copy(), h, l1=l1, l2=l2)
+        new_wt, numerator, denominator, value = divergence.kl_update(X, wt, h, l1=l1, l2=l2)
+    np.testing.assert_array_equal(wt, given)  # a new W_i: the block may be read elsewhere
     with dask.config.set({"dasknmf.compiled": False}):
         w_num, w_den, expected_value = divergence.w_statistics(X, wt, h, 1, with_divergence=True)
         expected_wt = mu.step(wt.copy(), w_num, w_den, l1=l1, l2=l2)
