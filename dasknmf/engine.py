@@ -20,6 +20,7 @@ same panels give bit-identical factors either way.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import itertools
@@ -135,17 +136,43 @@ def _loose_restrictions_plugin():
     from distributed.diagnostics.plugin import SchedulerPlugin
 
     class LooseRestrictions(SchedulerPlugin):
-        """Sends tasks pinned to a worker that is gone to the workers that join.
+        """Sends tasks pinned to a worker that is gone to the workers that run now.
 
         dasknmf places a task with its panel (``workers=[w]``, ``allow_other_workers=True``).
-        When every worker dies, such tasks wait in the 'no-worker' state, and distributed, on a
-        new worker, reschedules only the tasks whose restrictions that worker meets — never
-        these — so the fit would wait forever. This does what the loose restrictions mean.
+        When every worker dies, such tasks wait in the 'no-worker' state, and distributed, when
+        a worker starts running, reschedules only the tasks whose restrictions that worker
+        meets — never these — so the fit would wait forever. This does what the loose
+        restrictions mean, whenever a worker joins or turns to 'running': a restarted worker
+        may register while still starting up and run only later, when ``add_worker`` has
+        already passed (a fit then hung in one of about ten runs of the all-workers-killed test).
         """
 
         name = "dasknmf-loose-restrictions"
 
+        async def start(self, scheduler) -> None:
+            self.scheduler = scheduler
+
         def add_worker(self, scheduler, worker):
+            self._unpin_soon(scheduler, worker)
+
+        def log_event(self, topic, msg):
+            if (
+                isinstance(msg, dict)
+                and msg.get("action") == "worker-status-change"
+                and msg.get("status") == "running"
+            ):
+                self._unpin_soon(self.scheduler, topic)
+
+        @staticmethod
+        def _unpin_soon(scheduler, worker) -> None:
+            # After the scheduler's own handling of the event, which adds the worker to the
+            # running ones (the status-change event is logged before that).
+            asyncio.get_running_loop().call_soon(LooseRestrictions._unpin, scheduler, worker)
+
+        @staticmethod
+        def _unpin(scheduler, worker) -> None:
+            if not scheduler.running:
+                return
             stuck = []
             for ts in scheduler.unrunnable:
                 valid = scheduler.valid_workers(ts)
