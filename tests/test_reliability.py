@@ -181,7 +181,10 @@ def test_a_task_pinned_to_a_gone_worker_runs_when_a_worker_turns_running():
     from dasknmf import engine
 
     with (
-        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        # No memory limit: else the worker's memory monitor resumes the paused worker itself.
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, memory_limit=0, dashboard_address=None
+        ) as cluster,
         Client(cluster) as client,
     ):
         engine.FutureOps(client)  # registers the plugin
