@@ -154,3 +154,12 @@ def test_the_setting():
         assert not _compiled.enabled()
     with dask.config.set({"dasknmf.compiled": "auto"}):
         assert _compiled.enabled()
+
+
+def test_a_cache_directory_of_another_user_is_not_used(tmp_path, monkeypatch):
+    """Generated code is imported from the directory: one that another user owns (a shared
+    XDG_CACHE_HOME, say) is passed over, and the kernel compiled in memory instead."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _numba_kernels._source_directory() == tmp_path / "dasknmf" / "kernels"
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    assert _numba_kernels._source_directory() is None
