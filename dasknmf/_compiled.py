@@ -6,7 +6,7 @@ path (``dasknmf.divergence``) does each as a separate pass with nnz × k gathers
 over the stored entries does both, without temporaries — and ``kl_update`` also updates W
 row by row in that loop, so that a row's columns of H are gathered from memory once for the
 W update and the H numerator together (half the time of the two passes, measured on the
-sparse benchmark). For k <= ``_numba_kernels.SPECIALIZED_MAX_K`` that update runs a kernel
+sparse benchmark). For k <= ``_numba_kernels.SPECIALIZED_MAX_K`` the kernels are
 generated for the k at hand (a row's k components in registers; its source is kept under
 ``~/.cache/dasknmf/kernels`` for numba's cache). Used when numba is installed
 (``pip install "dasknmf[fast]"``) and ``dasknmf.compiled`` is not False; the results agree with
@@ -51,7 +51,7 @@ def kl_w_numerator(x, wt: np.ndarray, h: np.ndarray, eps: float, with_divergence
     Σ x·log(x/wh) and Σ x of the divergence (else zeros)."""
     w, ht = np.ascontiguousarray(wt.T), np.ascontiguousarray(h.T)
     out = np.zeros_like(w)
-    divergence, total = _kernels().kl_rows(
+    args = (
         x.indptr,
         x.indices,
         x.data.astype(w.dtype, copy=False),
@@ -61,6 +61,7 @@ def kl_w_numerator(x, wt: np.ndarray, h: np.ndarray, eps: float, with_divergence
         out,
         with_divergence,
     )
+    divergence, total = _kernels().kernel("kl_rows", w.shape[1], args)(*args)
     return np.ascontiguousarray(out.T), divergence, total
 
 
@@ -68,9 +69,8 @@ def kl_h_numerator(x, wt: np.ndarray, h: np.ndarray, eps: float) -> np.ndarray:
     """Wᵀ·(X ∘ 1/(W·H)), (k, n), for a CSR panel."""
     w, ht = np.ascontiguousarray(wt.T), np.ascontiguousarray(h.T)
     out = np.zeros_like(ht)
-    _kernels().kl_columns(
-        x.indptr, x.indices, x.data.astype(w.dtype, copy=False), w, ht, w.dtype.type(eps), out
-    )
+    args = (x.indptr, x.indices, x.data.astype(w.dtype, copy=False), w, ht, w.dtype.type(eps), out)
+    _kernels().kernel("kl_columns", w.shape[1], args)(*args)
     return np.ascontiguousarray(out.T)
 
 
@@ -95,5 +95,5 @@ def kl_update(x, wt: np.ndarray, h: np.ndarray, denominator: np.ndarray, l2: flo
         dtype(eps),
         out,
     )
-    divergence, total = _kernels().kl_update_kernel(*args)(*args)
+    divergence, total = _kernels().kernel("kl_update_rows", w.shape[1], args)(*args)
     return np.ascontiguousarray(w.T), np.ascontiguousarray(out.T), divergence, total

@@ -30,14 +30,31 @@ def _both(fn):
     return compiled, plain
 
 
-def test_w_statistics_agree():
-    compiled, plain = _both(lambda: divergence.w_statistics(X, WT, H, 1, with_divergence=True))
+#: k of the kernels generated for it, and of the generic ones.
+K_BOTH_WAYS = [4, _numba_kernels.SPECIALIZED_MAX_K + 1]
+
+
+def _factors(k):
+    factors = np.random.default_rng(k)
+    return factors.uniform(size=(k, X.shape[0])), factors.uniform(size=(k, X.shape[1]))
+
+
+@pytest.mark.parametrize("k", K_BOTH_WAYS)
+@pytest.mark.parametrize("with_divergence", [True, False])
+def test_w_statistics_agree(k, with_divergence):
+    wt, h = _factors(k)
+    compiled, plain = _both(lambda: divergence.w_statistics(X, wt, h, 1, with_divergence))
+    if not with_divergence:
+        assert compiled[2] is None and plain[2] is None
+        compiled, plain = compiled[:2], plain[:2]
     for a, b in zip(compiled, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
-def test_h_statistics_agree():
-    compiled, plain = _both(lambda: divergence.h_statistics(X, WT, H, 1))
+@pytest.mark.parametrize("k", K_BOTH_WAYS)
+def test_h_statistics_agree(k):
+    wt, h = _factors(k)
+    compiled, plain = _both(lambda: divergence.h_statistics(X, wt, h, 1))
     for a, b in zip(compiled, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
@@ -52,8 +69,7 @@ def test_fused_update_is_the_update_then_the_h_statistics(l1, l2, k):
     """``divergence.kl_update`` (W updated row by row inside the pass over the entries) gives
     what ``mu.step`` with ``w_statistics``, then ``h_statistics`` at the new W give — with
     the kernels specialized to k (k <= SPECIALIZED_MAX_K) and with the generic one."""
-    factors = np.random.default_rng(k)
-    wt, h = factors.uniform(size=(k, X.shape[0])), factors.uniform(size=(k, X.shape[1]))
+    wt, h = _factors(k)
     h[k // 2] = 0  # a zero row of H: rowsum 0, the denominator's guard
     given = wt.copy()
     with dask.config.set({"dasknmf.compiled": True}):
@@ -78,14 +94,16 @@ def test_kernel_choice():
         eps, den = dtype(1e-9), np.ones(k, dtype)
         return x.indptr, x.indices, x.data, w, ht, den, eps, eps, np.zeros_like(ht)
 
-    generic = _numba_kernels.kl_update_rows
+    def kernel(k, *types):
+        return _numba_kernels.kernel("kl_update_rows", k, arguments(k, *types))
+
     limit = _numba_kernels.SPECIALIZED_MAX_K
-    assert _numba_kernels.kl_update_kernel(*arguments(limit + 1)) is generic
-    three = _numba_kernels.kl_update_kernel(*arguments(3))
-    assert three is not generic
-    assert _numba_kernels.kl_update_kernel(*arguments(3, np.float64, np.int64)) is three
+    assert kernel(limit + 1) is _numba_kernels.kl_update_rows
+    three = kernel(3)
+    assert three is not _numba_kernels.kl_update_rows
+    assert kernel(3, np.float64, np.int64) is three
     assert len(three.overloads) >= 2  # one per signature, compiled on first use
-    assert _numba_kernels.kl_update_kernel(*arguments(4)) is not three
+    assert kernel(4) is not three
 
 
 _LOAD_K7 = """
@@ -94,7 +112,7 @@ from dasknmf import _numba_kernels
 x = sp.random(50, 30, density=0.3, format="csr", random_state=0, dtype=np.float64)
 w, ht = np.ones((50, 7)), np.ones((30, 7))
 arguments = (x.indptr, x.indices, x.data, w, ht, np.ones(7), 0.0, 1e-9, np.zeros_like(ht))
-kernel = _numba_kernels.kl_update_kernel(*arguments)
+kernel = _numba_kernels.kernel("kl_update_rows", 7, arguments)
 kernel(*arguments)
 w_generic, out_generic = np.ones((50, 7)), np.zeros_like(ht)
 _numba_kernels.kl_update_rows(*arguments[:3], w_generic, ht, *arguments[5:8], out_generic)
@@ -118,10 +136,10 @@ def test_a_specialized_kernel_is_compiled_once_and_then_loaded_from_the_cache(tm
     """The generated source is written under the user's cache directory, so that numba's
     cache serves the next process (a cluster's worker processes start without it)."""
     assert _in_a_new_process(tmp_path) == 0  # compiled
-    sources = list((tmp_path / "dasknmf" / "kernels").glob("*k7_*.py"))
+    sources = list((tmp_path / "dasknmf" / "kernels").glob("*_k7_*.py"))
     assert len(sources) == 1
     assert _in_a_new_process(tmp_path) == 1  # loaded
-    assert list((tmp_path / "dasknmf" / "kernels").glob("*k7_*.py")) == sources
+    assert list((tmp_path / "dasknmf" / "kernels").glob("*_k7_*.py")) == sources
 
 
 def test_without_a_cache_directory_the_kernel_is_compiled_in_memory(tmp_path):
