@@ -7,7 +7,7 @@ over the stored entries does both, without temporaries — and ``kl_update`` als
 row by row in that loop, so that a row's columns of H are gathered from memory once for the
 W update and the H numerator together (half the time of the two passes, measured on the
 sparse benchmark). For k <= ``_numba_kernels.SPECIALIZED_MAX_K`` the kernels are
-generated for the k at hand (a row's k components in registers; its source is kept under
+generated for the k at hand (a row's k components in registers; their source is kept under
 ``~/.cache/dasknmf/kernels`` for numba's cache). Used when numba is installed
 (``pip install "dasknmf[fast]"``) and ``dasknmf.compiled`` is not False; the results agree with
 the numpy path to rounding (tests/test_compiled.py).
