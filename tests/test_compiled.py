@@ -18,8 +18,6 @@ from dasknmf import _numba_kernels  # imports numba: after the skip
 X = sp.random(300, 80, density=0.1, format="csr", random_state=0, dtype=np.float64)
 X.data[:] = np.random.default_rng(0).poisson(2, X.nnz) + 1
 X.data[:5] = 1e-9  # below ε: left out of the divergence, still in the update
-rng = np.random.default_rng(1)
-WT, H = rng.uniform(size=(4, 300)), rng.uniform(size=(4, 80))
 
 
 def _both(fn):
