@@ -51,7 +51,8 @@ def kl_w_numerator(x, wt: np.ndarray, h: np.ndarray, eps: float, with_divergence
     Σ x·log(x/wh) and Σ x of the divergence (else zeros)."""
     w, ht = np.ascontiguousarray(wt.T), np.ascontiguousarray(h.T)
     out = np.zeros_like(w)
-    args = (
+    divergence, total = _kernels().run(
+        "kl_rows",
         x.indptr,
         x.indices,
         x.data.astype(w.dtype, copy=False),
@@ -61,7 +62,6 @@ def kl_w_numerator(x, wt: np.ndarray, h: np.ndarray, eps: float, with_divergence
         out,
         with_divergence,
     )
-    divergence, total = _kernels().kernel("kl_rows", w.shape[1], args)(*args)
     return np.ascontiguousarray(out.T), divergence, total
 
 
@@ -69,8 +69,8 @@ def kl_h_numerator(x, wt: np.ndarray, h: np.ndarray, eps: float) -> np.ndarray:
     """Wᵀ·(X ∘ 1/(W·H)), (k, n), for a CSR panel."""
     w, ht = np.ascontiguousarray(wt.T), np.ascontiguousarray(h.T)
     out = np.zeros_like(ht)
-    args = (x.indptr, x.indices, x.data.astype(w.dtype, copy=False), w, ht, w.dtype.type(eps), out)
-    _kernels().kernel("kl_columns", w.shape[1], args)(*args)
+    data = x.data.astype(w.dtype, copy=False)
+    _kernels().run("kl_columns", x.indptr, x.indices, data, w, ht, w.dtype.type(eps), out)
     return np.ascontiguousarray(out.T)
 
 
@@ -84,7 +84,8 @@ def kl_update(x, wt: np.ndarray, h: np.ndarray, denominator: np.ndarray, l2: flo
     w, ht = np.array(wt.T, order="C"), np.ascontiguousarray(h.T)
     out = np.zeros_like(ht)
     dtype = w.dtype.type
-    args = (
+    divergence, total = _kernels().run(
+        "kl_update_rows",
         x.indptr,
         x.indices,
         x.data.astype(w.dtype, copy=False),
@@ -95,5 +96,4 @@ def kl_update(x, wt: np.ndarray, h: np.ndarray, denominator: np.ndarray, l2: flo
         dtype(eps),
         out,
     )
-    divergence, total = _kernels().kernel("kl_update_rows", w.shape[1], args)(*args)
     return np.ascontiguousarray(w.T), np.ascontiguousarray(out.T), divergence, total

@@ -288,10 +288,12 @@ def _slp_vectorized():
         numba.config.SLP_VECTORIZE = before
 
 
-def kernel(name: str, k: int, args: tuple):
+def kernel(name: str, args: tuple):
     """The kernel ``name`` (``kl_rows``, ``kl_columns`` or ``kl_update_rows``) for these
-    arguments: the one generated for k (compiled for their types, or loaded from numba's cache)
-    where k <= SPECIALIZED_MAX_K, else the generic one. Call it with the same arguments."""
+    arguments: the one generated for their k (the width of ``w``, the fourth argument of all
+    three; compiled for their types, or loaded from numba's cache) where k <=
+    SPECIALIZED_MAX_K, else the generic one."""
+    k = args[3].shape[1]
     if k > SPECIALIZED_MAX_K:
         return globals()[name]
     signature = tuple(numba.typeof(a) for a in args)
@@ -301,3 +303,8 @@ def kernel(name: str, k: int, args: tuple):
             with _slp_vectorized():
                 specialized.compile(signature)
     return specialized
+
+
+def run(name: str, *args):
+    """The kernel ``name`` (see ``kernel``) called with ``args``."""
+    return kernel(name, args)(*args)

@@ -93,7 +93,7 @@ def test_kernel_choice():
         return x.indptr, x.indices, x.data, w, ht, den, eps, eps, np.zeros_like(ht)
 
     def kernel(k, *types):
-        return _numba_kernels.kernel("kl_update_rows", k, arguments(k, *types))
+        return _numba_kernels.kernel("kl_update_rows", arguments(k, *types))
 
     limit = _numba_kernels.SPECIALIZED_MAX_K
     assert kernel(limit + 1) is _numba_kernels.kl_update_rows
@@ -110,7 +110,7 @@ from dasknmf import _numba_kernels
 x = sp.random(50, 30, density=0.3, format="csr", random_state=0, dtype=np.float64)
 w, ht = np.ones((50, 7)), np.ones((30, 7))
 arguments = (x.indptr, x.indices, x.data, w, ht, np.ones(7), 0.0, 1e-9, np.zeros_like(ht))
-kernel = _numba_kernels.kernel("kl_update_rows", 7, arguments)
+kernel = _numba_kernels.kernel("kl_update_rows", arguments)
 kernel(*arguments)
 w_generic, out_generic = np.ones((50, 7)), np.zeros_like(ht)
 _numba_kernels.kl_update_rows(*arguments[:3], w_generic, ht, *arguments[5:8], out_generic)
