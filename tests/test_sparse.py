@@ -208,3 +208,40 @@ def test_reuters_topics():
         assert any(words <= topic for topic in top), words
     # The first document is about Prince Charles: its strongest topic is the royal one.
     assert "UK: Prince Charles" in titles[0] and "charles" in top[int(np.argmax(W[0]))]
+
+
+@pytest.mark.parametrize(
+    "solver, beta_loss, compiled",
+    [
+        ("cd", "frobenius", "auto"),
+        ("mu", "kullback-leibler", True),
+        ("mu", "kullback-leibler", False),
+        ("mu", 1.5, "auto"),
+    ],
+)
+def test_a_sparse_panel_is_never_densified(tmp_path, sync_scheduler, monkeypatch, solver,
+                                           beta_loss, compiled):  # fmt: skip
+    """Fits of a sparse X, in memory and from a Zarr CSR store, with every way of turning a
+    scipy.sparse matrix dense made to fail."""
+    import dask
+
+    path = save_matrix(tmp_path / "x.zarr", X)
+
+    def densify(self, *args, **kwargs):
+        raise AssertionError("a sparse panel was densified")
+
+    formats = (sp.csr_matrix, sp.csr_array, sp.csc_matrix, sp.csc_array, sp.coo_matrix,
+               sp.coo_array)  # fmt: skip
+    for cls in {base for fmt in formats for base in fmt.__mro__}:
+        for method in ("toarray", "todense", "__array__"):
+            if method in vars(cls):
+                monkeypatch.setattr(cls, method, densify)
+    with pytest.raises(AssertionError, match="densified"):
+        X[:10].toarray()  # the trap is set
+    kwargs = dict(n_components=3, solver=solver, beta_loss=beta_loss, init="random",
+                  random_state=0, tol=0, max_iter=5)  # fmt: skip
+    with dask.config.set({"dasknmf.compiled": compiled}):
+        for data in (X, str(path)):
+            model = NMF(**kwargs)
+            model.fit(data)
+            assert np.isfinite(model.reconstruction_err_)
