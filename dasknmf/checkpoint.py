@@ -13,7 +13,8 @@ any moment leaves either the previous checkpoint or the new one.
 Resuming reads the newest generation into the same panel layout and continues the loop from
 the next iteration: the factors are bit-identical to those of an uninterrupted run.
 The folder must be reachable at the same path from the workers (a shared file system), as
-Zarr inputs are.
+Zarr inputs are, or be an object-store URL. An object store has no rename: there a generation
+is written under its final name and counts once its ``state.json``, written last, is there.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import re
-import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +30,10 @@ from typing import Any
 import numpy as np
 import zarr
 
+from dasknmf import storage
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import h_array
+from dasknmf.storage import CorruptStoreError, Location
 
 logger = logging.getLogger(__name__)
 
@@ -57,33 +58,45 @@ class State:
     momentum: tuple | None = None  # of an extrapolated fit (see ``engine.iterate``)
 
 
-def _write_block(path: str, block) -> int:
-    """Write one factor block to its own Zarr array (runs where the block is)."""
+def _write_block(where: Location, block) -> int:
+    """Write one factor block to its own Zarr array (runs where the block is), its one chunk
+    stored even if it holds only zeros."""
     array = np.ascontiguousarray(h_array(block))
-    zarr.create_array(path, data=array, chunks=array.shape, overwrite=True)
+    zarr.create_array(
+        where.store(),
+        data=array,
+        chunks=array.shape,
+        overwrite=True,
+        config=storage.complete_chunks_config(),
+        attributes={storage.CHUNKS_ATTRIBUTE: 1},
+    )
     return array.size
 
 
-def _read_block(path: str) -> np.ndarray:
-    return np.ascontiguousarray(zarr.open_array(path, mode="r")[...])
+def _read_block(where: Location) -> np.ndarray:
+    array = zarr.open_array(where.store(read_only=True), mode="r")
+    missing = storage.missing_chunks(array, tuple(slice(None) for _ in array.shape))
+    if missing:
+        raise CorruptStoreError(f"Checkpoint block {where} lost its stored chunk {missing[0]}.")
+    return np.ascontiguousarray(array[...])
 
 
-def _read_factors(panels, folder: pathlib.Path, names, n_wt: int, n_h: int) -> tuple[list, list]:
+def _read_factors(panels, folder: Location, names, n_wt: int, n_h: int) -> tuple[list, list]:
     """Blocks of Wᵀ and H named ``names[0]-i`` and ``names[1]-j`` in ``folder``, read by tasks
     (those of Wᵀ placed with their panels) and persisted."""
     w_name, h_name = names
-    wt = panels.map(_read_block, [(str(folder / f"{w_name}-{i}"),) for i in range(n_wt)])
-    h = panels.ops.map(_read_block, [(str(folder / f"{h_name}-{j}"),) for j in range(n_h)])
+    wt = panels.map(_read_block, [(folder.child(f"{w_name}-{i}"),) for i in range(n_wt)])
+    h = panels.ops.map(_read_block, [(folder.child(f"{h_name}-{j}"),) for j in range(n_h)])
     wt, h = panels.ops.persist(wt, h)
     return list(wt), list(h)
 
 
-def _write_factors(panels, folder: pathlib.Path, names, wt: list, h: list) -> list:
+def _write_factors(panels, folder: Location, names, wt: list, h: list) -> list:
     """Tasks writing the blocks of Wᵀ and H (see ``_read_factors``) where they are."""
     w_name, h_name = names
     return panels.map(
-        _write_block, [(str(folder / f"{w_name}-{i}"), b) for i, b in enumerate(wt)]
-    ) + panels.ops.map(_write_block, [(str(folder / f"{h_name}-{j}"), b) for j, b in enumerate(h)])
+        _write_block, [(folder.child(f"{w_name}-{i}"), b) for i, b in enumerate(wt)]
+    ) + panels.ops.map(_write_block, [(folder.child(f"{h_name}-{j}"), b) for j, b in enumerate(h)])
 
 
 def _rng_state_to_json(state) -> list | None:
@@ -100,7 +113,10 @@ def _rng_state_from_json(value) -> tuple | None:
     return (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
+def _fsync_dir(where: Location) -> None:
+    if where.remote:
+        return
+    path = where.path
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory handles
@@ -115,19 +131,26 @@ class Checkpoint:
     """The checkpoint folder ``path`` of a fit with the given ``fingerprint`` (a JSON-able
     dict of everything the iterates depend on: settings, input statistics, panel layout)."""
 
-    def __init__(self, path, every: int, fingerprint: dict[str, Any]):
-        self.path = pathlib.Path(path)
+    def __init__(self, path, every: int, fingerprint: dict[str, Any], storage_options=None):
+        self.path = storage.location(path, storage_options)
         self.every = int(every)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it will read back
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def latest(self) -> pathlib.Path | None:
-        """The newest complete generation, if any."""
-        if not self.path.is_dir():
-            return None
-        generations = sorted(p for p in self.path.iterdir() if _GENERATION.match(p.name))
-        return generations[-1] if generations else None
+    def latest(self) -> Location | None:
+        """The newest complete generation (one with its ``state.json``), if any."""
+        for name in reversed([n for n in self.path.listdir() if _GENERATION.match(n)]):
+            generation = self.path.child(name)
+            if generation.child("state.json").exists():
+                return generation
+        return None
+
+    def probe(self, client) -> None:
+        """Check that the workers of ``client`` share the folder (they write W's blocks there):
+        fail now, before the first iteration, rather than at the first checkpoint."""
+        self.path.makedirs()
+        storage.probe_shared(client, self.path.store(), "", str(self.path))
 
     def load(self, panels) -> State:
         """Read the newest generation into ``panels``' layout; its blocks are read by tasks,
@@ -139,8 +162,7 @@ class Checkpoint:
                 f"Cannot resume: no checkpoint in {self.path} (it is written every "
                 "checkpoint_every iterations of a fit with checkpoint set)."
             )
-        with (generation / "state.json").open() as f:
-            state = json.load(f)
+        state = json.loads(generation.child("state.json").read_text())
         if state.get("format") != FORMAT:
             raise CheckpointError(
                 f"Cannot resume from {generation}: checkpoint format {state.get('format')!r}, "
@@ -163,7 +185,7 @@ class Checkpoint:
             momentum=momentum,
         )
 
-    def _check_fingerprint(self, stored: dict, generation: pathlib.Path) -> None:
+    def _check_fingerprint(self, stored: dict, generation: Location) -> None:
         mine = self.fingerprint
         if stored == mine:
             return
@@ -189,10 +211,17 @@ class Checkpoint:
         """Write the factors after iteration ``n_iter`` (blocks as ``panels.ops`` holds them)
         and, for an extrapolated fit, its ``momentum``, as a new generation, atomically."""
         ops = panels.ops
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.makedirs()
         name = f"iter-{n_iter:08d}"
-        tmp = self.path / f".{name}.partial-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        final = self.path.child(name)
+        if self.path.remote:  # no rename: write in place, state.json last marks it complete
+            if final.child("state.json").exists():
+                return
+            final.remove()
+            tmp = final
+        else:
+            tmp = self.path.child(f".{name}.partial-{uuid.uuid4().hex[:8]}")
+            tmp.makedirs()
         try:
             written = _write_factors(panels, tmp, ("wt", "h"), wt, h)
             control = None
@@ -211,18 +240,14 @@ class Checkpoint:
                 "control": control,
                 "fingerprint": self.fingerprint,
             }
-            with (tmp / "state.json").open("w") as f:
-                json.dump(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            final = self.path / name
-            if not final.exists():  # else the same iteration is there already, whole
-                tmp.rename(final)
+            tmp.child("state.json").write_text(json.dumps(state))
+            if tmp != final and not final.exists():  # else the same iteration is there, whole
+                os.rename(tmp.path, final.path)
             _fsync_dir(self.path)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        for old in self.path.iterdir():
-            if old.name != name and (_GENERATION.match(old.name) or ".partial-" in old.name):
-                shutil.rmtree(old, ignore_errors=True)
+            if tmp != final and tmp.exists():
+                tmp.remove()
+        for old in self.path.listdir():
+            if old != name and (_GENERATION.match(old) or ".partial-" in old):
+                self.path.child(old).remove()
         logger.info("Checkpoint: iteration %d written to %s", n_iter, final)

@@ -82,8 +82,30 @@ def _check_output(path: pathlib.Path, overwrite: bool) -> None:
     check_output(path, overwrite, how="--overwrite")
 
 
-_INPUT = click.Path(exists=True, path_type=pathlib.Path)
-_OUTPUT = click.Path(path_type=pathlib.Path)
+class _Where(click.ParamType):
+    """A local path (made absolute: the workers may run in another directory) or an fsspec
+    URL (s3://, gs://, abfs://, ...), configured the usual fsspec ways: environment variables
+    such as AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL, and fsspec's config files."""
+
+    name = "path"
+
+    def __init__(self, exists: bool = False):
+        self.exists = exists
+
+    def convert(self, value, param, ctx):
+        from dasknmf.storage import is_url
+
+        if isinstance(value, str) and is_url(value):
+            return value  # checked where it is opened, with a one-line error
+        path = pathlib.Path(value).expanduser().absolute()
+        if self.exists and not path.exists():
+            self.fail(f"Path '{value}' does not exist.", param, ctx)
+        return path
+
+
+_INPUT = _Where(exists=True)
+_OUTPUT = _Where()
+_LOCAL_INPUT = click.Path(exists=True, path_type=pathlib.Path)
 
 
 def _common(command):
@@ -109,12 +131,14 @@ def _where_to_run(command):
         [
             click.option(
                 "--cluster",
-                type=_INPUT,
+                type=_LOCAL_INPUT,
                 help="A cluster spec (YAML, see cluster_configs/) to start and use.",
             ),
             click.option("--scheduler-address", help="Connect to a running scheduler."),
             click.option(
-                "--scheduler-file", type=_INPUT, help="Connect to the scheduler in this file."
+                "--scheduler-file",
+                type=_LOCAL_INPUT,
+                help="Connect to the scheduler in this file.",
             ),
             click.option(
                 "--workers",
@@ -159,6 +183,15 @@ def _announce(client, wait_for_workers: float | None) -> None:
             ) from None
     workers = client.scheduler_info(n_workers=-1)["workers"]
     logger.info("Dask cluster: %d workers, dashboard %s", len(workers), client.dashboard_link)
+
+
+def _probe_output(client, output) -> None:
+    """Check that the workers share OUTPUT's folder (they write W's chunks there) before any
+    work, rather than after the fit."""
+    from dasknmf.storage import location, probe_shared
+
+    folder = location(output).parent
+    probe_shared(client, folder.store(), "", str(folder))
 
 
 @click.group()
@@ -228,7 +261,7 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
         except ValueError:
             raise BadInput(f"--alpha-h must be a number or 'same', got {alpha_h!r}.") from None
     if checkpoint is None and (checkpoint_every is not None or resume):
-        checkpoint = output.with_name(output.name + ".checkpoint")
+        checkpoint = f"{output}.checkpoint"
     X = open_matrix(input_path, component)
     model = NMF(
         n_components=n_components,
@@ -250,6 +283,7 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
     model._validate_params()  # before a cluster starts
     with _connect(cluster, scheduler_address, scheduler_file, workers) as client:
         _announce(client, wait_for_workers)
+        _probe_output(client, output)
         start = time.perf_counter()
         model.fit(X)
         seconds = time.perf_counter() - start
@@ -294,6 +328,7 @@ def transform(model_path, input_path, output, component, overwrite, cluster, sch
     X = open_matrix(input_path, component)
     with _connect(cluster, scheduler_address, scheduler_file, workers) as client:
         _announce(client, wait_for_workers)
+        _probe_output(client, output)
         start = time.perf_counter()
         W = model.transform(X)
         save_matrix(output, W, overwrite=overwrite)
@@ -310,7 +345,7 @@ def transform(model_path, input_path, output, component, overwrite, cluster, sch
 
 
 @main.command("convert")
-@click.argument("src", type=_INPUT)
+@click.argument("src", type=_LOCAL_INPUT)
 @click.argument("dst", type=_OUTPUT)
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @_common
@@ -336,11 +371,11 @@ def _describe(path: pathlib.Path, component):
 
     from dasknmf.io import _open_node
 
-    node = _open_node(path)
+    node, where = _open_node(path)
     if isinstance(node, zarr.Group) and "dasknmf" in node.attrs and component is None:
         attributes = dict(node.attrs)
         return "model", {
-            "path": str(path),
+            "path": where,
             "n_components": attributes["n_components"],
             "n_samples": attributes.get("n_samples"),
             "n_features": attributes["n_features"],
@@ -402,8 +437,11 @@ def plot(model_path, output, overwrite, as_json, quiet, verbose):
     axes.set_title(f"NMF, {model.n_components_} components: {model.n_iter_} iterations")
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
+    suffix = pathlib.PurePosixPath(str(output)).suffix
     with atomic_path(output, overwrite) as tmp:
-        figure.savefig(tmp, format=output.suffix.lstrip(".") or "png")
+        fs, where = tmp.filesystem()
+        with fs.open(where, "wb") as f:
+            figure.savefig(f, format=suffix.lstrip(".") or "png")
     plt.close(figure)
     record = {"command": "plot", "model": str(model_path), "output": str(output)}
     _emit(as_json, record, f"Convergence curve written to {output}", quiet)

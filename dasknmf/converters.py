@@ -17,11 +17,12 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import csr
+from dasknmf import csr, storage
 from dasknmf.io import (
     CONVERTIBLE,
     DEFAULT_CHUNK_BYTES,
     MatrixPathError,
+    _written,
     atomic_path,
     check_matrix_dtype,
     check_matrix_shape,
@@ -33,7 +34,7 @@ SUFFIXES = CONVERTIBLE
 MTX_BLOCK = 1 << 20
 
 
-def convert(src, dst, *, overwrite: bool = False) -> pathlib.Path:
+def convert(src, dst, *, overwrite: bool = False, storage_options: dict | None = None):
     """Convert the matrix in ``src`` to a Zarr store at ``dst``.
 
     Parameters
@@ -44,14 +45,18 @@ def convert(src, dst, *, overwrite: bool = False) -> pathlib.Path:
         two passes with memory O(rows); array format read whole) or an AnnData ``.h5ad`` file
         (its ``X``, dense or CSR, read in row blocks; needs h5py).
     dst : str or os.PathLike
-        The Zarr store to write; must not exist unless ``overwrite``.
+        The Zarr store to write, a local path or an fsspec URL (``s3://...``); must not exist
+        unless ``overwrite``.
     overwrite : bool
+    storage_options : dict, optional
+        fsspec options for a ``dst`` URL.
 
     Returns
     -------
-    pathlib.Path of the written store.
+    pathlib.Path of the written store (its URL, a str, for an object store).
     """
     src = pathlib.Path(src)
+    dst = storage.location(dst, storage_options)
     if not src.exists():
         raise MatrixPathError(f"No such file: {src} does not exist.")
     suffix = src.suffix.lower()
@@ -68,9 +73,9 @@ def convert(src, dst, *, overwrite: bool = False) -> pathlib.Path:
             ) from error
         return save_matrix(dst, X, overwrite=overwrite)
     if suffix == ".mtx":
-        return _convert_mtx(src, pathlib.Path(dst), overwrite)
+        return _convert_mtx(src, dst, overwrite)
     if suffix == ".h5ad":
-        return _convert_h5ad(src, pathlib.Path(dst), overwrite)
+        return _convert_h5ad(src, dst, overwrite)
     raise ValueError(f"Cannot convert {src}: the suffix {suffix!r} is not one of {SUFFIXES}.")
 
 
@@ -97,7 +102,7 @@ def _mtx_header(f, src) -> tuple[str, str, str, tuple[int, ...]]:
     return layout, field, symmetry, sizes
 
 
-def _save_dense_in_blocks(X, dst, overwrite: bool) -> pathlib.Path:
+def _save_dense_in_blocks(X, dst: storage.Location, overwrite: bool):
     """Write an array-like that only this process can read (a memory map, an HDF5 dataset) in
     row blocks, with the synchronous scheduler."""
     rows = max(1, DEFAULT_CHUNK_BYTES // max(1, X.shape[1] * X.dtype.itemsize))
@@ -121,7 +126,7 @@ def _mtx_entries(f, src, field: str, nnz: int):
         yield block[:, 0].astype(np.int64) - 1, block[:, 1].astype(np.int64) - 1, values
 
 
-def _convert_mtx(src: pathlib.Path, dst: pathlib.Path, overwrite: bool) -> pathlib.Path:
+def _convert_mtx(src: pathlib.Path, dst: storage.Location, overwrite: bool):
     with src.open() as f:
         layout, field, symmetry, sizes = _mtx_header(f, src)
     if layout == "array":
@@ -156,7 +161,8 @@ def _convert_mtx(src: pathlib.Path, dst: pathlib.Path, overwrite: bool) -> pathl
             np.add.at(counts, rows + 1, 1)
     indptr = np.cumsum(counts)
     total = int(indptr[-1])
-    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
+    near = None if dst.remote or not dst.path.parent.is_dir() else dst.path.parent
+    with tempfile.TemporaryDirectory(dir=near) as tmp:
         data = np.lib.format.open_memmap(f"{tmp}/data.npy", "w+", dtype, (max(total, 1),))
         indices = np.lib.format.open_memmap(f"{tmp}/indices.npy", "w+", np.int64, (max(total, 1),))
         position = indptr[:-1].copy()
@@ -183,13 +189,13 @@ def _convert_mtx(src: pathlib.Path, dst: pathlib.Path, overwrite: bool) -> pathl
                 block.sort_indices()
                 writer.append(block)
             writer.close()
-    return dst
+    return _written(dst)
 
 
 # ---- AnnData .h5ad ---------------------------------------------------------------------------
 
 
-def _convert_h5ad(src: pathlib.Path, dst: pathlib.Path, overwrite: bool) -> pathlib.Path:
+def _convert_h5ad(src: pathlib.Path, dst: storage.Location, overwrite: bool):
     try:
         import h5py
     except ImportError:
@@ -227,4 +233,4 @@ def _convert_h5ad(src: pathlib.Path, dst: pathlib.Path, overwrite: bool) -> path
                     )
                 )
             writer.close()
-    return dst
+    return _written(dst)

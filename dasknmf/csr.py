@@ -19,6 +19,9 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
+from dasknmf import storage
+from dasknmf.storage import CorruptStoreError
+
 ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 #: Entries per stored chunk of ``data`` and ``indices`` (16 MiB of float32 data).
 ENTRIES_PER_CHUNK = 1 << 22
@@ -75,19 +78,29 @@ def check_group(group: zarr.Group, where: str) -> tuple[tuple[int, int], int]:
 
 
 def _read(array: zarr.Array, start: int, stop: int, where: str, rows: tuple[int, int]):
+    missing = storage.missing_chunks(array, (slice(start, stop),))
+    if missing:
+        raise CorruptStoreError(
+            f"{where}: cannot read {array.basename} of rows {rows[0]}:{rows[1]}: the stored "
+            f"chunk {missing[0]} is missing ({len(missing)} missing under these rows)."
+        )
     try:
         return np.asarray(array[start:stop])
     except Exception as error:
-        from dasknmf.io import CorruptStoreError
-
         raise CorruptStoreError(
             f"{where}: cannot read {array.basename} of rows {rows[0]}:{rows[1]}: a stored chunk "
             f"is corrupt or truncated ({type(error).__name__}: {error})."
         ) from error
 
 
-def read_rows(group: zarr.Group, start: int, stop: int, where: str) -> sp.csr_matrix:
-    """Rows ``start:stop`` of a CSR group, checked: indptr monotone, indices in range."""
+def read_rows(
+    group: zarr.Group, start: int, stop: int, where: str, digest: str | None = None
+) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a CSR group, checked: the group is the one the driver opened
+    (``digest``, see ``storage.verify``), its chunks are there, indptr is monotone and the
+    indices are in range."""
+    if digest is not None:
+        storage.verify(group, digest, where)
     n_cols = int(group.attrs["shape"][1])
     rows = (start, stop)
     indptr = _read(group["indptr"], start, stop + 1, where, rows).astype(np.int64)
@@ -103,8 +116,11 @@ def read_rows(group: zarr.Group, start: int, stop: int, where: str) -> sp.csr_ma
     return sp.csr_matrix((data, indices, indptr - low), shape=(stop - start, n_cols))
 
 
-def open_group(group: zarr.Group, where: str, panel_bytes: int) -> da.Array:
-    """A CSR group as a Dask array of CSR row panels of about ``panel_bytes`` of stored data."""
+def open_group(
+    group: zarr.Group, where: str, panel_bytes: int, digest: str | None = None
+) -> da.Array:
+    """A CSR group as a Dask array of CSR row panels of about ``panel_bytes`` of stored data;
+    the tasks reading them check the group against ``digest`` (``storage.fingerprint``)."""
     (n_rows, n_cols), nnz = check_group(group, where)
     dtype = group["data"].dtype
     entry_bytes = dtype.itemsize + group["indices"].dtype.itemsize
@@ -114,7 +130,7 @@ def open_group(group: zarr.Group, where: str, panel_bytes: int) -> da.Array:
     read = dask.delayed(read_rows, pure=True)
     blocks = [
         da.from_delayed(
-            read(group, start, min(start + rows, n_rows), where),
+            read(group, start, min(start + rows, n_rows), where, digest),
             shape=(min(rows, n_rows - start), n_cols),
             dtype=dtype,
             meta=meta,
@@ -125,10 +141,13 @@ def open_group(group: zarr.Group, where: str, panel_bytes: int) -> da.Array:
 
 
 class Writer:
-    """Appends CSR row blocks to a new group in the anndata encoding."""
+    """Appends CSR row blocks to a new group in the anndata encoding, at ``where`` (a
+    ``storage.Location`` or anything ``zarr.open_group`` takes). Every chunk is stored and
+    counted (``storage.CHUNKS_ATTRIBUTE``), so that one missing later is an error."""
 
-    def __init__(self, path, n_cols: int, dtype, index_dtype=np.int64):
-        self.group = zarr.open_group(str(path), mode="w")
+    def __init__(self, where, n_cols: int, dtype, index_dtype=np.int64):
+        store = where.store() if isinstance(where, storage.Location) else str(where)
+        self.group = zarr.open_group(store=store, mode="w")
         self.n_cols = int(n_cols)
         self.n_rows = 0
         self.nnz = 0
@@ -139,7 +158,12 @@ class Writer:
             ("indptr", np.int64, ENTRIES_PER_CHUNK),
         ):
             self.group.create_array(
-                name, shape=(0,), chunks=(chunks,), dtype=kind, compressors=compressors
+                name,
+                shape=(0,),
+                chunks=(chunks,),
+                dtype=kind,
+                compressors=compressors,
+                config=storage.complete_chunks_config(),
             )
         self.group["indptr"].append(np.zeros(1, dtype=np.int64))
 
@@ -159,6 +183,9 @@ class Writer:
         self.nnz += block.nnz
 
     def close(self) -> zarr.Group:
+        for name in ("data", "indices", "indptr"):
+            array = self.group[name]
+            array.attrs[storage.CHUNKS_ATTRIBUTE] = storage.chunk_count(array.shape, array.chunks)
         self.group.attrs.update({**ENCODING, "shape": [self.n_rows, self.n_cols]})
         return self.group
 

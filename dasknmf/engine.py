@@ -42,6 +42,7 @@ from dasknmf import kernels, steps
 from dasknmf._config import get_bytes
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective, StreamedPanel, sum_in_order
+from dasknmf.storage import distributed_client
 
 logger = logging.getLogger(__name__)
 
@@ -372,18 +373,6 @@ def in_memory_panels(X, panel_bytes: int | None = None, n_threads: int | None = 
     )
 
 
-def distributed_client():
-    """The distributed Client that dask's default scheduler runs on, or None."""
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except (ImportError, ValueError):
-        return None
-    scheduler = dask.base.get_scheduler()
-    return client if getattr(scheduler, "__self__", None) is client else None
-
-
 def _cluster_memory() -> int:
     """Memory available to computations: the workers' limits with a distributed Client, the
     machine's memory otherwise."""
@@ -524,6 +513,9 @@ def _persist_panels(items: list, sizes: Sequence[int], client) -> tuple[list, li
         for item, worker in zip(items, _balanced_workers(client, sizes), strict=True)
     ]
     wait(futures)
+    for future in futures:
+        if future.status == "error":
+            future.result()  # raises the task's error (a panel that cannot be read)
     holders = client.who_has(futures)
     return futures, [sorted(holders[f.key])[0] for f in futures]
 

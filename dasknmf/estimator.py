@@ -156,6 +156,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ``max_iter`` and the reporting options may differ); the factors are then
         bit-identical to those of a fit that was never interrupted. Raises
         ``dasknmf.checkpoint.CheckpointError`` (a ``ValueError``) otherwise.
+    storage_options : dict or None, default=None
+        fsspec options (``endpoint_url``, ``key``, ``secret``, ``anon``, ...) for X given as
+        a URL (``s3://bucket/X.zarr``, ``gs://...``, ``abfs://...``) and for a ``checkpoint``
+        URL. Not written into a saved model.
 
     Attributes
     ----------
@@ -206,6 +210,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         checkpoint=None,
         checkpoint_every=10,
         resume=False,
+        storage_options=None,
     ):
         self.n_components = n_components
         self.init = init
@@ -227,6 +232,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.resume = resume
+        self.storage_options = storage_options
 
     # ---- parameters ---------------------------------------------------------------------
 
@@ -341,6 +347,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             "an int in the range [1, inf)",
         )
         _check_param("resume", self.resume, isinstance(self.resume, bool | np.bool_), "a bool")
+        _check_param(
+            "storage_options",
+            self.storage_options,
+            self.storage_options is None or isinstance(self.storage_options, dict),
+            "a dict or None",
+        )
         if self.resume and self.checkpoint is None:
             raise ValueError("resume=True needs checkpoint, the folder to resume from.")
         pb = self.panel_bytes
@@ -417,7 +429,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 reset=reset,
                 ensure_non_negative=not reset,
             )
-        X = _as_dask_matrix(X, self._panel_budget())
+        X = _as_dask_matrix(X, self._panel_budget(), self.storage_options)
         if reset:
             self.n_features_in_ = X.shape[1]
             if hasattr(self, "feature_names_in_"):
@@ -551,7 +563,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ckpt = None
         if self.checkpoint is not None:
             fingerprint = self._fingerprint(panels, stats, objective, method, col_bounds)
-            ckpt = Checkpoint(self.checkpoint, self.checkpoint_every, fingerprint)
+            ckpt = Checkpoint(
+                self.checkpoint, self.checkpoint_every, fingerprint, self.storage_options
+            )
+            if panels.ops.is_async:  # the workers write W's blocks there
+                ckpt.probe(panels.ops.client)
 
         def starting_point(from_checkpoint: bool):
             """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) to start
@@ -673,7 +689,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             "input.min": stats.min,
         }
 
-    def save(self, path, *, overwrite: bool = False):
+    def save(self, path, *, overwrite: bool = False, storage_options=None):
         """Write the fitted model to a Zarr group (see ``dasknmf.load``).
 
         Arrays ``W`` (``W_``, written chunk by chunk from the cluster for a Dask fit) and ``H``
@@ -684,14 +700,17 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Parameters
         ----------
         path : str or os.PathLike
-            Must not exist unless ``overwrite``.
+            A local path or an fsspec URL; must not exist unless ``overwrite``.
         overwrite : bool, default=False
+        storage_options : dict, optional
+            fsspec options for a URL; default the model's ``storage_options``.
 
         Returns
         -------
-        pathlib.Path
+        pathlib.Path (the URL, a str, for an object store)
         """
-        return io.save_model(self, path, overwrite=overwrite)
+        options = self.storage_options if storage_options is None else storage_options
+        return io.save_model(self, path, overwrite=overwrite, storage_options=options)
 
     # ---- using a fitted model --------------------------------------------------------------
 
@@ -767,10 +786,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return tags
 
 
-def _as_dask_matrix(X, panel_bytes: int) -> da.Array:
-    """A Dask array, zarr.Array or Zarr path as a 2-D floating Dask array."""
+def _as_dask_matrix(X, panel_bytes: int, storage_options=None) -> da.Array:
+    """A Dask array, zarr.Array or Zarr path (or URL) as a 2-D floating Dask array."""
     if not isinstance(X, da.Array):
-        X = io.open_matrix(X, panel_bytes=panel_bytes)
+        X = io.open_matrix(X, panel_bytes=panel_bytes, storage_options=storage_options)
     io.check_matrix_shape(X.shape, "X")
     io.check_matrix_dtype(X.dtype, "X")
     if X.dtype not in (np.float32, np.float64):

@@ -10,8 +10,6 @@ import contextlib
 import math
 import os
 import pathlib
-import shutil
-import uuid
 from collections.abc import Iterator
 
 import dask
@@ -21,8 +19,20 @@ import scipy.sparse as sp
 import zarr
 from dask.array.core import getter
 
-from dasknmf import csr
+from dasknmf import csr, storage
 from dasknmf._config import get_bytes
+from dasknmf.storage import CorruptStoreError, MatrixPathError, StorageError
+
+__all__ = [
+    "CorruptStoreError",
+    "MatrixPathError",
+    "StorageError",
+    "describe_matrix",
+    "load_model",
+    "open_matrix",
+    "save_matrix",
+    "save_model",
+]
 
 #: Chunks written by ``save_matrix`` aim at this size (every iteration re-reads them).
 DEFAULT_CHUNK_BYTES = 16 * 2**20
@@ -34,40 +44,46 @@ MIN_CHUNK_ROWS = 64
 CONVERTIBLE = (".npy", ".npz", ".mtx", ".h5ad")
 
 
-class MatrixPathError(FileNotFoundError, ValueError):
-    """A path that should hold a matrix does not exist (both a FileNotFoundError and a
-    ValueError, so either ``except`` clause catches it)."""
-
-
 def _read_codec() -> zarr.codecs.BloscCodec:
     # lz4 decompresses at about disk speed; zstd was 3x slower to read here (DESIGN §5).
     return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
-class CorruptStoreError(ValueError):
-    """A stored chunk cannot be read back: corrupt or truncated on disk."""
-
-
 class CheckedReader:
-    """Dask's ``getter`` for a stored array, naming the store and the rows when a chunk cannot
-    be decoded (a truncated or corrupted chunk file makes the codec fail with a message such
-    as "error during blosc decompression: -1", which says neither)."""
+    """Dask's ``getter`` for a stored array, run where the panel is read (a worker).
 
-    def __init__(self, where: str):
+    Before its first read in a process it checks that the store there is the one the driver
+    opened (``storage.verify``: a worker that does not see the store would read every chunk as
+    the fill value); it refuses to read over a chunk missing from a store written by dasknmf;
+    and it names the store and the rows when a chunk cannot be decoded (a truncated or
+    corrupted chunk file makes the codec fail with a message such as "error during blosc
+    decompression: -1", which says neither)."""
+
+    def __init__(self, where: str, digest: str | None = None):
         self.where = where
+        self.digest = digest
 
     def __call__(self, a, b, asarray=True, lock=None):
+        if self.digest is not None:
+            storage.verify(a, self.digest, self.where)
+        region = b if isinstance(b, tuple) else (b,)
+        rows = region[0]
+        missing = storage.missing_chunks(a, region) if isinstance(a, zarr.Array) else []
+        if missing:
+            raise CorruptStoreError(
+                f"{self.where}: cannot read rows {rows.start}:{rows.stop}: the stored chunk "
+                f"{missing[0]} is missing ({len(missing)} missing under these rows)."
+            )
         try:
             return getter(a, b, asarray=asarray, lock=lock)
         except Exception as error:
-            rows = b[0] if isinstance(b, tuple) else b
             raise CorruptStoreError(
                 f"{self.where}: cannot read rows {rows.start}:{rows.stop}: a stored chunk is "
                 f"corrupt or truncated ({type(error).__name__}: {error})."
             ) from error
 
     def __dask_tokenize__(self):
-        return ("dasknmf.io.CheckedReader", self.where)
+        return ("dasknmf.io.CheckedReader", self.where, self.digest)
 
 
 def check_matrix_dtype(dtype, whom: str) -> None:
@@ -100,7 +116,11 @@ def _panel_rows(n_rows: int, row_bytes: int, chunk_rows: int, budget: int) -> in
 
 
 def open_matrix(
-    source, component: str | None = None, *, panel_bytes: int | None = None
+    source,
+    component: str | None = None,
+    *,
+    panel_bytes: int | None = None,
+    storage_options: dict | None = None,
 ) -> da.Array:
     """Open a matrix stored in Zarr as a Dask array of full-width row panels.
 
@@ -109,21 +129,30 @@ def open_matrix(
     source : str, os.PathLike, zarr.Array or zarr.Group
         A Zarr v3 (or v2) store holding a 2-D numeric array, a group in the anndata CSR
         encoding (read as CSR row panels, ``scipy.sparse.csr_matrix`` chunks), or a group
-        holding one of these (an AnnData store's ``X``: ``component="X"``).
+        holding one of these (an AnnData store's ``X``: ``component="X"``). A local path
+        (made absolute here, so that every worker reads the same store) or an fsspec URL
+        (``s3://bucket/X.zarr``, ``gs://...``, ``abfs://...``).
     component : str, optional
         The array's name inside a group (e.g. ``"X"``).
     panel_bytes : int, optional
         Target bytes of a row panel; default ``dasknmf.panel-bytes``. Panels are a whole
         number of stored chunks (or shards), so no two tasks read the same chunk.
+    storage_options : dict, optional
+        fsspec options for a URL (``endpoint_url``, ``key``, ``secret``, ``anon``, ...).
 
     Returns
     -------
     dask.array.Array of shape (n_samples, n_features)
         Chunks span a whole number of stored rows (about ``panel_bytes`` of full-width rows)
-        and keep the stored column chunking.
+        and keep the stored column chunking. A task reading a panel first checks that its
+        worker sees the store this process opened (else ``StoreNotSharedError``).
     """
-    node = _open_node(source)
-    where = str(source) if isinstance(source, str | os.PathLike) else repr(source)
+    node, where = _open_node(source, storage_options)
+    return _node_as_dask(node, where, component, panel_bytes)
+
+
+def _node_as_dask(node, where: str, component: str | None, panel_bytes: int | None) -> da.Array:
+    """``open_matrix`` of an open Zarr node that ``where`` names."""
     if component is not None:
         if not isinstance(node, zarr.Group):
             raise ValueError(
@@ -137,7 +166,7 @@ def open_matrix(
         where = f"{where}/{component}"
     budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
     if csr.is_sparse_group(node):
-        return csr.open_group(node, where, budget)
+        return csr.open_group(node, where, budget, storage.fingerprint(node))
     if isinstance(node, zarr.Group):
         raise ValueError(
             f"{where} is a Zarr group, not a matrix; pass component= to name the array "
@@ -149,21 +178,24 @@ def open_matrix(
     n_rows, n_cols = node.shape
     rows = _panel_rows(n_rows, n_cols * node.dtype.itemsize, stored[0], budget)
     chunks = (rows, stored[1])
-    name = "from-zarr-" + dask.base.tokenize(node, chunks)
-    return da.from_array(node, chunks=chunks, name=name, getitem=CheckedReader(where))
+    reader = CheckedReader(where, storage.fingerprint(node))
+    name = "from-zarr-" + dask.base.tokenize(node, chunks, reader)
+    return da.from_array(node, chunks=chunks, name=name, getitem=reader)
 
 
-def describe_matrix(source, component: str | None = None, *, count: bool = True) -> dict:
+def describe_matrix(
+    source, component: str | None = None, *, count: bool = True, storage_options=None
+) -> dict:
     """What ``dasknmf info`` shows of a stored matrix: shape, dtype, dense or CSR, the stored
     chunks, the row panels dasknmf reads, and the non-zeros (for CSR the stored entries, from
     ``indptr``; for a dense store counted in one read of it, on the current scheduler, unless
     ``count`` is False)."""
-    X = open_matrix(source, component)
-    node = _open_node(source)
+    X = open_matrix(source, component, storage_options=storage_options)
+    node, where = _open_node(source, storage_options)
     if component is not None:
         node = node[component]
     info = {
-        "path": str(source),
+        "path": where,
         "shape": list(X.shape),
         "dtype": str(X.dtype),
         "format": "csr" if sp.issparse(X._meta) else "dense",
@@ -182,21 +214,24 @@ def describe_matrix(source, component: str | None = None, *, count: bool = True)
     return info
 
 
-def _open_node(source):
+def _open_node(source, storage_options=None) -> tuple[zarr.Array | zarr.Group, str]:
+    """The Zarr node at ``source`` (a path, URL, ``Location``, or a node already) and the name
+    to call it by in messages."""
     if isinstance(source, zarr.Array | zarr.Group):
-        return source
-    if not isinstance(source, str | os.PathLike):
+        return source, repr(source)
+    if not isinstance(source, str | os.PathLike | storage.Location):
         raise TypeError(f"Expected a path or a zarr.Array/zarr.Group, got {type(source).__name__}.")
-    path = pathlib.Path(source)
-    if "://" not in str(source) and not path.exists():
-        raise MatrixPathError(f"No such matrix: {source} does not exist.")
+    where = storage.location(source, storage_options)
+    if not where.exists():
+        raise MatrixPathError(f"No such matrix: {where} does not exist.")
     try:
-        return zarr.open(str(source), mode="r")
+        with storage.remote_errors(where):
+            return zarr.open(store=where.store(read_only=True), mode="r"), str(where)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError) as error:
         hint = ""
-        if path.suffix.lower() in CONVERTIBLE:
-            hint = f"; convert it first: dasknmf convert {source} DST.zarr"
-        raise MatrixPathError(f"{source} is not a Zarr store{hint} ({error})") from error
+        if pathlib.PurePosixPath(where.name).suffix.lower() in CONVERTIBLE:
+            hint = f"; convert it first: dasknmf convert {where} DST.zarr"
+        raise MatrixPathError(f"{where} is not a Zarr store{hint} ({error})") from error
 
 
 def default_chunks(
@@ -213,77 +248,76 @@ def default_chunks(
     return min(n_rows, side), min(n_cols, side)
 
 
-def check_output(path, overwrite: bool, how: str = "overwrite=True") -> None:
-    """Refuse to write ``path`` when it exists (unless ``overwrite``; ``how`` says how to ask
-    for that) or when its folder does not."""
-    path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass {how} to replace it.")
-    if not path.parent.exists():
-        raise MatrixPathError(f"Cannot write {path}: its folder {path.parent} does not exist.")
+def check_output(path, overwrite: bool, how: str = "overwrite=True", storage_options=None) -> None:
+    """Refuse to write ``path`` (a local path or a URL) when something is there (unless
+    ``overwrite``; ``how`` says how to ask for that) or when its folder (bucket) does not
+    exist."""
+    storage.check_output(storage.location(path, storage_options), overwrite, how)
 
 
 @contextlib.contextmanager
-def atomic_path(path, overwrite: bool = False) -> Iterator[pathlib.Path]:
-    """Yield a temporary sibling of ``path`` to write into; rename it to ``path`` on success,
-    remove it on failure."""
-    path = pathlib.Path(path)
-    check_output(path, overwrite)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+def atomic_path(path, overwrite: bool = False, storage_options=None) -> Iterator[storage.Location]:
+    """Yield a temporary sibling of ``path`` (a ``storage.Location``) to write into; move it
+    to ``path`` on success, remove it on failure (``storage.atomic``)."""
+    with storage.atomic(storage.location(path, storage_options), overwrite) as tmp:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def _written(target: storage.Location):
+    return target.path if not target.remote else target.url
 
 
 def save_matrix(
-    path, X, *, chunks: tuple[int, int] | None = None, overwrite: bool = False
-) -> pathlib.Path:
+    path,
+    X,
+    *,
+    chunks: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+):
     """Write a matrix to Zarr, chunk by chunk: dense (numpy or Dask) as a 2-D array, sparse
     (scipy.sparse, or Dask with sparse chunks) as a group in the anndata CSR encoding.
 
     A dense Dask array is written by its own tasks on the current scheduler (never gathered
     here); a sparse one block after block, one block in this process at a time. The store is
-    written to a temporary sibling and renamed to ``path`` when complete.
+    written to a temporary sibling and moved to ``path`` when complete. Every chunk is stored
+    (also one of zeros) and their number recorded (attribute ``dasknmf.chunks``), so that a
+    chunk missing later is an error when it is read, not zeros.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Where the store goes; must not exist unless ``overwrite``.
+        Where the store goes, a local path or an fsspec URL; must not exist unless
+        ``overwrite``.
     X : ndarray, scipy.sparse matrix or dask.array.Array of shape (n_samples, n_features)
     chunks : (int, int), optional
         Stored chunk shape of a dense matrix; default about 16 MiB of whole rows (2-D tiles
         for very wide rows). Sparse data is stored in runs of 4 Mi entries.
     overwrite : bool
         Replace an existing store at ``path``.
+    storage_options : dict, optional
+        fsspec options for a URL.
 
     Returns
     -------
-    pathlib.Path of the written store.
+    pathlib.Path of the written store (its URL, a str, for an object store).
     """
     if not isinstance(X, da.Array) and not sp.issparse(X):
         X = np.asarray(X)
     check_matrix_shape(X.shape, "X")
     check_matrix_dtype(X.dtype, "X")
+    target = storage.location(path, storage_options)
     if _is_sparse(X):
-        with atomic_path(path, overwrite) as tmp:
+        with storage.atomic(target, overwrite) as tmp:
             writer = csr.Writer(tmp, X.shape[1], X.dtype)
             for block in csr.row_blocks(X, _sparse_block_rows(X)):
                 writer.append(block)
             writer.close()
-        return pathlib.Path(path)
+        return _written(target)
     chunks = tuple(chunks) if chunks is not None else default_chunks(X.shape, X.dtype.itemsize)
-    with atomic_path(path, overwrite) as tmp:
-        _write_array(str(tmp), X, chunks)
-    return pathlib.Path(path)
+    with storage.atomic(target, overwrite) as tmp:
+        _write_array(tmp.store(), X, chunks)
+    return _written(target)
 
 
 def _is_sparse(X) -> bool:
@@ -300,13 +334,22 @@ def _sparse_block_rows(X) -> int:
 
 
 def _write_array(where, X, chunks: tuple[int, int]) -> zarr.Array:
-    """Create a Zarr array at ``where`` (a path, or a path inside a group) and write numpy or
-    Dask ``X`` into it, chunk by chunk. A Dask array is written by its own tasks, one stored
-    chunk each: no two tasks write the same chunk, and a task holds no more than a chunk."""
+    """Create a Zarr array at ``where`` (a store, or a path inside a group) and write numpy or
+    Dask ``X`` into it, chunk by chunk, every chunk stored. A Dask array is written by its own
+    tasks, one stored chunk each: no two tasks write the same chunk, and a task holds no more
+    than a chunk. On a distributed cluster the workers write: a local folder is first probed
+    for being shared with them (``storage.probe_shared``)."""
     target = zarr.create_array(
-        where, shape=X.shape, chunks=chunks, dtype=X.dtype, compressors=_read_codec()
+        where,
+        shape=X.shape,
+        chunks=chunks,
+        dtype=X.dtype,
+        compressors=_read_codec(),
+        config=storage.complete_chunks_config(),
+        attributes={storage.CHUNKS_ATTRIBUTE: storage.chunk_count(X.shape, chunks)},
     )
     if isinstance(X, da.Array):
+        storage.probe_workers(target)
         da.store(X.rechunk(chunks), target, lock=False)
     else:
         target[...] = X
@@ -329,12 +372,13 @@ def _jsonable(value):
     return value
 
 
-def save_model(model, path, *, overwrite: bool = False) -> pathlib.Path:
+def save_model(model, path, *, overwrite: bool = False, storage_options=None):
     """Write a fitted ``dasknmf.NMF`` to a Zarr group: arrays ``H`` (components_) and ``W`` (the
     transformed training data, if the model holds it), and attributes with the parameters, the
     number of iterations, the loss history, the reconstruction error, the input shape, the
     dtype and the package version. A Dask W is written chunk by chunk by the cluster. The group
-    is written to a temporary sibling and renamed to ``path`` when complete."""
+    is written to a temporary sibling and moved to ``path`` (a local path or a URL) when
+    complete."""
     from sklearn.utils.validation import check_is_fitted
 
     from dasknmf import __version__
@@ -344,7 +388,11 @@ def save_model(model, path, *, overwrite: bool = False) -> pathlib.Path:
     k, n_features = H.shape
     attributes = {
         "dasknmf": {"format": MODEL_FORMAT, "version": __version__},
-        "params": {key: _jsonable(v) for key, v in model.get_params().items()},
+        "params": {
+            key: _jsonable(v)
+            for key, v in model.get_params().items()
+            if key != "storage_options"  # may hold credentials
+        },
         "n_components": int(k),
         "n_iter": int(model.n_iter_),
         "loss_history": [float(v) for v in model.loss_history_],
@@ -357,36 +405,39 @@ def save_model(model, path, *, overwrite: bool = False) -> pathlib.Path:
         attributes["n_samples"] = int(W.shape[0])
     if hasattr(model, "feature_names_in_"):
         attributes["feature_names_in"] = [str(name) for name in model.feature_names_in_]
-    with atomic_path(path, overwrite) as tmp:
-        group = zarr.open_group(str(tmp), mode="w")
+    target = storage.location(path, storage_options)
+    with storage.atomic(target, overwrite) as tmp:
+        group = zarr.open_group(store=tmp.store(), mode="w")
         _write_array(group.store_path / "H", H, default_chunks(H.shape, H.dtype.itemsize))
         if W is not None:
             _write_array(group.store_path / "W", W, default_chunks(W.shape, W.dtype.itemsize))
         group.attrs.update(attributes)
-    return pathlib.Path(path)
+    return _written(target)
 
 
-def load_model(path):
-    """A fitted ``dasknmf.NMF`` from a group written by ``save_model``; ``transform`` works
-    without refitting. ``W_``, if saved, is a lazy Dask array reading the stored W."""
+def load_model(path, *, storage_options=None):
+    """A fitted ``dasknmf.NMF`` from a group written by ``save_model`` (a local path or a
+    URL); ``transform`` works without refitting. ``W_``, if saved, is a lazy Dask array
+    reading the stored W."""
     from dasknmf.estimator import NMF
 
-    node = _open_node(path)
+    node, where = _open_node(path, storage_options)
     attributes = dict(node.attrs) if isinstance(node, zarr.Group) else {}
     if "dasknmf" not in attributes or "H" not in node:
-        raise ValueError(f"{path} is not a dasknmf model (no 'dasknmf' attribute and array H).")
+        raise ValueError(f"{where} is not a dasknmf model (no 'dasknmf' attribute and array H).")
     found = attributes["dasknmf"].get("format")
     if found != MODEL_FORMAT:
         raise ValueError(
-            f"{path} holds a model in format {found}; this dasknmf reads format {MODEL_FORMAT}."
+            f"{where} holds a model in format {found}; this dasknmf reads format {MODEL_FORMAT}."
         )
-    H = node["H"][...]
+    H = _node_as_dask(node, where, "H", None).compute(scheduler="sync")
     if H.shape != (attributes["n_components"], attributes["n_features"]):
         raise ValueError(
-            f"{path}: H has shape {H.shape}, the attributes say "
+            f"{where}: H has shape {H.shape}, the attributes say "
             f"{(attributes['n_components'], attributes['n_features'])}."
         )
     model = NMF(**attributes["params"])
+    model.storage_options = storage_options
     model.components_ = H
     model.n_components_ = attributes["n_components"]
     model.n_features_in_ = attributes["n_features"]
@@ -399,8 +450,8 @@ def load_model(path):
         W = node["W"]
         if W.shape != (attributes.get("n_samples"), attributes["n_components"]):
             raise ValueError(
-                f"{path}: W has shape {W.shape}, the attributes say "
+                f"{where}: W has shape {W.shape}, the attributes say "
                 f"{(attributes.get('n_samples'), attributes['n_components'])}."
             )
-        model.W_ = da.from_zarr(W)
+        model.W_ = _node_as_dask(node, where, "W", None)
     return model

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import dask
 import dask.array as da
 import numpy as np
@@ -61,3 +65,21 @@ def cluster():
         Client(local) as client,
     ):
         yield client
+
+
+def run_cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """``python -m dasknmf ARGS`` as a user runs it, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "dasknmf", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+def last_json(result) -> dict:
+    """The JSON object a successful ``--json`` run printed last."""
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -9,25 +9,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import low_rank
+from conftest import last_json, low_rank, run_cli
 
 import dasknmf
 from dasknmf import NMF
 
 
-def _run(*args, cwd=None, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "dasknmf", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
-
-
 def test_demo_runs_end_to_end(tmp_path):
-    result = _run(
+    result = run_cli(
         "demo",
         "--rows",
         "3000",
@@ -59,23 +48,18 @@ def test_demo_runs_end_to_end(tmp_path):
     ],
 )
 def test_usage_errors_exit_2_without_a_traceback(args, message):
-    result = _run(*args)
+    result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_version():
-    result = _run("--version")
+    result = run_cli("--version")
     assert result.returncode == 0 and "dasknmf, version" in result.stdout
 
 
 # ---- the batch pipeline: convert -> fit -> transform -> info -> plot --------------------------
-
-
-def _last_json(result) -> dict:
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +68,7 @@ def stored(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     X = low_rank(1200, 40, 4).astype(np.float32)
     np.save(folder / "X.npy", X)
-    record = _last_json(_run("convert", str(folder / "X.npy"), str(folder / "X.zarr"), "--json"))
+    record = last_json(run_cli("convert", str(folder / "X.npy"), str(folder / "X.zarr"), "--json"))
     assert record["shape"] == [1200, 40] and record["format"] == "dense"
     return folder, X
 
@@ -92,8 +76,8 @@ def stored(tmp_path_factory):
 def test_fit_transform_info_plot(stored, tmp_path):
     folder, X = stored
     model = tmp_path / "model.zarr"
-    fit = _last_json(
-        _run(
+    fit = last_json(
+        run_cli(
             "fit",
             str(folder / "X.zarr"),
             "-k",
@@ -120,8 +104,8 @@ def test_fit_transform_info_plot(stored, tmp_path):
     np.testing.assert_allclose(fitted.components_, reference.components_, rtol=1e-4, atol=1e-6)
 
     W_path = tmp_path / "W.zarr"
-    out = _last_json(
-        _run(
+    out = last_json(
+        run_cli(
             "transform",
             str(model),
             str(folder / "X.zarr"),
@@ -137,14 +121,14 @@ def test_fit_transform_info_plot(stored, tmp_path):
         dasknmf.open_matrix(W_path).compute(), reference.transform(X), rtol=1e-3, atol=1e-4
     )
 
-    info = _last_json(_run("info", str(model), "--json"))
+    info = last_json(run_cli("info", str(model), "--json"))
     assert info["kind"] == "model" and info["n_iter"] == 40 and info["n_components"] == 4
-    text = _run("info", str(folder / "X.zarr"))
+    text = run_cli("info", str(folder / "X.zarr"))
     assert "shape: [1200, 40]" in text.stdout and "format: dense" in text.stdout
     assert f"nnz: {np.count_nonzero(X)}" in text.stdout
 
     pytest.importorskip("matplotlib")
-    plot = _run("plot", str(model), "-o", str(tmp_path / "loss.png"))
+    plot = run_cli("plot", str(model), "-o", str(tmp_path / "loss.png"))
     assert plot.returncode == 0, plot.stderr
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -153,7 +137,7 @@ def test_fit_without_extrapolation(stored, tmp_path):
     folder, X = stored
     model = tmp_path / "model.zarr"
     settings = ["-k", "3", "--init", "random", "--random-state", "0", "--max-iter", "8"]
-    result = _run("fit", str(folder / "X.zarr"), "-o", str(model), "--workers", "1",
+    result = run_cli("fit", str(folder / "X.zarr"), "-o", str(model), "--workers", "1",
                   "--tol", "0", "--no-extrapolate", *settings)  # fmt: skip
     assert result.returncode == 0, result.stderr
     fitted = dasknmf.load(model)
@@ -168,7 +152,7 @@ def test_info_on_a_sparse_store(tmp_path):
 
     X = sp.random(50, 30, density=0.1, format="csr", random_state=0)
     dasknmf.save_matrix(tmp_path / "S.zarr", X)
-    info = _last_json(_run("info", str(tmp_path / "S.zarr"), "--json"))
+    info = last_json(run_cli("info", str(tmp_path / "S.zarr"), "--json"))
     assert info["format"] == "csr" and info["nnz"] == X.nnz and info["shape"] == [50, 30]
 
 
@@ -206,7 +190,7 @@ def test_bad_input_exits_2_with_one_line(stored, tmp_path, args, message):
     (tmp_path / "existing.zarr").mkdir()
     names = dict(X=folder / "X.zarr", npy=folder / "X.npy", tmp=tmp_path,
                  out=tmp_path / "out.zarr", existing=tmp_path / "existing.zarr")  # fmt: skip
-    result = _run(*(a.format(**names) for a in args), "-q")
+    result = run_cli(*(a.format(**names) for a in args), "-q")
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -218,7 +202,7 @@ def test_other_failures_exit_1(stored, tmp_path):
     """No scheduler at the address: not bad input, a failure of the run."""
     folder, _ = stored
     env = dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="1s")
-    result = _run("fit", str(folder / "X.zarr"), "-k", "2", "-o", str(tmp_path / "m.zarr"),
+    result = run_cli("fit", str(folder / "X.zarr"), "-k", "2", "-o", str(tmp_path / "m.zarr"),
                   "--scheduler-address", "tcp://127.0.0.1:9", "-q", env=env)  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
@@ -234,7 +218,7 @@ def test_killed_fit_resumes_bit_identically(tmp_path):
     settings = ["-k", "10", "--init", "random", "--random-state", "0", "--tol", "0",
                 "--max-iter", "80", "--workers", "2", "-q"]  # fmt: skip
     reference = tmp_path / "reference.zarr"
-    assert _run("fit", str(source), "-o", str(reference), *settings).returncode == 0
+    assert run_cli("fit", str(source), "-o", str(reference), *settings).returncode == 0
 
     model, checkpoint = tmp_path / "model.zarr", tmp_path / "ckpt"
     args = ["fit", str(source), "-o", str(model), *settings, "--checkpoint", str(checkpoint),
@@ -255,7 +239,7 @@ def test_killed_fit_resumes_bit_identically(tmp_path):
     stopped_at = json.loads(next(checkpoint.glob("iter-*/state.json")).read_text())["n_iter"]
     assert 4 <= stopped_at < 80
 
-    resumed = _last_json(_run(*args, "--resume", "--json"))
+    resumed = last_json(run_cli(*args, "--resume", "--json"))
     assert resumed["n_iter"] == 80
     a, b = dasknmf.load(reference), dasknmf.load(model)
     np.testing.assert_array_equal(a.components_, b.components_)
@@ -267,13 +251,13 @@ def test_resume_refuses_a_checkpoint_of_other_settings(stored, tmp_path):
     folder, _ = stored
     common = ["fit", str(folder / "X.zarr"), "-o", str(tmp_path / "m.zarr"), "--workers", "1",
               "--init", "random", "--random-state", "0", "--tol", "0", "-q"]  # fmt: skip
-    first = _run(*common, "-k", "4", "--max-iter", "4", "--checkpoint-every", "2")
+    first = run_cli(*common, "-k", "4", "--max-iter", "4", "--checkpoint-every", "2")
     assert first.returncode == 0, first.stderr
-    other = _run(*common, "-k", "3", "--max-iter", "8", "--resume", "--overwrite")
+    other = run_cli(*common, "-k", "3", "--max-iter", "8", "--resume", "--overwrite")
     assert other.returncode == 2
     assert "written for other settings" in other.stderr
     assert "settings.n_components: checkpoint 4, now 3" in other.stderr
-    same = _last_json(_run(*common, "-k", "4", "--max-iter", "8", "--resume", "--overwrite",
+    same = last_json(run_cli(*common, "-k", "4", "--max-iter", "8", "--resume", "--overwrite",
                            "--json"))  # fmt: skip
     assert same["n_iter"] == 8
 
@@ -294,7 +278,7 @@ def test_a_cluster_without_workers_fails_after_wait_for_workers(stored, tmp_path
 
     folder, _ = stored
     with LocalCluster(n_workers=0, dashboard_address=None) as empty:
-        result = _run("fit", str(folder / "X.zarr"), "-k", "2", "-o", str(tmp_path / "m.zarr"),
+        result = run_cli("fit", str(folder / "X.zarr"), "-k", "2", "-o", str(tmp_path / "m.zarr"),
                       "--scheduler-address", empty.scheduler_address, "--wait-for-workers", "1",
                       "-q")  # fmt: skip
     assert result.returncode == 1, result.stderr
