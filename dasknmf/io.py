@@ -119,7 +119,7 @@ def open_matrix(
     source,
     component: str | None = None,
     *,
-    panel_bytes: int | None = None,
+    panel_bytes: int | str | None = None,
     storage_options: dict | None = None,
 ) -> da.Array:
     """Open a matrix stored in Zarr as a Dask array of full-width row panels.
@@ -134,9 +134,10 @@ def open_matrix(
         (``s3://bucket/X.zarr``, ``gs://...``, ``abfs://...``).
     component : str, optional
         The array's name inside a group (e.g. ``"X"``).
-    panel_bytes : int, optional
-        Target bytes of a row panel; default ``dasknmf.panel-bytes``. Panels are a whole
-        number of stored chunks (or shards), so no two tasks read the same chunk.
+    panel_bytes : int or str, optional
+        Target bytes of a row panel (``"64MiB"`` or bytes); default ``dasknmf.panel-bytes``.
+        Panels are a whole number of stored chunks (or shards), so no two tasks read the
+        same chunk.
     storage_options : dict, optional
         fsspec options for a URL (``endpoint_url``, ``key``, ``secret``, ``anon``, ...).
 
@@ -164,6 +165,8 @@ def _node_as_dask(node, where: str, component: str | None, panel_bytes: int | No
             )
         node = node[component]
         where = f"{where}/{component}"
+    if isinstance(panel_bytes, str):
+        panel_bytes = int(dask.utils.parse_bytes(panel_bytes))
     budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
     if csr.is_sparse_group(node):
         return csr.open_group(node, where, budget, storage.fingerprint(node))
