@@ -32,6 +32,9 @@ import psutil
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import machine, write_section
 
+from dasknmf._config import get_bytes
+from dasknmf.panels import coalesce_bounds, should_cache
+
 N, K, RANK = 2_000, 20, 20
 SIZES = (250_000, 1_000_000)
 WORKERS, WORKER_MEMORY = 2, 2**30
@@ -117,15 +120,13 @@ def measure(client, path: pathlib.Path, n_iter: int) -> dict:
             fit_seconds = time.perf_counter() - start
     finally:
         engine.History.record = record
-    budget = engine.get_bytes("dasknmf.panel-bytes")
-    n_panels = (
-        len(engine.coalesce_bounds(X.chunks[0], [r * N * 4 for r in X.chunks[0]], budget)) - 1
-    )
+    budget = get_bytes("dasknmf.panel-bytes")
+    n_panels = len(coalesce_bounds(X.chunks[0], [r * N * 4 for r in X.chunks[0]], budget)) - 1
     return dict(
         n_rows=X.shape[0],
         nbytes=X.nbytes,
         disk=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-        cached=engine.should_cache(X.nbytes, "auto"),
+        cached=should_cache(X.nbytes, "auto"),
         n_panels=n_panels,
         raw_read=statistics.median(reads),
         # stamps[0] and [1] are both taken after iteration 1.

@@ -11,15 +11,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 from dasknmf import _config  # noqa: F401  (registers the dask.config defaults)
-
-__version__ = "0.1.0"
+from dasknmf._version import __version__
 
 _EXPORTS = {
     "NMF": ("dasknmf.estimator", "NMF"),
-    "InvalidParameterError": ("dasknmf.estimator", "InvalidParameterError"),
+    "InvalidParameterError": ("dasknmf._params", "InvalidParameterError"),
     "MatrixPathError": ("dasknmf.io", "MatrixPathError"),
     "convert": ("dasknmf.converters", "convert"),
-    "load": ("dasknmf.io", "load_model"),
+    "load": ("dasknmf.estimator", "load_model"),
     "open_matrix": ("dasknmf.io", "open_matrix"),
     "save_matrix": ("dasknmf.io", "save_matrix"),
 }
@@ -38,8 +37,8 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from dasknmf.converters import convert
     from dasknmf.estimator import NMF, InvalidParameterError
+    from dasknmf.estimator import load_model as load
     from dasknmf.io import MatrixPathError, open_matrix, save_matrix
-    from dasknmf.io import load_model as load
 
 
 def __getattr__(name: str):

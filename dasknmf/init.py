@@ -15,7 +15,8 @@ import numpy as np
 
 from dasknmf import svd
 from dasknmf._random import normal_rows, seed_entropy
-from dasknmf.engine import Panels, tree_reduce
+from dasknmf.ops import tree_reduce
+from dasknmf.panels import Panels
 
 #: Power iterations of the randomized SVD behind NNDSVD (a starting point needs no more).
 SVD_POWER_ITER = 1

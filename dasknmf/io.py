@@ -365,49 +365,26 @@ def _write_array(where, X, chunks: tuple[int, int]) -> zarr.Array:
 MODEL_FORMAT = 1
 
 
-def _jsonable(value):
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.random.RandomState | np.random.Generator):
-        return None  # a generator's state is not a parameter worth keeping
-    return value
+def save_model(
+    path, H: np.ndarray, W, attributes: dict, *, overwrite: bool = False, storage_options=None
+):
+    """Write a fitted model to a Zarr group: arrays ``H`` (k × n) and ``W`` (m × k, if given:
+    numpy, or Dask, written chunk by chunk by the cluster) and ``attributes`` (JSON: the
+    estimator's parameters and results), to which the layout's format, the package version,
+    the shapes and the dtype are added. The group is written to a temporary sibling and moved
+    to ``path`` (a local path or a URL) when complete."""
+    from dasknmf._version import __version__
 
-
-def save_model(model, path, *, overwrite: bool = False, storage_options=None):
-    """Write a fitted ``dasknmf.NMF`` to a Zarr group: arrays ``H`` (components_) and ``W`` (the
-    transformed training data, if the model holds it), and attributes with the parameters, the
-    number of iterations, the loss history, the reconstruction error, the input shape, the
-    dtype and the package version. A Dask W is written chunk by chunk by the cluster. The group
-    is written to a temporary sibling and moved to ``path`` (a local path or a URL) when
-    complete."""
-    from sklearn.utils.validation import check_is_fitted
-
-    from dasknmf import __version__
-
-    check_is_fitted(model)
-    H = np.asarray(model.components_)
     k, n_features = H.shape
     attributes = {
         "dasknmf": {"format": MODEL_FORMAT, "version": __version__},
-        "params": {
-            key: _jsonable(v)
-            for key, v in model.get_params().items()
-            if key != "storage_options"  # may hold credentials
-        },
+        **attributes,
         "n_components": int(k),
-        "n_iter": int(model.n_iter_),
-        "loss_history": [float(v) for v in model.loss_history_],
-        "reconstruction_err": float(model.reconstruction_err_),
         "n_features": int(n_features),
         "dtype": str(H.dtype),
     }
-    W = getattr(model, "W_", None)
     if W is not None:
         attributes["n_samples"] = int(W.shape[0])
-    if hasattr(model, "feature_names_in_"):
-        attributes["feature_names_in"] = [str(name) for name in model.feature_names_in_]
     target = storage.location(path, storage_options)
     with storage.atomic(target, overwrite) as tmp:
         group = zarr.open_group(store=tmp.store(), mode="w")
@@ -418,12 +395,10 @@ def save_model(model, path, *, overwrite: bool = False, storage_options=None):
     return _written(target)
 
 
-def load_model(path, *, storage_options=None):
-    """A fitted ``dasknmf.NMF`` from a group written by ``save_model`` (a local path or a
-    URL); ``transform`` works without refitting. ``W_``, if saved, is a lazy Dask array
-    reading the stored W."""
-    from dasknmf.estimator import NMF
-
+def load_model(path, *, storage_options=None) -> tuple[dict, np.ndarray, da.Array | None]:
+    """``(attributes, H, W)`` of a group written by ``save_model`` (a local path or a URL):
+    H read, W (if saved) a lazy Dask array reading the stored W. Raises ``ValueError`` for a
+    group that is not a model, of another format, or whose arrays do not match."""
     node, where = _open_node(path, storage_options)
     attributes = dict(node.attrs) if isinstance(node, zarr.Group) else {}
     if "dasknmf" not in attributes or "H" not in node:
@@ -439,22 +414,13 @@ def load_model(path, *, storage_options=None):
             f"{where}: H has shape {H.shape}, the attributes say "
             f"{(attributes['n_components'], attributes['n_features'])}."
         )
-    model = NMF(**attributes["params"])
-    model.storage_options = storage_options
-    model.components_ = H
-    model.n_components_ = attributes["n_components"]
-    model.n_features_in_ = attributes["n_features"]
-    model.n_iter_ = attributes["n_iter"]
-    model.loss_history_ = list(attributes["loss_history"])
-    model.reconstruction_err_ = attributes["reconstruction_err"]
-    if "feature_names_in" in attributes:
-        model.feature_names_in_ = np.asarray(attributes["feature_names_in"], dtype=object)
+    W = None
     if "W" in node:
-        W = node["W"]
-        if W.shape != (attributes.get("n_samples"), attributes["n_components"]):
+        shape = node["W"].shape
+        if shape != (attributes.get("n_samples"), attributes["n_components"]):
             raise ValueError(
-                f"{where}: W has shape {W.shape}, the attributes say "
+                f"{where}: W has shape {shape}, the attributes say "
                 f"{(attributes.get('n_samples'), attributes['n_components'])}."
             )
-        model.W_ = _node_as_dask(node, where, "W", None)
-    return model
+        W = _node_as_dask(node, where, "W", None)
+    return attributes, H, W

@@ -10,7 +10,7 @@ where the textbook form costs 2·n_iter + 2.
 
 Orthonormalizing through Gram matrices loses directions whose singular values are below
 ~1e-8 of the largest; an initialization does not need them. Everything here is written against
-``engine.Panels``, so the in-memory and the Dask paths compute the same numbers.
+``panels.Panels``, so the in-memory and the Dask paths compute the same numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import numpy as np
 from dasknmf import kernels
 from dasknmf._blas import pin_worker_blas
 from dasknmf._random import normal_rows
-from dasknmf.engine import Panels, reduce_to_fanin, tree_reduce
+from dasknmf.ops import reduce_to_fanin, tree_reduce
+from dasknmf.panels import Panels
 from dasknmf.steps import full_width, panel_data, sum_in_order
 
 #: Extra sketch columns beyond the rank asked for.

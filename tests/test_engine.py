@@ -7,73 +7,82 @@ import pytest
 from conftest import low_rank
 
 from dasknmf import engine, init, steps
+from dasknmf.ops import EagerOps, reduce_to_fanin, tree_reduce
+from dasknmf.panels import (
+    coalesce_bounds,
+    column_bounds,
+    dask_panels,
+    even_bounds,
+    in_memory_panels,
+    should_cache,
+)
 
 
 def test_even_bounds():
-    assert engine.even_bounds(10, 3) == [0, 3, 6, 10]
-    assert engine.even_bounds(2, 5) == [0, 1, 2]  # never an empty part
-    assert engine.even_bounds(7, 1) == [0, 7]
+    assert even_bounds(10, 3) == [0, 3, 6, 10]
+    assert even_bounds(2, 5) == [0, 1, 2]  # never an empty part
+    assert even_bounds(7, 1) == [0, 7]
 
 
 def test_coalesce_bounds_groups_whole_chunks_up_to_the_budget():
-    assert engine.coalesce_bounds([2, 2, 2, 2, 1], [20, 20, 20, 20, 10], 45) == [0, 4, 8, 9]
+    assert coalesce_bounds([2, 2, 2, 2, 1], [20, 20, 20, 20, 10], 45) == [0, 4, 8, 9]
     # A chunk bigger than the budget stays whole, in a panel of its own.
-    assert engine.coalesce_bounds([5, 1, 1], [100, 10, 10], 30) == [0, 5, 7]
+    assert coalesce_bounds([5, 1, 1], [100, 10, 10], 30) == [0, 5, 7]
 
 
 def test_column_bounds_follow_the_h_block_budget():
     with dask.config.set({"dasknmf.h-block-bytes": 4 * 10 * 8}):
-        assert engine.column_bounds(25, 4, 8) == [0, 8, 16, 25]
-    assert engine.column_bounds(25, 4, 8) == [0, 25]
+        assert column_bounds(25, 4, 8) == [0, 8, 16, 25]
+    assert column_bounds(25, 4, 8) == [0, 25]
 
 
 def test_in_memory_panels_depend_on_shape_and_budget_only():
     X = np.ones((100, 10))
-    panels = engine.in_memory_panels(X, panel_bytes=100 * 10 * 8 // 4, n_threads=1)
+    panels = in_memory_panels(X, panel_bytes=100 * 10 * 8 // 4, n_threads=1)
     assert panels.row_bounds == [0, 25, 50, 75, 100]
     assert all(p.base is X for p in panels.items)  # views, no copies
 
 
 def test_tree_reduce_has_a_fixed_shape():
-    ops = engine.EagerOps()
+    ops = EagerOps()
     calls = []
 
     def combine(*parts):
         calls.append(parts)
         return sum(parts)
 
-    assert engine.tree_reduce(ops, list(range(10)), combine, split_every=4) == 45
+    assert tree_reduce(ops, list(range(10)), combine, split_every=4) == 45
     assert calls == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9), (6, 22, 17)]
-    assert engine.tree_reduce(ops, [np.ones(2)]) is not None
+    assert tree_reduce(ops, [np.ones(2)]) is not None
 
 
 def test_tree_reduce_sums_tuples_field_by_field():
-    ops = engine.EagerOps()
+    ops = EagerOps()
     parts = [(np.array([1.0]), np.array([2.0])), (np.array([3.0]), np.array([4.0]))]
-    total = engine.tree_reduce(ops, parts)
+    total = tree_reduce(ops, parts)
     assert [float(t[0]) for t in total] == [4.0, 6.0]
 
 
 def test_reduce_to_fanin():
-    ops = engine.EagerOps()
-    items, raw = engine.reduce_to_fanin(ops, [1, 2, 3], sum, split_every=4)
+    ops = EagerOps()
+    items, raw = reduce_to_fanin(ops, [1, 2, 3], sum, split_every=4)
     assert raw and items == [1, 2, 3]
     values = [np.array([float(i)]) for i in range(9)]
-    items, raw = engine.reduce_to_fanin(ops, values, lambda *a: sum(a), split_every=2)
+    items, raw = reduce_to_fanin(ops, values, lambda *a: sum(a), split_every=2)
     assert not raw and len(items) <= 2 and float(sum(items)[0]) == 36
 
 
 def _setup(X, panel_rows, k=3, lazy=False):
     if lazy:
-        panels = engine.dask_panels(
+        panels = dask_panels(
             da.from_array(X, chunks=(panel_rows, X.shape[1])),
             panel_rows * X.shape[1] * X.itemsize,
             cache=False,
         )
     else:
-        panels = engine.in_memory_panels(X, panel_rows * X.shape[1] * X.itemsize, n_threads=2)
+        panels = in_memory_panels(X, panel_rows * X.shape[1] * X.itemsize, n_threads=2)
     stats = engine.check_values(panels)
-    cols = engine.column_bounds(X.shape[1], k, X.itemsize)
+    cols = column_bounds(X.shape[1], k, X.itemsize)
     wt, h = init.initialize(panels, "random", k, cols, stats.mean, random_state=0)
     return panels, stats, cols, wt, h
 
@@ -134,16 +143,16 @@ def test_eager_and_dask_runs_are_bit_identical(sync_scheduler):
 
 def test_check_values_rejects_bad_values():
     with pytest.raises(ValueError, match="Negative values in data passed to NMF"):
-        engine.check_values(engine.in_memory_panels(-np.ones((3, 3))))
+        engine.check_values(in_memory_panels(-np.ones((3, 3))))
     X = np.ones((3, 3))
     X[2, 2] = np.nan
     with pytest.raises(ValueError, match="NaN or infinity"):
-        engine.check_values(engine.in_memory_panels(X))
+        engine.check_values(in_memory_panels(X))
 
 
 def test_should_cache():
-    assert engine.should_cache(10, True) and not engine.should_cache(10, False)
-    assert engine.should_cache(10, "auto")
-    assert not engine.should_cache(10**15, "auto")
+    assert should_cache(10, True) and not should_cache(10, False)
+    assert should_cache(10, "auto")
+    assert not should_cache(10**15, "auto")
     with dask.config.set({"dasknmf.cache-fraction": 0.0}):
-        assert not engine.should_cache(10, "auto")
+        assert not should_cache(10, "auto")

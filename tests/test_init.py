@@ -6,21 +6,22 @@ import pytest
 from conftest import low_rank
 from sklearn.decomposition._nmf import _initialize_nmf
 
-from dasknmf import engine, init
+from dasknmf import init
+from dasknmf.panels import column_bounds, dask_panels, in_memory_panels
 
 
 def _panels(X, n_panels, lazy=False):
     rows = -(-X.shape[0] // n_panels)
     if lazy:
-        return engine.dask_panels(
+        return dask_panels(
             da.from_array(X, chunks=(rows, X.shape[1])), rows * X.shape[1] * X.itemsize, cache=False
         )
-    return engine.in_memory_panels(X, rows * X.shape[1] * X.itemsize, n_threads=1)
+    return in_memory_panels(X, rows * X.shape[1] * X.itemsize, n_threads=1)
 
 
 def _initial(X, method, n_panels, k=4, lazy=False, **kwargs):
     panels = _panels(X, n_panels, lazy)
-    cols = engine.column_bounds(X.shape[1], k, X.itemsize)
+    cols = column_bounds(X.shape[1], k, X.itemsize)
     wt, h = init.initialize(panels, method, k, cols, X.mean(), **kwargs)
     wt, h = panels.ops.fetch((wt, h))
     return np.concatenate(wt, axis=1).T, np.concatenate(h, axis=1)

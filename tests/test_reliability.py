@@ -10,7 +10,8 @@ import pytest
 from conftest import low_rank
 from distributed import Client, LocalCluster
 
-from dasknmf import NMF, estimator, save_matrix
+from dasknmf import NMF, pipeline, save_matrix
+from dasknmf.ops import FutureOps
 
 KWARGS = dict(n_components=5, init="random", random_state=0, tol=0, max_iter=24)
 
@@ -19,7 +20,7 @@ def _kill_workers_at(monkeypatch, client, n_iter: int, how_many: int) -> list:
     """Kill ``how_many`` worker processes (SIGKILL) when the fit reports iteration ``n_iter``,
     and wait until the scheduler has seen them go; their nannies start fresh ones."""
     killed = []
-    report = estimator._Reporter.__call__
+    report = pipeline.Reporter.__call__
 
     def call(self, i, history):
         if i == n_iter and not killed:
@@ -40,7 +41,7 @@ def _kill_workers_at(monkeypatch, client, n_iter: int, how_many: int) -> list:
                 time.sleep(0.05)
         report(self, i, history)
 
-    monkeypatch.setattr(estimator._Reporter, "__call__", call)
+    monkeypatch.setattr(pipeline.Reporter, "__call__", call)
     return killed
 
 
@@ -74,7 +75,7 @@ def test_workers_killed_mid_fit_change_nothing(
 ):
     """One worker lost, or all of them: Dask recomputes what they held, from the store and the
     tasks' lineage (tasks placed on a worker that is gone go to the new ones: see
-    ``engine.LooseRestrictions``). The factors are those of an undisturbed fit."""
+    ``ops.LooseRestrictions``). The factors are those of an undisturbed fit."""
     client = nanny_cluster
     _, path = stored
     kwargs = dict(KWARGS, cache=cache, panel_bytes=500 * 60 * 8)
@@ -176,9 +177,8 @@ def test_a_task_pinned_to_a_gone_worker_runs_when_a_worker_turns_running():
     """The all-workers-killed case without the race: a restarted worker may register while
     still starting and run only later. Here the only worker is paused (not running), a task
     pinned loosely to a worker that does not exist waits in 'no-worker', and when the worker
-    runs again, ``engine.LooseRestrictions`` sends the task to it (distributed alone would
+    runs again, ``ops.LooseRestrictions`` sends the task to it (distributed alone would
     leave it waiting: the worker does not meet its restriction)."""
-    from dasknmf import engine
 
     with (
         # No memory limit: else the worker's memory monitor resumes the paused worker itself.
@@ -187,7 +187,7 @@ def test_a_task_pinned_to_a_gone_worker_runs_when_a_worker_turns_running():
         ) as cluster,
         Client(cluster) as client,
     ):
-        engine.FutureOps(client)  # registers the plugin
+        FutureOps(client)  # registers the plugin
         client.run(_set_status("paused"))
         _scheduler_sees(client, "paused")
         future = client.submit(

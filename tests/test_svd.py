@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from dasknmf import engine, svd
+from dasknmf import svd
+from dasknmf.panels import dask_panels, even_bounds, in_memory_panels
 
 
 def _decaying(m=300, n=80, seed=0):
@@ -19,12 +20,10 @@ def _svd(X, k, n_iter, kind="numpy", n_panels=3, col_block_bytes=None):
     rows = -(-X.shape[0] // n_panels)
     budget = rows * X.shape[1] * X.dtype.itemsize
     if kind == "dask":
-        panels = engine.dask_panels(
-            da.from_array(X, chunks=(rows, X.shape[1])), budget, cache=False
-        )
+        panels = dask_panels(da.from_array(X, chunks=(rows, X.shape[1])), budget, cache=False)
     else:
-        panels = engine.in_memory_panels(sp.csr_array(X) if kind == "sparse" else X, budget)
-    cols = engine.even_bounds(X.shape[1], 1 if col_block_bytes is None else 3)
+        panels = in_memory_panels(sp.csr_array(X) if kind == "sparse" else X, budget)
+    cols = even_bounds(X.shape[1], 1 if col_block_bytes is None else 3)
     ut, s, vt = svd.randomized_svd(panels, k, n_iter, entropy=0, col_bounds=cols, stream=9)
     ut, vt = panels.ops.fetch((ut, vt))
     return np.concatenate(ut, axis=1).T, s, np.concatenate(vt, axis=1)

@@ -1,0 +1,265 @@
+"""Executing the tasks of a phase: at once, as ``dask.delayed`` tasks, or as futures.
+
+The iteration is written once, against the small ``Ops`` interface (``map``, ``call``, ``item``,
+``share``, ``persist``, ``fetch``). ``EagerOps`` calls the functions at once on in-memory panels
+(numpy or scipy.sparse), running the panels of a phase in a thread pool; ``DaskOps`` wraps them in
+``dask.delayed``; ``FutureOps`` submits them to a distributed Client. All run the same functions
+in the same order, so the same panels give bit-identical factors either way. Sums go through
+trees of fixed shape and order (``tree_reduce``, ``reduce_to_fanin``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import operator
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import dask
+
+from dasknmf.steps import sum_in_order
+
+logger = logging.getLogger(__name__)
+
+
+class EagerOps:
+    """Run functions at once on in-memory data; the items of a ``map`` go to a thread pool."""
+
+    is_lazy = False
+    is_async = False
+
+    def __init__(self, n_threads: int = 1):
+        self.n_threads = max(1, n_threads)
+        self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 else None
+
+    def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
+        """``[fn(*common, *item) for item in items]``; ``workers`` is ignored."""
+        if self._pool is None or len(items) < 2:
+            return [fn(*common, *item) for item in items]
+        return list(self._pool.map(lambda item: fn(*common, *item), items))
+
+    def call(self, fn: Callable, *args: Any):
+        return fn(*args)
+
+    def item(self, obj, index: int):
+        """``obj[index]`` of a task's tuple of outputs."""
+        return obj[index]
+
+    def share(self, value):
+        """A value that many tasks read, made once."""
+        return value
+
+    def persist(self, *objs):
+        return objs
+
+    def fetch(self, obj):
+        return obj
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+class DaskOps:
+    """Build ``dask.delayed`` tasks; they run on the current scheduler when persisted or
+    computed (or stay lazy, for results returned as Dask arrays)."""
+
+    is_lazy = True
+    is_async = False
+
+    def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
+        """One task per item; ``workers[i]``, if given, is where item i's task should run (the
+        worker holding its panel of X), so that the scheduler neither moves nor steals it."""
+        task = dask.delayed(fn, pure=False)
+        if workers is None:
+            return [task(*common, *item) for item in items]
+        tasks = []
+        for item, worker in zip(items, workers, strict=True):
+            with dask.annotate(workers=[worker], allow_other_workers=True):
+                tasks.append(task(*common, *item))
+        return tasks
+
+    def call(self, fn: Callable, *args: Any):
+        return dask.delayed(fn, pure=False)(*args)
+
+    def item(self, obj, index: int):
+        return obj[index]
+
+    def share(self, value):
+        # One key that every task reads, instead of a copy embedded in (and traversed for) each
+        # task: building tasks around a dataclass or list argument cost ~10 ms per iteration.
+        return dask.delayed(value, pure=True, traverse=False)
+
+    def persist(self, *objs):
+        return dask.persist(*objs)
+
+    def fetch(self, obj):
+        return dask.compute(obj)[0]
+
+    def close(self) -> None:
+        pass
+
+
+def _the(value):
+    return value
+
+
+def _loose_restrictions_plugin():
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class LooseRestrictions(SchedulerPlugin):
+        """Sends tasks pinned to a worker that is gone to the workers that run now.
+
+        dasknmf places a task with its panel (``workers=[w]``, ``allow_other_workers=True``).
+        When every worker dies, such tasks wait in the 'no-worker' state, and distributed, when
+        a worker starts running, reschedules only the tasks whose restrictions that worker
+        meets — never these — so the fit would wait forever. This does what the loose
+        restrictions mean, whenever a worker joins or turns to 'running': a restarted worker
+        may register while still starting up and run only later, when ``add_worker`` has
+        already passed (a fit then hung in one of about ten runs of the all-workers-killed test).
+        """
+
+        name = "dasknmf-loose-restrictions"
+
+        async def start(self, scheduler) -> None:
+            self.scheduler = scheduler
+
+        def add_worker(self, scheduler, worker):
+            self._unpin_soon(scheduler, worker)
+
+        def log_event(self, topic, msg):
+            if (
+                isinstance(msg, dict)
+                and msg.get("action") == "worker-status-change"
+                and msg.get("status") == "running"
+            ):
+                self._unpin_soon(self.scheduler, topic)
+
+        @staticmethod
+        def _unpin_soon(scheduler, worker) -> None:
+            # After the scheduler's own handling of the event, which adds the worker to the
+            # running ones (the status-change event is logged before that).
+            asyncio.get_running_loop().call_soon(LooseRestrictions._unpin, scheduler, worker)
+
+        @staticmethod
+        def _unpin(scheduler, worker) -> None:
+            if not scheduler.running:
+                return
+            stuck = []
+            for ts in scheduler.unrunnable:
+                valid = scheduler.valid_workers(ts)
+                if ts.loose_restrictions and valid is not None and not valid:
+                    stuck.append(ts.key)
+            if stuck:
+                scheduler.transitions(
+                    dict.fromkeys(stuck, "processing"), stimulus_id=f"dasknmf-unpin-{worker}"
+                )
+
+    return LooseRestrictions()
+
+
+class FutureOps:
+    """Submit tasks to a distributed Client at once, as futures.
+
+    Used to fit on a distributed cluster: the work of an iteration starts while the driver is
+    still submitting it, and nothing is spent building and optimizing ``dask.delayed`` graphs
+    (22 ms of driver CPU per iteration, a third of a core on a 2-core machine). Panels of X are
+    futures (cached) or ``StreamedPanel``s (read by the task that uses them).
+    """
+
+    is_lazy = True
+    is_async = True
+
+    def __init__(self, client):
+        self.client = client
+        try:
+            client.register_plugin(_loose_restrictions_plugin(), name="dasknmf-loose-restrictions")
+        except Exception as error:  # e.g. a remote scheduler without dasknmf installed
+            logger.warning("Could not register dasknmf's scheduler plugin: %s", error)
+
+    def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
+        """One task per item; ``workers[i]``, if given, is where item i's task should run."""
+        if workers is None:
+            return [self.client.submit(fn, *common, *item, pure=False) for item in items]
+        return [
+            self.client.submit(
+                fn,
+                *common,
+                *item,
+                pure=False,
+                workers=[worker],
+                allow_other_workers=True,
+            )
+            for item, worker in zip(items, workers, strict=True)
+        ]
+
+    def call(self, fn: Callable, *args: Any):
+        return self.client.submit(fn, *args, pure=False)
+
+    def item(self, obj, index: int):
+        return self.client.submit(operator.getitem, obj, index, pure=False)
+
+    def share(self, value):
+        # A task that returns the value, rather than scattered data: a task has lineage, so the
+        # scheduler makes the value again if its worker dies (scattered data would be lost for
+        # good, and a broadcast scatter waits on every worker the scheduler knows of, even one
+        # that is dying).
+        return self.client.submit(_the, value, pure=False)
+
+    def persist(self, *objs):
+        return objs
+
+    def fetch(self, obj):
+        return self.client.gather(obj)
+
+    def close(self) -> None:
+        pass
+
+
+def tree_reduce(
+    ops,
+    items: list,
+    combine: Callable = sum_in_order,
+    first: Callable | None = None,
+    split_every: int | None = None,
+):
+    """Combine ``items`` by a tree of fixed shape and order (groups of ``split_every``).
+
+    ``first``, when given, combines the leaves instead of ``combine`` — it can pick the fields
+    to sum out of a task's tuple of outputs, which saves one ``getitem`` task per field.
+    """
+    if split_every is None:
+        split_every = int(dask.config.get("dasknmf.split-every"))
+    split_every = max(2, split_every)
+    level = first or combine
+    if first is None and len(items) == 1:
+        return items[0]
+    while True:
+        items = [
+            ops.call(level, *items[start : start + split_every])
+            for start in range(0, len(items), split_every)
+        ]
+        level = combine
+        if len(items) == 1:
+            return items[0]
+
+
+def reduce_to_fanin(ops, items: list, first: Callable, split_every: int | None = None):
+    """Reduce ``items`` by a fixed-order tree until at most ``split_every`` remain, so that the
+    consumer can run the last level itself. Returns ``(items, raw)``: ``raw`` is True when no
+    level ran (the items are the original ones, not sums made by ``first``)."""
+    if split_every is None:
+        split_every = int(dask.config.get("dasknmf.split-every"))
+    split_every = max(2, split_every)
+    if len(items) <= split_every:
+        return items, True
+    level = first
+    while len(items) > split_every:
+        items = [
+            ops.call(level, *items[start : start + split_every])
+            for start in range(0, len(items), split_every)
+        ]
+        level = sum_in_order
+    return items, False

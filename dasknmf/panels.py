@@ -1,0 +1,266 @@
+"""X as row panels: split in memory, or grouped from the chunks of a Dask array; kept in
+cluster memory (placed on the workers in turn) or read from their source by the task that uses
+them; placed again after workers were lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+
+from dasknmf import kernels
+from dasknmf._config import get_bytes
+from dasknmf.ops import DaskOps, EagerOps, FutureOps
+from dasknmf.steps import StreamedPanel
+from dasknmf.storage import distributed_client
+
+
+def even_bounds(n: int, n_parts: int) -> list[int]:
+    """Boundaries of ``n_parts`` near-equal consecutive ranges of ``range(n)``."""
+    n_parts = max(1, min(n_parts, n))
+    return [part * n // n_parts for part in range(n_parts + 1)]
+
+
+def coalesce_bounds(chunks: Sequence[int], chunk_nbytes: Sequence[float], budget: int) -> list[int]:
+    """Group consecutive chunks into panels of at most ``budget`` bytes (at least one chunk each);
+    return the row boundaries. Chunks are never split, so panels stay aligned to storage."""
+    bounds = [0]
+    size = 0.0
+    end = 0
+    for rows, nbytes in zip(chunks, chunk_nbytes, strict=True):
+        if size and size + nbytes > budget:
+            bounds.append(end)
+            size = 0.0
+        end += rows
+        size += nbytes
+    bounds.append(end)
+    return bounds
+
+
+def wide(shape: tuple[int, int], n_components: int, itemsize: int, budget: int) -> bool:
+    """Whether to factorize Xᵀ instead of X: when a task on a one-row panel — the row, H and the
+    k×n partials — would not fit ``budget`` and a task on a one-column panel of Xᵀ is smaller.
+    (If neither fits, the smaller is taken; a two-pass 2-D block scheme would be needed.)"""
+    n_rows, n_cols = shape
+    per_row_task = (3 * n_components + 1) * n_cols * itemsize
+    per_column_task = (3 * n_components + 1) * n_rows * itemsize
+    return per_row_task > budget and per_column_task < per_row_task
+
+
+def column_bounds(n_features: int, n_components: int, itemsize: int) -> list[int]:
+    """Column blocks of H (and of the A partials) of at most ``dasknmf.h-block-bytes``."""
+    budget = get_bytes("dasknmf.h-block-bytes")
+    n_blocks = math.ceil(n_components * n_features * itemsize / budget)
+    return even_bounds(n_features, n_blocks)
+
+
+@dataclass
+class Panels:
+    """X split into full-width row panels, ready for ``ops``.
+
+    ``items`` holds the panels: numpy / scipy.sparse arrays for ``EagerOps``, ``Delayed`` objects
+    for ``DaskOps``. ``row_bounds`` has one more entry than ``items``.
+    """
+
+    ops: Any
+    items: list
+    row_bounds: list[int]
+    shape: tuple[int, int]
+    dtype: np.dtype
+    cached: bool = False
+    sparse: bool = False  # panels are scipy.sparse
+    locations: list[str] | None = None  # the worker holding each cached panel
+
+    def map(self, fn: Callable, items: Sequence[tuple], *common: Any) -> list:
+        """``ops.map`` over the panels (one item per panel), each task placed with its panel."""
+        return self.ops.map(fn, items, *common, workers=self.locations)
+
+    @property
+    def row_sizes(self) -> list[int]:
+        return [b - a for a, b in zip(self.row_bounds[:-1], self.row_bounds[1:], strict=True)]
+
+    def close(self) -> None:
+        self.ops.close()
+
+
+def _nbytes(x) -> int:
+    if sp.issparse(x):
+        return x.data.nbytes + x.indices.nbytes + x.indptr.nbytes
+    return x.nbytes
+
+
+def in_memory_panels(X, panel_bytes: int | None = None, n_threads: int | None = None) -> Panels:
+    """Split an in-memory matrix (numpy, or scipy.sparse converted to CSR) into row panels of
+    about ``panel_bytes`` (default ``dasknmf.memory-panel-bytes``). The split depends only on
+    the shape and the budget, not on the machine, so results are the same everywhere."""
+    budget = panel_bytes or get_bytes("dasknmf.memory-panel-bytes")
+    if sp.issparse(X):
+        X = X.tocsr()
+    n_rows = X.shape[0]
+    bounds = even_bounds(n_rows, math.ceil(_nbytes(X) / budget))
+    items = [X[start:stop] for start, stop in itertools.pairwise(bounds)]
+    threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
+    return Panels(
+        ops=EagerOps(min(threads, len(items))),
+        items=items,
+        row_bounds=bounds,
+        shape=tuple(X.shape),
+        dtype=X.dtype,
+        sparse=sp.issparse(X),
+    )
+
+
+def _cluster_memory() -> int:
+    """Memory available to computations: the workers' limits with a distributed Client, the
+    machine's memory otherwise."""
+    from distributed.system import MEMORY_LIMIT
+
+    client = distributed_client()
+    if client is None:
+        return int(MEMORY_LIMIT)
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return int(sum(w.get("memory_limit") or MEMORY_LIMIT for w in workers))
+
+
+def should_cache(nbytes: int, cache: bool | str) -> bool:
+    """Decide whether X is kept in cluster memory (``cache`` is True, False or 'auto')."""
+    if cache == "auto":
+        fraction = float(dask.config.get("dasknmf.cache-fraction"))
+        return nbytes <= fraction * _cluster_memory()
+    return bool(cache)
+
+
+def dask_panels(
+    X: da.Array, panel_bytes: int | None = None, cache: bool | str = "auto", lazy: bool = False
+) -> Panels:
+    """Full-width row panels of a Dask array: consecutive row chunks are grouped up to
+    ``panel_bytes``, all column chunks of a band of rows merge into one panel; X is persisted
+    when ``should_cache`` says so, otherwise every iteration reads it again.
+
+    With a distributed Client, work is submitted as futures (``FutureOps``) unless ``lazy``
+    asks for ``dask.delayed`` results.
+    """
+    budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
+    n_rows, n_cols = X.shape
+    row_nbytes = n_cols * X.dtype.itemsize
+    bounds = coalesce_bounds(X.chunks[0], [rows * row_nbytes for rows in X.chunks[0]], budget)
+    panel_rows = tuple(b - a for a, b in itertools.pairwise(bounds))
+    X = X.rechunk((panel_rows, n_cols))
+    client = None if lazy else distributed_client()
+    sparse = sp.issparse(X._meta)
+    # The size of sparse data is known after the validation pass: see ``cache_panels``.
+    cached = cache is True if sparse else should_cache(X.nbytes, cache)
+    items = blocks_as_delayed(X)
+    locations = None
+    if cached:
+        items, locations = _persist_panels(items, panel_rows, client)
+    elif client is not None:
+        # Any worker can read a panel from the source; a fixed one keeps W_i where it is.
+        items = [StreamedPanel(item) for item in items]
+        locations = _balanced_workers(client, panel_rows)
+    return Panels(
+        ops=DaskOps() if client is None else FutureOps(client),
+        items=items,
+        row_bounds=bounds,
+        shape=(n_rows, n_cols),
+        dtype=X.dtype,
+        cached=cached,
+        sparse=sparse,
+        locations=locations,
+    )
+
+
+def cache_panels(panels: Panels) -> None:
+    """Keep panels that are read from their source in memory from now on (for sparse X, whose
+    size is known only after the validation pass has counted its non-zeros)."""
+    if panels.cached or not panels.ops.is_lazy:
+        return
+    items = [p.source if isinstance(p, StreamedPanel) else p for p in panels.items]
+    panels.items, panels.locations = _persist_panels(
+        items, panels.row_sizes, panels.ops.client if panels.ops.is_async else None
+    )
+    panels.cached = True
+
+
+#: Seconds ``relocate`` waits for as many workers as before a loss.
+RELOCATE_WAIT = 60
+
+
+def relocate(panels: Panels) -> None:
+    """After workers were lost: place the panels' tasks on the workers there are now (a task
+    pinned to a worker that is gone would wait for it forever). Cached panels are recomputed
+    from their source by the scheduler, and tasks then go where they landed."""
+    if not panels.ops.is_async or panels.locations is None:
+        return
+    from distributed import wait
+
+    client = panels.ops.client
+    try:  # the workers that replace the lost ones, if they come
+        client.wait_for_workers(len(set(panels.locations)), timeout=RELOCATE_WAIT)
+    except TimeoutError:
+        client.wait_for_workers(1)
+    if panels.cached:
+        wait(panels.items)
+        holders = client.who_has(panels.items)
+        panels.locations = [sorted(holders[f.key])[0] for f in panels.items]
+    else:
+        panels.locations = _balanced_workers(client, panels.row_sizes)
+
+
+def blocks_as_delayed(X: da.Array) -> list:
+    """The blocks of a Dask array as ``Delayed`` objects, in C order.
+
+    Graph optimization would drop the futures of an array persisted on a distributed cluster,
+    and with them the data; so a persisted array keeps its graph as it is.
+    """
+    from distributed import futures_of
+
+    return list(X.to_delayed(optimize_graph=not futures_of(X)).ravel())
+
+
+def _aligned_copy(x):
+    return kernels.aligned(x)
+
+
+def _balanced_workers(client, sizes: Sequence[int]) -> list[str]:
+    """A worker for each panel: consecutive panels go to each worker in turn, balanced by
+    rows."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    starts = np.cumsum([0, *sizes[:-1]])
+    return [workers[int(start * len(workers) // sum(sizes))] for start in starts]
+
+
+def _persist_panels(items: list, sizes: Sequence[int], client) -> tuple[list, list | None]:
+    """Keep the panels in memory: persisted ``Delayed`` objects without ``client``, else
+    futures on the cluster, on ``_balanced_workers``. Every later task on a panel is placed
+    with it: the scheduler then neither moves panels between workers nor leaves most of them
+    on one worker."""
+    if client is None:
+        return list(dask.persist(*items)), None
+    from distributed import wait
+
+    futures = [
+        client.submit(
+            _aligned_copy,
+            client.compute(item),
+            pure=False,
+            workers=[worker],
+            allow_other_workers=True,
+        )
+        for item, worker in zip(items, _balanced_workers(client, sizes), strict=True)
+    ]
+    wait(futures)
+    for future in futures:
+        if future.status == "error":
+            future.result()  # raises the task's error (a panel that cannot be read)
+    holders = client.who_has(futures)
+    return futures, [sorted(holders[f.key])[0] for f in futures]

@@ -1,0 +1,341 @@
+"""The fit as one sequence, for every estimator: panels → validation → objective →
+initialization → checkpoint → iterations → final pass → factors.
+
+An estimator translates its parameters into a ``Plan`` and calls ``fit`` (or ``transform``)
+once; it reads the ``Fitted`` result back into its attributes. The update rule and the loss are
+the plug-in: ``Plan.objective`` makes the ``steps.Objective`` (solver, β, penalties, sweeps,
+extrapolation) for the shape of X, and the engine runs whatever it describes. Nothing here
+knows scikit-learn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from dasknmf import engine, init, panels, steps
+from dasknmf._blas import single_blas_thread
+from dasknmf.checkpoint import Checkpoint
+from dasknmf.steps import Objective
+from dasknmf.storage import distributed_client
+
+logger = logging.getLogger(__name__)
+
+#: Restarts of a fit after a worker loss, before the error is raised.
+MAX_RECOVERIES = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a fit is asked to do: the estimator's parameters, translated.
+
+    ``objective(n_samples, n_features, n_components, stored)`` gives the update rule and loss
+    for X of that shape with ``stored`` stored entries (m·n when dense).
+    """
+
+    n_components: int
+    init: str
+    objective: Callable[[int, int, int, int], Objective]
+    max_iter: int
+    tol: float
+    panel_bytes: int
+    random_state: Any = None
+    W: Any = None  # the initialization, with init='custom'
+    H: Any = None
+    shuffle: bool = False
+    cache: bool | str = "auto"
+    checkpoint: Any = None
+    checkpoint_every: int = 10
+    resume: bool = False
+    storage_options: dict | None = None
+    verbose: int = 0
+    progress: bool = False
+
+
+@dataclass
+class Fitted:
+    """What a fit found."""
+
+    components: np.ndarray  # H, (n_components, n_features)
+    W: Any  # numpy in memory, a Dask array on the blocks held by the cluster otherwise
+    n_iter: int
+    loss_history: list[float]
+    reconstruction_err: float
+
+
+def row_panels(X, panel_bytes: int, cache: bool | str = "auto", fitting: bool = True):
+    """Row panels of a validated X: in memory for numpy and scipy.sparse, Dask otherwise.
+    ``transform`` returns a lazy Dask array, so for it X is neither cached nor submitted."""
+    if isinstance(X, da.Array):
+        return panels.dask_panels(X, panel_bytes, cache if fitting else False, lazy=not fitting)
+    return panels.in_memory_panels(X, panel_bytes)
+
+
+def fit(X, plan: Plan) -> Fitted:
+    """Fit ``plan`` to X (validated: numpy, scipy.sparse or a floating Dask array).
+
+    A wide X whose full-width row panels would not fit the panel budget is factorized as
+    Xᵀ ≈ Hᵀ·Wᵀ: its row panels are column blocks of X.
+    """
+    transposed = panels.wide(X.shape, plan.n_components, X.dtype.itemsize, plan.panel_bytes)
+    parts = row_panels(X.T if transposed else X, plan.panel_bytes, plan.cache)
+    try:
+        with single_blas_thread():
+            return _fit_panels(parts, plan, transposed)
+    finally:
+        parts.close()
+
+
+def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
+    """Fit on ``parts``, which hold X, or Xᵀ when ``transposed`` (W and H swap roles)."""
+    n_rows, n_cols = parts.shape
+    k = plan.n_components
+    W, H = plan.W, plan.H
+    if transposed:
+        W, H = (None, None) if W is None else (H.T, W.T)
+    stats = engine.check_values(parts)
+    stored = stats.nnz if parts.sparse else n_rows * n_cols
+    objective = plan.objective(*((n_cols, n_rows) if transposed else (n_rows, n_cols)), k, stored)
+    if transposed:
+        objective = objective.transposed()
+    if parts.sparse and plan.cache == "auto":
+        stored_bytes = stats.nnz * (parts.dtype.itemsize + 8) + (n_rows + 1) * 8
+        if panels.should_cache(stored_bytes, "auto"):
+            panels.cache_panels(parts)
+    if stats.min == 0 and objective.beta <= 0:
+        raise ValueError(
+            "When beta_loss <= 0 and X contains zeros, the solver may diverge. Please add "
+            "small values to X, or use a positive beta_loss."
+        )
+    col_bounds = panels.column_bounds(n_cols, k, parts.dtype.itemsize)
+    ckpt = None
+    if plan.checkpoint is not None:
+        fingerprint = _fingerprint(plan, parts, stats, objective, col_bounds)
+        ckpt = Checkpoint(plan.checkpoint, plan.checkpoint_every, fingerprint, plan.storage_options)
+        if parts.ops.is_async:  # the workers write W's blocks there
+            ckpt.probe(parts.ops.client)
+
+    def starting_point(from_checkpoint: bool):
+        """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) to start
+        from."""
+        shuffle_rng = None
+        if plan.shuffle:
+            shuffle_rng = np.random.RandomState(init.seed_entropy(plan.random_state) % 2**32)
+        if from_checkpoint:
+            state = ckpt.load(parts)
+            if shuffle_rng is not None:
+                shuffle_rng.set_state(state.shuffle_state)
+            history = engine.History(**state.history)
+            return state.wt, state.h, state.n_iter, history, shuffle_rng, state.momentum
+        wt, h = init.initialize(
+            parts,
+            plan.init,
+            k,
+            col_bounds,
+            stats.mean,
+            plan.random_state,
+            W,
+            H,
+            swap_streams=transposed,
+        )
+        return wt, h, 0, None, shuffle_rng, None
+
+    wt, h, start, history, shuffle_rng, momentum = starting_point(plan.resume)
+    logger.info(
+        "NMF fit: X %s %s%s, %d components, %s, beta %g, %s",
+        "x".join(map(str, (n_cols, n_rows) if transposed else (n_rows, n_cols))),
+        parts.dtype,
+        " sparse" if parts.sparse else "",
+        k,
+        objective.solver,
+        objective.beta,
+        f"resumed at iteration {start}" if plan.resume else f"init {plan.init}",
+    )
+    with Reporter(plan.verbose, plan.progress, plan.max_iter, start) as report:
+        for attempt in itertools.count(1):
+            try:
+                result = engine.fit(
+                    parts,
+                    objective,
+                    wt,
+                    h,
+                    stats.sum_sq,
+                    col_bounds,
+                    max_iter=plan.max_iter,
+                    tol=plan.tol,
+                    shuffle_rng=shuffle_rng,
+                    callback=report,
+                    checkpoint=ckpt,
+                    start=start,
+                    history=history,
+                    momentum=momentum,
+                )
+                value, h_blocks = engine.final_pass(parts, objective, result)
+                break
+            except engine.LOST_DATA as error:
+                # A worker died with blocks of W or H that nothing can recompute (their
+                # inputs, the previous iteration's blocks, are gone): start again from the
+                # newest checkpoint, else from the initialization. Either gives exactly
+                # the factors of an undisturbed fit.
+                if attempt > MAX_RECOVERIES:
+                    raise
+                from_checkpoint = ckpt is not None and ckpt.latest() is not None
+                logger.warning(
+                    "Data lost on the cluster (%s: %s); restarting the fit from %s",
+                    type(error).__name__,
+                    error,
+                    "the checkpoint" if from_checkpoint else "the initialization",
+                )
+                panels.relocate(parts)
+                wt, h, start, history, shuffle_rng, momentum = starting_point(from_checkpoint)
+                report.restart(start)
+    reconstruction_err = float(np.sqrt(2 * max(value, 0.0)))
+    logger.info(
+        "NMF fit done: %d iterations, reconstruction error %.6g", result.n_iter, reconstruction_err
+    )
+    if transposed:
+        components = _side_by_side(parts.ops.fetch(result.wt))
+        W = _side_by_side(h_blocks).T
+        W = da.from_array(W) if parts.ops.is_lazy else W
+    else:
+        components = _side_by_side(h_blocks)
+        W = _assemble_w(parts, result.wt, k)
+    return Fitted(
+        components=components,
+        W=W,
+        n_iter=result.n_iter,
+        loss_history=list(result.history.loss),
+        reconstruction_err=reconstruction_err,
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _fingerprint(plan: Plan, parts, stats, objective: Objective, col_bounds) -> dict:
+    """What the iterates of a fit depend on, for checking that a checkpoint fits: the update
+    rule, the initialization, the panel layout and the input (its statistics from the
+    validation pass stand for its contents)."""
+    seed = plan.random_state
+    return {
+        **{f"settings.{key}": value for key, value in dataclasses.asdict(objective).items()},
+        "settings.init": plan.init,
+        "settings.random_state": seed if seed is None or _is_int(seed) else type(seed).__name__,
+        "settings.shuffle": bool(plan.shuffle),
+        "settings.panels": list(map(int, parts.row_bounds)),
+        "settings.column_blocks": list(map(int, col_bounds)),
+        "input.shape": list(parts.shape),
+        "input.dtype": str(parts.dtype),
+        "input.sparse": bool(parts.sparse),
+        "input.nnz": stats.nnz,
+        "input.sum": stats.sum,
+        "input.sum_sq": stats.sum_sq,
+        "input.min": stats.min,
+    }
+
+
+def transform(X, H: np.ndarray, objective: Objective, panel_bytes: int, max_iter: int, tol: float):
+    """W for X under the fixed H (non-negative least squares, ``objective``'s update rule):
+    numpy for in-memory X, a lazy Dask array for Dask X (each row panel read once when it is
+    computed)."""
+    parts = row_panels(X, panel_bytes, fitting=False)
+    k = H.shape[0]
+    gram_h = H @ H.T
+    ops = parts.ops
+    try:
+        with single_blas_thread():
+            blocks = parts.map(
+                steps.transform_panel,
+                [(x,) for x in parts.items],
+                objective,
+                ops.share(H),
+                gram_h,
+                max_iter,
+                tol,
+            )
+            if not ops.is_lazy:
+                return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    finally:
+        parts.close()
+    return da.concatenate(
+        [
+            da.from_delayed(b, shape=(rows, k), dtype=parts.dtype)
+            for b, rows in zip(blocks, parts.row_sizes, strict=True)
+        ]
+    )
+
+
+def _side_by_side(blocks: list) -> np.ndarray:
+    """Component-major blocks joined along their second axis."""
+    return np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+
+
+def _assemble_w(parts: panels.Panels, wt: list, k: int):
+    """W from its component-major blocks: numpy in memory, a Dask array otherwise."""
+    if not parts.ops.is_lazy:
+        return np.ascontiguousarray(np.concatenate(wt, axis=1).T)
+    blocks = [
+        da.from_delayed(dask.delayed(b), shape=(k, rows), dtype=parts.dtype)
+        for b, rows in zip(wt, parts.row_sizes, strict=True)
+    ]
+    return da.concatenate(blocks, axis=1).T
+
+
+class Reporter:
+    """Per-iteration output: scikit-learn style lines (verbose) and/or a tqdm bar (progress).
+
+    The bar shows the lowest objective so far and how often the objective rose (with
+    extrapolation: a restart from the plain iterates), not the raw value, which jumps up at a
+    restart and reads as a fault; the verbose lines keep the raw value, as scikit-learn's do.
+    """
+
+    def __init__(self, verbose: int, progress: bool, max_iter: int, start: int = 0):
+        self.verbose = verbose
+        self.progress = progress
+        self.max_iter = max_iter
+        self.start = start
+        self._bar = None
+        self.best = float("inf")
+        self.rises = 0
+
+    def __enter__(self):
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.max_iter, initial=self.start, desc="NMF", unit="it")
+            client = distributed_client()
+            if client is not None:
+                self._bar.write(f"Dask dashboard: {client.dashboard_link}")
+        return self
+
+    def restart(self, n_iter: int) -> None:
+        """The fit starts again after ``n_iter`` iterations (after a worker loss)."""
+        self.best, self.rises = float("inf"), 0
+        if self._bar is not None:
+            self._bar.reset(total=self.max_iter)
+            self._bar.update(n_iter)
+
+    def __call__(self, n_iter: int, history: engine.History) -> None:
+        loss, before = history.loss[-1], history.loss[-2]
+        change = (before - loss) / abs(before) if before else 0.0
+        self.best = min(self.best, *history.loss[-2:])
+        self.rises += loss > before
+        if self.verbose:
+            print(f"Iteration {n_iter:4d}  objective {loss:.6g}  relative decrease {change:.3e}")
+        if self._bar is not None:
+            self._bar.set_postfix(best_objective=f"{self.best:.6g}", restarts=self.rises)
+            self._bar.update(1)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.close()
