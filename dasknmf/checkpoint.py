@@ -67,6 +67,7 @@ def _write_block(where: Location, block) -> int:
         data=array,
         chunks=array.shape,
         overwrite=True,
+        compressors=storage.compressors(),
         config=storage.complete_chunks_config(),
         attributes={storage.CHUNKS_ATTRIBUTE: 1},
     )

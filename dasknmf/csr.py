@@ -151,7 +151,6 @@ class Writer:
         self.n_cols = int(n_cols)
         self.n_rows = 0
         self.nnz = 0
-        compressors = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
         for name, kind, chunks in (
             ("data", dtype, ENTRIES_PER_CHUNK),
             ("indices", index_dtype, ENTRIES_PER_CHUNK),
@@ -162,7 +161,7 @@ class Writer:
                 shape=(0,),
                 chunks=(chunks,),
                 dtype=kind,
-                compressors=compressors,
+                compressors=storage.compressors(),
                 config=storage.complete_chunks_config(),
             )
         self.group["indptr"].append(np.zeros(1, dtype=np.int64))

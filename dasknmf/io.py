@@ -44,11 +44,6 @@ MIN_CHUNK_ROWS = 64
 CONVERTIBLE = (".npy", ".npz", ".mtx", ".h5ad")
 
 
-def _read_codec() -> zarr.codecs.BloscCodec:
-    # lz4 decompresses at about disk speed; zstd was 3x slower to read here (DESIGN §5).
-    return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-
-
 class CheckedReader:
     """Dask's ``getter`` for a stored array, run where the panel is read (a worker).
 
@@ -347,7 +342,7 @@ def _write_array(where, X, chunks: tuple[int, int]) -> zarr.Array:
         shape=X.shape,
         chunks=chunks,
         dtype=X.dtype,
-        compressors=_read_codec(),
+        compressors=storage.compressors(),
         config=storage.complete_chunks_config(),
         attributes={storage.CHUNKS_ATTRIBUTE: storage.chunk_count(X.shape, chunks)},
     )

@@ -137,10 +137,21 @@ def residual_sq(x, wt: np.ndarray, h: np.ndarray) -> float:
     raise TypeError(f"dasknmf kernels do not handle panels of type {type(x).__name__}")
 
 
+#: Bytes of X_i − W_i·H formed at a time by ``residual_sq`` (per block of rows).
+RESIDUAL_BLOCK_BYTES = 4 * 2**20
+
+
 @residual_sq.register
 def _(x: np.ndarray, wt: np.ndarray, h: np.ndarray) -> float:
-    residual = (x - wt.T @ h).astype(np.float64, copy=False).ravel()
-    return float(np.dot(residual, residual))
+    # In blocks of rows: the whole residual, and its float64 copy, would take three times the
+    # panel beside it (a worker sized for the iterations was killed in this pass).
+    rows = max(1, RESIDUAL_BLOCK_BYTES // max(1, 8 * x.shape[1]))
+    total = 0.0
+    for start in range(0, x.shape[0], rows):
+        block = x[start : start + rows] - wt[:, start : start + rows].T @ h
+        block = block.astype(np.float64, copy=False).ravel()
+        total += float(np.dot(block, block))
+    return total
 
 
 @_register_sparse(residual_sq)

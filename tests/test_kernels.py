@@ -115,3 +115,27 @@ def test_moments_are_summed_block_by_block(monkeypatch):
     assert m[kernels.MOMENT_SUM] == pytest.approx(finite.sum())
     assert m[kernels.MOMENT_SUMSQ] == pytest.approx((finite**2).sum())
     assert m[kernels.MOMENT_NNZ] == np.count_nonzero(finite)
+
+
+def test_the_dense_residual_is_formed_in_blocks_of_rows(monkeypatch):
+    """The final error pass must fit a worker sized for the iterations: the residual of a panel
+    is formed a few MiB at a time, not whole (and then again in float64)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(3000, 2000)).astype(np.float32)  # a 24 MB panel
+    wt = rng.uniform(size=(5, 3000)).astype(np.float32)
+    h = rng.uniform(size=(5, 2000)).astype(np.float32)
+    residual = (x - wt.T @ h).astype(np.float64)
+    expected = float(np.dot(residual.ravel(), residual.ravel()))
+    del residual
+    tracemalloc.start()
+    try:
+        value = kernels.residual_sq(x, wt, h)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert peak < 3 * kernels.RESIDUAL_BLOCK_BYTES + 2**20, f"peak {peak / 2**20:.0f} MiB"
+    monkeypatch.setattr(kernels, "RESIDUAL_BLOCK_BYTES", 7 * 2000 * 8)  # blocks of 7 rows
+    assert kernels.residual_sq(x, wt, h) == pytest.approx(expected, rel=1e-12)
