@@ -144,6 +144,8 @@ def _lost_data_errors() -> tuple[type[BaseException], ...]:
 
 #: What a fit on a cluster raises when a worker died with results nothing can recompute.
 LOST_DATA = _lost_data_errors()
+#: What distributed raises for a task whose every worker died while running it.
+KILLED_WORKER = LOST_DATA[1]
 
 
 @dataclass

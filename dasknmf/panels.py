@@ -191,8 +191,53 @@ def cache_panels(panels: Panels) -> None:
     panels.cached = True
 
 
-#: Seconds ``relocate`` waits for as many workers as before a loss.
+#: Seconds ``relocate`` waits for as many workers as before a loss (and then for one).
 RELOCATE_WAIT = 60
+#: A task holds about this many times its panel at its peak (the panel, its read buffer and
+#: the products formed from it), plus ``3·k·n·itemsize`` of H and partial sums.
+PANEL_MULTIPLE = 4
+
+
+class WorkersLostError(RuntimeError):
+    """The workers of a fit are gone and do not come back, or keep dying."""
+
+
+def task_memory(panel_nbytes: float, n_features: int, n_components: int, itemsize: int) -> int:
+    """Bytes a task of a fit holds at its peak, for panels of ``panel_nbytes``."""
+    return int(PANEL_MULTIPLE * panel_nbytes + 3 * n_components * n_features * itemsize)
+
+
+def worker_memory() -> int | None:
+    """The smallest memory limit of the current distributed cluster's workers (None without
+    a distributed Client, or when no worker has a limit)."""
+    client = distributed_client()
+    if client is None:
+        return None
+    limits = [
+        w.get("memory_limit") for w in client.scheduler_info(n_workers=-1)["workers"].values()
+    ]
+    limits = [limit for limit in limits if limit]
+    return min(limits) if limits else None
+
+
+def check_fits_workers(shape: tuple[int, int], n_components: int, itemsize: int) -> None:
+    """Refuse, before any work, a problem that no panel fits on the workers: one row of X with
+    H and the k × n partials (or, for Xᵀ, one column with W's), on the smallest worker."""
+    limit = worker_memory()
+    if limit is None:
+        return
+    n_rows, n_cols = shape
+    need = min(
+        task_memory(n_cols * itemsize, n_cols, n_components, itemsize),
+        task_memory(n_rows * itemsize, n_rows, n_components, itemsize),
+    )
+    if need > limit:
+        raise ValueError(
+            f"NMF with {n_components} components of a {n_rows} x {n_cols} matrix does not fit "
+            f"the workers: the smallest task (one row of X, or one column, with the k-row "
+            f"factor and its partial sums) needs about {need / 2**20:,.0f} MiB and a worker has "
+            f"{limit / 2**20:,.0f} MiB. Fewer components or workers with more memory would fit."
+        )
 
 
 def relocate(panels: Panels) -> None:
@@ -207,7 +252,13 @@ def relocate(panels: Panels) -> None:
     try:  # the workers that replace the lost ones, if they come
         client.wait_for_workers(len(set(panels.locations)), timeout=RELOCATE_WAIT)
     except TimeoutError:
-        client.wait_for_workers(1)
+        try:
+            client.wait_for_workers(1, timeout=RELOCATE_WAIT)
+        except TimeoutError:
+            raise WorkersLostError(
+                f"Workers of the fit were lost and none came back within {2 * RELOCATE_WAIT} s; "
+                "the fit cannot go on (start workers, or resume from a checkpoint later)."
+            ) from None
     if panels.cached:
         wait(panels.items)
         holders = client.who_has(panels.items)

@@ -86,6 +86,7 @@ def fit(X, plan: Plan) -> Fitted:
     A wide X whose full-width row panels would not fit the panel budget is factorized as
     Xᵀ ≈ Hᵀ·Wᵀ: its row panels are column blocks of X.
     """
+    panels.check_fits_workers(X.shape, plan.n_components, X.dtype.itemsize)
     transposed = panels.wide(X.shape, plan.n_components, X.dtype.itemsize, plan.panel_bytes)
     parts = row_panels(X.T if transposed else X, plan.panel_bytes, plan.cache)
     try:
@@ -181,6 +182,9 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
                 )
                 value, h_blocks = engine.final_pass(parts, objective, result)
                 break
+            except engine.KILLED_WORKER as error:
+                # The same task took down worker after worker: a restart would run it again.
+                raise _workers_keep_dying(error, parts, k) from error
             except engine.LOST_DATA as error:
                 # A worker died with blocks of W or H that nothing can recompute (their
                 # inputs, the previous iteration's blocks, are gone): start again from the
@@ -215,6 +219,23 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
         n_iter=result.n_iter,
         loss_history=list(result.history.loss),
         reconstruction_err=reconstruction_err,
+    )
+
+
+def _workers_keep_dying(error, parts: panels.Panels, k: int) -> panels.WorkersLostError:
+    """The error for a task that every worker running it died with (``KilledWorker``)."""
+    n_cols = parts.shape[1]
+    itemsize = parts.dtype.itemsize
+    largest = max(parts.row_sizes) * n_cols * itemsize
+    need = panels.task_memory(largest, n_cols, k, itemsize)
+    limit = panels.worker_memory()
+    has = f"a worker has {limit / 2**20:,.0f} MiB" if limit else "the workers have no limit"
+    return panels.WorkersLostError(
+        f"Task {error.task!r} of the fit ran on {error.allowed_failures + 1} workers and each "
+        f"died while running it (the last: {error.last_worker.address}); restarting the fit "
+        f"would run it again. The usual cause is memory: a task here needs about "
+        f"{need / 2**20:,.0f} MiB and {has}; give the workers more memory or pass a smaller "
+        "panel_bytes. The workers' logs tell the cause."
     )
 
 

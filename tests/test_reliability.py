@@ -201,3 +201,67 @@ def test_a_task_pinned_to_a_gone_worker_runs_when_a_worker_turns_running():
             time.sleep(0.05)
         client.run(_set_status("running"))
         assert future.result(timeout=30) == 3
+
+
+def test_a_problem_no_worker_can_hold_fails_before_any_work():
+    """One row (or one column) with the k-row factor and its partial sums exceeds a worker:
+    an error that names the memory needed and the memory there is, before any task runs."""
+    import dask.array as da
+
+    from dasknmf.panels import task_memory
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, memory_limit="300MiB", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        X = da.random.random((200_000, 100_000), chunks=(1_000, 100_000))  # never computed
+        model = NMF(500, init="random")
+        need = task_memory(100_000 * 8, 100_000, 500, 8) / 2**20
+        with pytest.raises(
+            ValueError, match=rf"needs about {need:,.0f} MiB and a worker has 300 MiB"
+        ):
+            model.fit(X)
+        assert not hasattr(model, "components_")
+        assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
+
+
+def test_workers_that_keep_dying_fail_the_fit_naming_the_task(tmp_path):
+    """A panel whose second read kills the worker reading it (as running out of memory would):
+    distributed gives up on the task after four dead workers, and the fit fails with an error
+    that names the task and the likely cause, instead of restarting into the same deaths or
+    waiting for workers for ever."""
+    import dask.array as da
+    from distributed.scheduler import KilledWorker
+
+    from dasknmf.panels import WorkersLostError
+
+    folder = tmp_path
+
+    def read_once(block, block_info=None):
+        marker = folder / f"read-{block_info[0]['chunk-location'][0]}"
+        if marker.exists():
+            os._exit(1)
+        marker.touch()
+        return block
+
+    base = low_rank(2000, 40, 3)
+    X = da.from_array(base, chunks=(500, 40)).map_blocks(read_once, dtype=base.dtype)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster),
+    ):
+        model = NMF(
+            3, init="random", random_state=0, max_iter=5, cache=False, panel_bytes=500 * 40 * 8
+        )
+        with pytest.raises(
+            WorkersLostError, match=r"Task .*panel_step.* ran on 4 workers and each died"
+        ) as info:
+            model.fit(X)
+    assert "memory" in str(info.value) and "restarting the fit would run it again" in str(
+        info.value
+    )
+    assert isinstance(info.value.__cause__, KilledWorker)
