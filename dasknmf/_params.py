@@ -13,8 +13,11 @@ import dask.array as da
 import numpy as np
 from dask.utils import parse_bytes
 
-from dasknmf import init
+from dasknmf import init, panels
 from dasknmf._config import get_bytes
+
+#: The smallest panel the cluster's memory may ask for (below, a task costs more than it reads).
+MIN_PANEL_BYTES = 2**20
 
 BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
 
@@ -129,12 +132,21 @@ def beta(beta_loss) -> float:
     return BETA_LOSSES[beta_loss] if isinstance(beta_loss, str) else float(beta_loss)
 
 
-def panel_budget(panel_bytes, lazy: bool = True) -> int:
-    """Bytes of a row panel: ``panel_bytes``, else ``dasknmf.panel-bytes`` for Dask input and
-    ``dasknmf.memory-panel-bytes`` for in-memory input."""
-    if panel_bytes is None:
-        return get_bytes("dasknmf.panel-bytes" if lazy else "dasknmf.memory-panel-bytes")
-    return int(parse_bytes(panel_bytes)) if isinstance(panel_bytes, str) else int(panel_bytes)
+def panel_budget(panel_bytes, lazy: bool = True, shape=None, n_components=None, itemsize=8) -> int:
+    """Bytes of a row panel: ``panel_bytes``, else ``dasknmf.memory-panel-bytes`` for in-memory
+    input and, for Dask input, ``dasknmf.panel-bytes`` or less: what keeps every task within
+    the memory of the current cluster's workers (``panels.cluster_panel_bytes``), when the
+    ``shape`` of X and ``n_components`` are known."""
+    if panel_bytes is not None:
+        return int(parse_bytes(panel_bytes)) if isinstance(panel_bytes, str) else int(panel_bytes)
+    if not lazy:
+        return get_bytes("dasknmf.memory-panel-bytes")
+    budget = get_bytes("dasknmf.panel-bytes")
+    if shape is not None and n_components is not None:
+        fitted = panels.cluster_panel_bytes(shape, n_components, itemsize)
+        if fitted is not None:
+            budget = max(MIN_PANEL_BYTES, min(budget, fitted))
+    return budget
 
 
 def resolve_init(

@@ -249,6 +249,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             extrapolate=solver == "hals" and self.extrapolate in ("auto", True),
         )
 
+    def _panel_budget(self, shape=None, itemsize=8, n_components=None, lazy=True) -> int:
+        """Bytes of a row panel (``_params.panel_budget``); for Dask input without
+        ``panel_bytes``, sized to the workers' memory once the shape of X is known."""
+        if n_components is None and shape is not None:
+            k = self.n_components
+            n_components = k if _params.is_int(k) else min(shape)
+        return _params.panel_budget(self.panel_bytes, lazy, shape, n_components, itemsize)
+
     # ---- input ---------------------------------------------------------------------------
 
     def _check_input(self, X, reset: bool):
@@ -263,7 +271,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 reset=reset,
                 ensure_non_negative=not reset,
             )
-        X = _as_dask_matrix(X, _params.panel_budget(self.panel_bytes), self.storage_options)
+        X = _as_dask_matrix(X, self._panel_budget, self.storage_options)
         if reset:
             self.n_features_in_ = X.shape[1]
             if hasattr(self, "feature_names_in_"):
@@ -328,7 +336,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             objective=self._objective,
             max_iter=self.max_iter,
             tol=self.tol,
-            panel_bytes=_params.panel_budget(self.panel_bytes, lazy=isinstance(X, da.Array)),
+            panel_bytes=self._panel_budget(
+                X.shape, X.dtype.itemsize, k, lazy=isinstance(X, da.Array)
+            ),
             random_state=self.random_state,
             W=W,
             H=H,
@@ -410,7 +420,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             X,
             H,
             self._objective(*X.shape, H.shape[0]),
-            _params.panel_budget(self.panel_bytes, lazy=isinstance(X, da.Array)),
+            self._panel_budget(X.shape, X.dtype.itemsize, H.shape[0], isinstance(X, da.Array)),
             self.max_iter,
             self.tol,
         )
@@ -445,10 +455,15 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return tags
 
 
-def _as_dask_matrix(X, panel_bytes: int, storage_options=None) -> da.Array:
-    """A Dask array, zarr.Array or Zarr path (or URL) as a 2-D floating Dask array."""
+def _as_dask_matrix(X, budget, storage_options=None) -> da.Array:
+    """A Dask array, zarr.Array or Zarr path (or URL) as a 2-D floating Dask array; a store is
+    opened in panels of ``budget(shape, itemsize)`` bytes."""
     if not isinstance(X, da.Array):
-        X = io.open_matrix(X, panel_bytes=panel_bytes, storage_options=storage_options)
+        source = X
+        X = io.open_matrix(source, panel_bytes=budget(), storage_options=storage_options)
+        panel_bytes = budget(X.shape, X.dtype.itemsize)
+        if panel_bytes < budget():  # small workers: group the stored chunks in smaller panels
+            X = io.open_matrix(source, panel_bytes=panel_bytes, storage_options=storage_options)
     io.check_matrix_shape(X.shape, "X")
     io.check_matrix_dtype(X.dtype, "X")
     if X.dtype not in (np.float32, np.float64):

@@ -193,9 +193,15 @@ def cache_panels(panels: Panels) -> None:
 
 #: Seconds ``relocate`` waits for as many workers as before a loss (and then for one).
 RELOCATE_WAIT = 60
-#: A task holds about this many times its panel at its peak (the panel, its read buffer and
-#: the products formed from it), plus ``3·k·n·itemsize`` of H and partial sums.
-PANEL_MULTIPLE = 4
+#: A task holds at most this many times its panel above what the worker held before (the
+#: panel, its read buffer and the products formed from it), plus ``TASK_OVERHEAD`` and
+#: ``3·k·n·itemsize`` of H and partial sums. Measured on a streamed fit, k = 20, n = 2000: 2.5×
+#: for 64 MiB panels, 3.0× for 32 MiB, 4.1× for 16 MiB (whose fixed costs weigh more); held by
+#: ``tests/test_reliability.py::test_a_task_stays_within_its_memory_estimate``.
+PANEL_MULTIPLE = 3
+TASK_OVERHEAD = 32 * 2**20
+#: What a worker process holds before any task (measured 100–115 MiB once dasknmf is loaded).
+WORKER_BASELINE = 150 * 2**20
 
 
 class WorkersLostError(RuntimeError):
@@ -204,7 +210,29 @@ class WorkersLostError(RuntimeError):
 
 def task_memory(panel_nbytes: float, n_features: int, n_components: int, itemsize: int) -> int:
     """Bytes a task of a fit holds at its peak, for panels of ``panel_nbytes``."""
-    return int(PANEL_MULTIPLE * panel_nbytes + 3 * n_components * n_features * itemsize)
+    factor = 3 * n_components * n_features * itemsize
+    return int(PANEL_MULTIPLE * panel_nbytes + TASK_OVERHEAD + factor)
+
+
+def cluster_panel_bytes(shape: tuple[int, int], n_components: int, itemsize: int) -> int | None:
+    """The largest panel whose tasks stay, with the worker's baseline, below the memory at
+    which distributed pauses a worker (``distributed.worker.memory.pause``, 80%) on every
+    worker of the current cluster, with as many tasks at once as the worker has threads.
+    None without a distributed Client or without worker memory limits. The k-row factor is
+    counted for the shorter side of X (the fit runs on Xᵀ when that is the cheaper one)."""
+    client = distributed_client()
+    if client is None:
+        return None
+    pause = dask.config.get("distributed.worker.memory.pause") or 0.8
+    factor = 3 * n_components * min(shape) * itemsize
+    per_task = [
+        (pause * w["memory_limit"] - WORKER_BASELINE) / max(1, w.get("nthreads") or 1)
+        for w in client.scheduler_info(n_workers=-1)["workers"].values()
+        if w.get("memory_limit")
+    ]
+    if not per_task:
+        return None
+    return int((min(per_task) - TASK_OVERHEAD - factor) / PANEL_MULTIPLE)
 
 
 def worker_memory() -> int | None:

@@ -152,10 +152,13 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
 
     wt, h, start, history, shuffle_rng, momentum = starting_point(plan.resume)
     logger.info(
-        "NMF fit: X %s %s%s, %d components, %s, beta %g, %s",
+        "NMF fit: X %s %s%s in %d %s panels (%s), %d components, %s, beta %g, %s",
         "x".join(map(str, (n_cols, n_rows) if transposed else (n_rows, n_cols))),
         parts.dtype,
         " sparse" if parts.sparse else "",
+        len(parts.items),
+        "column" if transposed else "row",
+        "cached" if parts.cached or not parts.ops.is_lazy else "streamed",
         k,
         objective.solver,
         objective.beta,

@@ -265,3 +265,83 @@ def test_workers_that_keep_dying_fail_the_fit_naming_the_task(tmp_path):
         info.value
     )
     assert isinstance(info.value.__cause__, KilledWorker)
+
+
+class _PeakRSS:
+    """The peak resident memory of one process, sampled every 5 ms while the block runs."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.peak = 0
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_task_stays_within_its_memory_estimate(tmp_path):
+    """The per-task peak that sizes panels to the workers (``panels.task_memory``: 3 panels
+    plus 32 MiB plus 3·k·n·itemsize), held by measurement: the resident memory of a worker
+    running one streamed task at a time, sampled every 5 ms, above what it held before."""
+    from dasknmf.panels import task_memory
+
+    rows, n, k = 2048, 2000, 20
+    X = np.random.default_rng(0).uniform(size=(8 * rows, n)).astype(np.float32)
+    path = save_matrix(tmp_path / "X.zarr", X, chunks=(rows, n))
+    panel = 2 * rows * n * 4  # 31 MiB: two stored chunks
+    kwargs = dict(init="random", random_state=0, tol=0, cache=False, panel_bytes=panel)
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        NMF(k, max_iter=1, **kwargs).fit(str(path))  # the worker loads what it needs
+        client.run(lambda: __import__("gc").collect())
+        (pid,) = client.run(os.getpid).values()
+        with _PeakRSS(pid) as memory:
+            baseline = memory.process.memory_info().rss
+            NMF(k, max_iter=3, **kwargs).fit(str(path))
+    extra = memory.peak - baseline
+    assert panel < extra <= task_memory(panel, n, k, 4), f"{extra / 2**20:.0f} MiB"
+
+
+def test_panels_are_sized_to_the_workers_memory():
+    """Without panel_bytes, Dask input is cut into panels whose tasks fit the workers: smaller
+    than the default on small workers, the default on large ones."""
+    from dasknmf import _params
+    from dasknmf.panels import PANEL_MULTIPLE, TASK_OVERHEAD, WORKER_BASELINE
+
+    default = 64 * 2**20
+    for limit, threads in ((400 * 2**20, 1), (400 * 2**20, 2), (8 * 2**30, 1)):
+        with (
+            LocalCluster(
+                n_workers=1,
+                threads_per_worker=threads,
+                memory_limit=limit,
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster),
+        ):
+            budget = _params.panel_budget(None, True, (10**6, 2000), 20, 4)
+        per_task = (0.8 * limit - WORKER_BASELINE) / threads
+        expected = int((per_task - TASK_OVERHEAD - 3 * 20 * 2000 * 4) / PANEL_MULTIPLE)
+        assert budget == max(2**20, min(default, expected))
+        assert (budget < default) == (limit < 2**30)
+    assert _params.panel_budget(None, True, (10**6, 2000), 20, 4) == default  # no cluster
+    assert _params.panel_budget("8MiB", True, (10**6, 2000), 20, 4) == 8 * 2**20
