@@ -145,7 +145,7 @@ def panel_budget(panel_bytes, lazy: bool = True, shape=None, n_components=None, 
     if shape is not None and n_components is not None:
         fitted = panels.cluster_panel_bytes(shape, n_components, itemsize)
         if fitted is not None:
-            budget = max(MIN_PANEL_BYTES, min(budget, fitted))
+            budget = min(budget, max(MIN_PANEL_BYTES, fitted))  # lowered, never raised
     return budget
 
 

@@ -122,6 +122,7 @@ def _loose_restrictions_plugin():
         """
 
         name = "dasknmf-loose-restrictions"
+        idempotent = True  # registered by every fit: once is enough (and no warning)
 
         async def start(self, scheduler) -> None:
             self.scheduler = scheduler

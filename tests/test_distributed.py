@@ -97,3 +97,18 @@ def test_worker_tasks_do_not_import_scikit_learn_or_numba(cluster, X):
     cluster.restart()  # fresh worker processes
     NMF(**KWARGS).fit(da.from_array(X, chunks=(50, 30)))
     assert list(cluster.run(heavy_modules).values()) == [["dasknmf.steps"]] * 2
+
+
+def test_fits_on_one_client_register_the_scheduler_plugin_once(cluster):
+    """Every fit registers dasknmf's scheduler plugin; the second must not warn that it
+    overwrites the first (users saw that warning after every fit)."""
+    import warnings
+
+    X = low_rank(400, 20, 2)
+    Xd = da.from_array(X, chunks=(100, 20))
+    NMF(2, init="random", random_state=0, max_iter=3).fit(Xd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NMF(2, init="random", random_state=0, max_iter=3, tol=0).fit(Xd)
+    plugins = cluster.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.plugins))
+    assert plugins.count("dasknmf-loose-restrictions") == 1

@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+import dask
 import numpy as np
 import pytest
 from conftest import low_rank
@@ -341,7 +342,13 @@ def test_panels_are_sized_to_the_workers_memory():
             budget = _params.panel_budget(None, True, (10**6, 2000), 20, 4)
         per_task = (0.8 * limit - WORKER_BASELINE) / threads
         expected = int((per_task - TASK_OVERHEAD - 3 * 20 * 2000 * 4) / PANEL_MULTIPLE)
-        assert budget == max(2**20, min(default, expected))
+        assert budget == min(default, max(2**20, expected))
         assert (budget < default) == (limit < 2**30)
     assert _params.panel_budget(None, True, (10**6, 2000), 20, 4) == default  # no cluster
+    with (
+        dask.config.set({"dasknmf.panel-bytes": 6000}),  # a smaller default stays
+        LocalCluster(n_workers=1, memory_limit="400MiB", dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        assert _params.panel_budget(None, True, (10**6, 2000), 20, 4) == 6000
     assert _params.panel_budget("8MiB", True, (10**6, 2000), 20, 4) == 8 * 2**20
