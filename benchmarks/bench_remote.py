@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import machine, write_section
+from _common import iteration_times, machine, write_section
 from bench_out_of_core import make_store
 
 ROWS, N, K = 250_000, 2_000, 20
@@ -97,21 +97,11 @@ def one_pass(path, options, panel_bytes) -> float:
 
 
 def per_iteration(path, options, n_iter: int) -> float:
-    from dasknmf import NMF, engine
+    from dasknmf import NMF
 
-    stamps = []
-    record = engine.History.record
-
-    def timed_record(self, *a, **kw):
-        stamps.append(time.perf_counter())
-        record(self, *a, **kw)
-
-    engine.History.record = timed_record
-    try:
+    with iteration_times() as stamps:
         NMF(K, init="random", random_state=0, tol=0, max_iter=n_iter, cache=False,
             storage_options=options).fit(path)  # fmt: skip
-    finally:
-        engine.History.record = record
     return statistics.median(np.diff(stamps[1:]))  # stamps[0] and [1]: both after iteration 1
 
 

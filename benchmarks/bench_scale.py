@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import machine, write_section
+from _common import iteration_times, machine, write_section
 from bench_out_of_core import ProcessMemory, make_store
 
 SMALL_ROWS, K = 200_000, 20
@@ -33,7 +33,7 @@ SMALL_WORKER_MEMORY = 500 * 10**6
 def small_workers(n_iter: int) -> dict:
     from distributed import Client, LocalCluster
 
-    from dasknmf import NMF, engine, open_matrix
+    from dasknmf import NMF, open_matrix
 
     path = make_store(SMALL_ROWS)
     with (
@@ -51,23 +51,12 @@ def small_workers(n_iter: int) -> dict:
             open_matrix(path).sum(dtype=np.float64).compute()
             reads.append(time.perf_counter() - start)
         pids = {f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
-        stamps = []
-        record = engine.History.record
-
-        def timed_record(self, *a, **kw):
-            stamps.append(time.perf_counter())
-            record(self, *a, **kw)
-
-        engine.History.record = timed_record
         error = None
-        try:
-            with ProcessMemory(pids) as memory:
-                model = NMF(K, init="random", random_state=0, tol=0, max_iter=n_iter)
-                model.fit(str(path))
-        except Exception as failure:  # the point is to see whether it completes
-            error = f"{type(failure).__name__}: {failure}"
-        finally:
-            engine.History.record = record
+        with iteration_times() as stamps, ProcessMemory(pids) as memory:
+            try:
+                NMF(K, init="random", random_state=0, tol=0, max_iter=n_iter).fit(str(path))
+            except Exception as failure:  # the point is to see whether it completes
+                error = f"{type(failure).__name__}: {failure}"
         restarted = set(client.run(os.getpid).values()) != set(pids.values())
     return {
         "error": error,

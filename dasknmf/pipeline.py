@@ -86,7 +86,8 @@ def fit(X, plan: Plan) -> Fitted:
     A wide X whose full-width row panels would not fit the panel budget is factorized as
     Xᵀ ≈ Hᵀ·Wᵀ: its row panels are column blocks of X.
     """
-    panels.check_fits_workers(X.shape, plan.n_components, X.dtype.itemsize)
+    if isinstance(X, da.Array):  # in-memory input is fitted here, not on the workers
+        panels.check_fits_workers(X.shape, plan.n_components, X.dtype.itemsize)
     transposed = panels.wide(X.shape, plan.n_components, X.dtype.itemsize, plan.panel_bytes)
     parts = row_panels(X.T if transposed else X, plan.panel_bytes, plan.cache)
     try:

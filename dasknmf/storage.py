@@ -106,15 +106,8 @@ class Location:
     def sibling(self, name: str) -> Location:
         return self.parent.child(name)
 
-    def with_suffix_name(self, suffix: str) -> Location:
-        """The location whose name is this one's with ``suffix`` appended."""
-        return Location(self.url.rstrip("/") + suffix, self.storage_options)
-
     def __str__(self) -> str:
         return self.url
-
-    def __fspath__(self) -> str:
-        return str(self.path)
 
     # ---- file system ---------------------------------------------------------------------
 
