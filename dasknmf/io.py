@@ -161,7 +161,13 @@ def _node_as_dask(node, where: str, component: str | None, panel_bytes: int | No
         node = node[component]
         where = f"{where}/{component}"
     if isinstance(panel_bytes, str):
-        panel_bytes = int(dask.utils.parse_bytes(panel_bytes))
+        try:
+            panel_bytes = int(dask.utils.parse_bytes(panel_bytes))
+        except ValueError:
+            raise ValueError(
+                f"panel_bytes must be a size such as '64MiB' or a number of bytes, got "
+                f"{panel_bytes!r}."
+            ) from None
     budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
     if csr.is_sparse_group(node):
         return csr.open_group(node, where, budget, storage.fingerprint(node))

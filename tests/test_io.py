@@ -120,3 +120,10 @@ def test_open_errors(tmp_path):
         open_matrix(tmp_path / "g.zarr", component="s")
     with pytest.raises(ValueError, match="is a Zarr array, not a group"):
         open_matrix(group["X"], component="X")
+
+
+def test_open_with_a_panel_size_that_is_not_a_size(tmp_path):
+    save_matrix(tmp_path / "x.zarr", X, chunks=(10, 6))
+    with pytest.raises(ValueError, match="panel_bytes must be a size such as '64MiB'.*'abc'"):
+        open_matrix(tmp_path / "x.zarr", panel_bytes="abc")
+    assert open_matrix(tmp_path / "x.zarr", panel_bytes="1KiB").chunks[0][0] < X.shape[0]
