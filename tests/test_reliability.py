@@ -352,3 +352,33 @@ def test_panels_are_sized_to_the_workers_memory():
     ):
         assert _params.panel_budget(None, True, (10**6, 2000), 20, 4) == 6000
     assert _params.panel_budget("8MiB", True, (10**6, 2000), 20, 4) == 8 * 2**20
+
+
+def test_a_worker_that_joins_mid_fit_changes_nothing(monkeypatch, stored):
+    """A worker added while the fit runs takes the tasks that are not placed (reductions, H
+    updates) or stays idle; the fit neither hangs nor changes: the factors are the in-memory
+    fit's, bit for bit."""
+    X, path = stored
+    kwargs = dict(KWARGS, cache=False, panel_bytes=500 * 60 * 8)
+    reference = NMF(**kwargs).fit(X)
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        report = pipeline.Reporter.__call__
+        joined = []
+
+        def call(self, i, history):
+            if i == 3 and not joined:
+                cluster.scale(2)
+                client.wait_for_workers(2, timeout=60)
+                joined.append(i)
+            report(self, i, history)
+
+        monkeypatch.setattr(pipeline.Reporter, "__call__", call)
+        model = NMF(**kwargs).fit(path)
+        assert joined and len(client.scheduler_info()["workers"]) == 2
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    assert model.loss_history_ == reference.loss_history_
