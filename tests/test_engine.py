@@ -16,6 +16,7 @@ from dasknmf.panels import (
     in_memory_panels,
     should_cache,
 )
+from dasknmf.steps import sum_in_order
 
 
 def test_even_bounds():
@@ -156,3 +157,43 @@ def test_should_cache():
     assert not should_cache(10**15, "auto")
     with dask.config.set({"dasknmf.cache-fraction": 0.0}):
         assert not should_cache(10, "auto")
+
+
+def _levels(n: int, split_every: int) -> int:
+    """How many levels ``reduce_to_fanin`` runs on ``n`` items."""
+    levels = 0
+    while n > split_every:
+        n, levels = -(-n // split_every), levels + 1
+    return levels
+
+
+@pytest.mark.parametrize("split_every", [2, 3, 8])
+@pytest.mark.parametrize("n_items", [1, 2, 7, 8, 9, 17, 64, 65, 100, 513])
+def test_the_reduction_tree_can_be_cut_into_aligned_subtrees(n_items, split_every):
+    """What a fit with one task per worker will rely on (issue 11): whole subtrees of the
+    fixed reduction tree — runs of items aligned to split_every**L — can be summed anywhere
+    (a worker's task) and the tree continued from their roots with the same bits as the tree
+    over all items. For n ≤ split_every (no level runs) one subtree of all items stands for
+    the consumer's own sum of the raw items."""
+    ops = EagerOps()
+    rng = np.random.default_rng(n_items)
+    items = [rng.normal(size=3) * 10.0 ** rng.integers(-8, 8) for _ in range(n_items)]
+    first = sum_in_order  # the partials of one H block: summed field by field in order
+
+    def final(nodes, raw):
+        return first(*nodes) if raw else sum_in_order(*nodes)
+
+    whole = final(*reduce_to_fanin(ops, items, first, split_every=split_every))
+    for level in range(1, max(1, _levels(n_items, split_every)) + 1):
+        size = split_every**level
+        roots = []  # each aligned run summed as its own task would: level by level
+        for start in range(0, n_items, size):
+            run = items[start : start + size]
+            for depth in range(level):
+                combine = first if depth == 0 else sum_in_order
+                run = [combine(*run[i : i + split_every]) for i in range(0, len(run), split_every)]
+            (root,) = run
+            roots.append(root)
+        rest = reduce_to_fanin(ops, roots, sum_in_order, split_every=split_every)[0]
+        cut = sum_in_order(*rest)
+        assert cut.tobytes() == whole.tobytes(), (level, n_items, split_every)
