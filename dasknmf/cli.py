@@ -382,6 +382,7 @@ def _describe(path: pathlib.Path, component):
             "dtype": attributes["dtype"],
             "n_iter": attributes["n_iter"],
             "reconstruction_err": attributes["reconstruction_err"],
+            "layout": attributes.get("layout"),
             "version": attributes["dasknmf"].get("version"),
             "params": attributes["params"],
         }

@@ -145,6 +145,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Only for input with string column names.
     loss_history_ : list of float
         The objective after each iteration; entry 0 is the initialization.
+    layout_ : dict
+        How X was cut into the tasks' units: ``scheme`` "rows" (row panels of X) or "columns"
+        (row panels of Xᵀ, for a wide X), the number of ``panels``, and whether they were
+        ``cached`` in memory or read from their source in every iteration.
     W_ : ndarray or dask.array.Array of shape (n_samples, n_components)
         W of the fit (what ``fit_transform`` returned): numpy for in-memory input, a Dask array
         backed by blocks on the cluster for Dask input, a lazy Dask array reading the store
@@ -358,6 +362,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.n_iter_ = fitted.n_iter
         self.loss_history_ = fitted.loss_history
         self.reconstruction_err_ = fitted.reconstruction_err
+        self.layout_ = fitted.layout
         if self.n_iter_ == self.max_iter and self.tol > 0:
             warnings.warn(
                 f"Maximum number of iterations {self.max_iter} reached. Increase it to "
@@ -483,6 +488,8 @@ def _saved_attributes(model: NMF) -> dict:
         "loss_history": [float(v) for v in model.loss_history_],
         "reconstruction_err": float(model.reconstruction_err_),
     }
+    if hasattr(model, "layout_"):
+        attributes["layout"] = model.layout_
     if hasattr(model, "feature_names_in_"):
         attributes["feature_names_in"] = [str(name) for name in model.feature_names_in_]
     return attributes
@@ -513,6 +520,8 @@ def load_model(path, *, storage_options=None) -> NMF:
     model.reconstruction_err_ = attributes["reconstruction_err"]
     if "feature_names_in" in attributes:
         model.feature_names_in_ = np.asarray(attributes["feature_names_in"], dtype=object)
+    if "layout" in attributes:
+        model.layout_ = dict(attributes["layout"])
     if W is not None:
         model.W_ = W
     return model

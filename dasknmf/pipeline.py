@@ -70,6 +70,7 @@ class Fitted:
     n_iter: int
     loss_history: list[float]
     reconstruction_err: float
+    layout: dict  # how X was cut: {"scheme": "rows" or "columns" (Xᵀ), "panels", "cached"}
 
 
 def row_panels(X, panel_bytes: int, cache: bool | str = "auto", fitting: bool = True):
@@ -223,6 +224,11 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
         n_iter=result.n_iter,
         loss_history=list(result.history.loss),
         reconstruction_err=reconstruction_err,
+        layout={
+            "scheme": "columns" if transposed else "rows",
+            "panels": len(parts.items),
+            "cached": bool(parts.cached or not parts.ops.is_lazy),
+        },
     )
 
 

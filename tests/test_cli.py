@@ -123,6 +123,7 @@ def test_fit_transform_info_plot(stored, tmp_path):
 
     info = last_json(run_cli("info", str(model), "--json"))
     assert info["kind"] == "model" and info["n_iter"] == 40 and info["n_components"] == 4
+    assert info["layout"]["scheme"] == "rows" and info["layout"]["panels"] >= 1
     text = run_cli("info", str(folder / "X.zarr"))
     assert "shape: [1200, 40]" in text.stdout and "format: dense" in text.stdout
     assert f"nnz: {np.count_nonzero(X)}" in text.stdout

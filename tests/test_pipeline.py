@@ -84,3 +84,18 @@ def test_the_progress_bar_shows_the_best_objective_and_the_restarts(monkeypatch)
             best, rises = shown[-1]
             assert float(best) == min(history.loss)
             assert int(rises) == (1 if n_iter >= 2 else 0)
+
+
+def test_the_layout_is_reported_and_saved(tmp_path):
+    """Which scheme cut X (row panels of X, or of Xᵀ for a wide X) is an attribute of the
+    fitted model, kept when it is saved."""
+    import dasknmf
+
+    tall = NMF(2, init="random", random_state=0, max_iter=3, panel_bytes=40 * 12 * 8)
+    tall.fit(low_rank(200, 12, 2))
+    assert tall.layout_ == {"scheme": "rows", "panels": 5, "cached": True}
+    wide = NMF(2, init="random", random_state=0, max_iter=3, panel_bytes=600)
+    wide.fit(low_rank(8, 3000, 2))  # one row with H and the partials exceeds 600 bytes
+    assert wide.layout_["scheme"] == "columns"
+    wide.save(tmp_path / "wide.zarr")
+    assert dasknmf.load(tmp_path / "wide.zarr").layout_ == wide.layout_
