@@ -221,3 +221,32 @@ def check_custom_init(W, H, w_shape, h_shape, dtype):
         checked.append(array)
     H, W = checked
     return W, H
+
+
+def saved_attributes(model) -> dict:
+    """What a saved model keeps beside its factors (JSON): the parameters (not the
+    storage_options, which may hold credentials), the iterations, the loss history, the error
+    and the feature names."""
+    attributes = {
+        "params": {
+            key: _jsonable(v) for key, v in model.get_params().items() if key != "storage_options"
+        },
+        "n_iter": int(model.n_iter_),
+        "loss_history": [float(v) for v in model.loss_history_],
+        "reconstruction_err": float(model.reconstruction_err_),
+    }
+    if hasattr(model, "layout_"):
+        attributes["layout"] = model.layout_
+    if hasattr(model, "feature_names_in_"):
+        attributes["feature_names_in"] = [str(name) for name in model.feature_names_in_]
+    return attributes
+
+
+def _jsonable(value):
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.random.RandomState | np.random.Generator):
+        return None  # a generator's state is not a parameter worth keeping
+    return value

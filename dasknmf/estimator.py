@@ -398,7 +398,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             path,
             np.asarray(self.components_),
             getattr(self, "W_", None),
-            _saved_attributes(self),
+            _params.saved_attributes(self),
             overwrite=overwrite,
             storage_options=options,
         )
@@ -474,35 +474,6 @@ def _as_dask_matrix(X, budget, storage_options=None) -> da.Array:
     if X.dtype not in (np.float32, np.float64):
         X = X.astype(np.float64)
     return X
-
-
-def _saved_attributes(model: NMF) -> dict:
-    """What a saved model keeps beside its factors (JSON): the parameters (not the
-    storage_options, which may hold credentials), the iterations, the loss history, the error
-    and the feature names."""
-    attributes = {
-        "params": {
-            key: _jsonable(v) for key, v in model.get_params().items() if key != "storage_options"
-        },
-        "n_iter": int(model.n_iter_),
-        "loss_history": [float(v) for v in model.loss_history_],
-        "reconstruction_err": float(model.reconstruction_err_),
-    }
-    if hasattr(model, "layout_"):
-        attributes["layout"] = model.layout_
-    if hasattr(model, "feature_names_in_"):
-        attributes["feature_names_in"] = [str(name) for name in model.feature_names_in_]
-    return attributes
-
-
-def _jsonable(value):
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.random.RandomState | np.random.Generator):
-        return None  # a generator's state is not a parameter worth keeping
-    return value
 
 
 def load_model(path, *, storage_options=None) -> NMF:
