@@ -1,4 +1,4 @@
-"""Scale-out benchmarks (issue "Scale-out"), one scenario per flag; so far:
+"""Scale-out benchmarks (issue "Scale-out"), one scenario per flag:
 
 ``--small-workers``: out of core on small workers. A 1.6 GB dense store (200,000 × 2,000
 float32, the out-of-core benchmark's matrix with fewer rows) on a LocalCluster of 2 worker
@@ -9,11 +9,26 @@ completes and whether any worker was restarted; one raw read of the store
 to the read; the peak resident memory of each worker (sampled every 20 ms).
 
     python benchmarks/bench_scale.py --small-workers --write
+
+``--many-panels``: the cost of panels. X = 40,000 × 100 float32 (W·H, k = 20, uniform from
+``default_rng(0)``) cut into 10 panels of 4,000 rows or 10,000 panels of 4 rows, fitted in
+memory (2 threads) and on a LocalCluster of 2 worker processes × 1 thread with X persisted
+there (``cache=True``); k = 20, random init, tol 0, default settings otherwise. Measured: the
+median time between iterations of an 8-iteration fit (after a first fit that warms the
+workers up), and the task states the scheduler holds at the end of each iteration (median).
+
+``--scheduler-state``: a 500-iteration fit of a 400 × 30 matrix in 8 panels on a LocalCluster
+of 2 worker processes; the task states the scheduler holds after iterations 50 and 500 (the
+maximum over the 20 iterations up to each: one period of the lineage cut), with the cut and,
+for comparison, without it (``engine.LINEAGE_EVERY`` set beyond the fit).
+
+    python benchmarks/bench_scale.py --many-panels --scheduler-state --write
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -68,15 +83,173 @@ def small_workers(n_iter: int) -> dict:
     }
 
 
+MANY_ROWS, MANY_COLS, FEW, MANY = 40_000, 100, 10, 10_000
+
+
+@contextlib.contextmanager
+def scheduler_tasks(client):
+    """The number of task states on the scheduler after each iteration the block records."""
+    from dasknmf import engine
+
+    counts: dict[int, int] = {}
+    record = engine._record
+
+    def counting(history, objective, norm_x_sq, n_iter, summary):
+        if client is not None:
+            counts[n_iter] = client.run_on_scheduler(_n_tasks)
+        return record(history, objective, norm_x_sq, n_iter, summary)
+
+    engine._record = counting
+    try:
+        yield counts
+    finally:
+        engine._record = record
+
+
+def _n_tasks(dask_scheduler) -> int:
+    return len(dask_scheduler.tasks)
+
+
+def many_panels(n_iter: int) -> dict:
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from dasknmf import NMF
+
+    rng = np.random.default_rng(0)
+    X = rng.random((MANY_ROWS, K), dtype=np.float32) @ rng.random((K, MANY_COLS), dtype=np.float32)
+
+    def per_iteration(data, n_panels, client=None):
+        rows = MANY_ROWS // n_panels
+        model = NMF(
+            K,
+            init="random",
+            random_state=0,
+            tol=0,
+            max_iter=n_iter,
+            cache=True,
+            panel_bytes=rows * MANY_COLS * 4,
+        )
+        with iteration_times() as stamps, scheduler_tasks(client) as tasks:
+            model.fit(data)
+        assert model.layout_["panels"] == n_panels, model.layout_
+        return {
+            "per_iteration": statistics.median(np.diff(stamps[1:])),
+            "tasks": statistics.median(tasks.values()) if tasks else None,
+        }
+
+    results = {}
+    for n_panels in (FEW, MANY):
+        results["memory", n_panels] = per_iteration(X, n_panels)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        for n_panels in (FEW, MANY):
+            data = da.from_array(X, chunks=(MANY_ROWS // n_panels, MANY_COLS)).persist()
+            per_iteration(data, n_panels, client)  # warm up
+            results["cluster", n_panels] = per_iteration(data, n_panels, client)
+            del data
+    return results
+
+
+def scheduler_state() -> dict:
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from dasknmf import NMF, engine
+
+    rng = np.random.default_rng(0)
+    X = rng.random((400, 4)) @ rng.random((4, 30))
+    out = {}
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        data = da.from_array(X, chunks=(50, 30)).persist()
+        for name, every in (("with the cut", engine.LINEAGE_EVERY), ("without", 10**9)):
+            engine.LINEAGE_EVERY, default = every, engine.LINEAGE_EVERY
+            try:
+                with scheduler_tasks(client) as counts:
+                    NMF(4, random_state=0, tol=0, max_iter=500, panel_bytes=50 * 30 * 8).fit(data)
+            finally:
+                engine.LINEAGE_EVERY = default
+            out[name] = (
+                max(counts[i] for i in range(31, 51)),
+                max(counts[i] for i in range(481, 501)),
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small-workers", action="store_true")
+    parser.add_argument("--many-panels", action="store_true")
+    parser.add_argument("--scheduler-state", action="store_true")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--write", action="store_true", help="store in benchmarks/RESULTS.md")
     args = parser.parse_args()
-    if not args.small_workers:
-        parser.error("choose a scenario (--small-workers)")
-    r = small_workers(args.iterations)
+    if not (args.small_workers or args.many_panels or args.scheduler_state):
+        parser.error("choose a scenario (--small-workers, --many-panels, --scheduler-state)")
+    if args.many_panels:
+        report_many_panels(many_panels(8), args.write)
+    if args.scheduler_state:
+        report_scheduler_state(scheduler_state(), args.write)
+    if args.small_workers:
+        report_small_workers(small_workers(args.iterations), args)
+
+
+def report_many_panels(r: dict, write: bool) -> None:
+    lines = [
+        "## 10 panels against 10,000 (`benchmarks/bench_scale.py --many-panels`)",
+        "",
+        f"Run {datetime.date.today().isoformat()} on {machine()}. X = {MANY_ROWS:,} × "
+        f"{MANY_COLS} float32, k = {K}, random init, tol 0, otherwise default settings; "
+        f"median time between iterations of an 8-iteration fit; on the cluster X is persisted "
+        "(2 worker processes × 1 thread) and the fit ran once before, to warm the workers up.",
+        "",
+        "| where | panels | ms per iteration | task states on the scheduler | 10,000 panels / 10 |",
+        "|---|---|---|---|---|",
+    ]
+    for where, label in (("memory", "in memory, 2 threads"), ("cluster", "LocalCluster 2 × 1")):
+        few, many = r[where, FEW], r[where, MANY]
+        for n_panels, x in ((FEW, few), (MANY, many)):
+            ratio = f"**{many['per_iteration'] / few['per_iteration']:.2f}×**" if x is many else ""
+            tasks = "–" if x["tasks"] is None else f"{x['tasks']:.0f}"
+            lines.append(
+                f"| {label} | {n_panels:,} | {1000 * x['per_iteration']:.1f} | {tasks} | {ratio} |"
+            )
+    for n_panels in (FEW, MANY):
+        ratio = r["cluster", n_panels]["per_iteration"] / r["memory", n_panels]["per_iteration"]
+        lines.append("")
+        lines.append(f"Cluster against memory, {n_panels:,} panels: {ratio:.2f}×.")
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section("scale-many-panels", text)
+
+
+def report_scheduler_state(r: dict, write: bool) -> None:
+    lines = [
+        "## Scheduler state over 500 iterations (`benchmarks/bench_scale.py --scheduler-state`)",
+        "",
+        f"Run {datetime.date.today().isoformat()} on {machine()}. A 400 × 30 matrix in 8 panels, "
+        "k = 4, 500 iterations on a LocalCluster of 2 worker processes; the task states the "
+        "scheduler holds (the maximum over the 20 iterations before each point, a full period "
+        "of the lineage cut).",
+        "",
+        "| lineage | after 50 iterations | after 500 iterations |",
+        "|---|---|---|",
+    ]
+    for name, (early, late) in r.items():
+        lines.append(f"| {name} | {early} | {late} |")
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section("scale-scheduler-state", text)
+
+
+def report_small_workers(r: dict, args) -> None:
     limit = SMALL_WORKER_MEMORY / 2**20
     ratio = f"{r['per_iteration'] / r['raw_read']:.2f}×" if r["per_iteration"] else "–"
     per_iteration = f"{r['per_iteration']:.2f} s" if r["per_iteration"] else "–"

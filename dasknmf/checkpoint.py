@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 
 from dasknmf import storage
+from dasknmf.shards import shard_blocks
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import h_array
 from dasknmf.storage import CorruptStoreError, Location
@@ -92,12 +93,21 @@ def _read_factors(panels, folder: Location, names, n_wt: int, n_h: int) -> tuple
     return list(wt), list(h)
 
 
-def _write_factors(panels, folder: Location, names, wt: list, h: list) -> list:
-    """Tasks writing the blocks of Wᵀ and H (see ``_read_factors``) where they are."""
+def _write_shard(folder: Location, name: str, first: int, plain: bool, state) -> int:
+    """Write the blocks of Wᵀ of a shard (see ``steps.shard_blocks``), numbered by panel."""
+    blocks = shard_blocks(state, plain)
+    return sum(_write_block(folder.child(f"{name}-{first + i}"), b) for i, b in enumerate(blocks))
+
+
+def _write_factors(panels, folder: Location, names, wt: list, h: list, plain=False) -> list:
+    """Tasks writing the blocks of Wᵀ (from the shards' states, each where it is) and of H
+    (see ``_read_factors``)."""
     w_name, h_name = names
-    return panels.map(
-        _write_block, [(folder.child(f"{w_name}-{i}"), b) for i, b in enumerate(wt)]
-    ) + panels.ops.map(_write_block, [(folder.child(f"{h_name}-{j}"), b) for j, b in enumerate(h)])
+    ranges = zip(wt, panels.shard_ranges, strict=True)
+    shards = [(folder, w_name, a, plain, state) for state, (a, _) in ranges]
+    return panels.shard_map(_write_shard, shards, data=False) + panels.ops.map(
+        _write_block, [(folder.child(f"{h_name}-{j}"), b) for j, b in enumerate(h)]
+    )
 
 
 def _rng_state_to_json(state) -> list | None:
@@ -209,7 +219,8 @@ class Checkpoint:
         return n_iter % self.every == 0
 
     def save(self, panels, n_iter: int, wt: list, h: list, history, shuffle_state, momentum=None):
-        """Write the factors after iteration ``n_iter`` (blocks as ``panels.ops`` holds them)
+        """Write the factors after iteration ``n_iter`` (W as the shards' states, H's blocks as
+        ``panels.ops`` holds them)
         and, for an extrapolated fit, its ``momentum``, as a new generation, atomically."""
         ops = panels.ops
         self.path.makedirs()
@@ -228,13 +239,15 @@ class Checkpoint:
             control = None
             if momentum is not None:
                 wt_plain, h_previous, control = momentum
-                written += _write_factors(panels, tmp, ("wtp", "hp"), wt_plain, h_previous)
+                written += _write_factors(
+                    panels, tmp, ("wtp", "hp"), wt_plain, h_previous, plain=True
+                )
                 control = ops.fetch(control).as_dict()
             ops.fetch(written)
             state = {
                 "format": FORMAT,
                 "n_iter": int(n_iter),
-                "n_wt": len(wt),
+                "n_wt": len(panels.items),
                 "n_h": len(h),
                 "history": history.as_dict(),
                 "shuffle_state": _rng_state_to_json(shuffle_state),

@@ -19,7 +19,6 @@ does not grow. The panels themselves come from ``dasknmf.panels``.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import math
 from collections.abc import Callable
@@ -27,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dasknmf import kernels, steps
-from dasknmf.ops import reduce_to_fanin, tree_reduce
+from dasknmf import kernels, shards, steps
+from dasknmf.ops import StateLostError, continue_tree, tree_reduce
 from dasknmf.panels import Panels
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective
@@ -90,48 +89,52 @@ def iterate(
     momentum: tuple | None = None,
     norm_x_sq: float | None = None,
 ):
-    """Build (or, eagerly, run) one iteration. Returns the new blocks of Wᵀ, the new column
-    blocks of H (as ``h_step`` outputs, see ``h_array``), the summary ``(H·Hᵀ, H stats, B,
-    panel stats)`` and the momentum of the next iteration. ``objective`` and ``col_bounds``
-    may be ``ops.share``d.
+    """Build (or, eagerly, run) one iteration: one task per shard of panels, one per column
+    block of H, and the reduction tree between them over the shards' subtrees. Returns the new
+    shard states (``steps.ShardOut``), the new column blocks of H (as ``h_step`` outputs, see
+    ``h_array``), the summary ``(H·Hᵀ, H stats, B, panel stats)`` and the momentum of the next
+    iteration. ``wt`` holds the state of each shard (``steps.shard_blocks``); ``objective``
+    and ``col_bounds`` may be ``ops.share``d.
 
-    ``momentum``, for a fit with extrapolation (``solvers.extrapolation``), is ``(plain blocks
-    of Wᵀ, the H blocks of the iteration before, control)``; then ``wt`` holds the pushed
+    ``momentum``, for a fit with extrapolation (``solvers.extrapolation``), is ``(plain
+    states, the H blocks of the iteration before, control)``; then ``wt`` holds the pushed
     blocks of Wᵀ, and ``norm_x_sq`` is needed for the next control. Without, it is None.
 
-    The critical path is panel_step → h_step (which also runs the last level of its reduction)
-    → the next panel_step; the summary is off it (with extrapolation, the next control is on
-    it: one small task).
+    The critical path is shard_step → h_step (which also runs the last level of its
+    reduction) → the next shard_step; the summary is off it (with extrapolation, the next
+    control is on it: one small task).
     """
     ops = panels.ops
     order_w, order_h = orders
     if momentum is None:
-        panel_step, h_step = steps.panel_step, steps.h_step
-        extra_items, extra_common = (), ()
+        shard_step, h_step = steps.shard_step, steps.h_step
+        items, extra_common = [(state,) for state in wt], ()
     else:
-        panel_step, h_step = steps.extrapolated_panel_step, steps.extrapolated_h_step
+        shard_step, h_step = steps.extrapolated_shard_step, steps.extrapolated_h_step
         wt_plain, h_previous, control = momentum
-        extra_items, extra_common = (wt_plain,), (h_previous, control)
-    outs = panels.map(
-        panel_step,
-        list(zip(panels.items, wt, *extra_items, strict=True)),
-        objective,
-        order_w,
-        col_bounds,
-        h,
-        *extra_common,
+        items = list(zip(wt, wt_plain, strict=True))
+        extra_common = (h_previous, control)
+    outs = panels.shard_map(
+        shard_step, items, objective, order_w, col_bounds, panels.tree, h, *extra_common
     )
-    new_wt = [ops.item(out, 0) for out in outs]
+    nodes = [ops.item(out, 1) for out in outs]  # ``ShardOut.nodes``, where the shard ran
+    counts = _node_counts(panels)
     h_outs = []
     for j, h_j in enumerate(h):
-        parts, raw = reduce_to_fanin(ops, outs, functools.partial(steps._panel_partials, j))
+        containers, picks = continue_tree(ops, nodes, counts, j, panels.split_every)
         previous = () if momentum is None else (h_previous[j], control)
-        h_outs.append(ops.call(h_step, objective, order_h, j, raw, h_j, *previous, *parts))
+        h_outs.append(ops.call(h_step, objective, order_h, j, picks, h_j, *previous, *containers))
     summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
     if momentum is not None:
         control = ops.call(steps.advance_control, control, objective, norm_x_sq, summary)
-        momentum = ([ops.item(out, -1) for out in outs], h, control)
-    return new_wt, h_outs, summary, momentum
+        momentum = (outs, h, control)
+    return outs, h_outs, summary, momentum
+
+
+def _node_counts(panels: Panels) -> list[int]:
+    """How many nodes of the reduction tree each shard returns."""
+    group = panels.split_every**panels.level
+    return [math.ceil((b - a) / group) for a, b in panels.shard_ranges]
 
 
 def _lost_data_errors() -> tuple[type[BaseException], ...]:
@@ -139,7 +142,8 @@ def _lost_data_errors() -> tuple[type[BaseException], ...]:
 
     from distributed.scheduler import KilledWorker
 
-    return (CancelledError, KilledWorker)  # FutureCancelledError is a CancelledError
+    # FutureCancelledError is a CancelledError; StateLostError: detached factors lost
+    return (CancelledError, KilledWorker, StateLostError)
 
 
 #: What a fit on a cluster raises when a worker died with results nothing can recompute.
@@ -203,7 +207,8 @@ def fit(
     """Alternate W and H updates until the solver's stopping rule or ``max_iter``.
 
     ``wt`` (blocks of Wᵀ per row panel) and ``h`` (column blocks of H, split at ``col_bounds``)
-    are the initialization, as ``panels.ops`` holds them. After each iteration the new blocks
+    are the initialization, as ``panels.ops`` holds them; the result holds W as one state per
+    shard (``steps.shard_blocks``). After each iteration the new blocks
     are persisted and only the k×k summary comes back to this process. On a distributed
     cluster the next iteration is submitted before the summary is read, so the cluster never
     waits for this process; if the rule then says stop, that speculative iteration is dropped.
@@ -220,6 +225,9 @@ def fit(
     ops = panels.ops
     if objective.extrapolate and momentum is None:
         momentum = (list(wt), list(h), _first_control(panels, objective, wt, h))
+    wt = panels.bundle(wt)  # one state per shard from here on
+    if momentum is not None:
+        momentum = (panels.bundle(momentum[0]), *momentum[1:])
     k = objective.n_components
     in_flight: collections.deque = collections.deque()
     latest = (wt, h, momentum)
@@ -232,6 +240,8 @@ def fit(
 
     def submit() -> None:
         nonlocal latest, next_iter
+        if ops.is_async and next_iter > start + 1 and (next_iter - 1) % LINEAGE_EVERY == 0:
+            latest = _detached(ops, *latest)
         orders = (None, None)
         if shuffle_rng is not None:
             rng_before[next_iter] = shuffle_rng.get_state()
@@ -277,9 +287,28 @@ def fit(
     wt, h, _ = recent[n_iter]
     if not ops.is_lazy:
         h = [steps.h_array(b) for b in h]
-    elif n_iter > start:  # h_step output tuples (those of ``start`` are arrays already)
-        h = [ops.item(b, 0) for b in h]
+    else:  # h_step output tuples, or arrays (from the start, or detached)
+        h = [ops.call(steps.h_array, b) for b in h]
     return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
+
+
+#: A fit on a distributed cluster cuts the lineage of its factors after every this many
+#: iterations (``_detached``), so that what the scheduler holds does not grow with iterations.
+LINEAGE_EVERY = 20
+
+
+def _detached(ops, wt: list, h: list, momentum):
+    """The factors an iteration starts from, without the lineage that leads to them: the
+    shards' states put aside and taken back on their workers (``FutureOps.detach``), the
+    small H blocks and extrapolation control through this process. Waits for them."""
+    states = [ops.call(shards.resumable, state) for state in wt]
+    small = ops.fetch([[ops.call(steps.h_array, b) for b in h], momentum and momentum[1:]])
+    wt = ops.detach(states)
+    h = [ops.share(b) for b in small[0]]
+    if momentum is not None:  # the plain blocks are in the same states (see ``iterate``)
+        h_previous, control = small[1]
+        momentum = (wt, [ops.share(b) for b in h_previous], ops.share(control))
+    return wt, h, momentum
 
 
 def _first_control(panels: Panels, objective: Objective, wt: list, h: list):
@@ -328,10 +357,18 @@ def final_pass(panels: Panels, objective: Objective, result: FitResult) -> tuple
     its last entry was not known yet. Returns (D_β, the column blocks of H as numpy)."""
     ops = panels.ops
     h_full = ops.call(steps.full_width, result.h) if len(result.h) > 1 else result.h[0]
-    parts = panels.map(
-        steps.final_stats, list(zip(panels.items, result.wt, strict=True)), objective.beta, h_full
+    nodes = panels.shard_map(
+        steps.shard_final_stats,
+        [(state,) for state in result.wt],
+        objective.beta,
+        panels.tree,
+        h_full,
     )
-    value, sum_w, sq_w = ops.fetch(tree_reduce(ops, parts))
+    containers, picks = continue_tree(
+        ops, nodes, _node_counts(panels), None, panels.split_every, root=True
+    )
+    total = ops.call(shards.combine_picked, None, picks, *containers)
+    value, sum_w, sq_w = ops.fetch(total)
     h_blocks = ops.fetch(result.h)
     if len(result.history.loss) == result.n_iter:
         sum_h = sum(float(b.sum(dtype=np.float64)) for b in h_blocks)

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import operator
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
 
-from dasknmf.steps import sum_in_order
+from dasknmf.shards import combine_picked, sum_in_order
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +217,63 @@ class FutureOps:
     def fetch(self, obj):
         return self.client.gather(obj)
 
+    def detach(self, futures: list) -> list:
+        """The values of ``futures`` as new futures without lineage, on the same workers.
+
+        The scheduler keeps the tasks a result was made from (released, not forgotten) as long
+        as the result is held, so that it can make it again: a fit, each iteration made from the
+        previous one, would make it keep every task of every iteration. A detached value was
+        put aside on its worker (``_park``) and taken back by a task with no inputs
+        (``_pick_up``): nothing before it is kept. It cannot be made again either: if its
+        worker dies, ``_pick_up`` fails with ``StateLostError`` and the fit starts again from
+        its checkpoint or its initialization, as after any loss of its factors.
+        """
+        from distributed import wait
+
+        tokens = [uuid.uuid4().hex for _ in futures]
+        parked = [
+            self.client.submit(_park, token, future, pure=False)
+            for token, future in zip(tokens, futures, strict=True)
+        ]
+        wait(parked)
+        for future in parked:
+            if future.status == "error":
+                future.result()  # the error of the value's own task
+        holders = self.client.who_has(parked)
+        return [
+            self.client.submit(
+                _pick_up,
+                token,
+                pure=False,
+                workers=sorted(holders[f.key])[:1] or None,
+                allow_other_workers=True,  # gone: fail (StateLostError), don't wait for it
+            )
+            for token, f in zip(tokens, parked, strict=True)
+        ]
+
     def close(self) -> None:
         pass
+
+
+class StateLostError(RuntimeError):
+    """A value put aside on a worker (``FutureOps.detach``) is gone with its worker."""
+
+
+#: Values put aside by ``_park`` in this (worker) process, until ``_pick_up`` takes them.
+_PARKED: dict[str, Any] = {}
+
+
+def _park(token: str, value) -> None:
+    _PARKED[token] = value
+
+
+def _pick_up(token: str):
+    try:
+        return _PARKED.pop(token)
+    except KeyError:
+        raise StateLostError(
+            f"A factor block put aside on a worker ({token}) is gone; its worker was lost."
+        ) from None
 
 
 def tree_reduce(
@@ -264,3 +321,43 @@ def reduce_to_fanin(ops, items: list, first: Callable, split_every: int | None =
         ]
         level = sum_in_order
     return items, False
+
+
+def shard_level(n_leaves: int, n_shards: int, split_every: int) -> int:
+    """The level of the fixed-order tree over ``n_leaves`` (groups of ``split_every``) whose
+    subtrees make up shards: the deepest with at least ``SUBTREES_PER_SHARD`` nodes per shard,
+    so that shards of whole subtrees can be balanced within about 1/SUBTREES_PER_SHARD."""
+    level = 0
+    wanted = max(2, SUBTREES_PER_SHARD * n_shards)
+    while math.ceil(n_leaves / split_every ** (level + 1)) >= wanted:
+        level += 1
+    return level
+
+
+#: Subtrees (at least) per shard, for balance; a shard returns as many nodes of the tree.
+SUBTREES_PER_SHARD = 4
+
+
+def continue_tree(
+    ops, containers: list, counts: list[int], block: int | None, split_every: int, root=False
+):
+    """Continue the fixed-order tree from the nodes that shards returned (``counts[c]`` nodes
+    in ``containers[c]``, together the nodes of one level, in order), with the same groups as
+    ``tree_reduce`` over all leaves: levels run until at most ``split_every`` nodes remain
+    (``root``: one). Returns ``(containers, picks)`` for ``steps.picked``: the consumer sums
+    the picked nodes itself (``steps.h_step``, ``steps.combine_picked``)."""
+    split_every = max(2, split_every)
+    picks = [(c, i) for c, count in enumerate(counts) for i in range(count)]
+    limit = 1 if root else split_every
+    while len(picks) > limit:
+        sums = []
+        for start in range(0, len(picks), split_every):
+            group = picks[start : start + split_every]
+            used = sorted({c for c, _ in group})
+            where = {c: n for n, c in enumerate(used)}
+            local = tuple((where[c], i) for c, i in group)
+            sums.append(ops.call(combine_picked, block, local, *(containers[c] for c in used)))
+        containers, picks, block = sums, [(c, None) for c in range(len(sums))], None
+    used = sorted({c for c, _ in picks})
+    where = {c: n for n, c in enumerate(used)}
+    return [containers[c] for c in used], tuple((where[c], i) for c, i in picks)

@@ -9,7 +9,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from dasknmf import kernels
 from dasknmf._config import get_bytes
-from dasknmf.ops import DaskOps, EagerOps, FutureOps
+from dasknmf.ops import DaskOps, EagerOps, FutureOps, shard_level
 from dasknmf.steps import StreamedPanel
 from dasknmf.storage import distributed_client
 
@@ -78,11 +78,62 @@ class Panels:
     dtype: np.dtype
     cached: bool = False
     sparse: bool = False  # panels are scipy.sparse
-    locations: list[str] | None = None  # the worker holding each cached panel
+    locations: list[str] | None = None  # the worker of each panel (cached: the one holding it)
+    # Shards: runs of consecutive panels, one task each per iteration (see ``shard_layout``).
+    shard_bounds: list[int] = field(default_factory=list)
+    level: int = 0  # shards start at multiples of split_every**level panels
+    split_every: int = 8
+
+    def __post_init__(self):
+        if not self.shard_bounds:
+            self.split_every = max(2, int(dask.config.get("dasknmf.split-every")))
+            self.level, self.shard_bounds = shard_layout(self.row_sizes, 1, self.split_every)
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any) -> list:
         """``ops.map`` over the panels (one item per panel), each task placed with its panel."""
         return self.ops.map(fn, items, *common, workers=self.locations)
+
+    @property
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        return list(itertools.pairwise(self.shard_bounds))
+
+    @property
+    def tree(self) -> tuple[int, int]:
+        """``(level, split_every)``: where the shards' subtrees of the reduction end."""
+        return self.level, self.split_every
+
+    def shard(self, n_slots: int, workers: Sequence[str] | None = None) -> None:
+        """Cut the panels into shards for ``n_slots`` tasks at once (on ``workers``, one entry
+        per slot, if given: each panel is then placed with its shard)."""
+        self.level, self.shard_bounds = shard_layout(self.row_sizes, n_slots, self.split_every)
+        if workers:
+            n_shards = len(self.shard_bounds) - 1
+            self.locations = [
+                workers[s * len(workers) // n_shards]
+                for s, (a, b) in enumerate(self.shard_ranges)
+                for _ in range(a, b)
+            ]
+
+    def shard_map(self, fn: Callable, items: Sequence[tuple], *common: Any, data=True) -> list:
+        """One task per shard: ``fn(*common, *items[s], *data_s)``, with data_s the shard's
+        panels (cached ones as separate arguments, so each stays one piece of data; none
+        unless ``data``), placed where the shard's panels are."""
+        data = [self.items[a:b] if data else () for a, b in self.shard_ranges]
+        if self.ops.is_lazy and not self.cached and any(data):  # ``StreamedPanel``s: one argument
+            data = [(tuple(d),) for d in data]
+        workers = (
+            None if self.locations is None else [self.locations[a] for a, _ in self.shard_ranges]
+        )
+        return self.ops.map(
+            fn, [(*item, *d) for item, d in zip(items, data, strict=True)], *common, workers=workers
+        )
+
+    def bundle(self, blocks: list) -> list:
+        """Per-panel objects (blocks of Wᵀ) as one tuple per shard, made where the shard is."""
+        if not self.ops.is_lazy:
+            return [tuple(blocks[a:b]) for a, b in self.shard_ranges]
+        items = [tuple(blocks[a:b]) for a, b in self.shard_ranges]
+        return self.shard_map(_tuple_of, items, data=False)
 
     @property
     def row_sizes(self) -> list[int]:
@@ -90,6 +141,26 @@ class Panels:
 
     def close(self) -> None:
         self.ops.close()
+
+
+def shard_layout(row_sizes: Sequence[int], n_slots: int, split_every: int):
+    """Shards for ``n_slots`` tasks at once: ``(level, bounds)``, the panels cut at multiples
+    of split_every**level (``ops.shard_level``) into at most ``n_slots`` runs balanced by rows.
+    The bounds are panel indices."""
+    n_panels = len(row_sizes)
+    level = shard_level(n_panels, n_slots, split_every)
+    starts = list(range(0, n_panels, split_every**level))
+    rows_before = np.cumsum([0, *row_sizes])
+    n_shards = min(n_slots, len(starts))
+    owner = [int(rows_before[g] * n_shards // max(1, rows_before[-1])) for g in starts]
+    bounds = [
+        g for g, before, now in zip(starts[1:], owner, owner[1:], strict=False) if now != before
+    ]
+    return level, [0, *bounds, n_panels]
+
+
+def _tuple_of(*blocks) -> tuple:
+    return blocks
 
 
 def _nbytes(x) -> int:
@@ -109,7 +180,7 @@ def in_memory_panels(X, panel_bytes: int | None = None, n_threads: int | None = 
     bounds = even_bounds(n_rows, math.ceil(_nbytes(X) / budget))
     items = [X[start:stop] for start, stop in itertools.pairwise(bounds)]
     threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
-    return Panels(
+    panels = Panels(
         ops=EagerOps(min(threads, len(items))),
         items=items,
         row_bounds=bounds,
@@ -117,6 +188,8 @@ def in_memory_panels(X, panel_bytes: int | None = None, n_threads: int | None = 
         dtype=X.dtype,
         sparse=sp.issparse(X),
     )
+    panels.shard(panels.ops.n_threads)
+    return panels
 
 
 def _cluster_memory() -> int:
@@ -159,24 +232,31 @@ def dask_panels(
     sparse = sp.issparse(X._meta)
     # The size of sparse data is known after the validation pass: see ``cache_panels``.
     cached = cache is True if sparse else should_cache(X.nbytes, cache)
-    items = blocks_as_delayed(X)
-    locations = None
-    if cached:
-        items, locations = _persist_panels(items, panel_rows, client)
-    elif client is not None:
-        # Any worker can read a panel from the source; a fixed one keeps W_i where it is.
-        items = [StreamedPanel(item) for item in items]
-        locations = _balanced_workers(client, panel_rows)
-    return Panels(
+    panels = Panels(
         ops=DaskOps() if client is None else FutureOps(client),
-        items=items,
+        items=blocks_as_delayed(X),
         row_bounds=bounds,
         shape=(n_rows, n_cols),
         dtype=X.dtype,
-        cached=cached,
         sparse=sparse,
-        locations=locations,
     )
+    _place(panels, client)
+    if cached:
+        cache_panels(panels)
+    elif client is not None:
+        # Any worker can read a panel from the source; a fixed one keeps W_i where it is.
+        panels.items = [StreamedPanel(item) for item in panels.items]
+    return panels
+
+
+def _place(panels: Panels, client) -> None:
+    """Shard the panels for the threads of the cluster (of this machine without ``client``)."""
+    if client is None:
+        panels.shard(os.cpu_count() or 1)
+        return
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    slots = [w for w in sorted(workers) for _ in range(max(1, workers[w].get("nthreads") or 1))]
+    panels.shard(len(slots), slots)
 
 
 def cache_panels(panels: Panels) -> None:
@@ -185,9 +265,7 @@ def cache_panels(panels: Panels) -> None:
     if panels.cached or not panels.ops.is_lazy:
         return
     items = [p.source if isinstance(p, StreamedPanel) else p for p in panels.items]
-    panels.items, panels.locations = _persist_panels(
-        items, panels.row_sizes, panels.ops.client if panels.ops.is_async else None
-    )
+    panels.items = _persist_panels(items, panels)
     panels.cached = True
 
 
@@ -287,12 +365,11 @@ def relocate(panels: Panels) -> None:
                 f"Workers of the fit were lost and none came back within {2 * RELOCATE_WAIT} s; "
                 "the fit cannot go on (start workers, or resume from a checkpoint later)."
             ) from None
-    if panels.cached:
+    _place(panels, client)
+    if panels.cached:  # recomputed where the scheduler put them
         wait(panels.items)
         holders = client.who_has(panels.items)
         panels.locations = [sorted(holders[f.key])[0] for f in panels.items]
-    else:
-        panels.locations = _balanced_workers(client, panels.row_sizes)
 
 
 def blocks_as_delayed(X: da.Array) -> list:
@@ -310,23 +387,16 @@ def _aligned_copy(x):
     return kernels.aligned(x)
 
 
-def _balanced_workers(client, sizes: Sequence[int]) -> list[str]:
-    """A worker for each panel: consecutive panels go to each worker in turn, balanced by
-    rows."""
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    starts = np.cumsum([0, *sizes[:-1]])
-    return [workers[int(start * len(workers) // sum(sizes))] for start in starts]
-
-
-def _persist_panels(items: list, sizes: Sequence[int], client) -> tuple[list, list | None]:
-    """Keep the panels in memory: persisted ``Delayed`` objects without ``client``, else
-    futures on the cluster, on ``_balanced_workers``. Every later task on a panel is placed
-    with it: the scheduler then neither moves panels between workers nor leaves most of them
-    on one worker."""
-    if client is None:
-        return list(dask.persist(*items)), None
+def _persist_panels(items: list, panels: Panels) -> list:
+    """Keep the panels in memory: persisted ``Delayed`` objects without a distributed Client,
+    else futures, each on its shard's worker.
+    Every later task on a panel is placed with it: the scheduler then neither moves panels
+    between workers nor leaves most of them on one worker."""
+    if not panels.ops.is_async:
+        return list(dask.persist(*items))
     from distributed import wait
 
+    client = panels.ops.client
     futures = [
         client.submit(
             _aligned_copy,
@@ -335,11 +405,12 @@ def _persist_panels(items: list, sizes: Sequence[int], client) -> tuple[list, li
             workers=[worker],
             allow_other_workers=True,
         )
-        for item, worker in zip(items, _balanced_workers(client, sizes), strict=True)
+        for item, worker in zip(items, panels.locations, strict=True)
     ]
     wait(futures)
     for future in futures:
         if future.status == "error":
             future.result()  # raises the task's error (a panel that cannot be read)
     holders = client.who_has(futures)
-    return futures, [sorted(holders[f.key])[0] for f in futures]
+    panels.locations = [sorted(holders[f.key])[0] for f in futures]
+    return futures

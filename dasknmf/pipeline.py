@@ -22,7 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from dasknmf import engine, init, panels, steps
+from dasknmf import engine, init, panels, shards, steps
 from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint
 from dasknmf.steps import Objective
@@ -212,7 +212,8 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
         "NMF fit done: %d iterations, reconstruction error %.6g", result.n_iter, reconstruction_err
     )
     if transposed:
-        components = _side_by_side(parts.ops.fetch(result.wt))
+        states = parts.ops.fetch(result.wt)
+        components = _side_by_side([b for state in states for b in shards.shard_blocks(state)])
         W = _side_by_side(h_blocks).T
         W = da.from_array(W) if parts.ops.is_lazy else W
     else:
@@ -311,14 +312,19 @@ def _side_by_side(blocks: list) -> np.ndarray:
     return np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
 
 
-def _assemble_w(parts: panels.Panels, wt: list, k: int):
-    """W from its component-major blocks: numpy in memory, a Dask array otherwise."""
+def _assemble_w(parts: panels.Panels, states: list, k: int):
+    """W from the shards' states (``shards.shard_blocks``): numpy in memory, otherwise a Dask
+    array with a chunk per panel, computed where its shard is."""
     if not parts.ops.is_lazy:
-        return np.ascontiguousarray(np.concatenate(wt, axis=1).T)
-    blocks = [
-        da.from_delayed(dask.delayed(b), shape=(k, rows), dtype=parts.dtype)
-        for b, rows in zip(wt, parts.row_sizes, strict=True)
-    ]
+        blocks = [b for state in states for b in shards.shard_blocks(state)]
+        return np.ascontiguousarray(np.concatenate(blocks, axis=1).T)
+    blocks = []
+    for state, (a, b) in zip(states, parts.shard_ranges, strict=True):
+        inner = dask.delayed(shards.shard_blocks)(state)
+        blocks += [
+            da.from_delayed(inner[i], shape=(k, rows), dtype=parts.dtype)
+            for i, rows in enumerate(parts.row_sizes[a:b])
+        ]
     return da.concatenate(blocks, axis=1).T
 
 

@@ -2,12 +2,13 @@
 arrays: kernels and update rules put together, no Dask. ``engine`` runs them eagerly or as
 Dask tasks.
 
-One row panel X_i is read once per iteration, by ``panel_step``: it updates W_i from H and
-emits the partials of the H update. ``h_step`` sums the last level of those partials and
-updates one column block of H. For the Frobenius loss the partials are A_i = W_iᵀ·X_i and
-B_i = W_iᵀ·W_i; for another β-divergence they are the numerator W_iᵀ·(X_i ∘ (W_i·H)^(β−2))
-and the denominator W_iᵀ·(W_i·H)^(β−1) of the multiplicative update (for β = 1 only
-colsum(W_i)).
+One row panel X_i is read once per iteration, by ``_panel_step``: it updates W_i from H and
+emits the partials of the H update. A task (``shard_step``) runs it on a run of consecutive
+panels, a shard, and sums their partials into subtrees of the fixed reduction tree; ``h_step``
+sums the last level of those partials and updates one column block of H. For the Frobenius
+loss the partials are A_i = W_iᵀ·X_i and B_i = W_iᵀ·W_i; for another β-divergence they are
+the numerator W_iᵀ·(X_i ∘ (W_i·H)^(β−2)) and the denominator W_iᵀ·(W_i·H)^(β−1) of the
+multiplicative update (for β = 1 only colsum(W_i)).
 
 Factors are component-major: a block of Wᵀ is (k, m_i), a column block of H is (k, n_j).
 """
@@ -24,6 +25,14 @@ import scipy.sparse as sp
 
 from dasknmf import divergence, kernels
 from dasknmf._blas import pin_worker_blas
+from dasknmf.shards import (
+    ShardOut,
+    Subtrees,
+    picked,
+    shard_blocks,
+    shard_panels,
+    sum_in_order,
+)
 from dasknmf.solvers import extrapolation, get_solver, mu
 
 # Layout of the statistics vector of a panel task ("OLD": at the factors the task started from).
@@ -145,36 +154,68 @@ def _split(a: np.ndarray, col_bounds: Sequence[int]) -> list[np.ndarray]:
 # ---- one iteration ---------------------------------------------------------------------------
 
 
-def panel_step(objective: Objective, order, col_bounds, h_blocks, x, wt):
-    """The one task per row panel and iteration: update W_i, emit the partials of the H update.
+def _leaf(out) -> tuple:
+    """The partials of the H update in a ``_panel_step`` output, by column block j:
+    (B_i or the denominator of block j, stats_i, A_ij)."""
+    second, stats, numerators = out[1], out[2], out[3:]
+    return tuple(
+        (second[j] if isinstance(second, tuple) else second, stats, a)
+        for j, a in enumerate(numerators)
+    )
 
-    H·Hᵀ is formed here (k²·n flops, little beside the k·m_i·n of H·X_iᵀ) rather than passed
-    in, so that the task depends only on the H blocks of the previous iteration.
 
-    Returns ``(Wt_i, B_i, stats_i, A_i1, ..., A_iQ)``: the new (k, m_i) block of Wᵀ, its Gram
-    matrix (for another β: the tuple of the denominator partials by column block), the
-    statistics vector (``P_*`` layout) and the numerator partials split at ``col_bounds``.
+def shard_step(objective: Objective, order, col_bounds, tree, h_blocks, state, *data):
+    """The one task per shard and iteration: ``_panel_step`` on each of its panels in order.
+
+    ``tree`` is ``(level, split_every)``: the shard's panels start at a multiple of
+    split_every**level, and it returns the nodes at ``level`` of the tree of H partials
+    (``Subtrees``), so that the sums equal those of a tree over all panels, wherever the
+    shards run. H·Hᵀ is formed here rather than passed in, so that the task depends only on
+    the H blocks of the previous iteration. Returns a ``ShardOut``.
     """
     pin_worker_blas()
-    return _panel_step(objective, order, col_bounds, full_width(h_blocks), x, wt)
+    h = full_width(h_blocks)
+    sums, blocks = Subtrees(*tree), []
+    for x, wt in zip(shard_panels(data), shard_blocks(state), strict=True):
+        out = _panel_step(objective, order, col_bounds, h, x, wt)
+        blocks.append(out[0])
+        sums.add(_leaf(out))
+    return ShardOut(tuple(blocks), sums.finish())
 
 
-def extrapolated_panel_step(
-    objective: Objective, order, col_bounds, h_blocks, h_previous, control, x, wt, wt_plain
+def extrapolated_shard_step(
+    objective: Objective,
+    order,
+    col_bounds,
+    tree,
+    h_blocks,
+    h_previous,
+    control,
+    state,
+    plain_state,
+    *data,
 ):
-    """``panel_step`` with extrapolation (``solvers.extrapolation``).
+    """``shard_step`` with extrapolation (``solvers.extrapolation``).
 
-    ``wt`` is the pushed W_i of the previous iteration, ``wt_plain`` its plain W_i; the H
-    blocks are plain, ``h_previous`` those one iteration older. The update starts from the
-    pushed W_i (on a restart, from the plain one) and uses the pushed H; the returned W_i and
-    the partials of the H update are those of the pushed new W_i. Returns ``panel_step``'s
-    tuple with the plain new W_i appended.
+    ``state`` holds the pushed W_i of the previous iteration, ``plain_state`` its plain W_i
+    (both the same ``ShardOut`` after the first iteration); the H blocks
+    are plain, ``h_previous`` those one iteration older. Each update starts from the pushed
+    W_i (on a restart, from the plain one) and uses the pushed H; the new blocks and the
+    partials of the H update are those of the pushed new W_i, and the plain new ones are kept.
     """
     pin_worker_blas()
     h = pushed_h(full_width(h_blocks), full_width(h_previous), control)
-    wt, wt_plain = (extrapolation.rescaled(w, control.scale) for w in (wt, wt_plain))
-    start = wt_plain if control.restart else wt
-    return _panel_step(objective, order, col_bounds, h, x, start, push=(wt_plain, control.beta))
+    sums, blocks, plains = Subtrees(*tree), [], []
+    plain = shard_blocks(plain_state, plain=True)
+    panels = zip(shard_panels(data), shard_blocks(state), plain, strict=True)
+    for x, wt, wt_plain in panels:
+        wt, wt_plain = (extrapolation.rescaled(w, control.scale) for w in (wt, wt_plain))
+        start = wt_plain if control.restart else wt
+        out = _panel_step(objective, order, col_bounds, h, x, start, push=(wt_plain, control.beta))
+        blocks.append(out[0])
+        plains.append(out[-1])
+        sums.add(_leaf(out[:-1]))
+    return ShardOut(tuple(blocks), sums.finish(), tuple(plains))
 
 
 def pushed_h(h: np.ndarray, previous: np.ndarray, control) -> np.ndarray:
@@ -247,29 +288,17 @@ def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):
     return (wt, denominators, stats, *numerators)
 
 
-def _panel_partials(block: int, *outs) -> tuple:
-    """Σ over ``panel_step`` outputs of (B_i or the denominator of column block ``block``,
-    stats_i, A_i of column block ``block``)."""
-    return sum_in_order(
-        *(
-            (out[1][block] if isinstance(out[1], tuple) else out[1], out[2], out[3 + block])
-            for out in outs
-        )
-    )
-
-
-def h_step(objective: Objective, order, block: int, raw: bool, h, *parts):
+def h_step(objective: Objective, order, block: int, picks, h, *containers):
     """Update column block ``block`` of H from the summed panel partials.
 
-    ``parts`` are ``panel_step`` outputs (``raw``) or sums of them from ``_panel_partials``; the
-    last level of the reduction runs here, in the same task as the update.
+    The last level of the reduction runs here, in the same task as the update: Σ of the nodes
+    ``picks`` names among ``containers`` (see ``picked``).
 
     Returns ``(H_j, H_j·H_jᵀ, stats_j, B or None, panel stats)`` with stats_j in the ``H_*``
     layout.
     """
     pin_worker_blas()
-    partials = _panel_partials(block, *parts) if raw else sum_in_order(*parts)
-    second, panel_stats, a = partials
+    second, panel_stats, a = sum_in_order(*picked(block, picks, containers))
     h = kernels.aligned(h_array(h))
     stats = np.zeros(5)
     stats[H_SUM_H_OLD] = h.sum(dtype=np.float64)
@@ -295,11 +324,11 @@ def h_step(objective: Objective, order, block: int, raw: bool, h, *parts):
 
 
 def extrapolated_h_step(
-    objective: Objective, order, block: int, raw: bool, h, h_previous, control, *parts
+    objective: Objective, order, block: int, picks, h, h_previous, control, *containers
 ):
-    """``h_step`` from the pushed H block (see ``extrapolated_panel_step``)."""
+    """``h_step`` from the pushed H block (see ``extrapolated_shard_step``)."""
     start = pushed_h(h_array(h), h_array(h_previous), control)
-    return h_step(objective, order, block, raw, start, *parts)
+    return h_step(objective, order, block, picks, start, *containers)
 
 
 def component_sq_norms(factor) -> np.ndarray:
@@ -354,16 +383,6 @@ def _h_summary(*outs) -> tuple:
     return (*sums, outs[0][-2], outs[0][-1])
 
 
-def sum_in_order(*parts):
-    """Σ parts, left to right; tuples are summed field by field."""
-    if isinstance(parts[0], tuple):
-        return tuple(sum_in_order(*fields) for fields in zip(*parts, strict=True))
-    total = parts[0].copy()
-    for part in parts[1:]:
-        total += part
-    return total
-
-
 # ---- passes around the iterations ------------------------------------------------------------
 
 
@@ -392,6 +411,15 @@ def final_stats(beta: float, h: np.ndarray, x, wt: np.ndarray) -> np.ndarray:
     else:
         value = divergence.divergence(x, divergence.sampled_product(x, wt, h), wt, h, beta)
     return np.array([value, wt.sum(dtype=np.float64), _dot64(wt, wt)])
+
+
+def shard_final_stats(beta: float, tree, h: np.ndarray, state, *data) -> tuple:
+    """``final_stats`` of each panel of a shard, summed into the nodes at ``tree``'s level
+    (see ``shard_step``)."""
+    sums = Subtrees(*tree)
+    for x, wt in zip(shard_panels(data), shard_blocks(state), strict=True):
+        sums.add(final_stats(beta, h, x, wt))
+    return sums.finish()
 
 
 def transform_panel(

@@ -7,7 +7,7 @@ import pytest
 from conftest import low_rank
 from distributed import Client, LocalCluster
 
-from dasknmf import NMF, save_matrix
+from dasknmf import NMF, engine, save_matrix
 
 KWARGS = dict(
     n_components=4, init="random", random_state=0, tol=0, max_iter=25, panel_bytes=50 * 30 * 8
@@ -112,3 +112,71 @@ def test_fits_on_one_client_register_the_scheduler_plugin_once(cluster):
         NMF(2, init="random", random_state=0, max_iter=3, tol=0).fit(Xd)
     plugins = cluster.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.plugins))
     assert plugins.count("dasknmf-loose-restrictions") == 1
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(init="nndsvda"),  # Frobenius, HALS with extrapolation (the default)
+        dict(init="random", beta_loss="kullback-leibler", solver="mu"),
+    ],
+    ids=["frobenius", "kl"],
+)
+def test_shards_give_the_same_factors_on_any_number_of_workers(settings):
+    """60 panels of 5 rows and a fan-in of 3: shards of whole subtrees (one task per worker
+    thread and iteration) on 1, 2 and 3 worker processes and on one worker with 3 threads give
+    the in-memory factors bit for bit; with 2 column blocks of H for KL."""
+    X = low_rank(300, 40, 4)
+    kwargs = dict(n_components=4, random_state=0, tol=0, max_iter=12, panel_bytes=5 * 40 * 8)
+    kwargs.update(settings)
+    config = {"dasknmf.split-every": 3}
+    if "beta_loss" in settings:
+        config["dasknmf.h-block-bytes"] = 4 * 20 * 8
+    with dask.config.set(config):
+        reference = NMF(**kwargs)
+        W_ref = reference.fit_transform(X)
+        Xd = da.from_array(X, chunks=(5, 40))
+        for n_workers, threads in ((1, 1), (2, 1), (3, 1), (1, 3)):
+            with (
+                LocalCluster(
+                    n_workers=n_workers,
+                    threads_per_worker=threads,
+                    dashboard_address=None,
+                    memory_limit="1GiB",
+                ) as local,
+                Client(local),
+            ):
+                model = NMF(**kwargs)
+                W = model.fit_transform(Xd).compute()
+            where = f"{n_workers} workers x {threads} threads"
+            assert model.layout_["panels"] == 60
+            np.testing.assert_array_equal(model.components_, reference.components_, err_msg=where)
+            np.testing.assert_array_equal(W, W_ref, err_msg=where)
+            assert model.loss_history_ == reference.loss_history_, where
+
+
+def test_the_scheduler_holds_no_more_tasks_after_500_iterations_than_after_50(cluster, monkeypatch):
+    """Issue 11: the factors' lineage is cut every ``engine.LINEAGE_EVERY`` iterations, so
+    the task states the scheduler holds (sampled over 20 iterations, a full cut period) after
+    iteration 480 are no more than after iteration 40. Without the cut the same measurement
+    grows with every iteration (checked first, so that the measurement can tell)."""
+    X = low_rank(400, 30, 4)
+    counts: dict[int, int] = {}
+    record = engine._record
+
+    def counting(history, objective, norm_x_sq, n_iter, summary):
+        counts[n_iter] = cluster.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+        return record(history, objective, norm_x_sq, n_iter, summary)
+
+    monkeypatch.setattr(engine, "_record", counting)
+    kwargs = dict(n_components=4, random_state=0, tol=0, panel_bytes=50 * 30 * 8)
+    Xd = da.from_array(X, chunks=(50, 30))
+    with monkeypatch.context() as uncut:
+        uncut.setattr(engine, "LINEAGE_EVERY", 10**9)
+        NMF(max_iter=120, **kwargs).fit(Xd)
+    assert counts[120] > counts[20] + 400  # ~7 tasks kept per iteration
+    counts.clear()
+    NMF(max_iter=500, **kwargs).fit(Xd)
+    early = max(counts[i] for i in range(41, 61))
+    late = max(counts[i] for i in range(481, 501))
+    assert late <= early + 10, (early, late)

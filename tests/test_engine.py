@@ -1,21 +1,25 @@
 """The engine: panel planning, fixed-order reductions, one iteration, graph hygiene."""
 
+import itertools
+
 import dask
 import dask.array as da
 import numpy as np
 import pytest
 from conftest import low_rank
 
-from dasknmf import engine, init, steps
-from dasknmf.ops import EagerOps, reduce_to_fanin, tree_reduce
+from dasknmf import engine, init, shards, steps
+from dasknmf.ops import EagerOps, continue_tree, reduce_to_fanin, tree_reduce
 from dasknmf.panels import (
     coalesce_bounds,
     column_bounds,
     dask_panels,
     even_bounds,
     in_memory_panels,
+    shard_layout,
     should_cache,
 )
+from dasknmf.shards import Subtrees, combine_picked
 from dasknmf.steps import sum_in_order
 
 
@@ -91,12 +95,14 @@ def _setup(X, panel_rows, k=3, lazy=False):
 def test_iteration_summary_is_small():
     X = low_rank(60, 9, 3)
     panels, _, cols, wt, h = _setup(X, 20)
-    new_wt, new_h, summary, momentum = engine.iterate(panels, engine.Objective(3), wt, h, cols)
+    states = panels.bundle(wt)
+    new_wt, new_h, summary, momentum = engine.iterate(panels, engine.Objective(3), states, h, cols)
     assert momentum is None  # no extrapolation
     gram_h, h_stats, gram_w, panel_stats = summary
     assert gram_h.shape == gram_w.shape == (3, 3)
     assert h_stats.shape == (5,) and panel_stats.shape == (7,)
-    assert [b.shape for b in new_wt] == [(3, 20)] * 3
+    assert [b.shape for s in new_wt for b in shards.shard_blocks(s)] == [(3, 20)] * 3
+    assert len(new_wt) == 2  # one state per shard: two threads
     assert steps.h_array(new_h[0]).shape == (3, 9)
 
 
@@ -104,6 +110,7 @@ def test_graph_size_does_not_grow_with_iterations(sync_scheduler):
     X = low_rank(80, 9, 3)
     panels, _, cols, wt, h = _setup(X, 20, lazy=True)
     objective = engine.Objective(3)
+    wt = list(dask.persist(*panels.bundle(wt)))
     sizes = []
     for _ in range(5):
         step = engine.iterate(panels, objective, wt, h, cols)
@@ -136,7 +143,8 @@ def test_eager_and_dask_runs_are_bit_identical(sync_scheduler):
         panels, stats, cols, wt, h = _setup(X, 30, lazy=lazy)
         objective = engine.Objective(3, sweeps_w=3, sweeps_h=2)
         result = engine.fit(panels, objective, wt, h, stats.sum_sq, cols, max_iter=4, tol=0)
-        results.append(panels.ops.fetch((result.wt, result.h)))
+        states, h = panels.ops.fetch((result.wt, result.h))
+        results.append(([b for s in states for b in shards.shard_blocks(s)], h))
     (wt_a, h_a), (wt_b, h_b) = results
     for a, b in zip(wt_a + h_a, wt_b + h_b, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -197,3 +205,48 @@ def test_the_reduction_tree_can_be_cut_into_aligned_subtrees(n_items, split_ever
         rest = reduce_to_fanin(ops, roots, sum_in_order, split_every=split_every)[0]
         cut = sum_in_order(*rest)
         assert cut.tobytes() == whole.tobytes(), (level, n_items, split_every)
+
+
+@pytest.mark.parametrize("split_every", [2, 3, 8])
+@pytest.mark.parametrize("n_items", [1, 2, 7, 8, 9, 17, 64, 65, 100, 513])
+def test_shards_sum_to_the_same_bits_as_the_tree_over_all_panels(n_items, split_every):
+    """The engine's sums over shards (``panels.shard_layout``, ``shards.Subtrees`` in each
+    shard task, ``ops.continue_tree`` above them, the last level summed by the consumer) equal
+    the fixed-order tree over all panels bit for bit, for every number of shards; a streamed
+    running sum inside a shard is what makes them equal, so a wrong order fails here."""
+    ops = EagerOps()
+    rng = np.random.default_rng(n_items)
+    leaves = [
+        (rng.normal(size=3) * 10.0 ** rng.integers(-8, 8), rng.normal(size=2))
+        for _ in range(n_items)
+    ]
+    root = tree_reduce(ops, leaves, split_every=split_every)
+    fanin = sum_in_order(*reduce_to_fanin(ops, leaves, sum_in_order, split_every=split_every)[0])
+    sizes = rng.integers(1, 50, size=n_items)
+    for n_shards in (1, 2, 3, 5, 16):
+        level, bounds = shard_layout(sizes, n_shards, split_every)
+        assert bounds[0] == 0 and bounds[-1] == n_items and len(bounds) - 1 <= n_shards
+        assert all(b % split_every**level == 0 for b in bounds[:-1])
+        containers = []
+        for a, b in itertools.pairwise(bounds):
+            sums = Subtrees(level, split_every)
+            for leaf in leaves[a:b]:
+                sums.add(leaf)
+            containers.append(sums.finish())
+        counts = [len(c) for c in containers]
+        for to_root, expected in ((True, root), (False, fanin)):
+            used, picks = continue_tree(ops, containers, counts, None, split_every, to_root)
+            assert len(picks) <= (1 if to_root else split_every)
+            total = combine_picked(None, picks, *used)
+            for got, want in zip(total, expected, strict=True):
+                assert got.tobytes() == want.tobytes(), (n_shards, to_root)
+
+
+def test_shard_layout_balances_rows_over_the_slots():
+    assert shard_layout([10] * 64, 2, 8) == (1, [0, 32, 64])
+    assert shard_layout([10] * 63, 2, 8) == (1, [0, 32, 63])
+    assert shard_layout([10] * 56, 2, 8) == (0, [0, 28, 56])  # 7 subtrees of 8: too few
+    level, bounds = shard_layout([10] * 5, 8, 8)  # fewer panels than slots: one panel each
+    assert (level, bounds) == (0, [0, 1, 2, 3, 4, 5])
+    assert shard_layout([10] * 10_000, 2, 8) == (3, [0, 5120, 10_000])
+    assert shard_layout([100] * 2 + [1] * 30, 2, 2) == (2, [0, 4, 32])  # by rows, not panels

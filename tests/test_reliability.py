@@ -11,7 +11,7 @@ import pytest
 from conftest import low_rank
 from distributed import Client, LocalCluster
 
-from dasknmf import NMF, pipeline, save_matrix
+from dasknmf import NMF, engine, pipeline, save_matrix
 from dasknmf.ops import FutureOps
 
 KWARGS = dict(n_components=5, init="random", random_state=0, tol=0, max_iter=24)
@@ -75,8 +75,11 @@ def test_workers_killed_mid_fit_change_nothing(
     nanny_cluster, stored, tmp_path, monkeypatch, cache, checkpoint_every, how_many
 ):
     """One worker lost, or all of them: Dask recomputes what they held, from the store and the
-    tasks' lineage (tasks placed on a worker that is gone go to the new ones: see
-    ``ops.LooseRestrictions``). The factors are those of an undisturbed fit."""
+    tasks' lineage since the factors were last detached from it (tasks placed on a worker
+    that is gone go to the new ones: see ``ops.LooseRestrictions``); detached factors that
+    were lost (here: at iteration 5, the kill at 7) restart the fit from the checkpoint or the
+    initialization. The factors are those of an undisturbed fit."""
+    monkeypatch.setattr(engine, "LINEAGE_EVERY", 5)
     client = nanny_cluster
     _, path = stored
     kwargs = dict(KWARGS, cache=cache, panel_bytes=500 * 60 * 8)
@@ -259,7 +262,7 @@ def test_workers_that_keep_dying_fail_the_fit_naming_the_task(tmp_path):
             3, init="random", random_state=0, max_iter=5, cache=False, panel_bytes=500 * 40 * 8
         )
         with pytest.raises(
-            WorkersLostError, match=r"Task .*panel_step.* ran on 4 workers and each died"
+            WorkersLostError, match=r"Task .*shard_step.* ran on 4 workers and each died"
         ) as info:
             model.fit(X)
     assert "memory" in str(info.value) and "restarting the fit would run it again" in str(

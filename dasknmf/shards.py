@@ -1,0 +1,114 @@
+"""Shards: runs of consecutive row panels that one task handles per iteration, and the pieces
+of the fixed-order reduction tree that cross them.
+
+The partial sums of the H update (and of the other passes) are summed by a tree of fixed
+shape over the panels: groups of ``split_every`` consecutive leaves, then groups of those
+sums, and so on. A shard that starts at a multiple of split_every**L panels holds whole
+subtrees of level L; it sums them itself (``Subtrees``) and returns their roots, the nodes of
+level L. The levels above run as tasks over the shards' nodes (``ops.continue_tree``, with
+``picked`` and ``combine_picked``). Every sum is then the one a tree over all panels forms,
+wherever and in however many shards the panels ran: the factors are the same bits for any
+number of workers and in memory.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class ShardOut(NamedTuple):
+    """What a ``shard_step`` returns: the new blocks of Wᵀ of its panels, the nodes of the
+    reduction tree of the H partials that its panels make (see ``Subtrees``) and, with
+    extrapolation, the plain blocks of Wᵀ."""
+
+    wt: tuple
+    nodes: tuple
+    plain: tuple | None = None
+
+
+def shard_blocks(state, plain: bool = False) -> tuple:
+    """The blocks of Wᵀ of a shard, held as a tuple (from the initialization or a checkpoint)
+    or as the ``ShardOut`` of the iteration that made them (its plain blocks if ``plain``)."""
+    if isinstance(state, ShardOut):
+        return state.plain if plain else state.wt
+    return state
+
+
+def resumable(state):
+    """What the next iteration needs of a shard's state: its nodes dropped."""
+    return state._replace(nodes=()) if isinstance(state, ShardOut) else state
+
+
+def shard_panels(data: tuple) -> tuple:
+    """The panels of a shard: passed one by one (cached panels, each a task's result), or as
+    one tuple (``StreamedPanel``s, shared once)."""
+    return data[0] if len(data) == 1 and isinstance(data[0], tuple) else data
+
+
+class Subtrees:
+    """Sums of consecutive leaves in groups of ``split_every``, level by level up to ``level``,
+    as ``ops.tree_reduce`` forms them, fed one leaf at a time: the nodes at ``level`` of the
+    fixed-order tree over a run of leaves that starts at a multiple of split_every**level.
+    Holds at most ``level`` partial sums; ``combine`` defaults to ``sum_in_order`` (whose
+    running sum gives the same bits as summing a whole group at once)."""
+
+    def __init__(self, level: int, split_every: int):
+        self.level, self.split_every = level, split_every
+        self._sums: list = [None] * level  # (count, running sum) per level below ``level``
+        self.nodes: list = []
+
+    def add(self, node, at: int = 0) -> None:
+        while at < self.level:
+            count, total = self._sums[at] or (0, None)
+            total = _copy(node) if total is None else _add_to(total, node)
+            if count + 1 < self.split_every:
+                self._sums[at] = (count + 1, total)
+                return
+            self._sums[at] = None
+            node, at = total, at + 1
+        self.nodes.append(node)
+
+    def finish(self) -> tuple:
+        for at in range(self.level):
+            if self._sums[at] is not None:
+                total = self._sums[at][1]
+                self._sums[at] = None
+                self.add(total, at + 1)
+        return tuple(self.nodes)
+
+
+def _copy(node):
+    return tuple(_copy(f) for f in node) if isinstance(node, tuple) else node.copy()
+
+
+def _add_to(total, node):
+    if isinstance(total, tuple):
+        return tuple(_add_to(t, n) for t, n in zip(total, node, strict=True))
+    total += node
+    return total
+
+
+def picked(block: int | None, picks, containers) -> list:
+    """The nodes ``picks`` names among ``containers``: ``(c, i)`` is node i of a shard's
+    nodes (``ShardOut.nodes``), read at column block ``block`` unless that is None;
+    ``(c, None)`` is container c itself, a sum made by ``combine_picked``."""
+    nodes = []
+    for c, i in picks:
+        node = containers[c] if i is None else containers[c][i]
+        nodes.append(node if i is None or block is None else node[block])
+    return nodes
+
+
+def combine_picked(block: int | None, picks, *containers):
+    """A node of the reduction tree above the shards: Σ, in order, of the nodes picked."""
+    return sum_in_order(*picked(block, picks, containers))
+
+
+def sum_in_order(*parts):
+    """Σ parts, left to right; tuples are summed field by field."""
+    if isinstance(parts[0], tuple):
+        return tuple(sum_in_order(*fields) for fields in zip(*parts, strict=True))
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
