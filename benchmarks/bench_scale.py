@@ -22,7 +22,14 @@ of 2 worker processes; the task states the scheduler holds after iterations 50 a
 maximum over the 20 iterations up to each: one period of the lineage cut), with the cut and,
 for comparison, without it (``engine.LINEAGE_EVERY`` set beyond the fit).
 
-    python benchmarks/bench_scale.py --many-panels --scheduler-state --write
+``--cost-model``: the cost model of the docs (tasks, bytes moved between workers, worker
+memory per iteration) against measurement: X = 40,000 × 500 float32 (80 MB) in 80 panels of
+1 MB, persisted on LocalClusters of 1, 2, 4 and 8 worker processes × 1 thread; k = 20, random
+init, tol 0; counted over iterations 3–10 of a fit (after a first fit that warms up): tasks
+that ran (a scheduler plugin), bytes the workers sent each other
+(``transfer_outgoing_bytes_total``), and the bytes each worker holds (``state.nbytes``).
+
+    python benchmarks/bench_scale.py --many-panels --scheduler-state --cost-model --write
 """
 
 from __future__ import annotations
@@ -181,16 +188,145 @@ def scheduler_state() -> dict:
     return out
 
 
+COST_ROWS, COST_COLS, COST_PANEL_ROWS = 40_000, 500, 500
+
+
+def predicted(m, n, k, n_panels, n_workers, itemsize=4, split_every=8, extrapolate=True):
+    """The cost model of docs/design.md for one iteration of the row-panel engine with one
+    column block of H, one thread per worker and X persisted by the caller (held twice: the
+    caller's chunks and dasknmf's aligned panels): (tasks, bytes moved between workers, bytes
+    held by a worker)."""
+    from dasknmf.engine import SMALL_STATE_BYTES
+    from dasknmf.ops import shard_level
+
+    shards = min(n_workers, n_panels)
+    level = shard_level(n_panels, shards, split_every)
+    nodes = -(-n_panels // split_every**level)
+    continuing, count = 0, nodes
+    while count > split_every:
+        count = -(-count // split_every)
+        continuing += count
+    copies = 2 if extrapolate else 1  # pushed and plain blocks of W
+    whole = copies * -(-m // shards) * k * itemsize <= SMALL_STATE_BYTES
+    tasks = shards * (1 if whole else 2) + continuing + 1 + 1 + (1 if extrapolate else 0)
+    remote = 1 - 1 / n_workers
+    node = (k * n + k * k) * itemsize
+    moved = (n_workers - 1) * k * n * itemsize + remote * (nodes + continuing) * node
+    if whole:  # the shards' outputs go whole, W included, to the tasks summing their nodes
+        moved += remote * copies * m * k * itemsize
+    held = (2 * m * n + 2 * copies * m * k) * itemsize / n_workers  # W: this state and the next
+    return tasks, moved, held
+
+
+def cost_model(n_iter: int = 10) -> list[dict]:
+    import dask.array as da
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from dasknmf import NMF, engine
+
+    class CountTasks(SchedulerPlugin):
+        done = 0
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if start == "processing" and finish == "memory":
+                self.done += 1
+
+    rng = np.random.default_rng(0)
+    X = rng.random((COST_ROWS, K), dtype=np.float32) @ rng.random((K, COST_COLS), dtype=np.float32)
+    rows = []
+    for n_workers in (1, 2, 4, 8):
+        with (
+            LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                memory_limit="1GiB",
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            counter = CountTasks()
+            cluster.scheduler.add_plugin(counter)
+            data = da.from_array(X, chunks=(COST_PANEL_ROWS, COST_COLS)).persist()
+            kwargs = dict(init="random", random_state=0, tol=0, max_iter=n_iter, cache=True)
+            kwargs["panel_bytes"] = COST_PANEL_ROWS * COST_COLS * 4
+            NMF(K, **kwargs).fit(data)  # warm up
+            samples = {}
+            record = engine._record
+
+            def sampling(h, o, x, it, summary, samples=samples, counter=counter, record=record):
+                if it in (3, n_iter):
+                    sent = client.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total)
+                    held = client.run(lambda dask_worker: dask_worker.state.nbytes)
+                    samples[it] = (counter.done, sum(sent.values()), max(held.values()))
+                return record(h, o, x, it, summary)
+
+            engine._record = sampling
+            try:
+                model = NMF(K, **kwargs).fit(data)
+            finally:
+                engine._record = record
+            span = n_iter - 3
+            (t0, b0, _), (t1, b1, held) = samples[3], samples[n_iter]
+            tasks, moved, held_model = predicted(
+                COST_ROWS, COST_COLS, K, model.layout_["panels"], n_workers
+            )
+            rows.append(
+                {
+                    "workers": n_workers,
+                    "panels": model.layout_["panels"],
+                    "tasks": (t1 - t0) / span,
+                    "tasks_model": tasks,
+                    "moved": (b1 - b0) / span,
+                    "moved_model": moved,
+                    "held": held,
+                    "held_model": held_model,
+                }
+            )
+    return rows
+
+
+def report_cost_model(rows: list[dict], write: bool) -> None:
+    lines = [
+        "## Cost model against measurement (`benchmarks/bench_scale.py --cost-model`)",
+        "",
+        f"Run {datetime.date.today().isoformat()} on {machine()}. X = {COST_ROWS:,} × "
+        f"{COST_COLS} float32 in panels of {COST_PANEL_ROWS} rows, persisted; k = {K}, random "
+        "init (extrapolation on); per iteration over iterations 3–10; LocalClusters of worker "
+        "processes × 1 thread. Model: the formulas of the design document "
+        "(`predicted` in the script).",
+        "",
+        "| workers | panels | tasks per iteration (model) | bytes moved per iteration (model) "
+        "| largest bytes held by a worker (model) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workers']} | {r['panels']} | {r['tasks']:.1f} ({r['tasks_model']}) | "
+            f"{r['moved'] / 2**10:,.0f} KiB ({r['moved_model'] / 2**10:,.0f} KiB) | "
+            f"{r['held'] / 2**20:,.1f} MiB ({r['held_model'] / 2**20:,.1f} MiB) |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section("scale-cost-model", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small-workers", action="store_true")
     parser.add_argument("--many-panels", action="store_true")
     parser.add_argument("--scheduler-state", action="store_true")
+    parser.add_argument("--cost-model", action="store_true")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--write", action="store_true", help="store in benchmarks/RESULTS.md")
     args = parser.parse_args()
-    if not (args.small_workers or args.many_panels or args.scheduler_state):
-        parser.error("choose a scenario (--small-workers, --many-panels, --scheduler-state)")
+    if not (args.small_workers or args.many_panels or args.scheduler_state or args.cost_model):
+        parser.error(
+            "choose a scenario (--small-workers, --many-panels, --scheduler-state, --cost-model)"
+        )
+    if args.cost_model:
+        report_cost_model(cost_model(), args.write)
     if args.many_panels:
         report_many_panels(many_panels(8), args.write)
     if args.scheduler_state:

@@ -88,6 +88,7 @@ def iterate(
     orders=(None, None),
     momentum: tuple | None = None,
     norm_x_sq: float | None = None,
+    whole: bool = True,
 ):
     """Build (or, eagerly, run) one iteration: one task per shard of panels, one per column
     block of H, and the reduction tree between them over the shards' subtrees. Returns the new
@@ -99,6 +100,7 @@ def iterate(
     ``momentum``, for a fit with extrapolation (``solvers.extrapolation``), is ``(plain
     states, the H blocks of the iteration before, control)``; then ``wt`` holds the pushed
     blocks of Wᵀ, and ``norm_x_sq`` is needed for the next control. Without, it is None.
+    ``whole``: the shards' outputs go whole to the tasks summing their nodes (``small_states``).
 
     The critical path is shard_step → h_step (which also runs the last level of its
     reduction) → the next shard_step; the summary is off it (with extrapolation, the next
@@ -117,7 +119,9 @@ def iterate(
     outs = panels.shard_map(
         shard_step, items, objective, order_w, col_bounds, panels.tree, h, *extra_common
     )
-    nodes = [ops.item(out, 1) for out in outs]  # ``ShardOut.nodes``, where the shard ran
+    # Small shards go whole to the tasks that sum their nodes (moving a few MiB costs less
+    # than a task); else their ``ShardOut.nodes`` are split off where they ran: W stays there.
+    nodes = outs if whole else [ops.item(out, 1) for out in outs]
     counts = _node_counts(panels)
     h_outs = []
     for j, h_j in enumerate(h):
@@ -126,9 +130,25 @@ def iterate(
         h_outs.append(ops.call(h_step, objective, order_h, j, picks, h_j, *previous, *containers))
     summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
     if momentum is not None:
-        control = ops.call(steps.advance_control, control, objective, norm_x_sq, summary)
+        if len(h_outs) <= panels.split_every:  # the summary is one task: form it in this one
+            control = ops.call(steps.control_after, control, objective, norm_x_sq, *h_outs)
+        else:
+            control = ops.call(steps.advance_control, control, objective, norm_x_sq, summary)
         momentum = (outs, h, control)
     return outs, h_outs, summary, momentum
+
+
+#: Shards whose W blocks (pushed and plain) take at most this many bytes go whole to the tasks
+#: that sum their nodes: on loopback a task hop costs more than moving a few MiB.
+SMALL_STATE_BYTES = 4 * 2**20
+
+
+def small_states(panels: Panels, objective: Objective) -> bool:
+    if not panels.ops.is_lazy:
+        return True
+    rows = max(panels.row_bounds[b] - panels.row_bounds[a] for a, b in panels.shard_ranges)
+    copies = 2 if objective.extrapolate else 1
+    return copies * rows * objective.n_components * panels.dtype.itemsize <= SMALL_STATE_BYTES
 
 
 def _node_counts(panels: Panels) -> list[int]:
@@ -232,6 +252,7 @@ def fit(
     in_flight: collections.deque = collections.deque()
     latest = (wt, h, momentum)
     shared = ops.share(objective), ops.share(col_bounds)
+    whole = small_states(panels, objective)
 
     # The shuffling generator's state before each submitted iteration's draws: a checkpoint
     # after iteration t keeps the state for t + 1, whether or not t + 1 is already in flight.
@@ -248,7 +269,7 @@ def fit(
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
         wt, h, momentum = latest
         step = ops.persist(
-            *iterate(panels, shared[0], wt, h, shared[1], orders, momentum, norm_x_sq)
+            *iterate(panels, shared[0], wt, h, shared[1], orders, momentum, norm_x_sq, whole)
         )
         latest = (step[0], step[1], step[3])
         in_flight.append(step)

@@ -163,6 +163,11 @@ def _loose_restrictions_plugin():
     return LooseRestrictions()
 
 
+#: ``FutureOps.map`` submits more tasks than this as one graph (building it costs the driver
+#: more than a few submissions).
+ONE_GRAPH_ABOVE = 64
+
+
 class FutureOps:
     """Submit tasks to a distributed Client at once, as futures.
 
@@ -183,17 +188,18 @@ class FutureOps:
             logger.warning("Could not register dasknmf's scheduler plugin: %s", error)
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
-        """One task per item; ``workers[i]``, if given, is where item i's task should run."""
+        """One task per item; ``workers[i]``, if given, is where item i's task should run.
+        Submitted as one graph: a submission per task costs the scheduler a message each,
+        and thousands of them (a pass over 10,000 panels) kept its event loop so busy that the
+        client's connection timed out."""
+        if len(items) > ONE_GRAPH_ABOVE:
+            tasks = DaskOps().map(fn, items, *common, workers=workers)
+            return self.client.compute(tasks, optimize_graph=False)
         if workers is None:
             return [self.client.submit(fn, *common, *item, pure=False) for item in items]
         return [
             self.client.submit(
-                fn,
-                *common,
-                *item,
-                pure=False,
-                workers=[worker],
-                allow_other_workers=True,
+                fn, *common, *item, pure=False, workers=[worker], allow_other_workers=True
             )
             for item, worker in zip(items, workers, strict=True)
         ]

@@ -397,16 +397,8 @@ def _persist_panels(items: list, panels: Panels) -> list:
     from distributed import wait
 
     client = panels.ops.client
-    futures = [
-        client.submit(
-            _aligned_copy,
-            client.compute(item),
-            pure=False,
-            workers=[worker],
-            allow_other_workers=True,
-        )
-        for item, worker in zip(items, panels.locations, strict=True)
-    ]
+    copies = DaskOps().map(_aligned_copy, [(item,) for item in items], workers=panels.locations)
+    futures = client.compute(copies, optimize_graph=False)  # one graph: see ``FutureOps.map``
     wait(futures)
     for future in futures:
         if future.status == "error":

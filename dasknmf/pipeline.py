@@ -152,7 +152,9 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
         )
         return wt, h, 0, None, shuffle_rng, None
 
-    wt, h, start, history, shuffle_rng, momentum = starting_point(plan.resume)
+    # The factors to start from are handed over (``_handed_over``), not kept here: the
+    # engine regroups W by shard, and the initial blocks are then released.
+    *factors, start, history, shuffle_rng, momentum = starting_point(plan.resume)
     logger.info(
         "NMF fit: X %s %s%s in %d %s panels (%s), %d components, %s, beta %g, %s",
         "x".join(map(str, (n_cols, n_rows) if transposed else (n_rows, n_cols))),
@@ -172,8 +174,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
                 result = engine.fit(
                     parts,
                     objective,
-                    wt,
-                    h,
+                    *_handed_over(factors),
                     stats.sum_sq,
                     col_bounds,
                     max_iter=plan.max_iter,
@@ -205,7 +206,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
                     "the checkpoint" if from_checkpoint else "the initialization",
                 )
                 panels.relocate(parts)
-                wt, h, start, history, shuffle_rng, momentum = starting_point(from_checkpoint)
+                *factors, start, history, shuffle_rng, momentum = starting_point(from_checkpoint)
                 report.restart(start)
     reconstruction_err = float(np.sqrt(2 * max(value, 0.0)))
     logger.info(
@@ -231,6 +232,13 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             "cached": bool(parts.cached or not parts.ops.is_lazy),
         },
     )
+
+
+def _handed_over(factors: list) -> tuple:
+    """The items of ``factors``, which is left empty (see ``_fit_panels``)."""
+    items = tuple(factors)
+    factors.clear()
+    return items
 
 
 def _workers_keep_dying(error, parts: panels.Panels, k: int) -> panels.WorkersLostError:

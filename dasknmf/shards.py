@@ -90,11 +90,14 @@ def _add_to(total, node):
 
 def picked(block: int | None, picks, containers) -> list:
     """The nodes ``picks`` names among ``containers``: ``(c, i)`` is node i of a shard's
-    nodes (``ShardOut.nodes``), read at column block ``block`` unless that is None;
+    nodes (a ``ShardOut`` or its ``nodes``), read at column block ``block`` unless that is None;
     ``(c, None)`` is container c itself, a sum made by ``combine_picked``."""
     nodes = []
     for c, i in picks:
-        node = containers[c] if i is None else containers[c][i]
+        container = containers[c]
+        if isinstance(container, ShardOut):
+            container = container.nodes
+        node = container if i is None else container[i]
         nodes.append(node if i is None or block is None else node[block])
     return nodes
 

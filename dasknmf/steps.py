@@ -101,7 +101,6 @@ class Objective:
 # ---- panels and blocks -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class StreamedPanel:
     """A panel of X that the task using it reads from X's source (``source.compute``).
 
@@ -110,9 +109,15 @@ class StreamedPanel:
     current one ends, the scheduler would then keep every panel in memory from one iteration to
     the next — caching X by accident. Read inside the task, a panel is in memory only while
     its task runs.
+
+    A plain class, not a dataclass: Dask looks inside dataclasses in a task's arguments and
+    would compute the source in a task of its own, which is what this class is there to avoid.
     """
 
-    source: object  # a dask.delayed object reading the panel
+    __slots__ = ("source",)
+
+    def __init__(self, source):
+        self.source = source  # a dask.delayed object reading the panel
 
     def read(self):
         return self.source.compute(scheduler="sync")
@@ -344,6 +349,12 @@ def advance_control(control, objective: Objective, norm_x_sq: float, summary):
     if not objective.has_penalties:  # else rescaling would change the objective
         scale = extrapolation.balance(np.diag(gram_w), np.diag(gram_h))
     return control.advance(objective.penalized(*frobenius_terms(norm_x_sq, summary)), scale)
+
+
+def control_after(control, objective: Objective, norm_x_sq: float, *h_outs):
+    """``advance_control`` from the ``h_step`` outputs themselves (their summary formed here,
+    as ``_h_summary`` forms it): one task fewer between an iteration and the next."""
+    return advance_control(control, objective, norm_x_sq, _h_summary(*h_outs))
 
 
 def frobenius_terms(norm_x_sq: float, summary) -> tuple[float, ...]:

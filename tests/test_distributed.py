@@ -174,7 +174,7 @@ def test_the_scheduler_holds_no_more_tasks_after_500_iterations_than_after_50(cl
     with monkeypatch.context() as uncut:
         uncut.setattr(engine, "LINEAGE_EVERY", 10**9)
         NMF(max_iter=120, **kwargs).fit(Xd)
-    assert counts[120] > counts[20] + 400  # ~7 tasks kept per iteration
+    assert counts[120] > counts[20] + 200  # 4-7 tasks kept per iteration
     counts.clear()
     NMF(max_iter=500, **kwargs).fit(Xd)
     early = max(counts[i] for i in range(41, 61))
