@@ -30,6 +30,19 @@ that ran (a scheduler plugin), bytes the workers sent each other
 (``transfer_outgoing_bytes_total``), and the bytes each worker holds (``state.nbytes``).
 
     python benchmarks/bench_scale.py --many-panels --scheduler-state --cost-model --write
+
+``--two-d``: 2-D blocks. A sparse 8,000,000 × 8,000,000 float32 CSR store with 40,000,000
+stored entries (positions uniform from ``default_rng(0)``, values those of W·H for gamma
+W, H of rank 16 there) on a LocalCluster of 2 worker processes × 1 thread with 1.5 GB each,
+default settings (panels sized from the workers, ``layout='auto'``, ``cache='auto'``); k = 16,
+random init, tol 0. Measured: the layout taken, whether the fit completes and whether any
+worker was restarted, the median time between iterations, the bytes the workers sent each
+other per iteration, each worker's peak resident memory (sampled every 20 ms); then the same
+fit in memory on the same blocks (the store read into scipy.sparse, the same ``panel_bytes``),
+and the largest differences between the two fits' factors. ``--two-d-size N --two-d-nnz E``
+runs a smaller matrix.
+
+    python benchmarks/bench_scale.py --two-d --write
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import iteration_times, machine, write_section
-from bench_out_of_core import ProcessMemory, make_store
+from bench_out_of_core import DATA, ProcessMemory, make_store
 
 SMALL_ROWS, K = 200_000, 20
 SMALL_WORKER_MEMORY = 500 * 10**6
@@ -312,19 +325,157 @@ def report_cost_model(rows: list[dict], write: bool) -> None:
         write_section("scale-cost-model", text)
 
 
+TWO_D_SIZE, TWO_D_NNZ, TWO_D_K = 8_000_000, 40_000_000, 16
+TWO_D_WORKER_MEMORY = 1.5e9
+
+
+def make_sparse_store(n: int, nnz: int):
+    """The planted sparse matrix of ``--two-d`` as a CSR store (written once, then reused)."""
+    import scipy.sparse as sp
+
+    from dasknmf import save_matrix
+
+    path = DATA / f"two_d_{n}_{nnz}.zarr"
+    if path.exists():
+        return path
+    DATA.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    W = rng.gamma(1.0, 1.0, (n, TWO_D_K)).astype(np.float32)
+    H = rng.gamma(1.0, 1.0, (TWO_D_K, n)).astype(np.float32)
+    rows, cols = rng.integers(0, n, nnz), rng.integers(0, n, nnz)
+    values = np.empty(nnz, dtype=np.float32)
+    for start in range(0, nnz, 2**20):
+        r, c = rows[start : start + 2**20], cols[start : start + 2**20]
+        values[start : start + 2**20] = np.einsum("ij,ji->i", W[r], H[:, c])
+    del W, H
+    X = sp.csr_array((values, (rows, cols)), shape=(n, n))
+    X.sum_duplicates()
+    save_matrix(path, X)
+    return path
+
+
+def two_d(n_iter: int, n: int, nnz: int) -> dict:
+    import scipy.sparse as sp
+    from distributed import Client, LocalCluster
+
+    from dasknmf import NMF, _params, open_matrix
+
+    path = make_sparse_store(n, nnz)
+    kwargs = dict(init="random", random_state=0, tol=0, max_iter=n_iter)
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            memory_limit=TWO_D_WORKER_MEMORY,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        budget = _params.panel_budget(None, True, (n, n), TWO_D_K, 4)
+        pids = {f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
+        sent = lambda dask_worker: dask_worker.transfer_outgoing_bytes_total  # noqa: E731
+        error, model, moved = None, NMF(TWO_D_K, **kwargs), None
+        before = sum(client.run(sent).values())
+        with iteration_times() as stamps, ProcessMemory(pids) as memory:
+            try:
+                model.fit(str(path))
+                W_cluster = model.W_.compute()
+                moved = (sum(client.run(sent).values()) - before) / n_iter
+            except Exception as failure:  # the point is to see whether it completes
+                error = f"{type(failure).__name__}: {failure}"
+        restarted = set(client.run(os.getpid).values()) != set(pids.values())
+    result = {
+        "error": error,
+        "restarted": restarted,
+        "budget": budget,
+        "per_iteration": statistics.median(np.diff(stamps[1:])) if len(stamps) > 2 else None,
+        "moved": moved,
+        "peak": memory.peak,
+        "n": n,
+        "nnz": nnz,
+        "n_iter": n_iter,
+    }
+    if error is not None:
+        return result
+    result["layout"] = model.layout_
+    X = sp.csr_array(open_matrix(path).compute())
+    in_memory = NMF(TWO_D_K, panel_bytes=budget, **kwargs)
+    with iteration_times() as stamps:
+        W_memory = in_memory.fit_transform(X)
+    result["memory_per_iteration"] = statistics.median(np.diff(stamps[1:]))
+    result["memory_layout"] = in_memory.layout_
+    scale_h = np.abs(in_memory.components_).max()
+    result["diff_H"] = float(np.abs(model.components_ - in_memory.components_).max() / scale_h)
+    result["diff_W"] = float(np.abs(W_cluster - W_memory).max() / np.abs(W_memory).max())
+    result["identical"] = bool(
+        np.array_equal(model.components_, in_memory.components_)
+        and np.array_equal(W_cluster, W_memory)
+    )
+    result["errors"] = (model.reconstruction_err_, in_memory.reconstruction_err_)
+    return result
+
+
+def report_two_d(r: dict, write: bool) -> None:
+    limit = TWO_D_WORKER_MEMORY / 2**20
+    per_iteration = f"{r['per_iteration']:.1f} s" if r["per_iteration"] else "–"
+    lines = [
+        "## 2-D blocks, sparse (`benchmarks/bench_scale.py --two-d`)",
+        "",
+        f"Run {datetime.date.today().isoformat()} on {machine()}. X = {r['n']:,} × {r['n']:,} "
+        f"float32 CSR with {r['nnz']:,} stored entries (a CSR Zarr store), k = {TWO_D_K}, "
+        f"random init, {r['n_iter']} iterations, tol 0, default settings, on a LocalCluster "
+        f"of 2 worker processes × 1 thread with {limit:.0f} MiB each; then in memory on the "
+        "same blocks.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| completed | {'yes' if r['error'] is None else 'no: ' + r['error'][:300]} |",
+        f"| any worker restarted | {'yes' if r['restarted'] else 'no'} |",
+        f"| panel budget from the workers | {r['budget'] / 2**20:.0f} MiB |",
+    ]
+    if r["error"] is None:
+        layout = r["layout"]
+        lines += [
+            f"| layout taken | {layout['scheme']}, {' × '.join(map(str, layout['blocks']))}, "
+            f"{'cached' if layout['cached'] else 'streamed'} |",
+            f"| median time per iteration, cluster | {per_iteration} |",
+            f"| median time per iteration, in memory (2 threads) | "
+            f"{r['memory_per_iteration']:.1f} s |",
+            f"| bytes sent between workers per iteration | {r['moved'] / 2**20:,.0f} MiB |",
+            f"| cluster = in memory, bit for bit | {'yes' if r['identical'] else 'no'} |",
+            f"| largest difference, H / W (relative to the largest entry) | "
+            f"{r['diff_H']:.1e} / {r['diff_W']:.1e} |",
+            f"| reconstruction error, cluster / in memory | {r['errors'][0]:.6g} / "
+            f"{r['errors'][1]:.6g} |",
+        ]
+    for name, peak in r["peak"].items():
+        lines.append(f"| peak RSS, {name} (limit {limit:.0f} MiB) | {peak / 2**20:.0f} MiB |")
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section("scale-two-d", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small-workers", action="store_true")
     parser.add_argument("--many-panels", action="store_true")
     parser.add_argument("--scheduler-state", action="store_true")
     parser.add_argument("--cost-model", action="store_true")
+    parser.add_argument("--two-d", action="store_true")
+    parser.add_argument("--two-d-size", type=int, default=TWO_D_SIZE)
+    parser.add_argument("--two-d-nnz", type=int, default=TWO_D_NNZ)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--write", action="store_true", help="store in benchmarks/RESULTS.md")
     args = parser.parse_args()
-    if not (args.small_workers or args.many_panels or args.scheduler_state or args.cost_model):
+    scenarios = (args.small_workers, args.many_panels, args.scheduler_state, args.cost_model)
+    if not (any(scenarios) or args.two_d):
         parser.error(
-            "choose a scenario (--small-workers, --many-panels, --scheduler-state, --cost-model)"
+            "choose a scenario (--small-workers, --many-panels, --scheduler-state, --cost-model, "
+            "--two-d)"
         )
+    if args.two_d:
+        report_two_d(two_d(args.iterations, args.two_d_size, args.two_d_nnz), args.write)
     if args.cost_model:
         report_cost_model(cost_model(), args.write)
     if args.many_panels:

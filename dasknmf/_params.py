@@ -105,6 +105,10 @@ RULES: dict[str, tuple[Callable, str]] = {
         "a positive int, a size string such as '64MiB', or None",
     ),
     "cache": ((lambda v: v == "auto" if isinstance(v, str) else _is_bool(v)), "a bool or 'auto'"),
+    "layout": (
+        lambda v: v in ("auto", "rows", "columns", "blocks"),
+        "'auto', 'rows', 'columns' or 'blocks'",
+    ),
     "progress": (_is_bool, "a bool"),
     "checkpoint": (
         lambda v: v is None or isinstance(v, str | os.PathLike),

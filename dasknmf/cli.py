@@ -241,14 +241,16 @@ def _beta_loss(value: str):
     help="Checkpoint folder [default: OUTPUT.checkpoint, with --checkpoint-every or --resume].",
 )
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="Iterations between them.")
+@click.option("--layout", default="auto", show_default=True, help="How X is cut into tasks.",
+              type=click.Choice(["auto", "rows", "columns", "blocks"]))  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_where_to_run
 @_common
 @_fails_cleanly
 def fit(input_path, n_components, output, component, solver, beta_loss, init, max_iter, tol,
-        random_state, alpha_w, alpha_h, l1_ratio, extrapolate, checkpoint, checkpoint_every, resume,
-        overwrite, cluster, scheduler_address, scheduler_file, workers, wait_for_workers,
+        random_state, alpha_w, alpha_h, l1_ratio, extrapolate, checkpoint, checkpoint_every, layout,
+        resume, overwrite, cluster, scheduler_address, scheduler_file, workers, wait_for_workers,
         as_json, quiet, verbose):  # fmt: skip
     """Fit NMF to the matrix in INPUT (a Zarr store) and write the model to OUTPUT."""
     from dasknmf import NMF, open_matrix
@@ -279,6 +281,7 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every or 10,
         resume=resume,
+        layout=layout,
     )
     model._validate_params()  # before a cluster starts
     with _connect(cluster, scheduler_address, scheduler_file, workers) as client:

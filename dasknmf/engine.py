@@ -61,7 +61,11 @@ def moments(panels: Panels) -> Moments:
     """One pass over X: min, non-finite count, Σx, Σx², nnz."""
     ops = panels.ops
     parts = panels.map(steps.moments_task, [(x,) for x in panels.items])
-    total = ops.fetch(tree_reduce(ops, parts, kernels.combine_moments))
+    return as_moments(ops.fetch(tree_reduce(ops, parts, kernels.combine_moments)))
+
+
+def as_moments(total) -> Moments:
+    """``Moments`` from the combined ``kernels.panel_moments`` vector."""
     return Moments(
         min=float(total[kernels.MOMENT_MIN]),
         n_nonfinite=int(total[kernels.MOMENT_NONFINITE]),

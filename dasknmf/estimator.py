@@ -43,6 +43,13 @@ def _is_lazy_input(X) -> bool:
     return isinstance(X, da.Array | zarr.Array | zarr.Group | str | os.PathLike)
 
 
+#: The estimator's parameters that ``pipeline.Plan`` takes as they are.
+_PLAN_SETTINGS = (
+    "max_iter", "tol", "random_state", "shuffle", "cache", "layout", "checkpoint",
+    "checkpoint_every", "resume", "storage_options", "verbose", "progress",
+)  # fmt: skip
+
+
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Non-negative Matrix Factorization (NMF), in memory or on a Dask cluster.
 
@@ -111,6 +118,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Dask input only: keep X in cluster memory between iterations (True), re-read it from
         its source every iteration (False), or keep it when it takes at most
         ``dasknmf.cache-fraction`` of the cluster's memory ('auto').
+    layout : {'auto', 'rows', 'columns', 'blocks'}, default='auto'
+        How X is cut into tasks: row panels, row panels of Xᵀ, or 2-D blocks (for X large in
+        both dimensions: Frobenius/HALS, init 'random' or 'custom', no extrapolation or
+        checkpoints yet). 'auto' takes the first whose tasks fit ``panel_bytes``.
     progress : bool, default=False
         Show a progress bar over iterations with the objective.
     checkpoint : str, os.PathLike or None, default=None
@@ -146,9 +157,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     loss_history_ : list of float
         The objective after each iteration; entry 0 is the initialization.
     layout_ : dict
-        How X was cut into the tasks' units: ``scheme`` "rows" (row panels of X) or "columns"
-        (row panels of Xᵀ, for a wide X), the number of ``panels``, and whether they were
-        ``cached`` in memory or read from their source in every iteration.
+        How X was cut into the tasks' units: ``scheme`` "rows" (row panels of X), "columns"
+        (row panels of Xᵀ, for a wide X) or "blocks" (2-D), the number of ``panels`` (or of
+        ``blocks``, rows × columns), and whether they were ``cached`` in memory or read from
+        their source in every iteration.
     W_ : ndarray or dask.array.Array of shape (n_samples, n_components)
         W of the fit (what ``fit_transform`` returned): numpy for in-memory input, a Dask array
         backed by blocks on the cluster for Dask input, a lazy Dask array reading the store
@@ -180,6 +192,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         extrapolate="auto",
         panel_bytes=None,
         cache="auto",
+        layout="auto",
         progress=False,
         checkpoint=None,
         checkpoint_every=10,
@@ -202,6 +215,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.extrapolate = extrapolate
         self.panel_bytes = panel_bytes
         self.cache = cache
+        self.layout = layout
         self.progress = progress
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
@@ -338,22 +352,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             n_components=k,
             init=method,
             objective=self._objective,
-            max_iter=self.max_iter,
-            tol=self.tol,
             panel_bytes=self._panel_budget(
                 X.shape, X.dtype.itemsize, k, lazy=isinstance(X, da.Array)
             ),
-            random_state=self.random_state,
             W=W,
             H=H,
-            shuffle=self.shuffle,
-            cache=self.cache,
-            checkpoint=self.checkpoint,
-            checkpoint_every=self.checkpoint_every,
-            resume=self.resume,
-            storage_options=self.storage_options,
-            verbose=self.verbose,
-            progress=self.progress,
+            **{name: getattr(self, name) for name in _PLAN_SETTINGS},
         )
         fitted = pipeline.fit(X, plan)
         self.components_ = fitted.components

@@ -46,14 +46,22 @@ def coalesce_bounds(chunks: Sequence[int], chunk_nbytes: Sequence[float], budget
     return bounds
 
 
-def wide(shape: tuple[int, int], n_components: int, itemsize: int, budget: int) -> bool:
-    """Whether to factorize Xᵀ instead of X: when a task on a one-row panel — the row, H and the
-    k×n partials — would not fit ``budget`` and a task on a one-column panel of Xᵀ is smaller.
-    (If neither fits, the smaller is taken; a two-pass 2-D block scheme would be needed.)"""
+def choose_layout(shape, n_components: int, itemsize: int, budget: int, layout="auto") -> str:
+    """How to cut X: "rows" (row panels), "columns" (row panels of Xᵀ) or "blocks" (2-D).
+
+    'auto': row panels when a task on a one-row panel — the row, H and the k×n partials —
+    fits ``budget``; else row panels of Xᵀ when a one-column task is smaller and fits; else
+    2-D blocks (``dasknmf.blocks``), whose tasks hold a block of each factor only."""
+    if layout != "auto":
+        return layout
     n_rows, n_cols = shape
     per_row_task = (3 * n_components + 1) * n_cols * itemsize
     per_column_task = (3 * n_components + 1) * n_rows * itemsize
-    return per_row_task > budget and per_column_task < per_row_task
+    if per_row_task <= budget:
+        return "rows"
+    if per_column_task < per_row_task and per_column_task <= budget:
+        return "columns"
+    return "blocks"
 
 
 def column_bounds(n_features: int, n_components: int, itemsize: int) -> list[int]:
@@ -278,6 +286,8 @@ RELOCATE_WAIT = 60
 #: ``tests/test_reliability.py::test_a_task_stays_within_its_memory_estimate``.
 PANEL_MULTIPLE = 3
 TASK_OVERHEAD = 32 * 2**20
+#: A task of 2-D blocks holds W_i, H_j and the k × m_i or k × n_j sums in and out of it.
+BLOCK_FACTORS = 4
 #: What a worker process holds before any task (measured 100–115 MiB once dasknmf is loaded).
 WORKER_BASELINE = 150 * 2**20
 
@@ -297,7 +307,9 @@ def cluster_panel_bytes(shape: tuple[int, int], n_components: int, itemsize: int
     which distributed pauses a worker (``distributed.worker.memory.pause``, 80%) on every
     worker of the current cluster, with as many tasks at once as the worker has threads.
     None without a distributed Client or without worker memory limits. The k-row factor is
-    counted for the shorter side of X (the fit runs on Xᵀ when that is the cheaper one)."""
+    counted for the shorter side of X (the fit runs on Xᵀ when that is the cheaper one); when
+    so little is left beside it that 2-D blocks allow larger ones, the size of 2-D blocks,
+    whose tasks hold a block of X and ``BLOCK_FACTORS`` factor blocks of at most its size."""
     client = distributed_client()
     if client is None:
         return None
@@ -310,7 +322,8 @@ def cluster_panel_bytes(shape: tuple[int, int], n_components: int, itemsize: int
     ]
     if not per_task:
         return None
-    return int((min(per_task) - TASK_OVERHEAD - factor) / PANEL_MULTIPLE)
+    room = min(per_task) - TASK_OVERHEAD
+    return int(max((room - factor) / PANEL_MULTIPLE, room / (PANEL_MULTIPLE + BLOCK_FACTORS)))
 
 
 def worker_memory() -> int | None:
@@ -326,23 +339,41 @@ def worker_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def check_fits_workers(shape: tuple[int, int], n_components: int, itemsize: int) -> None:
-    """Refuse, before any work, a problem that no panel fits on the workers: one row of X with
-    H and the k × n partials (or, for Xᵀ, one column with W's), on the smallest worker."""
+def check_fits_workers(
+    shape: tuple[int, int], n_components: int, itemsize: int, layout: str = "rows"
+) -> None:
+    """Refuse, before any work, a problem that the workers cannot hold: for row (or column)
+    panels, one row of X with H and the k × n partials (or one column with W's) on the
+    smallest worker; for 2-D blocks, W and H (twice: the next iteration's are made from them)
+    in the memory of all workers below the point where they pause."""
+    client = distributed_client()
     limit = worker_memory()
     if limit is None:
         return
     n_rows, n_cols = shape
-    need = min(
-        task_memory(n_cols * itemsize, n_cols, n_components, itemsize),
-        task_memory(n_rows * itemsize, n_rows, n_components, itemsize),
-    )
-    if need > limit:
+    if layout == "blocks":
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        pause = dask.config.get("distributed.worker.memory.pause") or 0.8
+        have = sum(pause * w["memory_limit"] - WORKER_BASELINE for w in workers)
+        need = 2 * n_components * (n_rows + n_cols) * itemsize
+        what = "W and H (twice, while an iteration makes the next ones from them)"
+        where = "the workers have together, below the point where they pause,"
+    else:
+        need = min(
+            task_memory(n_cols * itemsize, n_cols, n_components, itemsize),
+            task_memory(n_rows * itemsize, n_rows, n_components, itemsize),
+        )
+        have = limit
+        what = (
+            "the smallest task (one row of X, or one column, with the k-row factor and its "
+            "partial sums)"
+        )
+        where = "a worker has"
+    if need > have:
         raise ValueError(
             f"NMF with {n_components} components of a {n_rows} x {n_cols} matrix does not fit "
-            f"the workers: the smallest task (one row of X, or one column, with the k-row "
-            f"factor and its partial sums) needs about {need / 2**20:,.0f} MiB and a worker has "
-            f"{limit / 2**20:,.0f} MiB. Fewer components or workers with more memory would fit."
+            f"the workers: {what} needs about {need / 2**20:,.0f} MiB and {where} "
+            f"{max(have, 0) / 2**20:,.0f} MiB. Fewer components or more memory would fit."
         )
 
 

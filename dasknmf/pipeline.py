@@ -22,7 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from dasknmf import engine, init, panels, shards, steps
+from dasknmf import blocks, engine, init, panels, shards, steps
 from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint
 from dasknmf.steps import Objective
@@ -53,6 +53,7 @@ class Plan:
     H: Any = None
     shuffle: bool = False
     cache: bool | str = "auto"
+    layout: str = "auto"  # "rows", "columns" (Xᵀ), "blocks" (2-D) or "auto"
     checkpoint: Any = None
     checkpoint_every: int = 10
     resume: bool = False
@@ -85,11 +86,15 @@ def fit(X, plan: Plan) -> Fitted:
     """Fit ``plan`` to X (validated: numpy, scipy.sparse or a floating Dask array).
 
     A wide X whose full-width row panels would not fit the panel budget is factorized as
-    Xᵀ ≈ Hᵀ·Wᵀ: its row panels are column blocks of X.
+    Xᵀ ≈ Hᵀ·Wᵀ: its row panels are column blocks of X; an X for which neither fits is cut into
+    2-D blocks (``dasknmf.blocks``). ``plan.layout`` can force one.
     """
+    layout = _layout(X, plan)
     if isinstance(X, da.Array):  # in-memory input is fitted here, not on the workers
-        panels.check_fits_workers(X.shape, plan.n_components, X.dtype.itemsize)
-    transposed = panels.wide(X.shape, plan.n_components, X.dtype.itemsize, plan.panel_bytes)
+        panels.check_fits_workers(X.shape, plan.n_components, X.dtype.itemsize, layout)
+    if layout == "blocks":
+        return _fit_blocks(X, plan)
+    transposed = layout == "columns"
     parts = row_panels(X.T if transposed else X, plan.panel_bytes, plan.cache)
     try:
         with single_blas_thread():
@@ -239,6 +244,97 @@ def _handed_over(factors: list) -> tuple:
     items = tuple(factors)
     factors.clear()
     return items
+
+
+def _layout(X, plan: Plan) -> str:
+    """The layout of the fit (see ``panels.choose_layout``). 'auto' falls back from 2-D blocks
+    to the cheaper row panels (larger than the budget) when the fit needs what blocks do not
+    do yet."""
+    k, itemsize = plan.n_components, X.dtype.itemsize
+    chosen = panels.choose_layout(X.shape, k, itemsize, plan.panel_bytes, plan.layout)
+    missing = _blocks_lack(X, plan) if chosen == "blocks" and plan.layout == "auto" else None
+    if missing is None:
+        return chosen
+    logger.info(
+        "X %s is large in both dimensions, but 2-D blocks do not %s yet: row panels larger "
+        "than panel_bytes instead",
+        "x".join(map(str, X.shape)),
+        missing,
+    )
+    return "columns" if X.shape[0] < X.shape[1] else "rows"
+
+
+def _blocks_lack(X, plan: Plan) -> str | None:
+    """What the fit asks of 2-D blocks that they do not do yet, or None."""
+    n_rows, n_cols = X.shape
+    if plan.objective(n_rows, n_cols, plan.n_components, n_rows * n_cols).beta != 2:
+        return "fit a β-divergence other than Frobenius"
+    if plan.init not in ("random", "custom"):
+        return f"start from init={plan.init!r} (its SVD over blocks)"
+    if plan.checkpoint is not None:
+        return "write checkpoints"
+    return None
+
+
+def _fit_blocks(X, plan: Plan) -> Fitted:
+    """Fit ``plan`` on 2-D blocks of X (``dasknmf.blocks``)."""
+    n_rows, n_cols = X.shape
+    missing = _blocks_lack(X, plan)
+    if missing is not None:
+        raise ValueError(
+            f"The 2-D block layout does not {missing} yet; use init='random' with the "
+            "Frobenius loss, or layout='rows' or 'columns'."
+        )
+    k = plan.n_components
+    grid = blocks.grid(X, k, plan.panel_bytes, plan.cache)
+    shuffle_rng = None
+    if plan.shuffle:
+        shuffle_rng = np.random.RandomState(init.seed_entropy(plan.random_state) % 2**32)
+    try:
+        with single_blas_thread():
+            stats = blocks.check_values(grid)
+            stored = stats.nnz if grid.sparse else n_rows * n_cols
+            objective = plan.objective(n_rows, n_cols, k, stored)
+            objective = dataclasses.replace(objective, extrapolate=False)
+            wt, h = blocks.initialize(
+                grid, plan.init, k, stats.mean, plan.random_state, plan.W, plan.H
+            )
+            shape = [len(grid.row_bounds) - 1, len(grid.col_bounds) - 1]
+            logger.info(
+                "NMF fit: X %dx%d %s%s in %d x %d 2-D blocks (%s), %d components, %s, init %s",
+                n_rows,
+                n_cols,
+                grid.dtype,
+                " sparse" if grid.sparse else "",
+                *shape,
+                "cached" if grid.cached else "streamed",
+                k,
+                objective.solver,
+                plan.init,
+            )
+            with Reporter(plan.verbose, plan.progress, plan.max_iter) as report:
+                result = blocks.fit(
+                    grid,
+                    objective,
+                    *_handed_over([wt, h]),
+                    stats.sum_sq,
+                    max_iter=plan.max_iter,
+                    tol=plan.tol,
+                    shuffle_rng=shuffle_rng,
+                    callback=report,
+                )
+            value, h_blocks = blocks.final_pass(grid, result)
+            W = blocks.w_blocks(grid, result, k)
+    finally:
+        grid.close()
+    return Fitted(
+        components=_side_by_side(h_blocks),
+        W=W,
+        n_iter=result.n_iter,
+        loss_history=list(result.history.loss),
+        reconstruction_err=float(np.sqrt(2 * max(value, 0.0))),
+        layout={"scheme": "blocks", "blocks": shape, "cached": bool(grid.cached)},
+    )
 
 
 def _workers_keep_dying(error, parts: panels.Panels, k: int) -> panels.WorkersLostError:

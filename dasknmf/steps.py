@@ -241,11 +241,21 @@ def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
     if not objective.frobenius:
         return _panel_step_divergence(objective, col_bounds, h, x, wt, stats)
     wt = wt.copy()  # updated in place; the input may be a block that other tasks still read
-    gram_h = h @ h.T
-    cross = kernels.dot_h(x, h)
+    wt = _w_update(objective, order, h @ h.T, kernels.dot_h(x, h), wt, stats)
+    if push is not None:
+        plain = wt
+        wt = extrapolation.extrapolate(plain, kernels.aligned(push[0]), push[1])
+    stats[P_SUM_W] = wt.sum(dtype=np.float64)
+    out = (wt, wt @ wt.T, stats, *_split(kernels.dot_w(x, wt), col_bounds))
+    return out if push is None else (*out, plain)
+
+
+def _w_update(objective: Objective, order, gram_h, cross, wt, stats) -> np.ndarray:
+    """The Frobenius update of W_i in place from (H·Hᵀ, C_i = H·X_iᵀ), with the statistics
+    of the W_i it starts from and the violation written into ``stats``."""
     stats[P_CROSS_OLD] = _dot64(wt, cross)
     stats[P_WGW_OLD] = _dot64(wt @ wt.T, gram_h)
-    wt, violation = objective.rule.update(
+    wt, stats[P_VIOLATION] = objective.rule.update(
         wt,
         gram_h,
         cross,
@@ -254,13 +264,19 @@ def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
         n_sweeps=objective.sweeps_w,
         order=order,
     )
-    stats[P_VIOLATION] = violation
-    if push is not None:
-        plain = wt
-        wt = extrapolation.extrapolate(plain, kernels.aligned(push[0]), push[1])
+    return wt
+
+
+def w_update(objective: Objective, order, gram_h, cross, wt) -> tuple[np.ndarray, np.ndarray]:
+    """W_i and its statistics vector (``P_*`` layout) from (H·Hᵀ, C_i), as ``_panel_step``
+    forms them for the Frobenius loss without extrapolation: for the 2-D block scheme, whose
+    C_i is summed over column blocks."""
+    stats = np.zeros(7)
+    stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
+    stats[P_SQ_W_OLD] = _dot64(wt, wt)
+    wt = _w_update(objective, order, gram_h, cross, wt.copy(), stats)
     stats[P_SUM_W] = wt.sum(dtype=np.float64)
-    out = (wt, wt @ wt.T, stats, *_split(kernels.dot_w(x, wt), col_bounds))
-    return out if push is None else (*out, plain)
+    return wt, stats
 
 
 def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):

@@ -208,11 +208,12 @@ def test_a_task_pinned_to_a_gone_worker_runs_when_a_worker_turns_running():
 
 
 def test_a_problem_no_worker_can_hold_fails_before_any_work():
-    """One row (or one column) with the k-row factor and its partial sums exceeds a worker:
+    """Row panels: one row (or one column) with the k-row factor and its partial sums exceeds a
+    worker; 2-D blocks (what 'auto' takes then): W and H exceed the workers' memory. Either is
     an error that names the memory needed and the memory there is, before any task runs."""
     import dask.array as da
 
-    from dasknmf.panels import task_memory
+    from dasknmf.panels import WORKER_BASELINE, task_memory
 
     with (
         LocalCluster(
@@ -221,14 +222,19 @@ def test_a_problem_no_worker_can_hold_fails_before_any_work():
         Client(cluster) as client,
     ):
         X = da.random.random((200_000, 100_000), chunks=(1_000, 100_000))  # never computed
-        model = NMF(500, init="random")
-        need = task_memory(100_000 * 8, 100_000, 500, 8) / 2**20
-        with pytest.raises(
-            ValueError, match=rf"needs about {need:,.0f} MiB and a worker has 300 MiB"
-        ):
-            model.fit(X)
-        assert not hasattr(model, "components_")
-        assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
+        row = task_memory(100_000 * 8, 100_000, 500, 8) / 2**20
+        factors = 2 * 500 * 300_000 * 8 / 2**20
+        room = (0.8 * 300 * 2**20 - WORKER_BASELINE) / 2**20
+        for layout, match in (
+            ("rows", rf"needs about {row:,.0f} MiB and a worker has 300 MiB"),
+            ("auto", rf"W and H .* needs about {factors:,.0f} MiB and the workers have "
+             rf"together, below the point where they pause, {room:,.0f} MiB"),
+        ):  # fmt: skip
+            model = NMF(500, init="random", layout=layout)
+            with pytest.raises(ValueError, match=match):
+                model.fit(X)
+            assert not hasattr(model, "components_")
+            assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
 
 
 def test_workers_that_keep_dying_fail_the_fit_naming_the_task(tmp_path):

@@ -6,17 +6,18 @@ import pytest
 from conftest import low_rank
 
 from dasknmf import NMF, save_matrix
-from dasknmf.panels import wide
+from dasknmf.panels import choose_layout
 
 WIDE = low_rank(40, 3000, 3)
 SMALL_BUDGET = 64 * 2**10  # a one-row task needs (3k + 1)·n·8 = 240 KiB: too much
 
 
-def test_wide_decision():
-    assert not wide((20000, 2000), 20, 4, 16 * 2**20)
-    assert wide((40, 3000), 3, 8, SMALL_BUDGET)
-    assert not wide((40, 3000), 3, 8, 16 * 2**20)
-    assert not wide((4000, 3000), 3, 8, SMALL_BUDGET)  # Xᵀ is no better
+def test_layout_decision():
+    assert choose_layout((20000, 2000), 20, 4, 16 * 2**20) == "rows"
+    assert choose_layout((40, 3000), 3, 8, SMALL_BUDGET) == "columns"
+    assert choose_layout((40, 3000), 3, 8, 16 * 2**20) == "rows"
+    assert choose_layout((4000, 3000), 3, 8, SMALL_BUDGET) == "blocks"  # neither fits
+    assert choose_layout((4000, 3000), 3, 8, SMALL_BUDGET, "rows") == "rows"  # forced
 
 
 def _both_orientations(**kwargs):

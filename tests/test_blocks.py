@@ -1,0 +1,143 @@
+"""The 2-D block scheme (issue 11, point 3): the same factorization as the row panels, chosen
+when a task can hold neither a whole row with H nor a whole column with W, or forced."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import low_rank, run_cli
+
+from dasknmf import NMF, blocks, load, save_matrix
+from dasknmf._params import InvalidParameterError
+
+KWARGS = dict(n_components=4, init="random", random_state=0, tol=0, max_iter=15, extrapolate=False)
+
+
+def _fit(X, **kwargs):
+    model = NMF(**{**KWARGS, **kwargs})
+    return model.fit_transform(X), model
+
+
+@pytest.fixture(scope="module")
+def X():
+    return low_rank(120, 90, 4)
+
+
+def test_blocks_cut_both_dimensions_within_the_budgets():
+    rows, cols = blocks.grid_bounds((1000, 900), 4, 8, 20 * 30 * 8)
+    assert rows[0] == 0 and rows[-1] == 1000 and cols[0] == 0 and cols[-1] == 900
+    assert len(rows) > 2 and len(cols) > 2
+    assert max(np.diff(rows)) * max(np.diff(cols)) * 8 <= 20 * 30 * 8 * 1.1
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_blocks_give_the_row_panel_factors_up_to_rounding(X, sparse):
+    data = sp.csr_array(X) if sparse else X
+    W_rows, rows = _fit(data, layout="rows")
+    W_blocks, two_d = _fit(data, layout="blocks", panel_bytes=30 * 20 * 8)
+    assert rows.layout_["scheme"] == "rows"
+    assert two_d.layout_["scheme"] == "blocks" and two_d.layout_["blocks"][1] > 1
+    np.testing.assert_allclose(two_d.components_, rows.components_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(W_blocks, W_rows, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(two_d.loss_history_, rows.loss_history_, rtol=1e-10)
+    assert two_d.reconstruction_err_ == pytest.approx(rows.reconstruction_err_, rel=1e-10)
+
+
+def test_blocks_on_a_cluster_equal_blocks_in_memory(cluster, X, tmp_path):
+    W_ref, reference = _fit(X, layout="blocks", panel_bytes=30 * 20 * 8)
+    for cache, data in ((True, da.from_array(X, chunks=(40, 45))), (False, None)):
+        if data is None:
+            data = str(save_matrix(tmp_path / "X.zarr", X, chunks=(30, 30)))
+        W, model = _fit(data, layout="blocks", panel_bytes=30 * 20 * 8, cache=cache)
+        np.testing.assert_array_equal(model.components_, reference.components_)
+        np.testing.assert_array_equal(W.compute(), W_ref)
+        assert model.loss_history_ == reference.loss_history_
+
+
+def test_blocks_are_chosen_when_no_row_or_column_fits_a_task(X, caplog):
+    caplog.set_level("INFO", logger="dasknmf")
+    _, model = _fit(X, panel_bytes=1000)  # a row with H needs 13·90·8 bytes, a column 13·120·8
+    assert model.layout_["scheme"] == "blocks"
+    assert "2-D blocks" in caplog.text
+    _, model = _fit(X, panel_bytes=1000, layout="rows")  # forced: one row per panel
+    assert model.layout_["scheme"] == "rows"
+
+
+def test_the_cli_reports_the_blocks(X, tmp_path):
+    path = save_matrix(tmp_path / "X.zarr", X, chunks=(30, 30))
+    out = tmp_path / "model.zarr"
+    result = run_cli(
+        "fit",
+        str(path),
+        "-k",
+        "4",
+        "--init",
+        "random",
+        "--max-iter",
+        "5",
+        "--layout",
+        "blocks",
+        "-o",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert load(out).layout_["scheme"] == "blocks"
+    info = run_cli("info", str(out))
+    assert "blocks" in info.stdout
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(init="nndsvda"), "2-D block layout does not start from init='nndsvda'"),
+        (dict(beta_loss="kullback-leibler", solver="mu"), "2-D block layout.*Frobenius"),
+        (dict(checkpoint="ckpt"), "2-D block layout does not write checkpoints"),
+    ],
+)
+def test_what_blocks_do_not_do_yet_is_a_clear_error(X, kwargs, match, tmp_path):
+    if "checkpoint" in kwargs:
+        kwargs = dict(kwargs, checkpoint=tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=match):
+        _fit(X, layout="blocks", **kwargs)
+
+
+def test_an_unknown_layout_is_refused(X):
+    with pytest.raises(InvalidParameterError, match="layout"):
+        _fit(X, layout="diagonal")
+
+
+def test_sparse_blocks_are_sized_by_their_stored_entries():
+    shape, k, budget = (1_000_000, 800_000), 4, 2**20
+    dense = blocks.grid_bounds(shape, k, 8, budget)
+    rows, cols = blocks.grid_bounds(shape, k, 8, budget, stored=2_000_000)
+    assert (len(rows) - 1) * (len(cols) - 1) < (len(dense[0]) - 1) * (len(dense[1]) - 1) / 100
+    cell = 12 * 2_000_000 / (shape[0] * shape[1])  # value and column index per stored entry
+    block_rows, block_cols = max(np.diff(rows)), max(np.diff(cols))
+    assert block_rows * block_cols * cell + 8 * block_rows <= budget * 1.01
+    assert k * max(block_rows, block_cols) * 8 <= 16 * 2**20  # dasknmf.h-block-bytes
+
+
+def test_sparse_blocks_from_a_store_on_a_cluster_equal_them_in_memory(cluster, X, tmp_path):
+    data = sp.csr_array(np.where(X > np.quantile(X, 0.7), X, 0))
+    path = str(save_matrix(tmp_path / "X.zarr", data))
+    settings = dict(layout="blocks", panel_bytes=4000, max_iter=4)  # a streamed block: ~60 ms
+    W_ref, reference = _fit(data, **settings)
+    assert reference.layout_["blocks"][0] > 2 and reference.layout_["blocks"][1] > 1
+    for cache in (True, False):
+        W, model = _fit(path, cache=cache, **settings)
+        assert model.layout_ == dict(reference.layout_, cached=cache)
+        np.testing.assert_array_equal(model.components_, reference.components_)
+        np.testing.assert_array_equal(W.compute(), W_ref)
+
+
+def test_cached_blocks_lie_in_bands_of_rows_one_per_worker(cluster, X):
+    g = blocks.grid(da.from_array(X, chunks=(40, 45)), 4, 30 * 20 * 8, cache=True)
+    try:
+        workers = sorted(cluster.scheduler_info()["workers"])
+        n_rows = len(g.items)
+        assert g.locations == [workers[i * 2 // n_rows] for i in range(n_rows)]
+        holders = cluster.who_has([x for row in g.items for x in row])
+        for i, row in enumerate(g.items):
+            assert all(holders[x.key] == (g.locations[i],) for x in row)
+    finally:
+        g.close()
