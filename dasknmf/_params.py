@@ -11,9 +11,10 @@ from collections.abc import Callable, Mapping
 import dask
 import dask.array as da
 import numpy as np
+import scipy.sparse as sp
 from dask.utils import parse_bytes
 
-from dasknmf import init, panels
+from dasknmf import init, io, panels
 from dasknmf._config import get_bytes
 
 #: The smallest panel the cluster's memory may ask for (below, a task costs more than it reads).
@@ -109,6 +110,10 @@ RULES: dict[str, tuple[Callable, str]] = {
         lambda v: v in ("auto", "rows", "columns", "blocks"),
         "'auto', 'rows', 'columns' or 'blocks'",
     ),
+    "missing": (
+        lambda v: v is None or v in ("nan", "unstored"),
+        "None or a str among {'nan', 'unstored'}",
+    ),
     "progress": (_is_bool, "a bool"),
     "checkpoint": (
         lambda v: v is None or isinstance(v, str | os.PathLike),
@@ -153,13 +158,60 @@ def panel_budget(panel_bytes, lazy: bool = True, shape=None, n_components=None, 
     return budget
 
 
+def check_combinations(params: Mapping[str, object]) -> None:
+    """The rules between ``NMF``'s parameters, in scikit-learn's words where it has them."""
+    solver, extrapolate, missing = params["solver"], params["extrapolate"], params["missing"]
+    if extrapolate is True and solver == "mu":
+        raise InvalidParameterError(
+            "The 'extrapolate' parameter of NMF applies to solver 'cd'/'hals' only; "
+            "solver='mu' needs extrapolate=False or 'auto'."
+        )
+    if params["resume"] and params["checkpoint"] is None:
+        raise ValueError("resume=True needs checkpoint, the folder to resume from.")
+    if missing is not None and extrapolate is True:
+        raise ValueError(
+            f"missing={missing!r} is fitted by alternating least squares (solver 'cd' or "
+            "'hals') or multiplicative updates ('mu'), without extrapolation; got "
+            "extrapolate=True."
+        )
+    if solver != "mu" and beta(params["beta_loss"]) != 2:
+        raise ValueError(
+            f"Invalid beta_loss parameter: solver {solver!r} does not handle "
+            f"beta_loss = {params['beta_loss']!r}"
+        )
+
+
+def check_missing_input(missing, X) -> None:
+    """``missing`` against the kind of X (validated: numpy, scipy.sparse or Dask)."""
+    sparse = sp.issparse(X._meta if isinstance(X, da.Array) else X)
+    if missing == "unstored" and not sparse:
+        raise ValueError(
+            "missing='unstored' needs sparse X (scipy.sparse, or a CSR Zarr store), whose "
+            "unstored entries are the missing ones; for dense X, mark them NaN and use "
+            "missing='nan'."
+        )
+    if missing == "nan" and sparse:
+        raise ValueError(
+            "missing='nan' is for dense X; for sparse X use missing='unstored' (the entries "
+            "it does not store are the missing ones)."
+        )
+
+
 def resolve_init(
-    n_components, init, solver: str, n_samples: int, n_features: int, W, H
+    n_components, init, solver: str, n_samples: int, n_features: int, W, H, missing=None
 ) -> tuple[str, int]:
     """The initialization method and the number of components, as scikit-learn resolves
-    them (with its warnings and errors)."""
+    them (with its warnings and errors); a fit with ``missing`` entries starts from 'random'
+    or 'custom'."""
     k = n_components
     method = init
+    if missing is not None and method is None:
+        method = "random"
+    if missing is not None and method.startswith("nndsvd"):
+        raise ValueError(
+            f"init={method!r} cannot start a fit with missing={missing!r} (its SVD would read "
+            "the missing entries as zeros); use init='random' or 'custom'."
+        )
     if method == "custom":
         H_shape = np.shape(H) if H is not None else None
         if k == "auto" and H_shape is not None and len(H_shape) == 2:
@@ -254,3 +306,19 @@ def _jsonable(value):
     if isinstance(value, np.random.RandomState | np.random.Generator):
         return None  # a generator's state is not a parameter worth keeping
     return value
+
+
+def as_dask_matrix(X, budget, storage_options=None) -> da.Array:
+    """A Dask array, zarr.Array or Zarr path (or URL) as a 2-D floating Dask array; a store is
+    opened in panels of ``budget(shape, itemsize)`` bytes."""
+    if not isinstance(X, da.Array):
+        source = X
+        X = io.open_matrix(source, panel_bytes=budget(), storage_options=storage_options)
+        panel_bytes = budget(X.shape, X.dtype.itemsize)
+        if panel_bytes < budget():  # small workers: group the stored chunks in smaller panels
+            X = io.open_matrix(source, panel_bytes=panel_bytes, storage_options=storage_options)
+    io.check_matrix_shape(X.shape, "X")
+    io.check_matrix_dtype(X.dtype, "X")
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
+    return X

@@ -37,7 +37,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import engine, kernels, steps
+from dasknmf import engine, kernels, passes, steps
 from dasknmf._blas import pin_worker_blas
 from dasknmf._config import get_bytes
 from dasknmf.init import random_block, seed_entropy
@@ -210,9 +210,9 @@ def block_final_stats(with_w: bool, h, w_out, x) -> np.ndarray:
     """½‖X_ij − W_i·H_j‖², and ΣW_i, ‖W_i‖² for the first block of the row (``with_w``)."""
     pin_worker_blas()
     wt = w_out[0] if isinstance(w_out, tuple) else w_out
-    stats = steps.final_stats(2.0, kernels.aligned(steps.h_array(h)), x, kernels.aligned(wt))
+    stats = passes.final_stats(2.0, kernels.aligned(steps.h_array(h)), x, kernels.aligned(wt))
     if not with_w:
-        stats[steps.F_SUM_W] = stats[steps.F_SQ_W] = 0.0
+        stats[passes.F_SUM_W] = stats[passes.F_SQ_W] = 0.0
     return stats
 
 
@@ -247,9 +247,10 @@ def iterate(g: Grid, objective, wt: list, h: list, summary, orders=(None, None))
 def check_values(g: Grid) -> engine.Moments:
     """The validation pass over the blocks (see ``engine.check_values``)."""
     ops = g.ops
-    parts = [g.on_row(i, steps.moments_task, x) for i, row in enumerate(g.items) for x in row]
+    check = passes.moments_task
+    parts = [g.on_row(i, check, False, x) for i, row in enumerate(g.items) for x in row]
     stats = engine.as_moments(ops.fetch(tree_reduce(ops, parts, kernels.combine_moments)))
-    steps.reject_bad_values(stats.n_nonfinite, stats.min, "NMF (input X)")
+    passes.reject_bad_values(stats.n_nonfinite, stats.min, "NMF (input X)")
     return stats
 
 
@@ -328,7 +329,7 @@ def final_pass(g: Grid, result: engine.FitResult) -> tuple[float, list]:
         for i, (w_out, row) in enumerate(zip(result.wt, g.items, strict=True))
         for j, (h_j, x) in enumerate(zip(result.h, row, strict=True))
     ]
-    value = ops.fetch(tree_reduce(ops, parts))[steps.F_DIV]
+    value = ops.fetch(tree_reduce(ops, parts))[passes.F_DIV]
     return float(value), ops.fetch(result.h)
 
 

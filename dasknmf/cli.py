@@ -1,4 +1,4 @@
-"""The ``dasknmf`` command line: fit, transform, convert, info, plot and demo.
+"""The ``dasknmf`` command line: fit, transform, recommend, convert, info, plot and demo.
 
 Exit codes: 0 on success; 2 for usage errors and bad input (a one-line message, no
 traceback); 1 for any other failure. ``--json`` prints one JSON object as the last line of
@@ -8,8 +8,6 @@ failed or killed run never leaves anything that looks like a finished result.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import pathlib
 import tempfile
@@ -18,180 +16,23 @@ import time
 import click
 
 from dasknmf import __version__
+from dasknmf._cli import (
+    _INPUT,
+    _LOCAL_INPUT,
+    _OUTPUT,
+    BadInput,
+    _announce,
+    _check_output,
+    _common,
+    _connect,
+    _emit,
+    _fails_cleanly,
+    _probe_output,
+    _setup_logging,
+    _where_to_run,
+)
 
 logger = logging.getLogger("dasknmf")
-
-
-class BadInput(click.ClickException):
-    """Bad input or settings: exit code 2, like click's usage errors."""
-
-    exit_code = 2
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
-def _fails_cleanly(command):
-    """Map exceptions to exit codes: ``ValueError``/``TypeError``/missing or existing paths
-    (bad input) to 2, anything else to 1; one line on standard error, no traceback (run with
-    ``-vv`` to log it)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-            logger.debug("bad input", exc_info=True)
-            raise BadInput(_one_line(error)) from None
-        except Exception as error:
-            logger.debug("failure", exc_info=True)
-            raise click.ClickException(f"{type(error).__name__}: {_one_line(error)}") from None
-
-    return wrapper
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = (
-        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    )
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    logging.getLogger("dasknmf").setLevel(level)
-    # distributed logs every worker start and stop at INFO on its own handler; only -vv shows it.
-    for name in ("distributed", "tornado", "bokeh"):
-        logging.getLogger(name).setLevel(level if verbose >= 2 else max(level, logging.WARNING))
-    logging.captureWarnings(True)  # ConvergenceWarning and others as one log line each
-
-
-def _emit(as_json: bool, record: dict, text: str, quiet: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(record))
-    elif not quiet:
-        click.echo(text)
-
-
-def _check_output(path: pathlib.Path, overwrite: bool) -> None:
-    """Refuse an OUTPUT before any work (the write itself checks again)."""
-    from dasknmf.io import check_output
-
-    check_output(path, overwrite, how="--overwrite")
-
-
-class _Where(click.ParamType):
-    """A local path (made absolute: the workers may run in another directory) or an fsspec
-    URL (s3://, gs://, abfs://, ...), configured the usual fsspec ways: environment variables
-    such as AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL, and fsspec's config files."""
-
-    name = "path"
-
-    def __init__(self, exists: bool = False):
-        self.exists = exists
-
-    def convert(self, value, param, ctx):
-        from dasknmf.storage import is_url
-
-        if isinstance(value, str) and is_url(value):
-            return value  # checked where it is opened, with a one-line error
-        path = pathlib.Path(value).expanduser().absolute()
-        if self.exists and not path.exists():
-            self.fail(f"Path '{value}' does not exist.", param, ctx)
-        return path
-
-
-_INPUT = _Where(exists=True)
-_OUTPUT = _Where()
-_LOCAL_INPUT = click.Path(exists=True, path_type=pathlib.Path)
-
-
-def _common(command):
-    """Options every command has: --json, --quiet, -v."""
-    for decorator in reversed(
-        [
-            click.option(
-                "--json", "as_json", is_flag=True, help="Print one JSON object as the last line."
-            ),
-            click.option("-q", "--quiet", is_flag=True, help="No progress bar, no messages."),
-            click.option(
-                "-v", "--verbose", count=True, help="Log progress (-v) or debug details (-vv)."
-            ),
-        ]
-    ):
-        command = decorator(command)
-    return command
-
-
-def _where_to_run(command):
-    """Options choosing the Dask cluster."""
-    for decorator in reversed(
-        [
-            click.option(
-                "--cluster",
-                type=_LOCAL_INPUT,
-                help="A cluster spec (YAML, see cluster_configs/) to start and use.",
-            ),
-            click.option("--scheduler-address", help="Connect to a running scheduler."),
-            click.option(
-                "--scheduler-file",
-                type=_LOCAL_INPUT,
-                help="Connect to the scheduler in this file.",
-            ),
-            click.option(
-                "--workers",
-                type=click.IntRange(min=1),
-                help="Worker processes of the default LocalCluster [default: one per core].",
-            ),
-            click.option(
-                "--wait-for-workers",
-                type=click.FloatRange(min=0),
-                help="Fail (exit 1) if no worker has joined after this many seconds "
-                "[default: wait as long as it takes, e.g. for a batch queue].",
-            ),
-        ]
-    ):
-        command = decorator(command)
-    return command
-
-
-def _connect(cluster, scheduler_address, scheduler_file, workers):
-    from dasknmf.cluster import connect
-
-    given = [cluster, scheduler_address, scheduler_file]
-    if sum(value is not None for value in given) > 1:
-        raise click.UsageError(
-            "Give at most one of --cluster, --scheduler-address and --scheduler-file."
-        )
-    if workers is not None and any(value is not None for value in given):
-        raise click.UsageError("--workers sizes the default LocalCluster only.")
-    local = {"n_workers": workers} if workers is not None else {}
-    return connect(address=scheduler_address, scheduler_file=scheduler_file, spec=cluster, **local)
-
-
-def _announce(client, wait_for_workers: float | None) -> None:
-    """Wait for a worker if asked to, and log the cluster (the progress bar shows the
-    dashboard link)."""
-    if wait_for_workers is not None:
-        try:
-            client.wait_for_workers(1, timeout=wait_for_workers)
-        except TimeoutError:
-            raise click.ClickException(
-                f"No Dask worker joined {client.scheduler.address} within {wait_for_workers:g} s."
-            ) from None
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    logger.info("Dask cluster: %d workers, dashboard %s", len(workers), client.dashboard_link)
-
-
-def _probe_output(client, output) -> None:
-    """Check that the workers share OUTPUT's folder (they write W's chunks there) before any
-    work, rather than after the fit."""
-    from dasknmf.storage import location, probe_shared
-
-    folder = location(output).parent
-    probe_shared(client, folder.store(), "", str(folder))
 
 
 @click.group()
@@ -243,6 +84,11 @@ def _beta_loss(value: str):
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="Iterations between them.")
 @click.option("--layout", default="auto", show_default=True, help="How X is cut into tasks.",
               type=click.Choice(["auto", "rows", "columns", "blocks"]))  # fmt: skip
+@click.option(
+    "--missing", type=click.Choice(["nan", "unstored"]),
+    help="Fit the observed entries only: NaN entries of a dense store (nan) or the entries a "
+    "sparse store does not store (unstored).",
+)  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_where_to_run
@@ -250,10 +96,11 @@ def _beta_loss(value: str):
 @_fails_cleanly
 def fit(input_path, n_components, output, component, solver, beta_loss, init, max_iter, tol,
         random_state, alpha_w, alpha_h, l1_ratio, extrapolate, checkpoint, checkpoint_every, layout,
-        resume, overwrite, cluster, scheduler_address, scheduler_file, workers, wait_for_workers,
-        as_json, quiet, verbose):  # fmt: skip
+        missing, resume, overwrite, cluster, scheduler_address, scheduler_file, workers,
+        wait_for_workers, as_json, quiet, verbose):  # fmt: skip
     """Fit NMF to the matrix in INPUT (a Zarr store) and write the model to OUTPUT."""
     from dasknmf import NMF, open_matrix
+    from dasknmf.io import matrix_ids
 
     _setup_logging(verbose, quiet)
     _check_output(output, overwrite)
@@ -282,6 +129,7 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
         checkpoint_every=checkpoint_every or 10,
         resume=resume,
         layout=layout,
+        missing=missing,
     )
     model._validate_params()  # before a cluster starts
     with _connect(cluster, scheduler_address, scheduler_file, workers) as client:
@@ -290,6 +138,8 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
         start = time.perf_counter()
         model.fit(X)
         seconds = time.perf_counter() - start
+        if component is None:  # the ids of a store written from records (convert --triples)
+            model._keep_ids(matrix_ids(input_path))
         model.save(output, overwrite=overwrite)
     record = {
         "command": "fit",
@@ -347,21 +197,85 @@ def transform(model_path, input_path, output, component, overwrite, cluster, sch
     _emit(as_json, record, f"W {W.shape[0]} x {W.shape[1]} written to {output}", quiet)
 
 
+@main.command("recommend")
+@click.argument("model_path", metavar="MODEL", type=_INPUT)
+@click.option("-o", "--output", required=True, type=_OUTPUT,
+              help="A .parquet or .csv table: row, rank, column, score.")  # fmt: skip
+@click.option("-n", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--rows", help="Comma-separated rows: their ids, or positions [default: all].")
+@click.option("--input", "input_path", type=_INPUT,
+              help="The X the model was fitted on: its observed entries are left out.")  # fmt: skip
+@click.option("--include-observed", is_flag=True, help="Keep what the model was fitted on.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_where_to_run
+@_common
+@_fails_cleanly
+def recommend_command(model_path, output, n, rows, input_path, include_observed, overwrite,
+                      cluster, scheduler_address, scheduler_file, workers, wait_for_workers,
+                      as_json, quiet, verbose):  # fmt: skip
+    """Write the top-N columns of each row of the fitted MODEL (all rows, or --rows) to
+    OUTPUT, leaving out the entries of the fitted X given as --input."""
+    from dasknmf import load
+    from dasknmf.recommend import check_table_path, row_labels, write_table
+
+    _setup_logging(verbose, quiet)
+    check_table_path(output, overwrite)
+    model = load(model_path)
+    if input_path is None and not include_observed:
+        raise BadInput(
+            "Leaving out the observed entries needs the fitted X: give --input X.zarr, or "
+            "--include-observed."
+        )
+    if rows is not None:
+        ids = getattr(model, "row_ids_", None)
+        rows = [r.strip() for r in rows.split(",") if r.strip()]
+        if ids is None or ids.dtype.kind == "i":
+            bad = [r for r in rows if not r.lstrip("-").isdigit()]
+            if bad:
+                raise BadInput(f"--rows {bad[:5]} are not integers (positions, or integer ids).")
+            rows = [int(r) for r in rows]
+        model._positions(rows, 0)  # unknown rows: an error before a cluster starts
+    with _connect(cluster, scheduler_address, scheduler_file, workers) as client:
+        _announce(client, wait_for_workers)
+        start = time.perf_counter()
+        columns, scores = model.recommend(rows, n, not include_observed, X=input_path)
+        seconds = time.perf_counter() - start
+    labels = row_labels(model, rows)
+    write_table(output, labels, columns, scores, overwrite=overwrite)
+    record = {
+        "command": "recommend",
+        "model": str(model_path),
+        "output": str(output),
+        "rows": len(labels),
+        "n": int(columns.shape[1]),
+        "seconds": round(seconds, 3),
+    }
+    _emit(
+        as_json, record, f"top {columns.shape[1]} of {len(labels)} rows written to {output}", quiet
+    )
+
+
 @main.command("convert")
 @click.argument("src", type=_LOCAL_INPUT)
 @click.argument("dst", type=_OUTPUT)
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option(
+    "--triples", metavar="ROW,COL,VALUE",
+    help="SRC is a .csv, .tsv or .parquet file of records: these columns hold the row id, the "
+    "column id and the value (e.g. user,item,rating). DST stores exactly the records, with "
+    "the ids.",
+)  # fmt: skip
 @_common
 @_fails_cleanly
-def convert_command(src, dst, overwrite, as_json, quiet, verbose):
-    """Convert SRC (.npy, .npz, .mtx, .h5ad) to a Zarr store DST."""
+def convert_command(src, dst, overwrite, triples, as_json, quiet, verbose):
+    """Convert SRC (.npy, .npz, .mtx, .h5ad, or records with --triples) to a Zarr store DST."""
     from dasknmf import convert
     from dasknmf.io import describe_matrix
 
     _setup_logging(verbose, quiet)
     _check_output(dst, overwrite)
     start = time.perf_counter()
-    convert(src, dst, overwrite=overwrite)
+    convert(src, dst, triples=triples, overwrite=overwrite)
     info = describe_matrix(dst, count=False)  # no second read of what was just written
     record = {"command": "convert", "input": str(src), "output": str(dst), **info}
     record["seconds"] = round(time.perf_counter() - start, 3)

@@ -199,3 +199,36 @@ def row_blocks(X, rows: int):
     X = X.tocsr()
     for start in range(0, X.shape[0], rows):
         yield X[start : start + rows]
+
+
+#: Attribute of a CSR group written from records (``convert(..., triples=...)``): the names
+#: of the record's columns for the rows, the columns and the values.
+IDS_ATTRIBUTE = "dasknmf-ids"
+
+
+def write_ids(where, row_ids: np.ndarray, col_ids: np.ndarray, names) -> None:
+    """Keep the original ids of the rows and columns of a CSR group, in its ``row_ids`` and
+    ``col_ids`` arrays (int64, or variable-length strings)."""
+    store = where.store() if isinstance(where, storage.Location) else str(where)
+    group = zarr.open_group(store=store, mode="a")
+    for name, ids in (("row_ids", row_ids), ("col_ids", col_ids)):
+        dtype = np.int64 if ids.dtype.kind == "i" else str
+        array = group.create_array(
+            name,
+            shape=ids.shape,
+            dtype=dtype,
+            chunks=(ENTRIES_PER_CHUNK,),
+            config=storage.complete_chunks_config(),
+        )
+        array[:] = ids
+        array.attrs[storage.CHUNKS_ATTRIBUTE] = storage.chunk_count(array.shape, array.chunks)
+    group.attrs[IDS_ATTRIBUTE] = {"rows": names[0], "columns": names[1], "values": names[2]}
+
+
+def read_ids(group: zarr.Group) -> tuple[np.ndarray, np.ndarray] | None:
+    """The original (row ids, column ids) of a CSR group written from records — int64, or
+    Python strings in object arrays — or None."""
+    if IDS_ATTRIBUTE not in group.attrs:
+        return None
+    ids = (group[name][:] for name in ("row_ids", "col_ids"))
+    return tuple(a if a.dtype.kind == "i" else a.astype(object) for a in ids)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dasknmf import kernels, shards, steps
+from dasknmf import kernels, passes, shards, steps
 from dasknmf.ops import StateLostError, continue_tree, tree_reduce
 from dasknmf.panels import Panels
 from dasknmf.solvers import extrapolation
@@ -57,10 +57,11 @@ class Moments:
         return self.sum / self.size
 
 
-def moments(panels: Panels) -> Moments:
-    """One pass over X: min, non-finite count, Σx, Σx², nnz."""
+def moments(panels: Panels, masked: bool = False) -> Moments:
+    """One pass over X: min, non-finite count, Σx, Σx², nnz — over the observed entries
+    only when ``masked`` (their number as the size)."""
     ops = panels.ops
-    parts = panels.map(steps.moments_task, [(x,) for x in panels.items])
+    parts = panels.map(passes.moments_task, [(x,) for x in panels.items], masked)
     return as_moments(ops.fetch(tree_reduce(ops, parts, kernels.combine_moments)))
 
 
@@ -76,10 +77,11 @@ def as_moments(total) -> Moments:
     )
 
 
-def check_values(panels: Panels, whom: str = "NMF (input X)") -> Moments:
-    """Run the validation pass; reject NaN, infinity and negative values with a clear error."""
-    stats = moments(panels)
-    steps.reject_bad_values(stats.n_nonfinite, stats.min, whom)
+def check_values(panels: Panels, whom: str = "NMF (input X)", masked: bool = False) -> Moments:
+    """Run the validation pass; reject NaN (unless missing), infinity and negative values
+    with a clear error."""
+    stats = moments(panels, masked)
+    passes.reject_bad_values(stats.n_nonfinite, stats.min, whom)
     return stats
 
 
@@ -209,6 +211,7 @@ class FitResult:
     h: list
     n_iter: int
     history: History
+    h_stats: np.ndarray | None = None  # the H stats of iteration n_iter (``steps.H_*``)
 
 
 def fit(
@@ -282,7 +285,7 @@ def fit(
     history = history if history is not None else History()
     # The factors of the last two iterations. Those of ``start`` are arrays; later H blocks
     # are whole ``h_step`` output tuples (see ``steps.h_array``).
-    recent: dict[int, tuple] = {start: (wt, h, momentum)}
+    recent: dict[int, tuple] = {start: (wt, h, momentum, None)}
     n_iter, stop = start, 0
     if start < max_iter:
         submit()
@@ -290,9 +293,10 @@ def fit(
         if ops.is_async and n_iter < max_iter:
             submit()
         wt, h, summary, momentum = in_flight.popleft()
-        recent[n_iter] = (wt, h, momentum)
+        summary = ops.fetch(summary)
+        recent[n_iter] = (wt, h, momentum, summary[1])
         recent.pop(n_iter - 2, None)
-        known = _record(history, objective, norm_x_sq, n_iter, ops.fetch(summary))
+        known = _record(history, objective, norm_x_sq, n_iter, summary)
         if callback is not None and known:
             callback(known, history)
         rule = extrapolation if objective.extrapolate else objective.rule
@@ -309,12 +313,12 @@ def fit(
             submit()
     in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
     n_iter = stop or n_iter
-    wt, h, _ = recent[n_iter]
+    wt, h, _, h_stats = recent[n_iter]
     if not ops.is_lazy:
         h = [steps.h_array(b) for b in h]
     else:  # h_step output tuples, or arrays (from the start, or detached)
         h = [ops.call(steps.h_array, b) for b in h]
-    return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
+    return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history, h_stats=h_stats)
 
 
 #: A fit on a distributed cluster cuts the lineage of its factors after every this many
@@ -354,9 +358,9 @@ def _record(history: History, objective: Objective, norm_x_sq: float, n_iter: in
     objective is now known (0: only the initialization's).
 
     For Frobenius the Gram identity gives the objective at the end of the iteration. For
-    another β-divergence only the panel tasks see W·H, with the factors they start from, so
-    the objective of iteration t is known when iteration t + 1 has run (the last one's comes
-    from ``final_pass``).
+    another β-divergence, or the masked loss, only the panel tasks see W·H, with the factors
+    they start from, so the objective of iteration t is known when iteration t + 1 has run
+    (the last one's comes from ``final_pass``).
     """
     _, h_stats, _, panel_stats = summary
     old_sums = (
@@ -365,8 +369,11 @@ def _record(history: History, objective: Objective, norm_x_sq: float, n_iter: in
         h_stats[steps.H_SUM_H_OLD],
         h_stats[steps.H_SQ_H_OLD],
     )
-    if not objective.frobenius:
+    if not objective.frobenius or objective.masked:
         history.record(objective, panel_stats[steps.P_DIV_OLD], *old_sums)
+        if objective.masked and objective.solver == "hals":  # this iteration's violations
+            violation = panel_stats[steps.P_VIOLATION] + h_stats[steps.H_VIOLATION]
+            history.violation.append(float(violation))
         return n_iter - 1
     if n_iter == 1:
         cross, wgw = panel_stats[steps.P_CROSS_OLD], panel_stats[steps.P_WGW_OLD]
@@ -383,9 +390,9 @@ def final_pass(panels: Panels, objective: Objective, result: FitResult) -> tuple
     ops = panels.ops
     h_full = ops.call(steps.full_width, result.h) if len(result.h) > 1 else result.h[0]
     nodes = panels.shard_map(
-        steps.shard_final_stats,
+        passes.shard_final_stats,
         [(state,) for state in result.wt],
-        objective.beta,
+        objective,
         panels.tree,
         h_full,
     )
@@ -398,5 +405,9 @@ def final_pass(panels: Panels, objective: Objective, result: FitResult) -> tuple
     if len(result.history.loss) == result.n_iter:
         sum_h = sum(float(b.sum(dtype=np.float64)) for b in h_blocks)
         sq_h = sum(steps._dot64(b, b) for b in h_blocks)
+        if objective.masked and result.h_stats is not None:
+            # Weighted by the columns' counts, which only the H tasks know. (None: a fit
+            # resumed at its max_iter ran no iteration; its H penalty is then unweighted.)
+            sum_h, sq_h = result.h_stats[steps.H_SUM_H], result.h_stats[steps.H_SQ_H]
         result.history.record(objective, value, sum_w, sq_w, sum_h, sq_h)
     return float(value), h_blocks

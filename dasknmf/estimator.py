@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from dasknmf import _params, io, pipeline
 from dasknmf._params import InvalidParameterError
+from dasknmf.recommend import RecommenderMixin
 from dasknmf.steps import Objective
 
 __all__ = ["NMF", "InvalidParameterError", "load_model"]
@@ -45,12 +46,12 @@ def _is_lazy_input(X) -> bool:
 
 #: The estimator's parameters that ``pipeline.Plan`` takes as they are.
 _PLAN_SETTINGS = (
-    "max_iter", "tol", "random_state", "shuffle", "cache", "layout", "checkpoint",
+    "max_iter", "tol", "random_state", "shuffle", "cache", "layout", "missing", "checkpoint",
     "checkpoint_every", "resume", "storage_options", "verbose", "progress",
 )  # fmt: skip
 
 
-class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class NMF(RecommenderMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Non-negative Matrix Factorization (NMF), in memory or on a Dask cluster.
 
     Find two non-negative matrices W (n_samples, n_components) and H (n_components,
@@ -118,6 +119,16 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Dask input only: keep X in cluster memory between iterations (True), re-read it from
         its source every iteration (False), or keep it when it takes at most
         ``dasknmf.cache-fraction`` of the cluster's memory ('auto').
+    missing : {None, 'nan', 'unstored'}, default=None
+        Which entries of X are unobserved (recommendation: ratings not given). None: all are
+        observed. 'nan': the NaN entries of dense X. 'unstored': the entries that sparse X does
+        not store (a stored zero is an observed zero). The loss is then summed over the
+        observed entries only — with 'cd'/'hals' the Frobenius loss by alternating least
+        squares (each row of W, and each column of H, by HALS sweeps on its own Gram matrix),
+        with 'mu' any β-divergence by multiplicative updates — with each row's (column's)
+        penalties scaled by its number of observed entries instead of n_features
+        (n_samples), as in Spark's ALS-WR; rows and columns with no observed entry get zero
+        factors. ``init`` 'random' or 'custom' (None means 'random'), no extrapolation.
     layout : {'auto', 'rows', 'columns', 'blocks'}, default='auto'
         How X is cut into tasks: row panels, row panels of Xᵀ, or 2-D blocks (for X large in
         both dimensions: Frobenius/HALS, init 'random' or 'custom', no extrapolation or
@@ -193,6 +204,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         panel_bytes=None,
         cache="auto",
         layout="auto",
+        missing=None,
         progress=False,
         checkpoint=None,
         checkpoint_every=10,
@@ -216,6 +228,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.panel_bytes = panel_bytes
         self.cache = cache
         self.layout = layout
+        self.missing = missing
         self.progress = progress
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
@@ -226,18 +239,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _validate_params(self) -> None:
         _params.check("NMF", self.get_params())
-        if self.extrapolate is True and self.solver == "mu":
-            raise InvalidParameterError(
-                "The 'extrapolate' parameter of NMF applies to solver 'cd'/'hals' only; "
-                "solver='mu' needs extrapolate=False or 'auto'."
-            )
-        if self.resume and self.checkpoint is None:
-            raise ValueError("resume=True needs checkpoint, the folder to resume from.")
-        if self.solver != "mu" and _params.beta(self.beta_loss) != 2:
-            raise ValueError(
-                f"Invalid beta_loss parameter: solver {self.solver!r} does not handle "
-                f"beta_loss = {self.beta_loss!r}"
-            )
+        _params.check_combinations(self.get_params())
 
     def _objective(
         self, n_samples: int, n_features: int, n_components: int, stored: int | None = None
@@ -246,6 +248,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         entries of X (all m·n when dense)."""
         stored = n_samples * n_features if stored is None else stored
         alpha_H = self.alpha_W if self.alpha_H == "same" else self.alpha_H
+        masked = self.missing is not None
+        # Masked: penalties per observed entry, scaled by each row's (column's) count.
+        per_w, per_h = (1, 1) if masked else (n_features, n_samples)
         solver = "mu" if self.solver == "mu" else "hals"
         if self.inner_iter != "auto":
             sweeps_w = sweeps_h = int(self.inner_iter)
@@ -258,13 +263,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             n_components=n_components,
             solver=solver,
             beta=_params.beta(self.beta_loss),
-            l1_w=n_features * self.alpha_W * self.l1_ratio,
-            l2_w=n_features * self.alpha_W * (1.0 - self.l1_ratio),
-            l1_h=n_samples * alpha_H * self.l1_ratio,
-            l2_h=n_samples * alpha_H * (1.0 - self.l1_ratio),
+            l1_w=per_w * self.alpha_W * self.l1_ratio,
+            l2_w=per_w * self.alpha_W * (1.0 - self.l1_ratio),
+            l1_h=per_h * alpha_H * self.l1_ratio,
+            l2_h=per_h * alpha_H * (1.0 - self.l1_ratio),
             sweeps_w=sweeps_w,
             sweeps_h=sweeps_h,
-            extrapolate=solver == "hals" and self.extrapolate in ("auto", True),
+            extrapolate=solver == "hals" and self.extrapolate in ("auto", True) and not masked,
+            masked=masked,
         )
 
     def _panel_budget(self, shape=None, itemsize=8, n_components=None, lazy=True) -> int:
@@ -281,15 +287,19 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """X validated: numpy or scipy.sparse through scikit-learn's ``validate_data``, or a
         floating Dask array for Dask, Zarr and path input."""
         if not _is_lazy_input(X):
-            return validate_data(
+            X = validate_data(
                 self,
                 X,
                 accept_sparse=("csr", "csc"),
                 dtype=[np.float64, np.float32],
                 reset=reset,
                 ensure_non_negative=not reset,
+                ensure_all_finite="allow-nan" if self.missing else True,
             )
-        X = _as_dask_matrix(X, self._panel_budget, self.storage_options)
+            _params.check_missing_input(self.missing, X)
+            return X
+        X = _params.as_dask_matrix(X, self._panel_budget, self.storage_options)
+        _params.check_missing_input(self.missing, X)
         if reset:
             self.n_features_in_ = X.shape[1]
             if hasattr(self, "feature_names_in_"):
@@ -341,10 +351,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         W : ndarray or dask.array.Array of shape (n_samples, n_components)
         """
         self._validate_params()
-        X = self._check_input(X, reset=True)
+        source, X = X, self._check_input(X, reset=True)
         n_samples, n_features = X.shape
         method, k = _params.resolve_init(
-            self.n_components, self.init, self.solver, n_samples, n_features, W, H
+            self.n_components, self.init, self.solver, n_samples, n_features, W, H, self.missing
         )
         if method == "custom":
             W, H = _params.check_custom_init(W, H, (n_samples, k), (k, n_features), X.dtype)
@@ -367,6 +377,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.loss_history_ = fitted.loss_history
         self.reconstruction_err_ = fitted.reconstruction_err
         self.layout_ = fitted.layout
+        self._fitted_X = X  # for ``recommend`` (a reference; a store is read again there)
+        self._keep_ids(io.matrix_ids(source, self.storage_options))
         if self.n_iter_ == self.max_iter and self.tol > 0:
             warnings.warn(
                 f"Maximum number of iterations {self.max_iter} reached. Increase it to "
@@ -405,6 +417,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             _params.saved_attributes(self),
             overwrite=overwrite,
             storage_options=options,
+            ids=(self.row_ids_, self.col_ids_) if hasattr(self, "row_ids_") else None,
         )
 
     # ---- using a fitted model --------------------------------------------------------------
@@ -464,22 +477,6 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return tags
 
 
-def _as_dask_matrix(X, budget, storage_options=None) -> da.Array:
-    """A Dask array, zarr.Array or Zarr path (or URL) as a 2-D floating Dask array; a store is
-    opened in panels of ``budget(shape, itemsize)`` bytes."""
-    if not isinstance(X, da.Array):
-        source = X
-        X = io.open_matrix(source, panel_bytes=budget(), storage_options=storage_options)
-        panel_bytes = budget(X.shape, X.dtype.itemsize)
-        if panel_bytes < budget():  # small workers: group the stored chunks in smaller panels
-            X = io.open_matrix(source, panel_bytes=panel_bytes, storage_options=storage_options)
-    io.check_matrix_shape(X.shape, "X")
-    io.check_matrix_dtype(X.dtype, "X")
-    if X.dtype not in (np.float32, np.float64):
-        X = X.astype(np.float64)
-    return X
-
-
 def load_model(path, *, storage_options=None) -> NMF:
     """A fitted ``NMF`` from a group written by ``NMF.save`` (a local path or a URL);
     ``transform`` works without refitting. ``W_``, if saved, is a lazy Dask array reading
@@ -499,4 +496,5 @@ def load_model(path, *, storage_options=None) -> NMF:
         model.layout_ = dict(attributes["layout"])
     if W is not None:
         model.W_ = W
+    model._keep_ids(io.matrix_ids(path, storage_options))
     return model

@@ -367,13 +367,21 @@ MODEL_FORMAT = 1
 
 
 def save_model(
-    path, H: np.ndarray, W, attributes: dict, *, overwrite: bool = False, storage_options=None
+    path,
+    H: np.ndarray,
+    W,
+    attributes: dict,
+    *,
+    overwrite: bool = False,
+    storage_options=None,
+    ids: tuple | None = None,
 ):
     """Write a fitted model to a Zarr group: arrays ``H`` (k × n) and ``W`` (m × k, if given:
     numpy, or Dask, written chunk by chunk by the cluster) and ``attributes`` (JSON: the
     estimator's parameters and results), to which the layout's format, the package version,
-    the shapes and the dtype are added. The group is written to a temporary sibling and moved
-    to ``path`` (a local path or a URL) when complete."""
+    the shapes and the dtype are added; ``ids``, the original (row ids, column ids) of the
+    fitted X, as in a store written from records (``csr.write_ids``). The group is written to
+    a temporary sibling and moved to ``path`` (a local path or a URL) when complete."""
     from dasknmf._version import __version__
 
     k, n_features = H.shape
@@ -393,7 +401,21 @@ def save_model(
         if W is not None:
             _write_array(group.store_path / "W", W, default_chunks(W.shape, W.dtype.itemsize))
         group.attrs.update(attributes)
+        if ids is not None:
+            csr.write_ids(tmp, *ids, ("rows", "columns", "values"))
     return _written(target)
+
+
+def matrix_ids(source, storage_options=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The original (row ids, column ids) kept with a store written from records, or with a
+    saved model fitted on one; None for anything else (arrays, stores without ids)."""
+    if not isinstance(source, str | os.PathLike | zarr.Group):
+        return None
+    try:
+        node, _ = _open_node(source, storage_options)
+    except (MatrixPathError, TypeError):
+        return None
+    return csr.read_ids(node) if isinstance(node, zarr.Group) else None
 
 
 def load_model(path, *, storage_options=None) -> tuple[dict, np.ndarray, da.Array | None]:

@@ -22,7 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from dasknmf import blocks, engine, init, panels, shards, steps
+from dasknmf import blocks, engine, init, panels, passes, shards
 from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint
 from dasknmf.steps import Objective
@@ -54,6 +54,7 @@ class Plan:
     shuffle: bool = False
     cache: bool | str = "auto"
     layout: str = "auto"  # "rows", "columns" (Xᵀ), "blocks" (2-D) or "auto"
+    missing: str | None = None  # "nan", "unstored": the loss over observed entries only
     checkpoint: Any = None
     checkpoint_every: int = 10
     resume: bool = False
@@ -110,8 +111,11 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     W, H = plan.W, plan.H
     if transposed:
         W, H = (None, None) if W is None else (H.T, W.T)
-    stats = engine.check_values(parts)
-    stored = stats.nnz if parts.sparse else n_rows * n_cols
+    masked = plan.missing is not None
+    stats = engine.check_values(parts, masked=masked)
+    stored = stats.size if masked else stats.nnz if parts.sparse else n_rows * n_cols
+    if masked and stats.size == 0:
+        raise ValueError(f"X has no observed entry (missing={plan.missing!r}): nothing to fit.")
     objective = plan.objective(*((n_cols, n_rows) if transposed else (n_rows, n_cols)), k, stored)
     if transposed:
         objective = objective.transposed()
@@ -269,6 +273,8 @@ def _blocks_lack(X, plan: Plan) -> str | None:
     n_rows, n_cols = X.shape
     if plan.objective(n_rows, n_cols, plan.n_components, n_rows * n_cols).beta != 2:
         return "fit a β-divergence other than Frobenius"
+    if plan.missing is not None:
+        return "fit the observed entries only (missing=...)"
     if plan.init not in ("random", "custom"):
         return f"start from init={plan.init!r} (its SVD over blocks)"
     if plan.checkpoint is not None:
@@ -391,7 +397,7 @@ def transform(X, H: np.ndarray, objective: Objective, panel_bytes: int, max_iter
     try:
         with single_blas_thread():
             blocks = parts.map(
-                steps.transform_panel,
+                passes.transform_panel,
                 [(x,) for x in parts.items],
                 objective,
                 ops.share(H),

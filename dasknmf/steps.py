@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import divergence, kernels
+from dasknmf import divergence, kernels, masked
 from dasknmf._blas import pin_worker_blas
 from dasknmf.shards import (
     ShardOut,
@@ -37,10 +37,9 @@ from dasknmf.solvers import extrapolation, get_solver, mu
 
 # Layout of the statistics vector of a panel task ("OLD": at the factors the task started from).
 P_CROSS_OLD, P_WGW_OLD, P_SUM_W_OLD, P_SQ_W_OLD, P_SUM_W, P_VIOLATION, P_DIV_OLD = range(7)
-# Layout of the statistics vector of an H block task.
-H_CROSS, H_SUM_H_OLD, H_SQ_H_OLD, H_SUM_H, H_VIOLATION = range(5)
-# Layout of the vector of ``final_stats``.
-F_DIV, F_SUM_W, F_SQ_W = range(3)
+# Layout of the statistics vector of an H block task (H_SQ_H: Σ n_j·‖h_j‖² of the new block,
+# for the masked loss only).
+H_CROSS, H_SUM_H_OLD, H_SQ_H_OLD, H_SUM_H, H_VIOLATION, H_SQ_H = range(6)
 
 #: Factors below this are set to zero after a β < 1 (W) or β ≤ 1 (H) update, as scikit-learn
 #: does "for stability".
@@ -50,7 +49,8 @@ _TINY = np.finfo(np.float64).eps
 @dataclass(frozen=True)
 class Objective:
     """What an iteration minimizes and how: D_β(X | WH) + l1_w·ΣW + ½·l2_w·‖W‖² + (the same
-    for H), D_2 being ½‖X − WH‖²."""
+    for H), D_2 being ½‖X − WH‖². ``masked``: ½Σ over the observed entries of X, each row's
+    and column's penalties scaled by its number of them (``dasknmf.masked``)."""
 
     n_components: int
     solver: str = "hals"
@@ -62,6 +62,7 @@ class Objective:
     sweeps_w: int = 1  # sweeps of the update rule per iteration, for W and for H
     sweeps_h: int = 1
     extrapolate: bool = False  # push the iterates along their last step (HALS only)
+    masked: bool = False  # the loss over the observed entries only (``dasknmf.masked``)
 
     @property
     def rule(self):
@@ -235,6 +236,8 @@ def pushed_h(h: np.ndarray, previous: np.ndarray, control) -> np.ndarray:
 
 def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
     x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
+    if objective.masked:
+        return _panel_step_masked(objective, order, col_bounds, h, x, wt)
     stats = np.zeros(7)
     stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
     stats[P_SQ_W_OLD] = _dot64(wt, wt)
@@ -248,6 +251,30 @@ def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
     stats[P_SUM_W] = wt.sum(dtype=np.float64)
     out = (wt, wt @ wt.T, stats, *_split(kernels.dot_w(x, wt), col_bounds))
     return out if push is None else (*out, plain)
+
+
+def _panel_step_masked(objective: Objective, order, col_bounds, h, x, wt):
+    """``_panel_step`` for the masked loss: the rows of W_i by their own least squares over
+    their observed entries (or, with 'mu', multiplicative updates of any β over them); the
+    partials of H's column problems per column block j, as ((packed Σ w·wᵀ, counts), stats,
+    A_ij), or ((denominator, counts), stats, numerator) (see ``masked``)."""
+    values, pattern = masked.observed(x)
+    penalties = dict(l1=objective.l1_w, l2=objective.l2_w, n_sweeps=objective.sweeps_w)
+    if objective.solver == "mu":  # multiplicative updates, any β
+        wt, terms = masked.mu_rows(values, pattern, h, wt, beta=objective.beta, **penalties)
+    else:  # alternating least squares
+        wt, terms = masked.update_rows(values, pattern, h, wt, order=order, **penalties)
+    stats = np.zeros(7)
+    stats[P_DIV_OLD], stats[P_VIOLATION] = terms["loss"], terms.get("violation", 0.0)
+    stats[P_SUM_W_OLD], stats[P_SQ_W_OLD] = terms["sum_w"], terms["sq_w"]
+    stats[P_SUM_W] = masked.weighted_sums(wt, masked.counts(pattern, axis=1))[0]
+    if objective.solver == "mu":
+        seconds, numerators = masked.mu_column_partials(
+            values, pattern, wt, h, objective.beta, col_bounds
+        )
+        return (wt, seconds, stats, *numerators)
+    partials = masked.column_partials(values, pattern, wt, col_bounds)
+    return (wt, partials, stats, *_split(kernels.dot_w(values, wt), col_bounds))
 
 
 def _w_update(objective: Objective, order, gram_h, cross, wt, stats) -> np.ndarray:
@@ -321,10 +348,22 @@ def h_step(objective: Objective, order, block: int, picks, h, *containers):
     pin_worker_blas()
     second, panel_stats, a = sum_in_order(*picked(block, picks, containers))
     h = kernels.aligned(h_array(h))
-    stats = np.zeros(5)
+    stats = np.zeros(6)
+    h = h.copy()
+    if objective.masked:
+        grams, counts = second  # for 'mu', the denominator in place of the Gram matrices
+        stats[H_SUM_H_OLD], stats[H_SQ_H_OLD] = masked.weighted_sums(h, counts)
+        penalties = dict(l1=objective.l1_h, l2=objective.l2_h)
+        if objective.solver == "mu":
+            h = masked.mu_columns(h, a, grams, counts, beta=objective.beta, **penalties)
+        else:
+            h, stats[H_VIOLATION] = masked.update_columns(
+                h, grams, counts, a, n_sweeps=objective.sweeps_h, order=order, **penalties
+            )
+        stats[H_SUM_H], stats[H_SQ_H] = masked.weighted_sums(h, counts)
+        return h, h @ h.T, stats, None, panel_stats
     stats[H_SUM_H_OLD] = h.sum(dtype=np.float64)
     stats[H_SQ_H_OLD] = _dot64(h, h)
-    h = h.copy()
     if objective.frobenius:
         h, violation = objective.rule.update(
             h,
@@ -408,96 +447,3 @@ def _h_summary(*outs) -> tuple:
     Returns ``(H·Hᵀ, H stats, B, panel stats)``: all the driver needs of an iteration."""
     sums = sum_in_order(*((out[-4], out[-3]) for out in outs))
     return (*sums, outs[0][-2], outs[0][-1])
-
-
-# ---- passes around the iterations ------------------------------------------------------------
-
-
-def moments_task(x) -> np.ndarray:
-    """``kernels.panel_moments`` of a panel (the validation pass)."""
-    return kernels.panel_moments(panel_data(x))
-
-
-def reject_bad_values(n_nonfinite: int, minimum: float, whom: str) -> None:
-    """A clear error for NaN, infinity or negative values."""
-    if n_nonfinite:
-        raise ValueError(
-            f"Input X contains NaN or infinity ({n_nonfinite} non-finite values); "
-            f"{whom} must be finite."
-        )
-    if minimum < 0:
-        raise ValueError(f"Negative values in data passed to {whom} (minimum {minimum:g}).")
-
-
-def final_stats(beta: float, h: np.ndarray, x, wt: np.ndarray) -> np.ndarray:
-    """The exact D_β(X_i | W_i·H) of a panel, ΣW_i and ‖W_i‖² (``F_*`` layout)."""
-    pin_worker_blas()
-    x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
-    if beta == 2:
-        value = 0.5 * kernels.residual_sq(x, wt, h)
-    else:
-        value = divergence.divergence(x, divergence.sampled_product(x, wt, h), wt, h, beta)
-    return np.array([value, wt.sum(dtype=np.float64), _dot64(wt, wt)])
-
-
-def shard_final_stats(beta: float, tree, h: np.ndarray, state, *data) -> tuple:
-    """``final_stats`` of each panel of a shard, summed into the nodes at ``tree``'s level
-    (see ``shard_step``)."""
-    sums = Subtrees(*tree)
-    for x, wt in zip(shard_panels(data), shard_blocks(state), strict=True):
-        sums.add(final_stats(beta, h, x, wt))
-    return sums.finish()
-
-
-def transform_panel(
-    objective: Objective, h: np.ndarray, gram_h: np.ndarray, max_iter: int, tol: float, x
-) -> np.ndarray:
-    """W_i for a fixed H, from one read of X_i. Frobenius: non-negative least squares by HALS
-    sweeps from zero on the cached C_i = H·X_iᵀ until the violation falls to ``tol`` × its
-    first value (or ``max_iter`` sweeps). Another β: scikit-learn's W-only multiplicative
-    updates from sqrt(mean(X_i)/k), checked every 10 iterations. Returns the (m_i, k) block."""
-    pin_worker_blas()
-    x, h = panel_data(x), kernels.aligned(h)
-    # A lazy transform has no validation pass of its own: each panel checks itself.
-    moments = kernels.panel_moments(x)
-    reject_bad_values(
-        int(moments[kernels.MOMENT_NONFINITE]), moments[kernels.MOMENT_MIN], "NMF (input X)"
-    )
-    if not objective.frobenius:
-        mean = moments[kernels.MOMENT_SUM] / moments[kernels.MOMENT_SIZE]
-        return _transform_divergence(objective, h, max_iter, tol, x, mean)
-    cross = kernels.dot_h(x, h)
-    wt = np.zeros_like(cross)
-    rule = get_solver("hals")
-    first = None
-    for _ in range(max_iter):
-        wt, violation = rule.update(wt, gram_h, cross, l1=objective.l1_w, l2=objective.l2_w)
-        if first is None:
-            first = violation
-        if first == 0 or violation <= tol * first:
-            break
-    return np.ascontiguousarray(wt.T)
-
-
-def _transform_divergence(objective, h, max_iter, tol, x, mean) -> np.ndarray:
-    beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
-    k = h.shape[0]
-    wt = np.full((k, x.shape[0]), np.sqrt(mean / k), dtype=h.dtype)
-    first = previous = None
-    for n_iter in range(max_iter + 1):
-        check = n_iter == 0 or (tol > 0 and n_iter % mu.CHECK_EVERY == 0)
-        numerator, denominator, value = divergence.w_statistics(x, wt, h, beta, check)
-        if check:
-            current = np.sqrt(2 * max(value, 0.0))
-            if first is None:
-                first = previous = current
-            elif first == 0 or (previous - current) / first < tol:
-                break
-            else:
-                previous = current
-        if n_iter == max_iter:
-            break
-        wt = mu.step(wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma)
-        if beta < 1:
-            wt[wt < _TINY] = 0
-    return np.ascontiguousarray(wt.T)

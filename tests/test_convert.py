@@ -99,8 +99,11 @@ def test_h5ad(tmp_path, sparse, monkeypatch):
 def test_convert_errors(tmp_path):
     with pytest.raises(MatrixPathError, match="does not exist"):
         convert(tmp_path / "missing.npy", tmp_path / "x.zarr")
-    (tmp_path / "x.csv").write_text("1,2\n")
-    with pytest.raises(ValueError, match="the suffix '.csv' is not one of"):
+    (tmp_path / "x.txt").write_text("1,2\n")
+    with pytest.raises(ValueError, match="the suffix '.txt' is not one of"):
+        convert(tmp_path / "x.txt", tmp_path / "x.zarr")
+    (tmp_path / "x.csv").write_text("1,2\n")  # records: converted with triples=
+    with pytest.raises(ValueError, match="holds records: say which of its columns"):
         convert(tmp_path / "x.csv", tmp_path / "x.zarr")
     np.save(tmp_path / "x.npy", DENSE)
     convert(tmp_path / "x.npy", tmp_path / "x.zarr")

@@ -100,7 +100,7 @@ def test_iteration_summary_is_small():
     assert momentum is None  # no extrapolation
     gram_h, h_stats, gram_w, panel_stats = summary
     assert gram_h.shape == gram_w.shape == (3, 3)
-    assert h_stats.shape == (5,) and panel_stats.shape == (7,)
+    assert h_stats.shape == (6,) and panel_stats.shape == (7,)
     assert [b.shape for s in new_wt for b in shards.shard_blocks(s)] == [(3, 20)] * 3
     assert len(new_wt) == 2  # one state per shard: two threads
     assert steps.h_array(new_h[0]).shape == (3, 9)

@@ -1,0 +1,131 @@
+"""The passes over X around the iterations, as plain functions of arrays: the validation pass
+(``moments_task``), the exact error of the result (``final_stats``) and ``transform``'s
+(``transform_panel``). ``engine``, ``blocks`` and ``pipeline`` run them as tasks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dasknmf import divergence, kernels, masked
+from dasknmf._blas import pin_worker_blas
+from dasknmf.shards import Subtrees, shard_blocks, shard_panels
+from dasknmf.solvers import get_solver, mu
+from dasknmf.steps import _TINY, Objective, _dot64, panel_data
+
+# Layout of the vector of ``final_stats``.
+F_DIV, F_SUM_W, F_SQ_W = range(3)
+
+
+def moments_task(masked_loss: bool, x) -> np.ndarray:
+    """``kernels.panel_moments`` of a panel (the validation pass); over its observed entries
+    only for the masked loss."""
+    x = panel_data(x)
+    return masked.moments(x) if masked_loss else kernels.panel_moments(x)
+
+
+def reject_bad_values(n_nonfinite: int, minimum: float, whom: str) -> None:
+    """A clear error for NaN, infinity or negative values."""
+    if n_nonfinite:
+        raise ValueError(
+            f"Input X contains NaN or infinity ({n_nonfinite} non-finite values); "
+            f"{whom} must be finite."
+        )
+    if minimum < 0:
+        raise ValueError(f"Negative values in data passed to {whom} (minimum {minimum:g}).")
+
+
+def final_stats(beta: float, h: np.ndarray, x, wt: np.ndarray, masked_loss=False) -> np.ndarray:
+    """The exact D_β(X_i | W_i·H) of a panel, ΣW_i and ‖W_i‖² (``F_*`` layout); for the
+    masked loss ½Σ over the observed entries, and the sums weighted by the rows' counts."""
+    pin_worker_blas()
+    x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
+    if masked_loss:
+        values, pattern = masked.observed(x)
+        if beta == 2:
+            value = 0.5 * masked.residual_sq(values, pattern, wt, h)
+        else:
+            wh = masked.product(values, pattern, wt, h)
+            value = masked.beta_divergence(values, pattern, wh, beta)
+        return np.array([value, *masked.weighted_sums(wt, masked.counts(pattern, axis=1))])
+    if beta == 2:
+        value = 0.5 * kernels.residual_sq(x, wt, h)
+    else:
+        value = divergence.divergence(x, divergence.sampled_product(x, wt, h), wt, h, beta)
+    return np.array([value, wt.sum(dtype=np.float64), _dot64(wt, wt)])
+
+
+def shard_final_stats(objective: Objective, tree, h: np.ndarray, state, *data) -> tuple:
+    """``final_stats`` of each panel of a shard, summed into the nodes at ``tree``'s level
+    (see ``shard_step``)."""
+    sums = Subtrees(*tree)
+    for x, wt in zip(shard_panels(data), shard_blocks(state), strict=True):
+        sums.add(final_stats(objective.beta, h, x, wt, objective.masked))
+    return sums.finish()
+
+
+def transform_panel(
+    objective: Objective, h: np.ndarray, gram_h: np.ndarray, max_iter: int, tol: float, x
+) -> np.ndarray:
+    """W_i for a fixed H, from one read of X_i. Frobenius: non-negative least squares by HALS
+    sweeps from zero on the cached C_i = H·X_iᵀ until the violation falls to ``tol`` × its
+    first value (or ``max_iter`` sweeps); masked, the same for each row's own least squares
+    over its observed entries (``masked.solve_rows``). Another β: scikit-learn's W-only
+    multiplicative updates from sqrt(mean(X_i)/k), checked every 10 iterations. Returns the
+    (m_i, k) block."""
+    pin_worker_blas()
+    x, h = panel_data(x), kernels.aligned(h)
+    # A lazy transform has no validation pass of its own: each panel checks itself.
+    moments = moments_task(objective.masked, x)
+    reject_bad_values(
+        int(moments[kernels.MOMENT_NONFINITE]), moments[kernels.MOMENT_MIN], "NMF (input X)"
+    )
+    if objective.masked and objective.solver == "hals":  # each row's own least squares
+        values, pattern = masked.observed(x)
+        return masked.solve_rows(
+            values, pattern, h, l1=objective.l1_w, l2=objective.l2_w, max_iter=max_iter, tol=tol
+        )
+    if not objective.frobenius or objective.masked:
+        mean = moments[kernels.MOMENT_SUM] / moments[kernels.MOMENT_SIZE]
+        return _transform_divergence(objective, h, max_iter, tol, x, mean)
+    cross = kernels.dot_h(x, h)
+    wt = np.zeros_like(cross)
+    rule = get_solver("hals")
+    first = None
+    for _ in range(max_iter):
+        wt, violation = rule.update(wt, gram_h, cross, l1=objective.l1_w, l2=objective.l2_w)
+        if first is None:
+            first = violation
+        if first == 0 or violation <= tol * first:
+            break
+    return np.ascontiguousarray(wt.T)
+
+
+def _transform_divergence(objective, h, max_iter, tol, x, mean) -> np.ndarray:
+    beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
+    k = h.shape[0]
+    wt = np.full((k, x.shape[0]), np.sqrt(mean / k), dtype=h.dtype)
+    first = previous = None
+    for n_iter in range(max_iter + 1):
+        check = n_iter == 0 or (tol > 0 and n_iter % mu.CHECK_EVERY == 0)
+        if objective.masked:  # over the observed entries, each row's penalty by its count
+            numerator, denominator, value = masked.mu_w_statistics(x, wt, h, beta, check)
+            penalty = masked.counts(masked.observed(x)[1], axis=1)
+            denominator = denominator + penalty * (objective.l1_w + objective.l2_w * wt)
+            objective_w = dict(l1=0.0, l2=0.0)
+        else:
+            numerator, denominator, value = divergence.w_statistics(x, wt, h, beta, check)
+            objective_w = dict(l1=objective.l1_w, l2=objective.l2_w)
+        if check:
+            current = np.sqrt(2 * max(value, 0.0))
+            if first is None:
+                first = previous = current
+            elif first == 0 or (previous - current) / first < tol:
+                break
+            else:
+                previous = current
+        if n_iter == max_iter:
+            break
+        wt = mu.step(wt, numerator, denominator, gamma=gamma, **objective_w)
+        if beta < 1:
+            wt[wt < _TINY] = 0
+    return np.ascontiguousarray(wt.T)
