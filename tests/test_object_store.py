@@ -86,9 +86,9 @@ def test_sparse_store_and_checkpoint_resume_on_s3(tmp_path, s3, cluster):
 
     S = sp.random(600, 80, density=0.1, format="csr", random_state=2, dtype=np.float32)
     save_matrix("s3://bucket/sparse/S.zarr", S, storage_options=s3)
-    X = open_matrix("s3://bucket/sparse/S.zarr", storage_options=s3, panel_bytes=4000)
+    X = open_matrix("s3://bucket/sparse/S.zarr", storage_options=s3, panel_bytes=12000)
     assert len(X.chunks[0]) > 2
-    params = {**PARAMS, "panel_bytes": 4000, "storage_options": s3}
+    params = {**PARAMS, "panel_bytes": 12000, "storage_options": s3}
     ckpt = "s3://bucket/sparse/ckpt"
     whole = NMF(**params).fit(X)
     first = NMF(**{**params, "max_iter": 12}, checkpoint=ckpt, checkpoint_every=5).fit(X)
