@@ -100,8 +100,8 @@ def _block_rows(k: int, pattern=None) -> int:
     return max(1, BLOCK_BYTES // (8 * max(k * k, width)))
 
 
-def _pattern_rows(pattern, start: int, stop: int, dtype) -> np.ndarray | sp.csr_matrix:
-    block = pattern[start:stop]
+def _pattern_rows(pattern, rows: slice, dtype) -> np.ndarray | sp.csr_matrix:
+    block = pattern[rows]
     return block.astype(dtype) if isinstance(block, np.ndarray) else block
 
 
@@ -136,6 +136,19 @@ def hals(
     return violation
 
 
+def _row_problems(values, pattern, h: np.ndarray, n_rows: np.ndarray):
+    """The rows' least-squares problems of a panel, a block of rows at a time: ``(slice of
+    the rows, their Gram matrices (r_b, k, k), their C = H·X_bᵀ (k, r_b), their counts)``."""
+    k, r = h.shape[0], values.shape[0]
+    cross = kernels.dot_h(values, h)
+    quadratic = np.ascontiguousarray(packed_outer(h).T)  # (n, p)
+    step = _block_rows(k, pattern)
+    for start in range(0, r, step):
+        rows = slice(start, min(r, start + step))
+        grams = unpack(np.asarray(_pattern_rows(pattern, rows, h.dtype) @ quadratic), k)
+        yield rows, grams, cross[:, rows], n_rows[rows]
+
+
 def update_rows(
     values,
     pattern,
@@ -155,23 +168,16 @@ def update_rows(
     (½·Σ_Ω(x − w·h)², by the Gram identity of each row: Σx² − 2·w·c + wᵀ·G·w), ``sum_w`` and
     ``sq_w`` (Σ_i n_i·Σw_i and Σ_i n_i·‖w_i‖²), and the ``violation`` of the first sweep.
     """
-    k, r = wt.shape
-    cross = kernels.dot_h(values, h)
-    quadratic = np.ascontiguousarray(packed_outer(h).T)  # (n, p)
     n_rows = counts(pattern, axis=1)
     sum_w, sq_w = weighted_sums(wt, n_rows)
     data = values.data if sp.issparse(values) else values.ravel()
     loss = 0.5 * float(np.dot(data, data.astype(np.float64)))
     violation = 0.0
     wt = wt.copy()  # updated in place; the input may be a block other tasks still read
-    rows = _block_rows(k, pattern)
-    for start in range(0, r, rows):
-        stop = min(r, start + rows)
-        grams = unpack(np.asarray(_pattern_rows(pattern, start, stop, h.dtype) @ quadratic), k)
-        block, c = wt[:, start:stop], cross[:, start:stop]
+    for rows, grams, c, count in _row_problems(values, pattern, h, n_rows):
+        block = wt[:, rows]
         loss -= float(np.einsum("kr,kr->", block, c, dtype=np.float64))
         loss += 0.5 * float(np.einsum("kr,rkl,lr->", block, grams, block, dtype=np.float64))
-        count = n_rows[start:stop]
         violation += hals(block, grams, c, l1 * count, l2 * count, n_sweeps, order)
     wt[:, n_rows == 0] = 0  # nothing observed: nothing to fit
     return wt, {"loss": loss, "sum_w": sum_w, "sq_w": sq_w, "violation": violation}
@@ -189,7 +195,7 @@ def column_partials(values, pattern, wt: np.ndarray, col_bounds: Sequence[int]) 
         grams = np.zeros((pattern.shape[1], quadratic.shape[1]), dtype=wt.dtype)
         rows = _block_rows(1, pattern)
         for start in range(0, r, rows):
-            block = _pattern_rows(pattern, start, min(r, start + rows), wt.dtype)
+            block = _pattern_rows(pattern, slice(start, start + rows), wt.dtype)
             grams += block.T @ quadratic[start : start + rows]
     n_cols = counts(pattern, axis=0)
     return tuple((grams[a:b], n_cols[a:b]) for a, b in itertools.pairwise(col_bounds))
@@ -259,17 +265,9 @@ def solve_rows(
     """W of a panel for a fixed H (``transform``): each row's non-negative least squares over
     its observed entries, by HALS sweeps from zero until the violation falls to ``tol`` × its
     first value (or ``max_iter`` sweeps). Returns the (r, k) block."""
-    k, r = h.shape[0], values.shape[0]
-    cross = kernels.dot_h(values, h)
-    quadratic = np.ascontiguousarray(packed_outer(h).T)
-    n_rows = counts(pattern, axis=1)
-    wt = np.zeros((k, r), dtype=h.dtype)
-    rows = _block_rows(k, pattern)
-    for start in range(0, r, rows):
-        stop = min(r, start + rows)
-        grams = unpack(np.asarray(_pattern_rows(pattern, start, stop, h.dtype) @ quadratic), k)
-        block, c = wt[:, start:stop], cross[:, start:stop]
-        count = n_rows[start:stop]
+    wt = np.zeros((h.shape[0], values.shape[0]), dtype=h.dtype)
+    for rows, grams, c, count in _row_problems(values, pattern, h, counts(pattern, axis=1)):
+        block = wt[:, rows]
         first = None
         for _ in range(max_iter):
             violation = hals(block, grams, c, l1 * count, l2 * count, 1)
@@ -329,10 +327,10 @@ def mu_parts(values, pattern, wh, beta: float):
     return np.where(pattern, numerator, 0), np.where(pattern, denominator, 0)
 
 
-def mu_w_statistics(x, wt, h, beta: float, with_divergence: bool = False):
-    """Numerator and denominator (k, r) of the W update over the observed entries of panel
-    ``x``, and D_β there when asked (else None): ``divergence.w_statistics``, masked."""
-    values, pattern = observed(x)
+def mu_w_statistics(values, pattern, wt, h, beta: float, with_divergence: bool = False):
+    """Numerator and denominator (k, r) of the W update over the observed entries of a panel
+    (``observed``), and D_β there when asked (else None): ``divergence.w_statistics``,
+    masked."""
     wh = product(values, pattern, wt, h)
     value = beta_divergence(values, pattern, wh, beta) if with_divergence else None
     numerator, denominator = (kernels.dot_h(m, h) for m in mu_parts(values, pattern, wh, beta))
@@ -349,10 +347,9 @@ def mu_rows(values, pattern, h, wt, *, beta, l1, l2, n_sweeps) -> tuple[np.ndarr
     wt = wt.copy()
     loss = 0.0
     for sweep in range(n_sweeps):
-        wh = product(values, pattern, wt, h)
+        numerator, denominator, value = mu_w_statistics(values, pattern, wt, h, beta, sweep == 0)
         if sweep == 0:
-            loss = beta_divergence(values, pattern, wh, beta)
-        numerator, denominator = (kernels.dot_h(m, h) for m in mu_parts(values, pattern, wh, beta))
+            loss = value
         denominator = denominator + l1 * n_rows + l2 * n_rows * wt
         wt = mu.step(wt, numerator, denominator, gamma=gamma)
         if beta < 1:

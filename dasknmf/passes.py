@@ -105,11 +105,14 @@ def _transform_divergence(objective, h, max_iter, tol, x, mean) -> np.ndarray:
     k = h.shape[0]
     wt = np.full((k, x.shape[0]), np.sqrt(mean / k), dtype=h.dtype)
     first = previous = None
+    if objective.masked:  # over the observed entries, each row's penalty by its count
+        values, pattern = masked.observed(x)
+        penalty = masked.counts(pattern, axis=1)
     for n_iter in range(max_iter + 1):
         check = n_iter == 0 or (tol > 0 and n_iter % mu.CHECK_EVERY == 0)
-        if objective.masked:  # over the observed entries, each row's penalty by its count
-            numerator, denominator, value = masked.mu_w_statistics(x, wt, h, beta, check)
-            penalty = masked.counts(masked.observed(x)[1], axis=1)
+        if objective.masked:
+            statistics = masked.mu_w_statistics(values, pattern, wt, h, beta, check)
+            numerator, denominator, value = statistics
             denominator = denominator + penalty * (objective.l1_w + objective.l2_w * wt)
             objective_w = dict(l1=0.0, l2=0.0)
         else:
