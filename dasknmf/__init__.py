@@ -15,10 +15,11 @@ from dasknmf._version import __version__
 
 _EXPORTS = {
     "NMF": ("dasknmf.estimator", "NMF"),
+    "MiniBatchNMF": ("dasknmf.streaming", "MiniBatchNMF"),
     "InvalidParameterError": ("dasknmf._params", "InvalidParameterError"),
     "MatrixPathError": ("dasknmf.io", "MatrixPathError"),
     "convert": ("dasknmf.converters", "convert"),
-    "load": ("dasknmf.estimator", "load_model"),
+    "load": ("dasknmf.models", "load"),
     "open_matrix": ("dasknmf.io", "open_matrix"),
     "save_matrix": ("dasknmf.io", "save_matrix"),
 }
@@ -27,6 +28,7 @@ __all__ = [
     "NMF",
     "InvalidParameterError",
     "MatrixPathError",
+    "MiniBatchNMF",
     "__version__",
     "convert",
     "load",
@@ -37,8 +39,9 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from dasknmf.converters import convert
     from dasknmf.estimator import NMF, InvalidParameterError
-    from dasknmf.estimator import load_model as load
     from dasknmf.io import MatrixPathError, open_matrix, save_matrix
+    from dasknmf.models import load
+    from dasknmf.streaming import MiniBatchNMF
 
 
 def __getattr__(name: str):

@@ -122,6 +122,23 @@ RULES: dict[str, tuple[Callable, str]] = {
     "checkpoint_every": _int_at_least(1),
     "resume": (_is_bool, "a bool"),
     "storage_options": ((lambda v: v is None or isinstance(v, dict)), "a dict or None"),
+    # MiniBatchNMF's
+    "batch_size": _int_at_least(1),
+    "max_no_improvement": (
+        lambda v: v is None or (is_int(v) and v >= 1),
+        "an int in the range [1, inf) or None",
+    ),
+    "forget_factor": ((lambda v: is_real(v) and 0 <= v <= 1), "a float in the range [0, 1]"),
+    "fresh_restarts": (_is_bool, "a bool"),
+    "fresh_restarts_max_iter": _int_at_least(1),
+    "transform_max_iter": (
+        lambda v: v is None or (is_int(v) and v >= 1),
+        "an int in the range [1, inf) or None",
+    ),
+    "parallel_batches": (
+        lambda v: v is None or (is_int(v) and v >= 1),
+        "an int in the range [1, inf) or None",
+    ),
 }
 
 
@@ -287,15 +304,24 @@ def saved_attributes(model) -> dict:
         "params": {
             key: _jsonable(v) for key, v in model.get_params().items() if key != "storage_options"
         },
-        "n_iter": int(model.n_iter_),
-        "loss_history": [float(v) for v in model.loss_history_],
-        "reconstruction_err": float(model.reconstruction_err_),
+        "n_iter": _optional(getattr(model, "n_iter_", None), int),
+        "loss_history": [float(v) for v in getattr(model, "loss_history_", [])],
+        "reconstruction_err": _optional(getattr(model, "reconstruction_err_", None), float),
     }
+    if hasattr(model, "_rho"):  # a mini-batch model: ρ of its forget factor
+        attributes["rho"] = float(model._rho)
+    if hasattr(model, "n_steps_"):
+        attributes["n_steps"] = int(model.n_steps_)
     if hasattr(model, "layout_"):
         attributes["layout"] = model.layout_
     if hasattr(model, "feature_names_in_"):
         attributes["feature_names_in"] = [str(name) for name in model.feature_names_in_]
     return attributes
+
+
+def _optional(value, kind):
+    """``kind(value)``, or None for a model that has no such result (``partial_fit`` only)."""
+    return None if value is None else kind(value)
 
 
 def _jsonable(value):

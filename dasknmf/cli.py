@@ -197,6 +197,57 @@ def transform(model_path, input_path, output, component, overwrite, cluster, sch
     _emit(as_json, record, f"W {W.shape[0]} x {W.shape[1]} written to {output}", quiet)
 
 
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=_INPUT)
+@click.argument("input_path", metavar="INPUT", type=_INPUT)
+@click.option("-o", "--output", required=True, type=_OUTPUT, help="The updated model.")
+@click.option("--component", help="The matrix inside a Zarr group, e.g. X of an AnnData store.")
+@click.option("--beta-loss", help="Refuse a MODEL fitted with another loss than this one.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_where_to_run
+@_common
+@_fails_cleanly
+def update(model_path, input_path, output, component, beta_loss, overwrite, cluster,
+           scheduler_address, scheduler_file, workers, wait_for_workers, as_json, quiet,
+           verbose):  # fmt: skip
+    """Update a MiniBatchNMF MODEL with the new rows in INPUT (one partial_fit step from the
+    running sums kept in MODEL) and write it, with W of the new rows, to OUTPUT."""
+    from dasknmf import MiniBatchNMF, load, open_matrix
+    from dasknmf._params import beta
+
+    _setup_logging(verbose, quiet)
+    _check_output(output, overwrite)
+    model = load(model_path)
+    if not isinstance(model, MiniBatchNMF):
+        raise BadInput(
+            f"{model_path} is a {type(model).__name__} model, which keeps no running sums to "
+            "update: fit a MiniBatchNMF (dasknmf.MiniBatchNMF) to update it with new rows."
+        )
+    if beta_loss is not None and beta(_beta_loss(beta_loss)) != beta(model.beta_loss):
+        raise BadInput(
+            f"{model_path} was fitted with beta_loss={model.beta_loss!r}, not {beta_loss!r}."
+        )
+    X = open_matrix(input_path, component)
+    with _connect(cluster, scheduler_address, scheduler_file, workers) as client:
+        _announce(client, wait_for_workers)
+        _probe_output(client, output)
+        start = time.perf_counter()
+        model.partial_fit(X)
+        model.W_ = model.transform(X)
+        model.save(output, overwrite=overwrite)
+        seconds = time.perf_counter() - start
+    record = {
+        "command": "update",
+        "model": str(model_path),
+        "input": str(input_path),
+        "output": str(output),
+        "rows": int(X.shape[0]),
+        "n_steps": int(model.n_steps_),
+        "seconds": round(seconds, 3),
+    }
+    _emit(as_json, record, f"{X.shape[0]} rows taken in; model written to {output}", quiet)
+
+
 @main.command("recommend")
 @click.argument("model_path", metavar="MODEL", type=_INPUT)
 @click.option("-o", "--output", required=True, type=_OUTPUT,

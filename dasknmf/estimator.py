@@ -8,17 +8,15 @@ scipy.sparse and on Dask for Dask arrays, Zarr arrays, paths and URLs, is ``dask
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import dask.array as da
 import numpy as np
-import zarr
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from dasknmf import _params, io, pipeline
+from dasknmf._base import BaseNMF
 from dasknmf._params import InvalidParameterError
 from dasknmf.recommend import RecommenderMixin
 from dasknmf.steps import Objective
@@ -40,10 +38,6 @@ def auto_sweeps(entries: float, n_components: int) -> int:
     return int(np.clip(entries // n_components, 1, MAX_AUTO_SWEEPS))
 
 
-def _is_lazy_input(X) -> bool:
-    return isinstance(X, da.Array | zarr.Array | zarr.Group | str | os.PathLike)
-
-
 #: The estimator's parameters that ``pipeline.Plan`` takes as they are.
 _PLAN_SETTINGS = (
     "max_iter", "tol", "random_state", "shuffle", "cache", "layout", "missing", "checkpoint",
@@ -51,7 +45,7 @@ _PLAN_SETTINGS = (
 )  # fmt: skip
 
 
-class NMF(RecommenderMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class NMF(RecommenderMixin, BaseNMF):
     """Non-negative Matrix Factorization (NMF), in memory or on a Dask cluster.
 
     Find two non-negative matrices W (n_samples, n_components) and H (n_components,
@@ -273,64 +267,7 @@ class NMF(RecommenderMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             masked=masked,
         )
 
-    def _panel_budget(self, shape=None, itemsize=8, n_components=None, lazy=True) -> int:
-        """Bytes of a row panel (``_params.panel_budget``); for Dask input without
-        ``panel_bytes``, sized to the workers' memory once the shape of X is known."""
-        if n_components is None and shape is not None:
-            k = self.n_components
-            n_components = k if _params.is_int(k) else min(shape)
-        return _params.panel_budget(self.panel_bytes, lazy, shape, n_components, itemsize)
-
-    # ---- input ---------------------------------------------------------------------------
-
-    def _check_input(self, X, reset: bool):
-        """X validated: numpy or scipy.sparse through scikit-learn's ``validate_data``, or a
-        floating Dask array for Dask, Zarr and path input."""
-        if not _is_lazy_input(X):
-            X = validate_data(
-                self,
-                X,
-                accept_sparse=("csr", "csc"),
-                dtype=[np.float64, np.float32],
-                reset=reset,
-                ensure_non_negative=not reset,
-                ensure_all_finite="allow-nan" if self.missing else True,
-            )
-            _params.check_missing_input(self.missing, X)
-            return X
-        X = _params.as_dask_matrix(X, self._panel_budget, self.storage_options)
-        _params.check_missing_input(self.missing, X)
-        if reset:
-            self.n_features_in_ = X.shape[1]
-            if hasattr(self, "feature_names_in_"):
-                del self.feature_names_in_
-        elif X.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {X.shape[1]} features, but NMF is expecting "
-                f"{self.n_features_in_} features as input."
-            )
-        return X
-
     # ---- fitting -------------------------------------------------------------------------
-
-    def fit(self, X, y=None, **params):
-        """Learn an NMF model for the data X.
-
-        Parameters
-        ----------
-        X : {array-like, sparse matrix, dask.array.Array, zarr.Array, str} of shape \
-(n_samples, n_features)
-            Training data.
-        y : Ignored
-        **params : kwargs
-            Passed to ``fit_transform`` (``W``, ``H`` with ``init='custom'``).
-
-        Returns
-        -------
-        self : object
-        """
-        self.fit_transform(X, **params)
-        return self
 
     def fit_transform(self, X, y=None, W=None, H=None):
         """Learn an NMF model for the data X and return the transformed data W.
@@ -408,15 +345,10 @@ class NMF(RecommenderMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         -------
         pathlib.Path (the URL, a str, for an object store)
         """
-        check_is_fitted(self)
-        options = self.storage_options if storage_options is None else storage_options
-        return io.save_model(
+        return self._save(
             path,
-            np.asarray(self.components_),
-            getattr(self, "W_", None),
-            _params.saved_attributes(self),
-            overwrite=overwrite,
-            storage_options=options,
+            overwrite,
+            storage_options,
             ids=(self.row_ids_, self.col_ids_) if hasattr(self, "row_ids_") else None,
         )
 
@@ -446,35 +378,6 @@ class NMF(RecommenderMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             self.max_iter,
             self.tol,
         )
-
-    def inverse_transform(self, X):
-        """Transform data back to its original space: X @ components_.
-
-        Parameters
-        ----------
-        X : {ndarray, sparse matrix, dask.array.Array} of shape (n_samples, n_components)
-
-        Returns
-        -------
-        X_original : ndarray or dask.array.Array of shape (n_samples, n_features)
-        """
-        check_is_fitted(self)
-        if np.ndim(X) != 2 or np.shape(X)[1] != self.n_components_:
-            raise ValueError(
-                f"Expected W of shape (n_samples, {self.n_components_}), got shape {np.shape(X)}."
-            )
-        return X @ self.components_
-
-    @property
-    def _n_features_out(self):
-        return self.components_.shape[0]
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.positive_only = True
-        tags.input_tags.sparse = True
-        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
-        return tags
 
 
 def load_model(path, *, storage_options=None) -> NMF:

@@ -375,9 +375,11 @@ def save_model(
     overwrite: bool = False,
     storage_options=None,
     ids: tuple | None = None,
+    arrays: dict | None = None,
 ):
     """Write a fitted model to a Zarr group: arrays ``H`` (k × n) and ``W`` (m × k, if given:
-    numpy, or Dask, written chunk by chunk by the cluster) and ``attributes`` (JSON: the
+    numpy, or Dask, written chunk by chunk by the cluster), the in-memory ``arrays`` given by
+    name (a mini-batch model's running sums) and ``attributes`` (JSON: the
     estimator's parameters and results), to which the layout's format, the package version,
     the shapes and the dtype are added; ``ids``, the original (row ids, column ids) of the
     fitted X, as in a store written from records (``csr.write_ids``). The group is written to
@@ -400,6 +402,11 @@ def save_model(
         _write_array(group.store_path / "H", H, default_chunks(H.shape, H.dtype.itemsize))
         if W is not None:
             _write_array(group.store_path / "W", W, default_chunks(W.shape, W.dtype.itemsize))
+        for name, array in (arrays or {}).items():
+            array = np.asarray(array)
+            _write_array(
+                group.store_path / name, array, default_chunks(array.shape, array.itemsize)
+            )
         group.attrs.update(attributes)
         if ids is not None:
             csr.write_ids(tmp, *ids, ("rows", "columns", "values"))
@@ -416,6 +423,17 @@ def matrix_ids(source, storage_options=None) -> tuple[np.ndarray, np.ndarray] | 
     except (MatrixPathError, TypeError):
         return None
     return csr.read_ids(node) if isinstance(node, zarr.Group) else None
+
+
+def load_model_array(path, name: str, shape: tuple, *, storage_options=None) -> np.ndarray:
+    """Array ``name`` of a saved model, read, checked to have ``shape``."""
+    node, where = _open_node(path, storage_options)
+    if not isinstance(node, zarr.Group) or name not in node:
+        raise ValueError(f"{where} has no array {name!r}.")
+    array = _node_as_dask(node, where, name, None).compute(scheduler="sync")
+    if array.shape != tuple(shape):
+        raise ValueError(f"{where}: {name} has shape {array.shape}, expected {tuple(shape)}.")
+    return array
 
 
 def load_model(path, *, storage_options=None) -> tuple[dict, np.ndarray, da.Array | None]:

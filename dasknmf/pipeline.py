@@ -390,21 +390,19 @@ def transform(X, H: np.ndarray, objective: Objective, panel_bytes: int, max_iter
     """W for X under the fixed H (non-negative least squares, ``objective``'s update rule):
     numpy for in-memory X, a lazy Dask array for Dask X (each row panel read once when it is
     computed)."""
+    return map_rows(
+        X, panel_bytes, passes.transform_panel, objective, H, H @ H.T, max_iter, tol, k=H.shape[0]
+    )
+
+
+def map_rows(X, panel_bytes: int, fn: Callable, *common, k: int):
+    """``fn(*common, X_i)`` → W_i (m_i, k) for each row panel X_i of X, joined: numpy for
+    in-memory X, a lazy Dask array for Dask X (each row panel read once when computed)."""
     parts = row_panels(X, panel_bytes, fitting=False)
-    k = H.shape[0]
-    gram_h = H @ H.T
     ops = parts.ops
     try:
         with single_blas_thread():
-            blocks = parts.map(
-                passes.transform_panel,
-                [(x,) for x in parts.items],
-                objective,
-                ops.share(H),
-                gram_h,
-                max_iter,
-                tol,
-            )
+            blocks = parts.map(fn, [(x,) for x in parts.items], *(ops.share(c) for c in common))
             if not ops.is_lazy:
                 return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     finally:
