@@ -193,7 +193,10 @@ def w_step(objective: Objective, order, summary, wt, cross):
     pin_worker_blas()
     gram_h = summary[0] if isinstance(summary, tuple) else summary
     wt = wt[0] if isinstance(wt, tuple) else wt  # the previous ``w_step`` output
-    wt, stats = steps.w_update(objective, order, gram_h, cross, kernels.aligned(wt))
+    # All aligned: numpy's matmul skips BLAS for an unaligned operand (one received over the
+    # network may be), and its own loop rounds differently from BLAS's.
+    gram_h, cross, wt = map(kernels.aligned, (gram_h, cross, wt))
+    wt, stats = steps.w_update(objective, order, gram_h, cross, wt)
     return wt, wt @ wt.T, stats
 
 
@@ -202,7 +205,7 @@ def block_partial(w_out, x, total=None) -> tuple:
     all of B = Σ W_iᵀ·W_i and the statistics, as every H block's update needs them."""
     pin_worker_blas()
     wt, gram_w, stats = w_out
-    part = (gram_w, stats, kernels.dot_w(panel_data(x), wt))
+    part = (gram_w, stats, kernels.dot_w(panel_data(x), kernels.aligned(wt)))
     return part if total is None else steps.sum_in_order(total, part)
 
 
@@ -217,8 +220,10 @@ def block_final_stats(with_w: bool, h, w_out, x) -> np.ndarray:
 
 
 def gram_of(*h_blocks) -> np.ndarray:
-    """H·Hᵀ, (k, k), from the column blocks of H."""
-    return steps.sum_in_order(*(b @ b.T for b in map(steps.h_array, h_blocks)))
+    """H·Hᵀ, (k, k), from the column blocks of H (aligned: see ``w_step``)."""
+    pin_worker_blas()
+    arrays = (kernels.aligned(steps.h_array(b)) for b in h_blocks)
+    return steps.sum_in_order(*(b @ b.T for b in arrays))
 
 
 # ---- driver ----------------------------------------------------------------------------------
