@@ -54,6 +54,29 @@ def test_blocks_on_a_cluster_equal_blocks_in_memory(cluster, X, tmp_path):
         assert model.loss_history_ == reference.loss_history_
 
 
+def _unaligned(a):
+    """A copy of ``a`` one byte off its dtype's alignment, as an array received over the
+    network can be."""
+    buffer = np.empty(a.nbytes + 1, dtype=np.uint8)
+    out = buffer[1:].view(a.dtype).reshape(a.shape)
+    out[:] = a
+    assert not out.flags.aligned
+    return out
+
+
+def test_block_tasks_give_the_same_bits_for_arrays_at_any_address():
+    # numpy's matmul skips BLAS for an unaligned operand, and its loop rounds b @ b.T
+    # differently from BLAS's syrk with some kernels (OpenBLAS on SkylakeX).
+    rng = np.random.default_rng(0)
+    h = [rng.random((4, 23)) for _ in range(4)]
+    assert np.array_equal(blocks.gram_of(*map(_unaligned, h)), blocks.gram_of(*h))
+    wt, x = rng.random((4, 24)), rng.random((24, 23))
+    w_out = (wt, wt @ wt.T, np.zeros(7))
+    moved = (_unaligned(wt), w_out[1], w_out[2])
+    for a, b in zip(blocks.block_partial(moved, x), blocks.block_partial(w_out, x), strict=True):
+        assert np.array_equal(a, b)
+
+
 def test_blocks_are_chosen_when_no_row_or_column_fits_a_task(X, caplog):
     caplog.set_level("INFO", logger="dasknmf")
     _, model = _fit(X, panel_bytes=1000)  # a row with H needs 13·90·8 bytes, a column 13·120·8
