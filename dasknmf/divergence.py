@@ -207,6 +207,12 @@ def kl_update(x, wt: np.ndarray, h: np.ndarray, *, l1: float = 0.0, l2: float = 
     return wt, numerator, h_denominator(x, None, wt, h, 1), value
 
 
+def kl_divergence(x, wt: np.ndarray, h: np.ndarray) -> float:
+    """D_KL(X_i | W_i·H) of a panel that ``fused`` serves, in one compiled pass."""
+    _, logs, total = _compiled.kl_w_numerator(x, wt, h, EPSILON, True)
+    return logs + _sum_wh(wt, h) - total
+
+
 def w_statistics(x, wt: np.ndarray, h: np.ndarray, beta: float, with_divergence: bool = False):
     """Numerator (X ∘ (W·H)^(β−2))·Hᵀ and denominator of the W update, both (k, m_i), and
     D_β(X_i | W_i·H) when asked (else None)."""

@@ -103,6 +103,25 @@ def solve_w_rows(online: Online, h: np.ndarray, max_iter: int, x) -> np.ndarray:
     return np.ascontiguousarray(solve_w(online, h, max_iter, x).T)
 
 
+def _h_statistics(online: Online, x, wt, h, fixed, norm_x_sq: float):
+    """The batch's numerator and denominator of the H update and D_β(X_b | W_b·H)."""
+    beta = online.beta
+    if beta == 2:
+        numerator = kernels.dot_w(x, wt)  # Wᵀ·X_b, (k, n)
+        denominator = wt @ wt.T  # WᵀW, (k, k): the update forms WᵀW·H
+        # ½‖X_b − W_b·H‖² without forming W_b·H: ‖X_b‖² − 2⟨W_b, H·X_bᵀ⟩ + ⟨WᵀW, H·Hᵀ⟩.
+        cross = np.vdot(wt.astype(np.float64), fixed[0].astype(np.float64))
+        gram = np.vdot(denominator.astype(np.float64), fixed[1].astype(np.float64))
+        return numerator, denominator, 0.5 * max(norm_x_sq - 2.0 * cross + gram, 0.0)
+    if divergence.fused(x, beta):
+        numerator, denominator = divergence.h_statistics(x, wt, h, beta)
+        return numerator, denominator, divergence.kl_divergence(x, wt, h)
+    wh = divergence.sampled_product(x, wt, h)
+    value = divergence.divergence(x, wh, wt, h, beta)
+    numerator = kernels.dot_w(divergence.weighted(x, wh, beta), wt)
+    return numerator, divergence.h_denominator(x, wh, wt, h, beta), value
+
+
 def batch_task(online: Online, fresh_max_iter: int, h: np.ndarray, x, wt, norm_x_sq: float):
     """The work of one batch: ``(Wᵀ_b, statistics)`` — the new Wᵀ_b (a fresh solve when ``wt``
     is None, else one update of ``wt``) and the batch's ``(numerator, denominator, divergence,
@@ -111,25 +130,20 @@ def batch_task(online: Online, fresh_max_iter: int, h: np.ndarray, x, wt, norm_x
     pin_worker_blas()
     x, h = panel_data(x), kernels.aligned(h)
     fixed = _fixed_h(online, x, h)
-    if wt is None:
-        wt = _solve(online, x, h, fresh_max_iter, fixed)
-    else:
-        wt = _w_step(online, x, np.array(wt, copy=True), h, fixed)
     beta = online.beta
-    if beta < 1:  # scikit-learn: for stability
-        wt[wt < _TINY] = 0.0
-    if beta == 2:
-        numerator = kernels.dot_w(x, wt)  # Wᵀ·X_b, (k, n)
-        denominator = wt @ wt.T  # WᵀW, (k, k): the H update forms WᵀW·H
-        # ½‖X_b − W_b·H‖² without forming W_b·H: ‖X_b‖² − 2⟨W_b, X_b·Hᵀ⟩ + ⟨WᵀW, H·Hᵀ⟩.
-        cross = np.vdot(wt.astype(np.float64), fixed[0].astype(np.float64))
-        gram = np.vdot(denominator.astype(np.float64), fixed[1].astype(np.float64))
-        value = 0.5 * max(norm_x_sq - 2.0 * cross + gram, 0.0)
+    if wt is not None and divergence.fused(x, beta):  # one compiled pass: W, then H's sums
+        wt, numerator, denominator, _ = divergence.kl_update(
+            x, wt, h, l1=online.w_penalties()[0], l2=online.w_penalties()[1]
+        )
+        value = divergence.kl_divergence(x, wt, h)
     else:
-        wh = divergence.sampled_product(x, wt, h)
-        value = divergence.divergence(x, wh, wt, h, beta)
-        numerator = kernels.dot_w(divergence.weighted(x, wh, beta), wt)
-        denominator = divergence.h_denominator(x, wh, wt, h, beta)
+        if wt is None:
+            wt = _solve(online, x, h, fresh_max_iter, fixed)
+        else:
+            wt = _w_step(online, x, np.array(wt, copy=True), h, fixed)
+        if beta < 1:  # scikit-learn: for stability
+            wt[wt < _TINY] = 0.0
+        numerator, denominator, value = _h_statistics(online, x, wt, h, fixed, norm_x_sq)
     sums = (float(wt.sum(dtype=np.float64)), float(np.vdot(wt, wt)))
     return wt, (numerator, denominator, float(value), *sums, x.shape[0])
 
@@ -151,34 +165,39 @@ def batch_cost(online: Online, stats: tuple, h: np.ndarray) -> float:
     _, _, value, sum_w, sq_w, rows = stats
     l1_w, l2_w = online.w_penalties()
     l1_h, l2_h = online.h_penalties(rows)
-    h64 = h.astype(np.float64, copy=False)
-    penalties = l1_w * sum_w + l1_h * h64.sum() + l2_w * sq_w + l2_h * float(np.vdot(h64, h64))
+    penalties = l1_w * sum_w + l2_w * sq_w
+    if l1_h or l2_h:
+        h64 = h.astype(np.float64, copy=False)
+        penalties += l1_h * h64.sum() + l2_h * float(np.vdot(h64, h64))
     return (value + penalties) / rows
 
 
 def update_h(online: Online, h: np.ndarray, A: np.ndarray, B: np.ndarray, rho: float, stats):
-    """H after one round of batches: ``(H, A, B)`` new (the inputs are not modified)."""
+    """H after one step: ``(H, A, B)`` new (the inputs are not modified)."""
     numerator, denominator, *_, rows = stats
     if online.beta == 2:
         denominator = denominator @ h
     elif online.beta == 1:
         denominator = np.where(denominator == 0, 1.0, denominator).astype(h.dtype)[:, None]
+    else:
+        denominator = denominator.copy()
     l1, l2 = online.h_penalties(rows)
     if l1 > 0:
-        denominator = denominator + l1
+        denominator += l1
     if l2 > 0:
         denominator = denominator + l2 * h
-    denominator = np.where(denominator == 0, divergence.EPSILON, denominator)
+    denominator[denominator == 0] = divergence.EPSILON
     gamma = online.gamma
-    powered = h ** (1 / gamma) if gamma != 1 else h
-    A = rho * A + numerator * powered
-    B = rho * B + denominator
-    h = A / B
+    new_a = numerator * (h ** (1 / gamma) if gamma != 1 else h)
+    new_a += rho * A
+    new_b = rho * B
+    new_b += denominator
+    h = new_a / new_b
     if gamma != 1:
         h **= gamma
     if online.beta <= 1:
         h[h < _TINY] = 0.0
-    return h.astype(A.dtype, copy=False), A, B
+    return h.astype(A.dtype, copy=False), new_a, new_b
 
 
 def final_divergence(beta: float, h: np.ndarray, x, wt: np.ndarray) -> float:
@@ -187,4 +206,6 @@ def final_divergence(beta: float, h: np.ndarray, x, wt: np.ndarray) -> float:
     x, h, wt = panel_data(x), kernels.aligned(h), kernels.aligned(wt)
     if beta == 2:
         return 0.5 * kernels.residual_sq(x, wt, h)
+    if divergence.fused(x, beta):
+        return divergence.kl_divergence(x, wt, h)
     return divergence.divergence(x, divergence.sampled_product(x, wt, h), wt, h, beta)
