@@ -81,6 +81,9 @@ def test_convert_fit_save_load_transform_equal_local_disk(tmp_path, s3, cluster)
     np.testing.assert_array_equal(W_s3, W_disk)
 
 
+# 69 s on 2 cores: out of the default run to keep CI under 15 minutes; checkpoints and sparse
+# stores are tested on disk, S3 by the test above and the CLI's (run it with -m slow).
+@pytest.mark.slow
 def test_sparse_store_and_checkpoint_resume_on_s3(tmp_path, s3, cluster):
     import scipy.sparse as sp
 
