@@ -132,9 +132,8 @@ def batch_task(online: Online, fresh_max_iter: int, h: np.ndarray, x, wt, norm_x
     fixed = _fixed_h(online, x, h)
     beta = online.beta
     if wt is not None and divergence.fused(x, beta):  # one compiled pass: W, then H's sums
-        wt, numerator, denominator, _ = divergence.kl_update(
-            x, wt, h, l1=online.w_penalties()[0], l2=online.w_penalties()[1]
-        )
+        l1, l2 = online.w_penalties()
+        wt, numerator, denominator, _ = divergence.kl_update(x, wt, h, l1=l1, l2=l2)
         value = divergence.kl_divergence(x, wt, h)
     else:
         if wt is None:
