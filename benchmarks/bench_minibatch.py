@@ -32,6 +32,7 @@ each: the error of ``NMF`` with its defaults, and how many epochs (passes over X
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -107,37 +108,23 @@ def child(contender: str, case: str) -> dict:
         tol=0,
         max_no_improvement=None,
     )
-    if contender == "sklearn":
-        from sklearn.decomposition import MiniBatchNMF
+    data = store(kind, X) if contender == "cluster" else X
+    W_start, H_start = W0.copy(), H0.copy()  # scikit-learn updates a custom H in place
+    with contextlib.ExitStack() as stack:
+        if contender == "sklearn":
+            from sklearn.decomposition import MiniBatchNMF
+        else:
+            from dasknmf import MiniBatchNMF
+        if contender == "cluster":
+            from distributed import Client, LocalCluster
 
-        with PeakMemory() as memory:
-            begin = time.perf_counter()
-            model = MiniBatchNMF(**params)
-            W = model.fit_transform(X, W=W0.copy(), H=H0.copy())
-            seconds = time.perf_counter() - begin
-    elif contender == "dasknmf":
-        from dasknmf import MiniBatchNMF
-
-        with PeakMemory() as memory:
-            begin = time.perf_counter()
-            model = MiniBatchNMF(**params)
-            W = model.fit_transform(X, W=W0, H=H0)
-            seconds = time.perf_counter() - begin
-    else:
-        from distributed import Client, LocalCluster
-
-        from dasknmf import MiniBatchNMF
-
-        path = store(kind, X)
-        with (
-            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
-            Client(cluster),
-            PeakMemory() as memory,
-        ):
-            begin = time.perf_counter()
-            model = MiniBatchNMF(**params)
-            W = np.asarray(model.fit_transform(path, W=W0, H=H0))
-            seconds = time.perf_counter() - begin
+            cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
+            stack.enter_context(Client(stack.enter_context(cluster)))
+        memory = stack.enter_context(PeakMemory())
+        begin = time.perf_counter()
+        model = MiniBatchNMF(**params)
+        W = np.asarray(model.fit_transform(data, W=W_start, H=H_start))
+        seconds = time.perf_counter() - begin
     return dict(
         per_epoch=seconds / epochs,
         n_steps=int(model.n_steps_),
