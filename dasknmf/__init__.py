@@ -21,7 +21,9 @@ _EXPORTS = {
     "convert": ("dasknmf.converters", "convert"),
     "load": ("dasknmf.models", "load"),
     "open_matrix": ("dasknmf.io", "open_matrix"),
+    "RankSelection": ("dasknmf.rank", "RankSelection"),
     "save_matrix": ("dasknmf.io", "save_matrix"),
+    "select_rank": ("dasknmf.rank", "select_rank"),
 }
 
 __all__ = [
@@ -29,11 +31,13 @@ __all__ = [
     "InvalidParameterError",
     "MatrixPathError",
     "MiniBatchNMF",
+    "RankSelection",
     "__version__",
     "convert",
     "load",
     "open_matrix",
     "save_matrix",
+    "select_rank",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dasknmf.estimator import NMF, InvalidParameterError
     from dasknmf.io import MatrixPathError, open_matrix, save_matrix
     from dasknmf.models import load
+    from dasknmf.rank import RankSelection, select_rank
     from dasknmf.streaming import MiniBatchNMF
 
 

@@ -15,7 +15,7 @@ import time
 
 import click
 
-from dasknmf import __version__
+from dasknmf import __version__, _cli_rank
 from dasknmf._cli import (
     _INPUT,
     _LOCAL_INPUT,
@@ -39,6 +39,10 @@ logger = logging.getLogger("dasknmf")
 @click.version_option(__version__, prog_name="dasknmf")
 def main() -> None:
     """Distributed, out-of-core Non-negative Matrix Factorization on Dask and Zarr."""
+
+
+main.add_command(_cli_rank.rank)
+main.add_command(_cli_rank.consensus)
 
 
 def _beta_loss(value: str):
@@ -382,7 +386,8 @@ def info(path, component, as_json, quiet, verbose):
 @_common
 @_fails_cleanly
 def plot(model_path, output, overwrite, as_json, quiet, verbose):
-    """Draw the convergence curve (objective per iteration) of a fitted MODEL."""
+    """Draw the convergence curve (objective per iteration) of a fitted MODEL, or error,
+    stability and held-out error against k of a rank selection (``dasknmf rank``)."""
     from dasknmf import load
     from dasknmf.io import atomic_path
 
@@ -397,15 +402,17 @@ def plot(model_path, output, overwrite, as_json, quiet, verbose):
         raise click.ClickException(
             'dasknmf plot needs matplotlib: pip install "dasknmf[plot]"'
         ) from None
-    model = load(model_path)
-    loss = model.loss_history_
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.semilogy(range(len(loss)), loss, marker="." if len(loss) < 50 else None)
-    axes.set_xlabel("iteration")
-    axes.set_ylabel("objective")
-    axes.set_title(f"NMF, {model.n_components_} components: {model.n_iter_} iterations")
-    axes.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
+    figure = _cli_rank.rank_figure(plt, model_path)  # a rank selection, or None
+    if figure is None:
+        model = load(model_path)
+        loss = model.loss_history_
+        figure, axes = plt.subplots(figsize=(6, 4))
+        axes.semilogy(range(len(loss)), loss, marker="." if len(loss) < 50 else None)
+        axes.set_xlabel("iteration")
+        axes.set_ylabel("objective")
+        axes.set_title(f"NMF, {model.n_components_} components: {model.n_iter_} iterations")
+        axes.grid(True, which="both", alpha=0.3)
+        figure.tight_layout()
     suffix = pathlib.PurePosixPath(str(output)).suffix
     with atomic_path(output, overwrite) as tmp:
         fs, where = tmp.filesystem()

@@ -212,6 +212,8 @@ class FitResult:
     n_iter: int
     history: History
     h_stats: np.ndarray | None = None  # the H stats of iteration n_iter (``steps.H_*``)
+    # D of each stacked replicate at the end (``Objective.replicates``), from ``final_pass``
+    replicate_values: list = field(default_factory=list)
 
 
 def fit(
@@ -400,7 +402,7 @@ def final_pass(panels: Panels, objective: Objective, result: FitResult) -> tuple
         ops, nodes, _node_counts(panels), None, panels.split_every, root=True
     )
     total = ops.call(shards.combine_picked, None, picks, *containers)
-    value, sum_w, sq_w = ops.fetch(total)
+    value, sum_w, sq_w, *result.replicate_values = ops.fetch(total)
     h_blocks = ops.fetch(result.h)
     if len(result.history.loss) == result.n_iter:
         sum_h = sum(float(b.sum(dtype=np.float64)) for b in h_blocks)

@@ -37,9 +37,15 @@ def half_normal_rows(entropy: int, stream: int, start: int, stop: int, width: in
 
 
 def random_block(
-    entropy: int, stream: int, scale: float, dtype, k: int, start: int, stop: int
+    entropy: int | tuple, stream: int, scale: float, dtype, k: int, start: int, stop: int
 ) -> np.ndarray:
-    """A (k, stop − start) component-major block of ``scale``·|N(0, 1)|."""
+    """A (k, stop − start) component-major block of ``scale``·|N(0, 1)|; for a tuple of
+    entropies (stacked replicates), the blocks of k / len(entropy) components of each, one
+    above the other."""
+    if isinstance(entropy, tuple):
+        part = k // len(entropy)
+        blocks = [random_block(e, stream, scale, dtype, part, start, stop) for e in entropy]
+        return np.ascontiguousarray(np.concatenate(blocks))
     block = half_normal_rows(entropy, stream, start, stop, k).T * scale
     return np.ascontiguousarray(block, dtype=dtype)
 
@@ -53,13 +59,14 @@ def random_init(
     k: int,
     col_bounds: list[int],
     mean: float,
-    entropy: int,
+    entropy: int | tuple,
     streams: tuple[int, int],
 ):
     """scikit-learn's 'random': |N(0, 1)|·sqrt(mean(X) / k), W from the first stream, H from
-    the second."""
+    the second; for a tuple of entropies, one such start per entropy, stacked (k is then
+    their components together)."""
     ops = panels.ops
-    scale = np.sqrt(mean / k)
+    scale = np.sqrt(mean / (k // len(entropy) if isinstance(entropy, tuple) else k))
     wt = panels.map(
         random_block, _ranges(panels.row_bounds), entropy, streams[0], scale, panels.dtype, k
     )
@@ -212,7 +219,10 @@ def initialize(
     ``swap_streams`` when the panels hold Xᵀ: W of Xᵀ is Hᵀ of X and draws from H's streams, so
     that a random initialization is the same in both orientations.
     """
-    entropy = seed_entropy(random_state)
+    if isinstance(random_state, tuple):  # stacked replicates, one seed each ('random' only)
+        entropy = tuple(seed_entropy(seed) for seed in random_state)
+    else:
+        entropy = seed_entropy(random_state)
     streams = (_W_RANDOM, _H_RANDOM, _W_FILL, _H_FILL)
     if swap_streams:
         streams = (_H_RANDOM, _W_RANDOM, _H_FILL, _W_FILL)

@@ -59,8 +59,23 @@ def shard_final_stats(objective: Objective, tree, h: np.ndarray, state, *data) -
     (see ``shard_step``)."""
     sums = Subtrees(*tree)
     for x, wt in zip(shard_panels(data), shard_blocks(state), strict=True):
-        sums.add(final_stats(objective.beta, h, x, wt, objective.masked))
+        if objective.replicates > 1:
+            sums.add(replicate_final_stats(objective.replicates, h, x, wt))
+        else:
+            sums.add(final_stats(objective.beta, h, x, wt, objective.masked))
     return sums.finish()
+
+
+def replicate_final_stats(replicates: int, h: np.ndarray, x, wt: np.ndarray) -> np.ndarray:
+    """``final_stats`` of stacked Frobenius replicates (``Objective.replicates``): the
+    ``F_*`` layout for all of them (F_DIV the sum of their losses), then each one's
+    ½‖X_i − W_i·H‖²."""
+    pin_worker_blas()
+    x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
+    k = wt.shape[0] // replicates
+    parts = [slice(r * k, (r + 1) * k) for r in range(replicates)]
+    values = [0.5 * kernels.residual_sq(x, wt[part], h[part]) for part in parts]
+    return np.array([sum(values), wt.sum(dtype=np.float64), _dot64(wt, wt), *values])
 
 
 def transform_panel(
@@ -88,16 +103,24 @@ def transform_panel(
         mean = moments[kernels.MOMENT_SUM] / moments[kernels.MOMENT_SIZE]
         return _transform_divergence(objective, h, max_iter, tol, x, mean)
     cross = kernels.dot_h(x, h)
+    wt = nnls(gram_h, cross, max_iter, tol, l1=objective.l1_w, l2=objective.l2_w)
+    return np.ascontiguousarray(wt.T)
+
+
+def nnls(gram: np.ndarray, cross: np.ndarray, max_iter: int, tol: float, l1=0.0, l2=0.0):
+    """argmin over F ≥ 0 of ½‖X − Fᵀ·G‖² (+ penalties) from ``gram`` = G·Gᵀ and ``cross`` =
+    G·Xᵀ: HALS sweeps from zero until the violation falls to ``tol`` × its first value, or
+    ``max_iter`` sweeps. Returns F, component-major (k, r)."""
     wt = np.zeros_like(cross)
     rule = get_solver("hals")
     first = None
     for _ in range(max_iter):
-        wt, violation = rule.update(wt, gram_h, cross, l1=objective.l1_w, l2=objective.l2_w)
+        wt, violation = rule.update(wt, gram, cross, l1=l1, l2=l2)
         if first is None:
             first = violation
         if first == 0 or violation <= tol * first:
             break
-    return np.ascontiguousarray(wt.T)
+    return wt
 
 
 def _transform_divergence(objective, h, max_iter, tol, x, mean) -> np.ndarray:

@@ -61,6 +61,14 @@ class Plan:
     storage_options: dict | None = None
     verbose: int = 0
     progress: bool = False
+    # Independent fits of n_components each, stacked so that each read of X serves them all
+    # (``dasknmf.rank``); random_state is then a tuple of their seeds.
+    replicates: int = 1
+
+    @property
+    def width(self) -> int:
+        """The components of the fit, all replicates together."""
+        return self.n_components * self.replicates
 
 
 @dataclass
@@ -73,6 +81,8 @@ class Fitted:
     loss_history: list[float]
     reconstruction_err: float
     layout: dict  # how X was cut: {"scheme": "rows" or "columns" (Xᵀ), "panels", "cached"}
+    replicate_errors: list[float] | None = None  # stacked replicates: each one's ‖X − WH‖
+    norm_x: float | None = None  # ‖X‖ (over the observed entries for the masked loss)
 
 
 def row_panels(X, panel_bytes: int, cache: bool | str = "auto", fitting: bool = True):
@@ -92,7 +102,7 @@ def fit(X, plan: Plan) -> Fitted:
     """
     layout = _layout(X, plan)
     if isinstance(X, da.Array):  # in-memory input is fitted here, not on the workers
-        panels.check_fits_workers(X.shape, plan.n_components, X.dtype.itemsize, layout)
+        panels.check_fits_workers(X.shape, plan.width, X.dtype.itemsize, layout)
     if layout == "blocks":
         return _fit_blocks(X, plan)
     transposed = layout == "columns"
@@ -107,7 +117,7 @@ def fit(X, plan: Plan) -> Fitted:
 def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     """Fit on ``parts``, which hold X, or Xᵀ when ``transposed`` (W and H swap roles)."""
     n_rows, n_cols = parts.shape
-    k = plan.n_components
+    k = plan.width
     W, H = plan.W, plan.H
     if transposed:
         W, H = (None, None) if W is None else (H.T, W.T)
@@ -116,7 +126,11 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     stored = stats.size if masked else stats.nnz if parts.sparse else n_rows * n_cols
     if masked and stats.size == 0:
         raise ValueError(f"X has no observed entry (missing={plan.missing!r}): nothing to fit.")
-    objective = plan.objective(*((n_cols, n_rows) if transposed else (n_rows, n_cols)), k, stored)
+    shape = (n_cols, n_rows) if transposed else (n_rows, n_cols)
+    objective = plan.objective(*shape, plan.n_components, stored)
+    if plan.replicates > 1:
+        objective.check_stacking(plan.init, plan.shuffle)
+        objective = dataclasses.replace(objective, n_components=k, replicates=plan.replicates)
     if transposed:
         objective = objective.transposed()
     if parts.sparse and plan.cache == "auto":
@@ -184,7 +198,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
                     parts,
                     objective,
                     *_handed_over(factors),
-                    stats.sum_sq,
+                    stats.sum_sq * plan.replicates,  # the loss is the replicates' sum
                     col_bounds,
                     max_iter=plan.max_iter,
                     tol=plan.tol,
@@ -240,6 +254,8 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             "panels": len(parts.items),
             "cached": bool(parts.cached or not parts.ops.is_lazy),
         },
+        replicate_errors=[float(np.sqrt(2 * max(v, 0.0))) for v in result.replicate_values] or None,
+        norm_x=float(np.sqrt(stats.sum_sq)),
     )
 
 
@@ -254,7 +270,7 @@ def _layout(X, plan: Plan) -> str:
     """The layout of the fit (see ``panels.choose_layout``). 'auto' falls back from 2-D blocks
     to the cheaper row panels (larger than the budget) when the fit needs what blocks do not
     do yet."""
-    k, itemsize = plan.n_components, X.dtype.itemsize
+    k, itemsize = plan.width, X.dtype.itemsize
     chosen = panels.choose_layout(X.shape, k, itemsize, plan.panel_bytes, plan.layout)
     missing = _blocks_lack(X, plan) if chosen == "blocks" and plan.layout == "auto" else None
     if missing is None:
@@ -271,6 +287,8 @@ def _layout(X, plan: Plan) -> str:
 def _blocks_lack(X, plan: Plan) -> str | None:
     """What the fit asks of 2-D blocks that they do not do yet, or None."""
     n_rows, n_cols = X.shape
+    if plan.replicates > 1:
+        return "fit stacked replicates"
     if plan.objective(n_rows, n_cols, plan.n_components, n_rows * n_cols).beta != 2:
         return "fit a β-divergence other than Frobenius"
     if plan.missing is not None:
@@ -372,7 +390,11 @@ def _fingerprint(plan: Plan, parts, stats, objective: Objective, col_bounds) -> 
     return {
         **{f"settings.{key}": value for key, value in dataclasses.asdict(objective).items()},
         "settings.init": plan.init,
-        "settings.random_state": seed if seed is None or _is_int(seed) else type(seed).__name__,
+        "settings.random_state": seed
+        if seed is None or _is_int(seed)
+        else list(seed)
+        if isinstance(seed, tuple)
+        else type(seed).__name__,
         "settings.shuffle": bool(plan.shuffle),
         "settings.panels": list(map(int, parts.row_bounds)),
         "settings.column_blocks": list(map(int, col_bounds)),

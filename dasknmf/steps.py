@@ -63,10 +63,57 @@ class Objective:
     sweeps_h: int = 1
     extrapolate: bool = False  # push the iterates along their last step (HALS only)
     masked: bool = False  # the loss over the observed entries only (``dasknmf.masked``)
+    # Independent fits stacked (``dasknmf.rank``): n_components = replicates × k, and the
+    # components of each replicate interact only among themselves (block-diagonal Grams).
+    replicates: int = 1
 
     @property
     def rule(self):
         return get_solver(self.solver)
+
+    def gram(self, f: np.ndarray) -> np.ndarray:
+        """F·Fᵀ of a component-major factor; for stacked replicates only its diagonal blocks
+        (each replicate's own Gram matrix), zeros elsewhere."""
+        if self.replicates == 1:
+            return f @ f.T
+        gram = np.zeros((f.shape[0], f.shape[0]), dtype=f.dtype)
+        for part in self._replicate_slices(f.shape[0]):
+            gram[part, part] = f[part] @ f[part].T
+        return gram
+
+    def update(
+        self, f: np.ndarray, gram: np.ndarray, cross: np.ndarray, *, l1, l2, n_sweeps, order
+    ):
+        """The update rule on ``f`` in place (``solvers.*.update``), replicate by replicate:
+        the sum of the replicates' violations."""
+        if self.replicates == 1:
+            return self.rule.update(f, gram, cross, l1=l1, l2=l2, n_sweeps=n_sweeps, order=order)
+        violation = 0.0
+        for part in self._replicate_slices(f.shape[0]):
+            f[part], value = self.rule.update(
+                f[part], gram[part, part], cross[part], l1=l1, l2=l2, n_sweeps=n_sweeps, order=order
+            )
+            violation += value
+        return f, violation
+
+    def check_stacking(self, init: str, shuffle: bool) -> None:
+        """Stacked replicates are independent fits only where nothing couples their
+        components: the Frobenius loss over all of X, a random start each, no shared
+        extrapolation control, no shared component order."""
+        lacks = {
+            "a β-divergence other than Frobenius": self.beta != 2,
+            "the masked loss (missing=...)": self.masked,
+            "extrapolation": self.extrapolate,
+            "shuffle=True": shuffle,
+            f"init={init!r}": init != "random",
+        }
+        unsupported = [what for what, lacking in lacks.items() if lacking]
+        if unsupported:
+            raise ValueError(f"Stacked replicates do not support {', '.join(unsupported)}.")
+
+    def _replicate_slices(self, n_components: int) -> list[slice]:
+        k = n_components // self.replicates
+        return [slice(r * k, (r + 1) * k) for r in range(self.replicates)]
 
     @property
     def frobenius(self) -> bool:
@@ -244,12 +291,12 @@ def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
     if not objective.frobenius:
         return _panel_step_divergence(objective, col_bounds, h, x, wt, stats)
     wt = wt.copy()  # updated in place; the input may be a block that other tasks still read
-    wt = _w_update(objective, order, h @ h.T, kernels.dot_h(x, h), wt, stats)
+    wt = _w_update(objective, order, objective.gram(h), kernels.dot_h(x, h), wt, stats)
     if push is not None:
         plain = wt
         wt = extrapolation.extrapolate(plain, kernels.aligned(push[0]), push[1])
     stats[P_SUM_W] = wt.sum(dtype=np.float64)
-    out = (wt, wt @ wt.T, stats, *_split(kernels.dot_w(x, wt), col_bounds))
+    out = (wt, objective.gram(wt), stats, *_split(kernels.dot_w(x, wt), col_bounds))
     return out if push is None else (*out, plain)
 
 
@@ -281,8 +328,8 @@ def _w_update(objective: Objective, order, gram_h, cross, wt, stats) -> np.ndarr
     """The Frobenius update of W_i in place from (H·Hᵀ, C_i = H·X_iᵀ), with the statistics
     of the W_i it starts from and the violation written into ``stats``."""
     stats[P_CROSS_OLD] = _dot64(wt, cross)
-    stats[P_WGW_OLD] = _dot64(wt @ wt.T, gram_h)
-    wt, stats[P_VIOLATION] = objective.rule.update(
+    stats[P_WGW_OLD] = _dot64(objective.gram(wt), gram_h)
+    wt, stats[P_VIOLATION] = objective.update(
         wt,
         gram_h,
         cross,
@@ -365,7 +412,7 @@ def h_step(objective: Objective, order, block: int, picks, h, *containers):
     stats[H_SUM_H_OLD] = h.sum(dtype=np.float64)
     stats[H_SQ_H_OLD] = _dot64(h, h)
     if objective.frobenius:
-        h, violation = objective.rule.update(
+        h, violation = objective.update(
             h,
             second,
             a,
@@ -380,7 +427,7 @@ def h_step(objective: Objective, order, block: int, picks, h, *containers):
         h = _h_step_divergence(objective, h, a, second)
         second = None
     stats[H_SUM_H] = h.sum(dtype=np.float64)
-    return h, h @ h.T, stats, second, panel_stats
+    return h, objective.gram(h), stats, second, panel_stats
 
 
 def extrapolated_h_step(

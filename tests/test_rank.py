@@ -1,0 +1,154 @@
+"""Choosing k (``dasknmf.select_rank``): stacked replicates are the fits run alone, the
+stability and held-out measures, the suggested rank on planted data, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from dasknmf import NMF, io, pipeline, select_rank
+from tests.conftest import low_rank
+
+FIT = dict(max_iter=30, tol=0)
+
+
+def _alone(X, k, seed, **params):
+    model = NMF(n_components=k, init="random", random_state=seed, extrapolate=False, **params)
+    model.fit(X)
+    return model
+
+
+@pytest.mark.usefixtures("sync_scheduler")
+def test_stacked_replicates_are_the_fits_run_alone(array_type):
+    X = low_rank(120, 40, 3, seed=1)
+    found = select_rank(
+        array_type(X, 30), [2, 3], 3, random_state=5, heldout=False, panel_bytes=30 * 40 * 8, **FIT
+    )
+    assert found.seeds == [5, 6, 7]
+    for k in (2, 3):
+        assert found.n_iter[k] == 30
+        for r, seed in enumerate(found.seeds):
+            model = _alone(X, k, seed, **FIT)
+            np.testing.assert_allclose(
+                found.components[k][r * k : (r + 1) * k], model.components_, rtol=1e-9, atol=1e-12
+            )
+            assert found.errors[k][r] == pytest.approx(model.reconstruction_err_, rel=1e-9)
+    assert found.norm_x == pytest.approx(np.linalg.norm(X))
+
+
+def test_stacked_replicates_of_a_wide_matrix_are_the_fits_run_alone():
+    """Xᵀ's row panels (a wide X): the replicates are stacked along the same component axis."""
+    X = low_rank(30, 400, 3, seed=2)
+    budget = 8 * 30 * 100  # full-width rows do not fit: the fit runs on Xᵀ
+    found = select_rank(X, [3], 2, random_state=0, heldout=False, panel_bytes=budget, **FIT)
+    for r, seed in enumerate(found.seeds):
+        model = _alone(X, 3, seed, panel_bytes=budget, **FIT)
+        assert model.layout_["scheme"] == "columns"
+        np.testing.assert_allclose(found.components[3][3 * r : 3 * r + 3], model.components_)
+
+
+def test_on_a_cluster_from_a_store(tmp_path, cluster):
+    """Replicates read from a Zarr store on a LocalCluster equal the in-memory fits alone."""
+    X = low_rank(200, 50, 3, seed=3)
+    path = tmp_path / "X.zarr"
+    io.save_matrix(path, X, chunks=(50, 50))
+    found = select_rank(str(path), [3], 2, random_state=9, heldout=True, **FIT)
+    for r, seed in enumerate(found.seeds):
+        model = _alone(X, 3, seed, **FIT)
+        np.testing.assert_allclose(found.components[3][3 * r : 3 * r + 3], model.components_)
+    memory = select_rank(X, [3], 2, random_state=9, heldout=True, **FIT)
+    assert found.heldout_error[3] == pytest.approx(memory.heldout_error[3], rel=1e-6)
+
+
+def _planted(kind: str, seed: int):
+    rng = np.random.default_rng(seed)
+    W, H = rng.gamma(1.0, 1.0, (300, 5)), rng.gamma(1.0, 1.0, (5, 100))
+    X = W @ H
+    if kind == "dense":
+        return np.maximum(X + 0.1 * X.std() * rng.standard_normal(X.shape), 0)
+    return sp.csr_array(rng.poisson(X).astype(np.float64))  # counts, sparse
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse-counts"])
+def test_the_planted_rank_is_suggested(kind):
+    found = select_rank(
+        _planted(kind, 0), range(3, 8), 3, random_state=0, max_iter=300, consensus_samples=100
+    )
+    assert found.suggested_k == 5, found.as_dict()
+    assert "held-out" in found.rule
+    # Stability: five planted components cluster cleanly, seven do not.
+    assert found.silhouette[5] > 0.9
+    assert found.silhouette[7] < found.silhouette[5]
+    # The held-out error falls to the planted rank and no further.
+    assert found.heldout_error[3] > found.heldout_error[4] > 1.05 * found.heldout_error[5]
+    report = json.loads(json.dumps(found.as_dict()))
+    assert report["suggested_k"] == 5
+    assert [entry["k"] for entry in report["per_k"]] == [3, 4, 5, 6, 7]
+    assert all(len(entry["errors"]) == 3 for entry in report["per_k"])
+
+
+def test_without_heldout_the_cophenetic_rule_is_stated():
+    found = select_rank(low_rank(60, 20, 2, seed=4), [1, 2, 3], 2, random_state=0, heldout=False)
+    assert found.heldout_error == {}
+    assert "cophenetic" in found.rule or "largest k" in found.rule
+    assert found.suggested_k in (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("ks", "params", "error", "match"),
+    [
+        ([0, 2], {}, ValueError, "at least 1"),
+        ([2, 31], {}, ValueError, r"min\(n_samples, n_features\) = 30"),
+        ([], {}, ValueError, "ks is empty"),
+        ([2, 2], {}, ValueError, "duplicates"),
+        ([2.5], {}, ValueError, "integers"),
+        (5, {}, TypeError, "iterable"),
+        ([2], {"n_replicates": 1}, ValueError, "n_replicates must be an integer of at least 2"),
+        ([2], {"consensus_samples": 1}, ValueError, "consensus_samples"),
+        ([2], {"solver": "als"}, ValueError, "solver"),
+        ([2], {"max_iter": -1}, ValueError, "max_iter"),
+    ],
+)
+def test_bad_parameters(ks, params, error, match):
+    with pytest.raises(error, match=match):
+        select_rank(low_rank(40, 30, 2), ks, **{"n_replicates": 2, **params})
+
+
+def test_bad_input():
+    X = low_rank(40, 30, 2)
+    X[0, 0] = -1
+    with pytest.raises(ValueError, match="Negative values"):
+        select_rank(X, [2], 2)
+    with pytest.raises(ValueError, match="too small for bi-cross-validation"):
+        select_rank(low_rank(5, 30, 2), [3], 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(init="nndsvda"), "init='nndsvda'"),
+        (dict(shuffle=True), "shuffle=True"),
+    ],
+)
+def test_stacking_refuses_what_couples_replicates(change, match):
+    model = NMF(n_components=2, extrapolate=False)
+    plan = pipeline.Plan(
+        n_components=2,
+        init="random",
+        objective=model._objective,
+        max_iter=5,
+        tol=0,
+        panel_bytes=2**20,
+        random_state=(0, 1),
+        replicates=2,
+    )
+    with pytest.raises(ValueError, match=match):
+        pipeline.fit(low_rank(20, 10, 2), pipeline.dataclasses.replace(plan, **change))
+    extrapolating = NMF(n_components=2)._objective
+    with pytest.raises(ValueError, match="extrapolation"):
+        pipeline.fit(
+            low_rank(20, 10, 2), pipeline.dataclasses.replace(plan, objective=extrapolating)
+        )
