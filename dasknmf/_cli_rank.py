@@ -117,6 +117,7 @@ def consensus(rank_path, k, output, input_path, density_threshold, overwrite, cl
     _setup_logging(verbose, quiet)
     _check_output(output, overwrite)
     selection = load_rank(rank_path)
+    selection.check_rank(k)
     source = input_path if input_path is not None else selection.source
     if source is None:
         raise BadInput(f"{rank_path} does not say which X it was run on: pass --input.")

@@ -39,9 +39,10 @@ import zarr
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 
-from dasknmf import _params, consensus, io, kernels, passes, pipeline, storage
+from dasknmf import _params, consensus, io, kernels, panels, passes, pipeline, storage
 from dasknmf._random import seed_entropy
 from dasknmf.estimator import NMF
+from dasknmf.steps import StreamedPanel
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,11 @@ class RankSelection:
             "source": self.source,
             "per_k": per_k,
         }
+
+    def check_rank(self, k) -> None:
+        """ValueError unless rank ``k`` was run."""
+        if not _params.is_int(k) or k not in self.components:
+            raise ValueError(f"Rank {k!r} was not run: the selection has ks {self.ks}.")
 
     def save(self, path, *, overwrite: bool = False, storage_options=None):
         """Write the selection to a Zarr group: the ``as_dict`` values as attributes and the
@@ -174,8 +180,7 @@ def consensus_nmf(
     by local density dropped, k-means, medians, each row scaled to sum 1), W refitted to X with
     H fixed (non-negative least squares, one read of X) and its error measured (one more).
     ``transform``, ``save``, ``dasknmf info`` and ``plot`` take it like any model."""
-    if not _params.is_int(k) or k not in selection.components:
-        raise ValueError(f"Rank {k!r} was not run: the selection has ks {selection.ks}.")
+    selection.check_rank(k)
     found = consensus.consensus_components(selection.components[k], k, density_threshold, neighbors)
     model = NMF(
         n_components=k,
@@ -302,8 +307,11 @@ def select_rank(
         found["silhouette"][k] = consensus.silhouette_and_clusters(fitted.components, k)[0]
         found["components"][k] = fitted.components
         if heldout:
+            # The folds' fits start from NNDSVD and extrapolate: a fold is one deterministic
+            # fit whose result, not its path, matters.
+            fold_settings = dict(settings, init=None, extrapolate="auto")
             found["heldout_error"][k] = bicross_validation_error(
-                X, NMF(n_components=k, random_state=first, **settings)
+                X, NMF(n_components=k, random_state=first, **fold_settings)
             )
         logger.info(
             "rank %d: %d replicates, mean error %.6g, cophenetic %.4f, held-out error %s",
@@ -368,19 +376,42 @@ def bicross_validation_error(X, model: NMF, folds: int = 2) -> float:
     residual = total = 0.0
     for a in range(folds):
         rows, others = np.flatnonzero(row_fold == a), np.flatnonzero(row_fold != a)
-        kept = X[others]
         for b in range(folds):
             cols, rest = np.flatnonzero(col_fold == b), np.flatnonzero(col_fold != b)
             fold = clone(model)
             with warnings.catch_warnings():  # a fold's fit is a means, not the result
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                w_d = fold.fit_transform(kept[:, rest])
-            w_c = fold.transform(X[rows][:, rest])
-            gram, cross = _normal_equations(w_d, kept[:, cols])
+                w_d = fold.fit_transform(submatrix(X, others, rest))
+            w_c = fold.transform(submatrix(X, rows, rest))
+            gram, cross = _normal_equations(w_d, submatrix(X, others, cols))
             h_b = passes.nnls(gram, cross, NNLS_MAX_ITER, NNLS_TOL)
-            terms = _by_row_blocks(_residual_and_norm, X[rows][:, cols], w_c, h_b)
+            terms = _by_row_blocks(_residual_and_norm, submatrix(X, rows, cols), w_c, h_b)
             residual, total = residual + terms[0], total + terms[1]
     return float(np.sqrt(residual / total)) if total > 0 else 0.0
+
+
+def submatrix(X, rows: np.ndarray, cols: np.ndarray):
+    """X[rows][:, cols] for increasing index arrays. For a Dask array, each row chunk is read
+    inside the task that takes its rows (``StreamedPanel``): the keys of X's own chunks never
+    reach the scheduler, where a fit of X already holds them (the scheduler warns, and may
+    deadlock, when one key comes with two different specs)."""
+    if not isinstance(X, da.Array):
+        return X[rows][:, cols]
+    X = X.rechunk({1: -1})
+    bounds = np.cumsum((0, *X.chunks[0]))
+    blocks = []
+    pieces = zip(panels.blocks_as_delayed(X), itertools.pairwise(bounds), strict=True)
+    for source, (low, high) in pieces:
+        local = rows[(rows >= low) & (rows < high)] - low
+        if local.size:
+            task = dask.delayed(_take)(StreamedPanel(source), local, cols)
+            shape = (local.size, cols.size)
+            blocks.append(da.from_delayed(task, shape=shape, dtype=X.dtype, meta=X._meta))
+    return da.concatenate(blocks)
+
+
+def _take(panel, rows, cols):
+    return panel.read()[rows][:, cols]
 
 
 def _check_folds(shape, k: int, folds: int) -> None:

@@ -8,9 +8,11 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import last_json, low_rank, run_cli
 
+import dasknmf
 from dasknmf import NMF, io, pipeline, select_rank
-from tests.conftest import low_rank
+from dasknmf.rank import consensus_nmf, load_rank
 
 FIT = dict(max_iter=30, tol=0)
 
@@ -152,3 +154,105 @@ def test_stacking_refuses_what_couples_replicates(change, match):
         pipeline.fit(
             low_rank(20, 10, 2), pipeline.dataclasses.replace(plan, objective=extrapolating)
         )
+
+
+# ---- the commands -------------------------------------------------------------------------
+
+
+def _planted_store(tmp_path):
+    rng = np.random.default_rng(1)
+    W, H = rng.gamma(1.0, 1.0, (240, 4)), rng.gamma(1.0, 1.0, (4, 60))
+    X = np.maximum(W @ H + 0.1 * (W @ H).std() * rng.standard_normal((240, 60)), 0)
+    io.save_matrix(tmp_path / "X.zarr", X, chunks=(60, 60))
+    return X, tmp_path / "X.zarr"
+
+
+def test_rank_consensus_plot_commands(tmp_path):
+    """``dasknmf rank`` → ``consensus`` → ``info``, ``transform`` and ``plot`` of the results,
+    on a LocalCluster of the command's own."""
+    X, store = _planted_store(tmp_path)
+    rank = tmp_path / "rank.zarr"
+    found = last_json(
+        run_cli(
+            *("rank", str(store), "-k", "3:5", "--replicates", "3", "-o", str(rank)),
+            *("--random-state", "0", "--workers", "1", "--json"),
+        )
+    )
+    assert found["suggested_k"] == 4 and found["ks"] == [3, 4, 5]
+    assert found["source"] == str(store)
+    expected = select_rank(X, [3, 4, 5], 3, random_state=0)
+    assert found["per_k"][1]["errors"] == pytest.approx(expected.errors[4].tolist(), rel=1e-6)
+    assert found["per_k"][1]["heldout_error"] == pytest.approx(expected.heldout_error[4])
+
+    model = tmp_path / "model.zarr"
+    made = last_json(run_cli("consensus", str(rank), "-k", "4", "-o", str(model), "--json"))
+    assert made["n_components"] == 4 and made["pooled"] == 12
+    fitted = dasknmf.load(model)
+    assert fitted.components_.shape == (4, 60)
+    assert made["reconstruction_err"] < 1.01 * min(expected.errors[4])
+    info = last_json(run_cli("info", str(model), "--json"))
+    assert info["kind"] == "model" and info["n_components"] == 4
+    W = last_json(run_cli("transform", str(model), str(store), "-o", str(tmp_path / "W.zarr"),
+                          "--workers", "1", "--json"))  # fmt: skip
+    assert W["shape"] == [240, 4]
+
+    pytest.importorskip("matplotlib")
+    plot = run_cli("plot", str(rank), "-o", str(tmp_path / "rank.png"))
+    assert plot.returncode == 0, plot.stderr
+    assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_commands_refuse_bad_input(tmp_path):
+    X, store = _planted_store(tmp_path)
+    found = select_rank(X, [2, 3], 2, random_state=0, heldout=False, max_iter=20)
+    found.save(tmp_path / "rank.zarr")
+    cases = [
+        (("rank", str(store), "-k", "2:x", "-o", str(tmp_path / "r")), "-k must be a range"),
+        (("rank", str(store), "-k", "5:3", "-o", str(tmp_path / "r")), "-k must be a range"),
+        (
+            ("rank", str(store), "-k", "2", "--replicates", "1", "-o", str(tmp_path / "r")),
+            "--replicates",
+        ),
+        (("rank", str(store), "-k", "99", "-o", str(tmp_path / "r")), "min(n_samples"),
+        (
+            ("consensus", str(tmp_path / "rank.zarr"), "-k", "4", "-o", str(tmp_path / "m")),
+            "Rank 4 was not run",
+        ),
+        (
+            ("consensus", str(store), "-k", "2", "-o", str(tmp_path / "m")),
+            "is not a rank selection",
+        ),
+        (
+            ("consensus", str(tmp_path / "rank.zarr"), "-k", "2", "-o", str(tmp_path / "m")),
+            "does not say which X it was run on: pass --input",
+        ),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_selection_saves_and_loads(tmp_path):
+    X = low_rank(60, 30, 2, seed=5)
+    found = select_rank(X, [1, 2, 3], 2, random_state=3, max_iter=50)
+    found.save(tmp_path / "rank.zarr")
+    back = load_rank(tmp_path / "rank.zarr")
+    assert back.as_dict() == found.as_dict()
+    for k in found.ks:
+        np.testing.assert_array_equal(back.components[k], found.components[k])
+    with pytest.raises(FileExistsError, match="already exists"):
+        found.save(tmp_path / "rank.zarr")
+    with pytest.raises(ValueError, match="is not a rank selection"):
+        load_rank(tmp_path / "nothing.zarr")
+    model = consensus_nmf(X, back, 2)
+    assert model.components_.shape == (2, 30)
+    np.testing.assert_allclose(model.components_.sum(axis=1), 1.0)
+    assert model.reconstruction_err_ == pytest.approx(
+        np.linalg.norm(X - model.W_ @ model.components_)
+    )
+    with pytest.raises(ValueError, match="was run on 30"):
+        consensus_nmf(X[:, :20], back, 2)
+    with pytest.raises(ValueError, match="Rank 5 was not run"):
+        consensus_nmf(X, back, 5)
