@@ -97,3 +97,11 @@ def kl_update(x, wt: np.ndarray, h: np.ndarray, denominator: np.ndarray, l2: flo
         out,
     )
     return np.ascontiguousarray(w.T), np.ascontiguousarray(out.T), divergence, total
+
+
+def hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps: int) -> float:
+    """HALS sweeps on the stacked problems F (R, k, r) in place (see
+    ``_numba_kernels.hals_stacked``); returns the first sweep's violation."""
+    tmp = np.empty(F.shape[2], dtype=F.dtype)
+    order = np.asarray(order, dtype=np.int64)
+    return _kernels().hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps, tmp)

@@ -111,6 +111,38 @@ def kl_update_rows(indptr, indices, data, w, ht, den, l2, eps, out):  # pragma: 
     return divergence, total
 
 
+@numba.njit(nogil=True, cache=True)
+def hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps, tmp):  # pragma: no cover
+    """HALS sweeps on independent problems (``solvers.hals``'s stacked replicates), one
+    problem after the other, so that its factor (k × rows) stays in cache through its sweeps:
+    F (R, k, rows) in place, ``coupling`` (R, k, k) the Gram matrices over their diagonals
+    ``diag`` (R, k) with a zero diagonal, ``scaled_cross`` (R, k, rows) the cross products over
+    the diagonals, ``tmp`` a buffer of ``rows``. Returns the projected-gradient violation of the
+    first sweep. The arithmetic is numpy's (``hals.update``) without its temporaries."""
+    n_problems, k, rows = F.shape
+    violation = 0.0
+    for r in range(n_problems):
+        for sweep in range(n_sweeps):
+            for t in order:
+                tmp[:] = scaled_cross[r, t]
+                for j in range(k):
+                    c = coupling[r, t, j]
+                    if c != 0:
+                        for i in range(rows):
+                            tmp[i] -= c * F[r, j, i]
+                d = diag[r, t]
+                if sweep == 0:
+                    for i in range(rows):
+                        grad = d * (F[r, t, i] - tmp[i]) if d != 0 else -tmp[i]
+                        if F[r, t, i] == 0 and grad > 0:
+                            grad = 0
+                        violation += abs(grad)
+                if d != 0:
+                    for i in range(rows):
+                        F[r, t, i] = tmp[i] if tmp[i] > 0 else 0
+    return violation
+
+
 # ---- the kernels above with a row's components in registers, for small k -------------------
 
 #: The widest k that gets kernels of its own (below). Measured on halves of the sparse

@@ -88,13 +88,19 @@ class Objective:
         the sum of the replicates' violations."""
         if self.replicates == 1:
             return self.rule.update(f, gram, cross, l1=l1, l2=l2, n_sweeps=n_sweeps, order=order)
-        violation = 0.0
-        for part in self._replicate_slices(f.shape[0]):
-            f[part], value = self.rule.update(
-                f[part], gram[part, part], cross[part], l1=l1, l2=l2, n_sweeps=n_sweeps, order=order
-            )
-            violation += value
-        return f, violation
+        # All replicates at once, as (R, k, r) problems with their (R, k, k) Gram matrices.
+        shape, k = f.shape, f.shape[0] // self.replicates
+        grams = np.stack([gram[part, part] for part in self._replicate_slices(shape[0])])
+        stacked, violation = self.rule.update(
+            f.reshape(self.replicates, k, -1),
+            grams,
+            cross.reshape(self.replicates, k, -1),
+            l1=l1,
+            l2=l2,
+            n_sweeps=n_sweeps,
+            order=order,
+        )
+        return stacked.reshape(shape), violation
 
     def check_stacking(self, init: str, shuffle: bool) -> None:
         """Stacked replicates are independent fits only where nothing couples their

@@ -1,5 +1,6 @@
 """Update rules against scikit-learn's own implementation of the same step."""
 
+import dask
 import numpy as np
 import pytest
 from sklearn.decomposition._nmf import _multiplicative_update_w, _update_coordinate_descent
@@ -53,6 +54,30 @@ def test_hals_leaves_a_component_with_zero_curvature_alone():
     gram[1, :] = gram[:, 1] = 0
     F, _ = hals.update(W0.T.copy(), gram, H @ X.T)
     np.testing.assert_array_equal(F[1], W0.T[1])
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("l2", [0.0, 0.2])
+def test_stacked_hals_problems_are_each_solved_alone(compiled, dtype, l2):
+    """``hals.update`` on (R, k, r) problems (stacked replicates, compiled or numpy) is the
+    update of each problem alone, penalties, component order and a flat component included."""
+    rng = np.random.default_rng(2)
+    F0 = rng.uniform(size=(3, 4, 50)).astype(dtype)
+    Hs = rng.uniform(size=(3, 4, 20))
+    grams = (Hs @ Hs.transpose(0, 2, 1)).astype(dtype)
+    grams[1, 2, :] = grams[1, :, 2] = 0  # problem 1's component 2 is flat: left alone
+    cross = (Hs @ X.T).astype(dtype)
+    params = dict(l1=0.1, l2=l2, n_sweeps=3, order=[2, 0, 3, 1])
+    with dask.config.set({"dasknmf.compiled": compiled}):
+        F, violation = hals.update(F0.copy(), grams, cross, **params)
+    alone = [hals.update(F0[r].copy(), grams[r], cross[r], **params) for r in range(3)]
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for r, (F_r, _) in enumerate(alone):
+        np.testing.assert_allclose(F[r], F_r, rtol=rtol, atol=rtol)
+    if not l2:  # (an L2 penalty gives the flat component a curvature)
+        np.testing.assert_array_equal(F[1, 2], F0[1, 2])
+    assert violation == pytest.approx(sum(v for _, v in alone), rel=rtol)
 
 
 @pytest.mark.parametrize("l1, l2", [(0.0, 0.0), (0.3, 0.7)])
