@@ -24,6 +24,8 @@ _EXPORTS = {
     "RankSelection": ("dasknmf.rank", "RankSelection"),
     "save_matrix": ("dasknmf.io", "save_matrix"),
     "select_rank": ("dasknmf.rank", "select_rank"),
+    "consensus_nmf": ("dasknmf.rank", "consensus_nmf"),
+    "load_rank": ("dasknmf.rank", "load_rank"),
 }
 
 __all__ = [
@@ -33,8 +35,10 @@ __all__ = [
     "MiniBatchNMF",
     "RankSelection",
     "__version__",
+    "consensus_nmf",
     "convert",
     "load",
+    "load_rank",
     "open_matrix",
     "save_matrix",
     "select_rank",
@@ -45,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dasknmf.estimator import NMF, InvalidParameterError
     from dasknmf.io import MatrixPathError, open_matrix, save_matrix
     from dasknmf.models import load
-    from dasknmf.rank import RankSelection, select_rank
+    from dasknmf.rank import RankSelection, consensus_nmf, load_rank, select_rank
     from dasknmf.streaming import MiniBatchNMF
 
 
