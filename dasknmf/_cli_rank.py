@@ -151,13 +151,15 @@ def consensus(rank_path, k, output, input_path, density_threshold, overwrite, cl
 def rank_figure(plt, path):
     """A figure of the rank selection at ``path`` — relative error, stability and held-out
     error against k — or None when ``path`` is not one."""
-    import numpy as np
-
     from dasknmf.rank import is_rank, load_rank
 
-    if not is_rank(path):
-        return None
-    selection = load_rank(path)
+    return draw_selection(plt, load_rank(path)) if is_rank(path) else None
+
+
+def draw_selection(plt, selection):
+    """The figure of a ``RankSelection`` (see ``rank_figure``)."""
+    import numpy as np
+
     ks = selection.ks
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     errors = [np.asarray(selection.errors[k]) / selection.norm_x for k in ks]

@@ -119,28 +119,45 @@ def hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps, tmp):  # prag
     ``diag`` (R, k) with a zero diagonal, ``scaled_cross`` (R, k, rows) the cross products over
     the diagonals, ``tmp`` a buffer of ``rows``. Returns the projected-gradient violation of the
     first sweep. The arithmetic is numpy's (``hals.update``) without its temporaries."""
-    n_problems, k, rows = F.shape
+    n_problems, _, rows = F.shape
     violation = 0.0
     for r in range(n_problems):
         for sweep in range(n_sweeps):
             for t in order:
-                tmp[:] = scaled_cross[r, t]
-                for j in range(k):
-                    c = coupling[r, t, j]
-                    if c != 0:
-                        for i in range(rows):
-                            tmp[i] -= c * F[r, j, i]
+                _coupled(F[r], coupling[r, t], scaled_cross[r, t], tmp)
                 d = diag[r, t]
+                f = F[r, t]
                 if sweep == 0:
-                    for i in range(rows):
-                        grad = d * (F[r, t, i] - tmp[i]) if d != 0 else -tmp[i]
-                        if F[r, t, i] == 0 and grad > 0:
-                            grad = 0
-                        violation += abs(grad)
+                    violation += _violation(f, tmp, d)
                 if d != 0:
                     for i in range(rows):
-                        F[r, t, i] = tmp[i] if tmp[i] > 0 else 0
+                        f[i] = tmp[i] if tmp[i] > 0 else 0
     return violation
+
+
+@numba.njit(inline="always")
+def _coupled(F, coupling, scaled_cross, out):  # pragma: no cover
+    """out = scaled_cross − coupling · F, one row of F at a time (contiguous, vectorized)."""
+    out[:] = scaled_cross
+    for j in range(F.shape[0]):
+        c = coupling[j]
+        if c != 0:
+            f = F[j]
+            for i in range(out.size):
+                out[i] -= c * f[i]
+
+
+@numba.njit(inline="always")
+def _violation(f, unclipped, d):  # pragma: no cover
+    """Σ|projected gradient| of one component (``hals._violation``; the gradient of a flat
+    component, d = 0, is −unclipped)."""
+    total = 0.0
+    for i in range(f.size):
+        grad = d * (f[i] - unclipped[i]) if d != 0 else -unclipped[i]
+        if f[i] == 0 and grad > 0:
+            grad = 0
+        total += abs(grad)
+    return total
 
 
 # ---- the kernels above with a row's components in registers, for small k -------------------

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 #: The suggested k is the smallest whose held-out error is within this fraction of the smallest
 #: one: beyond the rank of the signal the held-out error stays flat (non-negativity keeps the
 #: extra components from fitting much noise), and the first k on that plateau is the rank.
-HELDOUT_MARGIN = 0.01
+HELDOUT_MARGIN = 0.005
 #: Sweeps and tolerance of the non-negative least squares of the held-out prediction.
 NNLS_MAX_ITER, NNLS_TOL = 200, 1e-4
 
@@ -355,7 +355,7 @@ def suggest(ks: list[int], cophenetic: dict, heldout: dict) -> tuple[int, str]:
         best = min(k for k in ks if heldout[k] <= bound)
         return best, (
             f"the smallest k whose held-out (bi-cross-validation) error is within "
-            f"{HELDOUT_MARGIN:.0%} of the smallest"
+            f"{HELDOUT_MARGIN:.1%} of the smallest"
         )
     falls = [(cophenetic[a] - cophenetic[b], a) for a, b in itertools.pairwise(ks)]
     if falls and max(falls)[0] > 0:

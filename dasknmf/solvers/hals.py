@@ -106,9 +106,9 @@ def _update_stacked(F, gram, cross, l1, l2, n_sweeps, order) -> tuple[np.ndarray
         dtype = F.dtype
         violation = _compiled.hals_stacked(
             F,
-            coupling.astype(dtype),
-            scaled_cross.astype(dtype),
-            diag.astype(dtype),
+            coupling.astype(dtype, copy=False),
+            scaled_cross.astype(dtype, copy=False),
+            diag.astype(dtype, copy=False),
             order,
             n_sweeps,
         )
