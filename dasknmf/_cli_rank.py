@@ -174,7 +174,10 @@ def draw_selection(plt, selection):
     if selection.heldout_error:
         axes[2].plot(ks, [selection.heldout_error[k] for k in ks], marker="o")
     axes[2].set_ylabel("held-out error (bi-cross-validation)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.axvline(selection.suggested_k, color="red", alpha=0.4)
         ax.set_xlabel("k")
         ax.grid(True, alpha=0.3)
