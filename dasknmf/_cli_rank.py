@@ -56,12 +56,12 @@ def rank(input_path, ks, replicates, output, component, solver, max_iter, tol, r
     """Fit REPLICATES NMFs for each k of -k to INPUT; write errors, stability and held-out
     error per k, and the suggested k, to OUTPUT."""
     from dasknmf import open_matrix
-    from dasknmf.rank import select_rank
+    from dasknmf.rank import check_ks, select_rank
 
     _setup_logging(verbose, quiet)
     _check_output(output, overwrite)
-    ks = _ks(ks)
     X = open_matrix(input_path, component)
+    ks = check_ks(_ks(ks), X.shape)  # before a cluster starts
     with _connect(cluster, scheduler_address, scheduler_file, workers) as client:
         _announce(client, wait_for_workers)
         _probe_output(client, output)

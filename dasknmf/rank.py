@@ -246,7 +246,7 @@ def select_rank(
     -------
     RankSelection
     """
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     if not _params.is_int(n_replicates) or isinstance(n_replicates, bool) or n_replicates < 2:
         raise ValueError(f"n_replicates must be an integer of at least 2, got {n_replicates!r}.")
     if not _params.is_int(consensus_samples) or consensus_samples < 2:
@@ -269,10 +269,7 @@ def select_rank(
     checker._validate_params()
     source = os.fspath(X) if isinstance(X, str | os.PathLike) else None
     X = checker._check_input(X, reset=True)
-    if max(ks) > min(X.shape):
-        raise ValueError(
-            f"ks must lie in 1 … min(n_samples, n_features) = {min(X.shape)}: got {max(ks)}."
-        )
+    check_ks(ks, X.shape)
     if heldout:
         _check_folds(X.shape, max(ks), 2)
     first = seed_entropy(random_state) % 2**31
@@ -472,7 +469,9 @@ def _sample_labels(W, k: int, replicates: int, samples: int, seed: int) -> np.nd
     return np.stack([w[:, r * k : (r + 1) * k].argmax(axis=1) for r in range(replicates)])
 
 
-def _check_ks(ks) -> list[int]:
+def check_ks(ks, shape=None) -> list[int]:
+    """The ranks to try, sorted; ValueError or TypeError for anything but distinct integers
+    in 1 … min(shape)."""
     try:
         values = list(ks)
     except TypeError:
@@ -484,6 +483,10 @@ def _check_ks(ks) -> list[int]:
             raise ValueError(f"ks must be integers of at least 1, got {k!r}.")
     if len(set(values)) != len(values):
         raise ValueError(f"ks has duplicates: {values}.")
+    if shape is not None and max(values) > min(shape):
+        raise ValueError(
+            f"ks must lie in 1 … min(n_samples, n_features) = {min(shape)}: got {max(values)}."
+        )
     return sorted(int(k) for k in values)
 
 
