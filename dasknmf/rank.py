@@ -272,7 +272,14 @@ def select_rank(
     check_ks(ks, X.shape)
     if heldout:
         _check_folds(X.shape, max(ks), 2)
-    first = seed_entropy(random_state) % 2**31
+    first = (
+        int(random_state) if _params.is_int(random_state) else seed_entropy(random_state) % 2**31
+    )
+    if first + n_replicates > 2**32:
+        raise ValueError(
+            f"random_state + n_replicates - 1 must be below 2**32 (the replicates' seeds), got "
+            f"{random_state} + {n_replicates - 1}."
+        )
     seeds = [first + r for r in range(n_replicates)]
     found: dict[str, dict] = {name: {} for name in _PER_K}
     norm_x = None

@@ -113,6 +113,7 @@ def test_without_heldout_the_cophenetic_rule_is_stated():
         ([2], {"consensus_samples": 1}, ValueError, "consensus_samples"),
         ([2], {"solver": "als"}, ValueError, "solver"),
         ([2], {"max_iter": -1}, ValueError, "max_iter"),
+        ([2], {"random_state": 2**32 - 1}, ValueError, "below 2\\*\\*32"),
     ],
 )
 def test_bad_parameters(ks, params, error, match):
