@@ -42,7 +42,15 @@ from dasknmf._blas import pin_worker_blas
 from dasknmf._config import get_bytes
 from dasknmf.init import random_block, seed_entropy
 from dasknmf.ops import DaskOps, EagerOps, FutureOps, tree_reduce
-from dasknmf.panels import even_bounds, should_cache
+from dasknmf.panels import (
+    BLOCK_FACTORS,
+    PANEL_MULTIPLE,
+    TASK_OVERHEAD,
+    even_bounds,
+    should_cache,
+    wait_for_workers,
+)
+from dasknmf.shards import RowOut
 from dasknmf.steps import Objective, panel_data
 from dasknmf.storage import distributed_client
 
@@ -74,6 +82,23 @@ class Grid:
         if self.locations is None:
             return self.ops.call(fn, *args)
         return self.ops.map(fn, [args], workers=[self.locations[i]])[0]
+
+    # What a checkpoint asks of a layout (as of ``panels.Panels``): each row of blocks is a
+    # shard of one panel, its tasks placed with its blocks.
+
+    def map(self, fn, items, *common) -> list:
+        """``ops.map`` with one item per row of blocks, each task placed with its row."""
+        return self.ops.map(fn, items, *common, workers=self.locations)
+
+    @property
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        return [(i, i + 1) for i in range(len(self.items))]
+
+    def shard_map(self, fn, items, *common, data=False) -> list:
+        """``map``: the tasks of a row of blocks (never with its blocks as data)."""
+        if data:
+            raise ValueError("The tasks of a row of 2-D blocks do not take its blocks as data.")
+        return self.map(fn, items, *common)
 
 
 def grid_bounds(shape, n_components: int, itemsize: int, budget: int, stored=None, parts=1):
@@ -197,7 +222,7 @@ def w_step(objective: Objective, order, summary, wt, cross):
     # network may be), and its own loop rounds differently from BLAS's.
     gram_h, cross, wt = map(kernels.aligned, (gram_h, cross, wt))
     wt, stats = steps.w_update(objective, order, gram_h, cross, wt)
-    return wt, wt @ wt.T, stats
+    return RowOut(wt, wt @ wt.T, stats)
 
 
 def block_partial(w_out, x, total=None) -> tuple:
@@ -219,11 +244,18 @@ def block_final_stats(with_w: bool, h, w_out, x) -> np.ndarray:
     return stats
 
 
-def gram_of(*h_blocks) -> np.ndarray:
-    """H·Hᵀ, (k, k), from the column blocks of H (aligned: see ``w_step``)."""
+def gram_of(h_block) -> np.ndarray:
+    """H_j·H_jᵀ, (k, k), of a column block of H (aligned: see ``w_step``)."""
     pin_worker_blas()
-    arrays = (kernels.aligned(steps.h_array(b)) for b in h_blocks)
-    return steps.sum_in_order(*(b @ b.T for b in arrays))
+    h = kernels.aligned(steps.h_array(h_block))
+    return h @ h.T
+
+
+def first_summary(ops, h: list):
+    """H·Hᵀ of the H an iteration starts from, summed over the column blocks by the tree
+    that sums it in an iteration's summary (``steps._h_summary``): a fit resumed from the H of
+    a checkpoint goes on with the bits the uninterrupted fit had."""
+    return tree_reduce(ops, [ops.call(gram_of, b) for b in h])
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -297,17 +329,24 @@ def fit(
     tol: float,
     shuffle_rng=None,
     callback=None,
+    checkpoint=None,
+    start: int = 0,
+    history: engine.History | None = None,
 ) -> engine.FitResult:
     """Alternate the W and H updates over the blocks until the stopping rule or ``max_iter``
     (as ``engine.fit``; each iteration waits for the previous one's summary). The result holds
-    the ``w_step`` outputs as W and the H blocks as arrays (numpy in memory)."""
+    the ``w_step`` outputs as W and the H blocks as arrays (numpy in memory).
+
+    ``checkpoint`` (a ``dasknmf.checkpoint.Checkpoint``) is written after every
+    ``checkpoint.every``-th iteration; a resumed fit passes its factors as ``wt`` and ``h``,
+    its iteration as ``start`` and its ``history``, and goes on with the same bits."""
     ops = g.ops
     k = objective.n_components
     shared = ops.share(objective)
-    summary = ops.call(gram_of, *h)
-    history = engine.History()
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    summary = first_summary(ops, h)
+    history = history if history is not None else engine.History()
+    n_iter = start
+    for n_iter in range(start + 1, max_iter + 1):
         orders = (None, None)
         if shuffle_rng is not None:
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
@@ -321,6 +360,9 @@ def fit(
             callback(known, history)
         if tol > 0 and known and objective.rule.converged(known, tol, history.as_dict()):
             break
+        if checkpoint is not None and checkpoint.due(n_iter):
+            state = None if shuffle_rng is None else shuffle_rng.get_state()
+            checkpoint.save(g, n_iter, wt, h, history, state)
     h = [ops.call(steps.h_array, b) for b in h]
     return engine.FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
 
@@ -349,6 +391,34 @@ def w_blocks(g: Grid, result: engine.FitResult, k: int):
             for w, (a, b) in zip(result.wt, rows, strict=True)
         ]
     )
+
+
+def relocate(g: Grid) -> None:
+    """After workers were lost: wait for workers (``panels.wait_for_workers``) and run each
+    row's tasks where its first block is now (the scheduler recomputes lost cached blocks
+    from their source, wherever it puts them)."""
+    if g.locations is None:
+        return
+    from distributed import wait
+
+    client = g.ops.client
+    wait_for_workers(client, len(set(g.locations)))
+    firsts = [row[0] for row in g.items]
+    wait(firsts)
+    holders = client.who_has(firsts)
+    g.locations = [sorted(holders[f.key])[0] for f in firsts]
+
+
+def task_memory(g: Grid, n_components: int, budget: int) -> int:
+    """Bytes a task of the blocks holds at its peak: its block (at most ``budget``, which
+    sized the blocks) and ``panels.BLOCK_FACTORS`` factor blocks and sums of the longer
+    side."""
+    rows, cols = g.ranges
+    dense = max(b - a for a, b in rows) * max(d - c for c, d in cols) * g.dtype.itemsize
+    largest = min(dense, budget)
+    side = max(max(b - a for a, b in rows), max(d - c for c, d in cols))
+    factors = BLOCK_FACTORS * n_components * side * g.dtype.itemsize
+    return int(PANEL_MULTIPLE * largest + TASK_OVERHEAD + factors)
 
 
 def _rows_of(w_out) -> np.ndarray:

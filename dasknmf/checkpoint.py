@@ -19,8 +19,10 @@ is written under its final name and counts once its ``state.json``, written last
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import numbers
 import os
 import re
 import uuid
@@ -136,6 +138,39 @@ def _fsync_dir(where: Location) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def fingerprint(plan, parts, stats, objective, col_bounds, layout: str | None = None) -> dict:
+    """What the iterates of a fit (a ``pipeline.Plan`` on ``parts``, its panels or 2-D blocks)
+    depend on, for checking that a checkpoint fits: the update rule, the initialization, the
+    layout and the input (its statistics from the validation pass stand for its contents).
+    ``layout``: a scheme other than row panels (whose checkpoints carry no such entry)."""
+    seed = plan.random_state
+    layout_entry = {} if layout is None else {"settings.layout": layout}
+    return {
+        **layout_entry,
+        **{f"settings.{key}": value for key, value in dataclasses.asdict(objective).items()},
+        "settings.init": plan.init,
+        "settings.random_state": seed
+        if seed is None or _is_int(seed)
+        else list(seed)
+        if isinstance(seed, tuple)
+        else type(seed).__name__,
+        "settings.shuffle": bool(plan.shuffle),
+        "settings.panels": list(map(int, parts.row_bounds)),
+        "settings.column_blocks": list(map(int, col_bounds)),
+        "input.shape": list(parts.shape),
+        "input.dtype": str(parts.dtype),
+        "input.sparse": bool(parts.sparse),
+        "input.nnz": stats.nnz,
+        "input.sum": stats.sum,
+        "input.sum_sq": stats.sum_sq,
+        "input.min": stats.min,
+    }
 
 
 class Checkpoint:

@@ -386,8 +386,19 @@ def relocate(panels: Panels) -> None:
     from distributed import wait
 
     client = panels.ops.client
-    try:  # the workers that replace the lost ones, if they come
-        client.wait_for_workers(len(set(panels.locations)), timeout=RELOCATE_WAIT)
+    wait_for_workers(client, len(set(panels.locations)))
+    _place(panels, client)
+    if panels.cached:  # recomputed where the scheduler put them
+        wait(panels.items)
+        holders = client.who_has(panels.items)
+        panels.locations = [sorted(holders[f.key])[0] for f in panels.items]
+
+
+def wait_for_workers(client, n_workers: int) -> None:
+    """Wait up to ``RELOCATE_WAIT`` s for ``n_workers`` (the workers that replace lost ones,
+    if they come), then as long again for one; ``WorkersLostError`` if none comes."""
+    try:
+        client.wait_for_workers(n_workers, timeout=RELOCATE_WAIT)
     except TimeoutError:
         try:
             client.wait_for_workers(1, timeout=RELOCATE_WAIT)
@@ -396,11 +407,6 @@ def relocate(panels: Panels) -> None:
                 f"Workers of the fit were lost and none came back within {2 * RELOCATE_WAIT} s; "
                 "the fit cannot go on (start workers, or resume from a checkpoint later)."
             ) from None
-    _place(panels, client)
-    if panels.cached:  # recomputed where the scheduler put them
-        wait(panels.items)
-        holders = client.who_has(panels.items)
-        panels.locations = [sorted(holders[f.key])[0] for f in panels.items]
 
 
 def blocks_as_delayed(X: da.Array) -> list:

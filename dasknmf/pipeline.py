@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +23,9 @@ import numpy as np
 
 from dasknmf import blocks, engine, init, panels, passes, shards
 from dasknmf._blas import single_blas_thread
-from dasknmf.checkpoint import Checkpoint
+from dasknmf.checkpoint import Checkpoint, fingerprint
+from dasknmf.progress import Reporter
 from dasknmf.steps import Objective
-from dasknmf.storage import distributed_client
 
 logger = logging.getLogger(__name__)
 
@@ -143,25 +142,13 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             "small values to X, or use a positive beta_loss."
         )
     col_bounds = panels.column_bounds(n_cols, k, parts.dtype.itemsize)
-    ckpt = None
-    if plan.checkpoint is not None:
-        fingerprint = _fingerprint(plan, parts, stats, objective, col_bounds)
-        ckpt = Checkpoint(plan.checkpoint, plan.checkpoint_every, fingerprint, plan.storage_options)
-        if parts.ops.is_async:  # the workers write W's blocks there
-            ckpt.probe(parts.ops.client)
+    ckpt = _checkpoint(plan, parts, fingerprint(plan, parts, stats, objective, col_bounds))
 
     def starting_point(from_checkpoint: bool):
         """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) to start
         from."""
-        shuffle_rng = None
-        if plan.shuffle:
-            shuffle_rng = np.random.RandomState(init.seed_entropy(plan.random_state) % 2**32)
         if from_checkpoint:
-            state = ckpt.load(parts)
-            if shuffle_rng is not None:
-                shuffle_rng.set_state(state.shuffle_state)
-            history = engine.History(**state.history)
-            return state.wt, state.h, state.n_iter, history, shuffle_rng, state.momentum
+            return _resumed(ckpt, parts, plan)
         wt, h = init.initialize(
             parts,
             plan.init,
@@ -173,11 +160,12 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             H,
             swap_streams=transposed,
         )
-        return wt, h, 0, None, shuffle_rng, None
+        return wt, h, 0, None, _shuffler(plan), None
 
     # The factors to start from are handed over (``_handed_over``), not kept here: the
     # engine regroups W by shard, and the initial blocks are then released.
-    *factors, start, history, shuffle_rng, momentum = starting_point(plan.resume)
+    point = {"start": starting_point(plan.resume)}
+    n_start = point["start"][2]
     logger.info(
         "NMF fit: X %s %s%s in %d %s panels (%s), %d components, %s, beta %g, %s",
         "x".join(map(str, (n_cols, n_rows) if transposed else (n_rows, n_cols))),
@@ -189,48 +177,41 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
         k,
         objective.solver,
         objective.beta,
-        f"resumed at iteration {start}" if plan.resume else f"init {plan.init}",
+        f"resumed at iteration {n_start}" if plan.resume else f"init {plan.init}",
     )
-    with Reporter(plan.verbose, plan.progress, plan.max_iter, start) as report:
-        for attempt in itertools.count(1):
-            try:
-                result = engine.fit(
-                    parts,
-                    objective,
-                    *_handed_over(factors),
-                    stats.sum_sq * plan.replicates,  # the loss is the replicates' sum
-                    col_bounds,
-                    max_iter=plan.max_iter,
-                    tol=plan.tol,
-                    shuffle_rng=shuffle_rng,
-                    callback=report,
-                    checkpoint=ckpt,
-                    start=start,
-                    history=history,
-                    momentum=momentum,
-                )
-                value, h_blocks = engine.final_pass(parts, objective, result)
-                break
-            except engine.KILLED_WORKER as error:
-                # The same task took down worker after worker: a restart would run it again.
-                raise _workers_keep_dying(error, parts, k) from error
-            except engine.LOST_DATA as error:
-                # A worker died with blocks of W or H that nothing can recompute (their
-                # inputs, the previous iteration's blocks, are gone): start again from the
-                # newest checkpoint, else from the initialization. Either gives exactly
-                # the factors of an undisturbed fit.
-                if attempt > MAX_RECOVERIES:
-                    raise
-                from_checkpoint = ckpt is not None and ckpt.latest() is not None
-                logger.warning(
-                    "Data lost on the cluster (%s: %s); restarting the fit from %s",
-                    type(error).__name__,
-                    error,
-                    "the checkpoint" if from_checkpoint else "the initialization",
-                )
-                panels.relocate(parts)
-                *factors, start, history, shuffle_rng, momentum = starting_point(from_checkpoint)
-                report.restart(start)
+
+    def attempt():
+        *factors, start, history, shuffle_rng, momentum = point.pop("start")
+        result = engine.fit(
+            parts,
+            objective,
+            *_handed_over(factors),
+            stats.sum_sq * plan.replicates,  # the loss is the replicates' sum
+            col_bounds,
+            max_iter=plan.max_iter,
+            tol=plan.tol,
+            shuffle_rng=shuffle_rng,
+            callback=report,
+            checkpoint=ckpt,
+            start=start,
+            history=history,
+            momentum=momentum,
+        )
+        return result, engine.final_pass(parts, objective, result)
+
+    def restart(from_checkpoint: bool) -> int:
+        panels.relocate(parts)
+        point["start"] = starting_point(from_checkpoint)
+        return point["start"][2]
+
+    with Reporter(plan.verbose, plan.progress, plan.max_iter, n_start) as report:
+        result, (value, h_blocks) = _recovering(
+            attempt,
+            restart,
+            ckpt,
+            report,
+            lambda error: _workers_keep_dying(error, _panel_task_memory(parts, k)),
+        )
     reconstruction_err = float(np.sqrt(2 * max(value, 0.0)))
     logger.info(
         "NMF fit done: %d iterations, reconstruction error %.6g", result.n_iter, reconstruction_err
@@ -257,6 +238,61 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
         replicate_errors=[float(np.sqrt(2 * max(v, 0.0))) for v in result.replicate_values] or None,
         norm_x=float(np.sqrt(stats.sum_sq)),
     )
+
+
+def _checkpoint(plan: Plan, layout, settings: dict) -> Checkpoint | None:
+    """The fit's checkpoint (None without one), for the fingerprint ``settings``; on a cluster
+    the workers, which write W's blocks there, are checked to share its folder."""
+    if plan.checkpoint is None:
+        return None
+    ckpt = Checkpoint(plan.checkpoint, plan.checkpoint_every, settings, plan.storage_options)
+    if layout.ops.is_async:
+        ckpt.probe(layout.ops.client)
+    return ckpt
+
+
+def _shuffler(plan: Plan) -> np.random.RandomState | None:
+    """The generator of the components' orders (``shuffle=True``), at its start."""
+    if not plan.shuffle:
+        return None
+    return np.random.RandomState(init.seed_entropy(plan.random_state) % 2**32)
+
+
+def _resumed(ckpt: Checkpoint, layout, plan: Plan) -> tuple:
+    """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) of the newest
+    checkpoint, read into ``layout`` (panels or 2-D blocks)."""
+    state = ckpt.load(layout)
+    shuffle_rng = _shuffler(plan)
+    if shuffle_rng is not None:
+        shuffle_rng.set_state(state.shuffle_state)
+    history = engine.History(**state.history)
+    return state.wt, state.h, state.n_iter, history, shuffle_rng, state.momentum
+
+
+def _recovering(attempt: Callable, restart: Callable, ckpt, report, dying: Callable):
+    """``attempt()``, again after each loss of data on the cluster (up to ``MAX_RECOVERIES``
+    times): a worker died with blocks of W or H that nothing can recompute (their inputs, the
+    previous iteration's blocks, are gone), so ``restart(from_checkpoint)`` sets the fit to
+    start again from the newest checkpoint, else from the initialization, and returns the
+    iteration it starts from. Either gives exactly the factors of an undisturbed fit. A task
+    that took down worker after worker (``KilledWorker``) would only run again: ``dying(error)``
+    is raised instead."""
+    for n_attempt in itertools.count(1):
+        try:
+            return attempt()
+        except engine.KILLED_WORKER as error:
+            raise dying(error) from error
+        except engine.LOST_DATA as error:
+            if n_attempt > MAX_RECOVERIES:
+                raise
+            from_checkpoint = ckpt is not None and ckpt.latest() is not None
+            logger.warning(
+                "Data lost on the cluster (%s: %s); restarting the fit from %s",
+                type(error).__name__,
+                error,
+                "the checkpoint" if from_checkpoint else "the initialization",
+            )
+            report.restart(restart(from_checkpoint))
 
 
 def _handed_over(factors: list) -> tuple:
@@ -295,14 +331,11 @@ def _blocks_lack(X, plan: Plan) -> str | None:
         return "fit the observed entries only (missing=...)"
     if plan.init not in ("random", "custom"):
         return f"start from init={plan.init!r} (its SVD over blocks)"
-    if plan.checkpoint is not None:
-        return "write checkpoints"
     return None
 
 
 def _fit_blocks(X, plan: Plan) -> Fitted:
     """Fit ``plan`` on 2-D blocks of X (``dasknmf.blocks``)."""
-    n_rows, n_cols = X.shape
     missing = _blocks_lack(X, plan)
     if missing is not None:
         raise ValueError(
@@ -311,46 +344,76 @@ def _fit_blocks(X, plan: Plan) -> Fitted:
         )
     k = plan.n_components
     grid = blocks.grid(X, k, plan.panel_bytes, plan.cache)
-    shuffle_rng = None
-    if plan.shuffle:
-        shuffle_rng = np.random.RandomState(init.seed_entropy(plan.random_state) % 2**32)
     try:
         with single_blas_thread():
-            stats = blocks.check_values(grid)
-            stored = stats.nnz if grid.sparse else n_rows * n_cols
-            objective = plan.objective(n_rows, n_cols, k, stored)
-            objective = dataclasses.replace(objective, extrapolate=False)
-            wt, h = blocks.initialize(
-                grid, plan.init, k, stats.mean, plan.random_state, plan.W, plan.H
-            )
-            shape = [len(grid.row_bounds) - 1, len(grid.col_bounds) - 1]
-            logger.info(
-                "NMF fit: X %dx%d %s%s in %d x %d 2-D blocks (%s), %d components, %s, init %s",
-                n_rows,
-                n_cols,
-                grid.dtype,
-                " sparse" if grid.sparse else "",
-                *shape,
-                "cached" if grid.cached else "streamed",
-                k,
-                objective.solver,
-                plan.init,
-            )
-            with Reporter(plan.verbose, plan.progress, plan.max_iter) as report:
-                result = blocks.fit(
-                    grid,
-                    objective,
-                    *_handed_over([wt, h]),
-                    stats.sum_sq,
-                    max_iter=plan.max_iter,
-                    tol=plan.tol,
-                    shuffle_rng=shuffle_rng,
-                    callback=report,
-                )
-            value, h_blocks = blocks.final_pass(grid, result)
-            W = blocks.w_blocks(grid, result, k)
+            return _fit_grid(grid, plan)
     finally:
         grid.close()
+
+
+def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
+    """``_fit_blocks`` on the blocks of X: validation, objective, checkpoint, start, the
+    iterations (again after a loss of data on the cluster), final pass."""
+    n_rows, n_cols = grid.shape
+    k = plan.n_components
+    stats = blocks.check_values(grid)
+    stored = stats.nnz if grid.sparse else n_rows * n_cols
+    objective = plan.objective(n_rows, n_cols, k, stored)
+    objective = dataclasses.replace(objective, extrapolate=False)
+    settings = fingerprint(plan, grid, stats, objective, grid.col_bounds, layout="blocks")
+    ckpt = _checkpoint(plan, grid, settings)
+
+    def starting_point(from_checkpoint: bool) -> tuple:
+        """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, no momentum) to
+        start from."""
+        if from_checkpoint:
+            return _resumed(ckpt, grid, plan)
+        wt, h = blocks.initialize(grid, plan.init, k, stats.mean, plan.random_state, plan.W, plan.H)
+        return wt, h, 0, None, _shuffler(plan), None
+
+    point = {"start": starting_point(plan.resume)}
+    n_start = point["start"][2]
+    shape = [len(grid.row_bounds) - 1, len(grid.col_bounds) - 1]
+    logger.info(
+        "NMF fit: X %dx%d %s%s in %d x %d 2-D blocks (%s), %d components, %s, %s",
+        n_rows,
+        n_cols,
+        grid.dtype,
+        " sparse" if grid.sparse else "",
+        *shape,
+        "cached" if grid.cached else "streamed",
+        k,
+        objective.solver,
+        f"resumed at iteration {n_start}" if plan.resume else f"init {plan.init}",
+    )
+
+    def attempt():
+        *factors, start, history, shuffle_rng, _ = point.pop("start")
+        result = blocks.fit(
+            grid,
+            objective,
+            *_handed_over(factors),
+            stats.sum_sq,
+            max_iter=plan.max_iter,
+            tol=plan.tol,
+            shuffle_rng=shuffle_rng,
+            callback=report,
+            checkpoint=ckpt,
+            start=start,
+            history=history,
+        )
+        return result, blocks.final_pass(grid, result), blocks.w_blocks(grid, result, k)
+
+    def restart(from_checkpoint: bool) -> int:
+        blocks.relocate(grid)
+        point["start"] = starting_point(from_checkpoint)
+        return point["start"][2]
+
+    need = blocks.task_memory(grid, k, plan.panel_bytes)
+    with Reporter(plan.verbose, plan.progress, plan.max_iter, n_start) as report:
+        result, (value, h_blocks), W = _recovering(
+            attempt, restart, ckpt, report, lambda error: _workers_keep_dying(error, need)
+        )
     return Fitted(
         components=_side_by_side(h_blocks),
         W=W,
@@ -361,12 +424,9 @@ def _fit_blocks(X, plan: Plan) -> Fitted:
     )
 
 
-def _workers_keep_dying(error, parts: panels.Panels, k: int) -> panels.WorkersLostError:
-    """The error for a task that every worker running it died with (``KilledWorker``)."""
-    n_cols = parts.shape[1]
-    itemsize = parts.dtype.itemsize
-    largest = max(parts.row_sizes) * n_cols * itemsize
-    need = panels.task_memory(largest, n_cols, k, itemsize)
+def _workers_keep_dying(error, need: int) -> panels.WorkersLostError:
+    """The error for a task that every worker running it died with (``KilledWorker``), whose
+    tasks need about ``need`` bytes."""
     limit = panels.worker_memory()
     has = f"a worker has {limit / 2**20:,.0f} MiB" if limit else "the workers have no limit"
     return panels.WorkersLostError(
@@ -378,34 +438,10 @@ def _workers_keep_dying(error, parts: panels.Panels, k: int) -> panels.WorkersLo
     )
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _fingerprint(plan: Plan, parts, stats, objective: Objective, col_bounds) -> dict:
-    """What the iterates of a fit depend on, for checking that a checkpoint fits: the update
-    rule, the initialization, the panel layout and the input (its statistics from the
-    validation pass stand for its contents)."""
-    seed = plan.random_state
-    return {
-        **{f"settings.{key}": value for key, value in dataclasses.asdict(objective).items()},
-        "settings.init": plan.init,
-        "settings.random_state": seed
-        if seed is None or _is_int(seed)
-        else list(seed)
-        if isinstance(seed, tuple)
-        else type(seed).__name__,
-        "settings.shuffle": bool(plan.shuffle),
-        "settings.panels": list(map(int, parts.row_bounds)),
-        "settings.column_blocks": list(map(int, col_bounds)),
-        "input.shape": list(parts.shape),
-        "input.dtype": str(parts.dtype),
-        "input.sparse": bool(parts.sparse),
-        "input.nnz": stats.nnz,
-        "input.sum": stats.sum,
-        "input.sum_sq": stats.sum_sq,
-        "input.min": stats.min,
-    }
+def _panel_task_memory(parts: panels.Panels, k: int) -> int:
+    n_cols, itemsize = parts.shape[1], parts.dtype.itemsize
+    largest = max(parts.row_sizes) * n_cols * itemsize
+    return panels.task_memory(largest, n_cols, k, itemsize)
 
 
 def transform(X, H: np.ndarray, objective: Objective, panel_bytes: int, max_iter: int, tol: float):
@@ -456,53 +492,3 @@ def _assemble_w(parts: panels.Panels, states: list, k: int):
             for i, rows in enumerate(parts.row_sizes[a:b])
         ]
     return da.concatenate(blocks, axis=1).T
-
-
-class Reporter:
-    """Per-iteration output: scikit-learn style lines (verbose) and/or a tqdm bar (progress).
-
-    The bar shows the lowest objective so far and how often the objective rose (with
-    extrapolation: a restart from the plain iterates), not the raw value, which jumps up at a
-    restart and reads as a fault; the verbose lines keep the raw value, as scikit-learn's do.
-    """
-
-    def __init__(self, verbose: int, progress: bool, max_iter: int, start: int = 0):
-        self.verbose = verbose
-        self.progress = progress
-        self.max_iter = max_iter
-        self.start = start
-        self._bar = None
-        self.best = float("inf")
-        self.rises = 0
-
-    def __enter__(self):
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.max_iter, initial=self.start, desc="NMF", unit="it")
-            client = distributed_client()
-            if client is not None:
-                self._bar.write(f"Dask dashboard: {client.dashboard_link}")
-        return self
-
-    def restart(self, n_iter: int) -> None:
-        """The fit starts again after ``n_iter`` iterations (after a worker loss)."""
-        self.best, self.rises = float("inf"), 0
-        if self._bar is not None:
-            self._bar.reset(total=self.max_iter)
-            self._bar.update(n_iter)
-
-    def __call__(self, n_iter: int, history: engine.History) -> None:
-        loss, before = history.loss[-1], history.loss[-2]
-        change = (before - loss) / abs(before) if before else 0.0
-        self.best = min(self.best, *history.loss[-2:])
-        self.rises += loss > before
-        if self.verbose:
-            print(f"Iteration {n_iter:4d}  objective {loss:.6g}  relative decrease {change:.3e}")
-        if self._bar is not None:
-            self._bar.set_postfix(best_objective=f"{self.best:.6g}", restarts=self.rises)
-            self._bar.update(1)
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.close()

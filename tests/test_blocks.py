@@ -69,7 +69,8 @@ def test_block_tasks_give_the_same_bits_for_arrays_at_any_address():
     # differently from BLAS's syrk with some kernels (OpenBLAS on SkylakeX).
     rng = np.random.default_rng(0)
     h = [rng.random((4, 23)) for _ in range(4)]
-    assert np.array_equal(blocks.gram_of(*map(_unaligned, h)), blocks.gram_of(*h))
+    for block in h:
+        assert np.array_equal(blocks.gram_of(_unaligned(block)), blocks.gram_of(block))
     wt, x = rng.random((4, 24)), rng.random((24, 23))
     w_out = (wt, wt @ wt.T, np.zeros(7))
     moved = (_unaligned(wt), w_out[1], w_out[2])
@@ -114,14 +115,59 @@ def test_the_cli_reports_the_blocks(X, tmp_path):
     [
         (dict(init="nndsvda"), "2-D block layout does not start from init='nndsvda'"),
         (dict(beta_loss="kullback-leibler", solver="mu"), "2-D block layout.*Frobenius"),
-        (dict(checkpoint="ckpt"), "2-D block layout does not write checkpoints"),
+        (dict(missing="nan"), "2-D block layout does not fit the observed entries only"),
     ],
 )
-def test_what_blocks_do_not_do_yet_is_a_clear_error(X, kwargs, match, tmp_path):
-    if "checkpoint" in kwargs:
-        kwargs = dict(kwargs, checkpoint=tmp_path / "ckpt")
+def test_what_blocks_do_not_do_yet_is_a_clear_error(X, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _fit(X, layout="blocks", **kwargs)
+
+
+# Budgets that cut X (120 × 90) into 4 × 3 blocks, and into 12 × 9: more column blocks than
+# the tree's fan-in, so that H·Hᵀ is summed over two levels.
+FEW_BLOCKS, MANY_BLOCKS = 30 * 30 * 8, 10 * 10 * 8
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(panel_bytes=FEW_BLOCKS), dict(panel_bytes=MANY_BLOCKS, shuffle=True)],
+    ids=["4x3", "12x9-shuffled"],
+)
+def test_a_resumed_block_fit_is_bit_identical(X, tmp_path, settings):
+    """A 2-D fit stopped after 7 iterations (its checkpoint: iteration 6) and resumed to 15
+    ends with the bits of the uninterrupted 15 iterations."""
+    settings = dict(settings, layout="blocks")
+    W_ref, reference = _fit(X, **settings)
+    blocks_shape = reference.layout_["blocks"]
+    if settings["panel_bytes"] == MANY_BLOCKS:
+        assert blocks_shape[1] > 8, blocks_shape
+    _fit(X, max_iter=7, checkpoint=tmp_path, checkpoint_every=3, **settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter-00000006"]
+    W, resumed = _fit(X, checkpoint=tmp_path, checkpoint_every=3, resume=True, **settings)
+    np.testing.assert_array_equal(resumed.components_, reference.components_)
+    np.testing.assert_array_equal(W, W_ref)
+    assert resumed.loss_history_ == reference.loss_history_
+    assert resumed.n_iter_ == reference.n_iter_ == KWARGS["max_iter"]
+
+
+def test_a_block_fit_resumes_on_a_cluster_from_a_store(cluster, X, tmp_path):
+    path = str(save_matrix(tmp_path / "X.zarr", X, chunks=(30, 30)))
+    settings = dict(layout="blocks", panel_bytes=FEW_BLOCKS, cache=True)
+    W_ref, reference = _fit(X, **settings)
+    checkpoint = tmp_path / "ckpt"
+    _fit(path, max_iter=6, checkpoint=checkpoint, checkpoint_every=4, **settings)
+    W, resumed = _fit(path, checkpoint=checkpoint, resume=True, **settings)
+    np.testing.assert_array_equal(resumed.components_, reference.components_)
+    np.testing.assert_array_equal(W.compute(), W_ref)
+    assert resumed.loss_history_ == reference.loss_history_
+
+
+def test_a_checkpoint_of_the_other_layout_is_refused(X, tmp_path):
+    """Row panels and 2-D blocks sum in other orders: neither resumes from the other."""
+    settings = dict(panel_bytes=FEW_BLOCKS, checkpoint=tmp_path, checkpoint_every=2, max_iter=2)
+    _fit(X, layout="rows", **settings)
+    with pytest.raises(ValueError, match="other settings.*settings.layout"):
+        _fit(X, layout="blocks", resume=True, **settings)
 
 
 def test_an_unknown_layout_is_refused(X):

@@ -66,23 +66,42 @@ def stored(tmp_path_factory):
     return X, str(path)
 
 
+#: 2-D blocks of the stored X (4000 × 60): 2 × 2.
+BLOCKS = dict(layout="blocks", panel_bytes=2000 * 30 * 8)
+
+
 @pytest.mark.parametrize(
-    "cache, checkpoint_every, how_many",
-    [(True, None, 1), (False, None, 1), (True, None, 2), (False, 3, 2)],
-    ids=["cached-one", "streamed-one", "cached-all", "streamed-all-checkpoint"],
+    "cache, checkpoint_every, how_many, layout",
+    [
+        (True, None, 1, {}),
+        (False, None, 1, {}),
+        (True, None, 2, {}),
+        (False, 3, 2, {}),
+        (True, None, 1, BLOCKS),
+        (False, 3, 2, BLOCKS),
+    ],
+    ids=[
+        "cached-one",
+        "streamed-one",
+        "cached-all",
+        "streamed-all-checkpoint",
+        "blocks-cached-one",
+        "blocks-streamed-all-checkpoint",
+    ],
 )
 def test_workers_killed_mid_fit_change_nothing(
-    nanny_cluster, stored, tmp_path, monkeypatch, cache, checkpoint_every, how_many
+    nanny_cluster, stored, tmp_path, monkeypatch, cache, checkpoint_every, how_many, layout
 ):
-    """One worker lost, or all of them: Dask recomputes what they held, from the store and the
-    tasks' lineage since the factors were last detached from it (tasks placed on a worker
-    that is gone go to the new ones: see ``ops.LooseRestrictions``); detached factors that
-    were lost (here: at iteration 5, the kill at 7) restart the fit from the checkpoint or the
-    initialization. The factors are those of an undisturbed fit."""
+    """One worker lost, or all of them, in a fit of row panels or of 2-D blocks: Dask
+    recomputes what they held, from the store and the tasks' lineage since the factors were
+    last detached from it (tasks placed on a worker that is gone go to the new ones: see
+    ``ops.LooseRestrictions``); detached factors that were lost (here: at iteration 5, the
+    kill at 7) restart the fit from the checkpoint or the initialization. The factors are
+    those of an undisturbed fit."""
     monkeypatch.setattr(engine, "LINEAGE_EVERY", 5)
     client = nanny_cluster
     _, path = stored
-    kwargs = dict(KWARGS, cache=cache, panel_bytes=500 * 60 * 8)
+    kwargs = {**KWARGS, "cache": cache, "panel_bytes": 500 * 60 * 8, **layout}
     reference = NMF(**kwargs)
     W_ref = reference.fit_transform(path).compute()
 
@@ -92,29 +111,36 @@ def test_workers_killed_mid_fit_change_nothing(
     model = NMF(**kwargs)
     W = model.fit_transform(path).compute()
     assert len(killed) == how_many, "the workers were not killed"
+    assert model.layout_["scheme"] == ("blocks" if layout else "rows")
     np.testing.assert_array_equal(W, W_ref)
     np.testing.assert_array_equal(model.components_, reference.components_)
     assert model.loss_history_ == reference.loss_history_
     assert model.n_iter_ == KWARGS["max_iter"]
 
 
-@pytest.mark.parametrize("checkpoint_every", [None, 4], ids=["from-init", "from-checkpoint"])
+@pytest.mark.parametrize(
+    "checkpoint_every, layout",
+    [(None, {}), (4, {}), (None, dict(BLOCKS, cache=True)), (4, dict(BLOCKS, cache=True))],
+    ids=["from-init", "from-checkpoint", "blocks-from-init", "blocks-from-checkpoint"],
+)
 def test_data_the_cluster_cannot_recompute_restarts_the_fit(
-    nanny_cluster, stored, tmp_path, monkeypatch, caplog, checkpoint_every
+    nanny_cluster, stored, tmp_path, monkeypatch, caplog, checkpoint_every, layout
 ):
     """When the cluster reports data lost for good (a cancelled key, a KilledWorker), the fit
-    starts again from its newest checkpoint, else from the initialization, and ends where an
-    undisturbed fit ends. The loss is injected once, in the final pass after the loop."""
+    (row panels or 2-D blocks) starts again from its newest checkpoint, else from the
+    initialization, and ends where an undisturbed fit ends. The loss is injected once, in the
+    final pass after the loop."""
     from distributed.client import FutureCancelledError
 
-    from dasknmf import engine
+    from dasknmf import blocks
 
     _, path = stored
-    kwargs = dict(KWARGS, cache=False, panel_bytes=500 * 60 * 8)
+    kwargs = {**KWARGS, "cache": False, "panel_bytes": 500 * 60 * 8, **layout}
     reference = NMF(**kwargs).fit(path)
     if checkpoint_every:
         kwargs.update(checkpoint=tmp_path / "ckpt", checkpoint_every=checkpoint_every)
-    final_pass, failures = engine.final_pass, []
+    module = blocks if layout else engine
+    final_pass, failures = module.final_pass, []
 
     def lose_once(*args):
         if not failures:
@@ -122,7 +148,7 @@ def test_data_the_cluster_cannot_recompute_restarts_the_fit(
             raise FutureCancelledError("panel_step-0", reason="lost dependencies")
         return final_pass(*args)
 
-    monkeypatch.setattr(engine, "final_pass", lose_once)
+    monkeypatch.setattr(module, "final_pass", lose_once)
     with caplog.at_level(logging.WARNING, logger="dasknmf"):
         model = NMF(**kwargs).fit(path)
     start = "the checkpoint" if checkpoint_every else "the initialization"
