@@ -29,8 +29,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import dask
 import dask.array as da
@@ -50,7 +50,6 @@ from dasknmf.panels import (
     should_cache,
     wait_for_workers,
 )
-from dasknmf.shards import RowOut
 from dasknmf.steps import Objective, panel_data
 from dasknmf.storage import distributed_client
 
@@ -69,6 +68,14 @@ class Grid:
     sparse: bool = False
     cached: bool = True
     locations: list | None = None  # the worker of each row of blocks (cached on a cluster)
+    # Bands: runs of consecutive rows of blocks whose tasks run as one per phase (a worker
+    # thread's rows, where the blocks are cached). They group tasks, never sums: the bits do
+    # not depend on them.
+    band_bounds: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.band_bounds:
+            self.band_bounds = runs(list(range(len(self.items))))
 
     @property
     def ranges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -83,8 +90,8 @@ class Grid:
             return self.ops.call(fn, *args)
         return self.ops.map(fn, [args], workers=[self.locations[i]])[0]
 
-    # What a checkpoint asks of a layout (as of ``panels.Panels``): each row of blocks is a
-    # shard of one panel, its tasks placed with its blocks.
+    # What the engine and a checkpoint ask of a layout (as of ``panels.Panels``): a band is a
+    # shard, its tasks placed with its blocks.
 
     def map(self, fn, items, *common) -> list:
         """``ops.map`` with one item per row of blocks, each task placed with its row."""
@@ -92,13 +99,38 @@ class Grid:
 
     @property
     def shard_ranges(self) -> list[tuple[int, int]]:
-        return [(i, i + 1) for i in range(len(self.items))]
+        return list(itertools.pairwise(self.band_bounds))
 
     def shard_map(self, fn, items, *common, data=False) -> list:
-        """``map``: the tasks of a row of blocks (never with its blocks as data)."""
+        """One task per band, ``fn(*common, *items[s])``, placed where its rows are (the
+        blocks are passed by the caller, column by column: ``data`` must be False)."""
         if data:
-            raise ValueError("The tasks of a row of 2-D blocks do not take its blocks as data.")
-        return self.map(fn, items, *common)
+            raise ValueError("Band tasks take their blocks column by column, not as data.")
+        workers = None
+        if self.locations is not None:
+            workers = [self.locations[a] for a, _ in self.shard_ranges]
+        return self.ops.map(fn, items, *common, workers=workers)
+
+    def column(self, j: int) -> list[tuple]:
+        """The blocks of column j, one tuple per band."""
+        return [tuple(row[j] for row in self.items[a:b]) for a, b in self.shard_ranges]
+
+    def bundle(self, blocks: list) -> list:
+        """Per-row objects (blocks of Wᵀ) as one tuple per band, made where the band is."""
+        items = [tuple(blocks[a:b]) for a, b in self.shard_ranges]
+        if not self.ops.is_lazy:
+            return items
+        return self.shard_map(_tuple_of, items)
+
+    def unbundle(self, states: list) -> list:
+        """The per-row objects of the bands' states (the reverse of ``bundle``)."""
+        if not self.ops.is_lazy:
+            return [row for state in states for row in state]
+        return [
+            self.ops.item(state, i)
+            for state, (a, b) in zip(states, self.shard_ranges, strict=True)
+            for i in range(b - a)
+        ]
 
 
 def grid_bounds(shape, n_components: int, itemsize: int, budget: int, stored=None, parts=1):
@@ -141,8 +173,12 @@ def grid(X, n_components: int, budget: int, cache: bool | str = "auto") -> Grid:
         rows, cols = grid_bounds(X.shape, n_components, X.dtype.itemsize, budget, stored, 2)
         row_ranges, col_ranges = list(itertools.pairwise(rows)), list(itertools.pairwise(cols))
         items = [[X[a:b, c:d] for c, d in col_ranges] for a, b in row_ranges]
-        ops = EagerOps(min(len(items) * len(cols), os.cpu_count() or 1))
-        return Grid(ops, items, rows, cols, tuple(X.shape), X.dtype, sp.issparse(X))
+        threads = min(len(items), os.cpu_count() or 1)
+        bands = runs([i * threads // len(items) for i in range(len(items))])
+        ops = EagerOps(threads)
+        return Grid(
+            ops, items, rows, cols, tuple(X.shape), X.dtype, sp.issparse(X), band_bounds=bands
+        )
     sparse = sp.issparse(X._meta)
     stored = int(X.map_blocks(_count, dtype=np.int64).sum().compute()) if sparse else None
     itemsize = X.dtype.itemsize
@@ -163,8 +199,29 @@ def grid(X, n_components: int, budget: int, cache: bool | str = "auto") -> Grid:
             flat, locations = _cache_in_bands(client, flat, len(rows) - 1, n)
         else:
             flat = [steps.StreamedPanel(b) for b in flat]
-    items = [flat[i * n : (i + 1) * n] for i in range(len(rows) - 1)]
-    return Grid(ops, items, rows, cols, tuple(X.shape), X.dtype, sparse, cached, locations)
+    n_rows = len(rows) - 1
+    items = [flat[i * n : (i + 1) * n] for i in range(n_rows)]
+    bands = runs([i * threads // n_rows for i in range(n_rows)])  # as ``_cache_in_bands``
+    return Grid(ops, items, rows, cols, tuple(X.shape), X.dtype, sparse, cached, locations, bands)
+
+
+def runs(labels: list) -> list[int]:
+    """Boundaries of the runs of equal consecutive ``labels``."""
+    return [i for i in range(len(labels)) if i == 0 or labels[i] != labels[i - 1]] + [len(labels)]
+
+
+def _tuple_of(*items) -> tuple:
+    return items
+
+
+class RowOut(NamedTuple):
+    """What ``w_step`` returns: the new block of Wᵀ of a row of blocks, W_iᵀ·W_i and the
+    statistics vector of the update. A band's state is a tuple of them (a checkpoint writes
+    each one's ``wt``: see ``steps.h_array``)."""
+
+    wt: np.ndarray
+    gram: np.ndarray
+    stats: np.ndarray
 
 
 def _count(block) -> np.ndarray:
@@ -209,6 +266,29 @@ def block_cross(h, x, total=None) -> np.ndarray:
     if total is not None:
         cross += total  # a sum of two: the same bits either way round
     return cross
+
+
+def band_cross(h, totals, xs: tuple) -> tuple:
+    """``block_cross`` for each row of a band: its C_i so far (``totals``; None at the first
+    column block) plus H_j·X_ijᵀ."""
+    if totals is None:
+        totals = (None,) * len(xs)
+    return tuple(block_cross(h, x, total) for x, total in zip(xs, totals, strict=True))
+
+
+def band_w_step(objective: Objective, order, summary, state, crosses) -> tuple:
+    """``w_step`` for each row of a band: the band's new state, a tuple of ``RowOut``."""
+    return tuple(
+        w_step(objective, order, summary, wt, cross)
+        for wt, cross in zip(state, crosses, strict=True)
+    )
+
+
+def band_partial(state, total, xs: tuple):
+    """``block_partial`` down the rows of a band: column j's sums so far plus the band's."""
+    for w_out, x in zip(state, xs, strict=True):
+        total = block_partial(w_out, x, total)
+    return total
 
 
 def w_step(objective: Objective, order, summary, wt, cross):
@@ -262,23 +342,32 @@ def first_summary(ops, h: list):
 
 
 def iterate(g: Grid, objective, wt: list, h: list, summary, orders=(None, None)):
-    """One iteration (see the module's docstring): new W states (``w_step`` outputs), H blocks
-    (``h_step`` outputs) and the summary ``(H·Hᵀ, H stats, B, panel stats)``."""
+    """One iteration (see the module's docstring), one task per band and column block in
+    each chain: new W states (per band, a tuple of ``w_step`` outputs), H blocks (``h_step``
+    outputs) and the summary ``(H·Hᵀ, H stats, B, panel stats)``. Each row's and each
+    column's sums run in the order of the blocks, whatever the bands."""
     order_w, order_h = orders
-    w_outs = []
-    for i, (w_i, row) in enumerate(zip(wt, g.items, strict=True)):
-        cross = None
-        for h_j, x in zip(h, row, strict=True):
-            cross = g.on_row(i, block_cross, h_j, x, cross)
-        w_outs.append(g.on_row(i, w_step, objective, order_w, summary, w_i, cross))
+    crosses = [None] * len(wt)
+    for j, h_j in enumerate(h):
+        items = zip(crosses, g.column(j), strict=True)
+        crosses = g.shard_map(band_cross, [(c, xs) for c, xs in items], h_j)
+    items = list(zip(wt, crosses, strict=True))
+    w_outs = g.shard_map(band_w_step, items, objective, order_w, summary)
     h_outs = []
     for j, h_j in enumerate(h):
         total = None
-        for i, (w_out, row) in enumerate(zip(w_outs, g.items, strict=True)):
-            total = g.on_row(i, block_partial, w_out, row[j], total)
+        for s, (w_out, xs) in enumerate(zip(w_outs, g.column(j), strict=True)):
+            total = _on_band(g, s, band_partial, w_out, total, xs)
         h_outs.append(g.ops.call(steps.h_step, objective, order_h, None, ((0, None),), h_j, total))
     new_summary = tree_reduce(g.ops, h_outs, steps._h_summary, first=steps._h_summary)
     return w_outs, h_outs, new_summary
+
+
+def _on_band(g: Grid, s: int, fn, *args):
+    """``fn(*args)`` as a task of band s, placed with its blocks when they are cached."""
+    if g.locations is None:
+        return g.ops.call(fn, *args)
+    return g.ops.map(fn, [args], workers=[g.locations[g.band_bounds[s]]])[0]
 
 
 def check_values(g: Grid) -> engine.Moments:
@@ -335,7 +424,7 @@ def fit(
 ) -> engine.FitResult:
     """Alternate the W and H updates over the blocks until the stopping rule or ``max_iter``
     (as ``engine.fit``; each iteration waits for the previous one's summary). The result holds
-    the ``w_step`` outputs as W and the H blocks as arrays (numpy in memory).
+    the bands' states as W (see ``iterate``) and the H blocks as arrays (numpy in memory).
 
     ``checkpoint`` (a ``dasknmf.checkpoint.Checkpoint``) is written after every
     ``checkpoint.every``-th iteration; a resumed fit passes its factors as ``wt`` and ``h``,
@@ -344,6 +433,7 @@ def fit(
     k = objective.n_components
     shared = ops.share(objective)
     summary = first_summary(ops, h)
+    wt = g.bundle(wt)  # one state per band from here on
     history = history if history is not None else engine.History()
     n_iter = start
     for n_iter in range(start + 1, max_iter + 1):
@@ -373,7 +463,7 @@ def final_pass(g: Grid, result: engine.FitResult) -> tuple[float, list]:
     ops = g.ops
     parts = [
         g.on_row(i, block_final_stats, j == 0, h_j, w_out, x)
-        for i, (w_out, row) in enumerate(zip(result.wt, g.items, strict=True))
+        for i, (w_out, row) in enumerate(zip(g.unbundle(result.wt), g.items, strict=True))
         for j, (h_j, x) in enumerate(zip(result.h, row, strict=True))
     ]
     value = ops.fetch(tree_reduce(ops, parts))[passes.F_DIV]
@@ -381,14 +471,15 @@ def final_pass(g: Grid, result: engine.FitResult) -> tuple[float, list]:
 
 
 def w_blocks(g: Grid, result: engine.FitResult, k: int):
-    """W from the ``w_step`` outputs: numpy in memory, a Dask array otherwise."""
+    """W from the bands' states: numpy in memory, a Dask array otherwise."""
+    w_outs = g.unbundle(result.wt)
     if not g.ops.is_lazy:
-        return np.ascontiguousarray(np.concatenate([w[0] for w in result.wt], axis=1).T)
+        return np.ascontiguousarray(np.concatenate([w[0] for w in w_outs], axis=1).T)
     rows, _ = g.ranges
     return da.concatenate(
         [
             da.from_delayed(dask.delayed(_rows_of)(w), shape=(b - a, k), dtype=g.dtype)
-            for w, (a, b) in zip(result.wt, rows, strict=True)
+            for w, (a, b) in zip(w_outs, rows, strict=True)
         ]
     )
 
@@ -407,6 +498,7 @@ def relocate(g: Grid) -> None:
     wait(firsts)
     holders = client.who_has(firsts)
     g.locations = [sorted(holders[f.key])[0] for f in firsts]
+    g.band_bounds = runs(g.locations)
 
 
 def task_memory(g: Grid, n_components: int, budget: int) -> int:

@@ -13,7 +13,7 @@ number of workers and in memory.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 
 class ShardOut(NamedTuple):
@@ -26,23 +26,11 @@ class ShardOut(NamedTuple):
     plain: tuple | None = None
 
 
-class RowOut(NamedTuple):
-    """What a W update of the 2-D block scheme returns (``blocks.w_step``): the new block of
-    Wᵀ of a row of blocks, W_iᵀ·W_i and the statistics vector of the update."""
-
-    wt: Any
-    gram: Any
-    stats: Any
-
-
 def shard_blocks(state, plain: bool = False) -> tuple:
     """The blocks of Wᵀ of a shard, held as a tuple (from the initialization or a checkpoint)
-    or as the ``ShardOut`` of the iteration that made them (its plain blocks if ``plain``); a
-    row of 2-D blocks is a shard of one, its state a ``RowOut``."""
+    or as the ``ShardOut`` of the iteration that made them (its plain blocks if ``plain``)."""
     if isinstance(state, ShardOut):
         return state.plain if plain else state.wt
-    if isinstance(state, RowOut):
-        return (state.wt,)
     return state
 
 

@@ -9,6 +9,8 @@ from conftest import low_rank, run_cli
 
 from dasknmf import NMF, blocks, load, save_matrix
 from dasknmf._params import InvalidParameterError
+from dasknmf.ops import EagerOps
+from dasknmf.steps import Objective
 
 KWARGS = dict(n_components=4, init="random", random_state=0, tol=0, max_iter=15, extrapolate=False)
 
@@ -162,6 +164,55 @@ def test_a_block_fit_resumes_on_a_cluster_from_a_store(cluster, X, tmp_path):
     assert resumed.loss_history_ == reference.loss_history_
 
 
+class _CountingOps(EagerOps):
+    """Runs tasks at once, as in memory, counting them: a cluster runs the same tasks."""
+
+    tasks = 0
+
+    def map(self, fn, items, *common, workers=None):
+        self.tasks += len(items)
+        return super().map(fn, items, *common, workers=workers)
+
+    def call(self, fn, *args):
+        self.tasks += 1
+        return super().call(fn, *args)
+
+
+def _fit_grid(X, band_bounds, n_iter):
+    """W, H and the tasks of a 2-D fit in memory (the tasks a cluster would run)."""
+    g = blocks.grid(X, 4, MANY_BLOCKS)
+    g.ops = _CountingOps()
+    g.band_bounds = band_bounds
+    stats = blocks.check_values(g)
+    wt, h = blocks.initialize(g, "random", 4, stats.mean, 0)
+    g.ops.tasks = 0
+    result = blocks.fit(g, Objective(4), wt, h, stats.sum_sq, max_iter=n_iter, tol=0)
+    W = blocks.w_blocks(g, result, 4)
+    return W, np.concatenate(result.h, axis=1), g.ops.tasks
+
+
+def _per_iteration(X, band_bounds):
+    """W, H after 5 iterations and the tasks of one iteration."""
+    W, H, tasks = _fit_grid(X, band_bounds, 5)
+    return W, H, (tasks - _fit_grid(X, band_bounds, 1)[2]) / 4
+
+
+def test_bands_group_tasks_not_sums(X):
+    """An iteration runs one task per band (a worker thread's rows) and column block in each
+    chain, not one per block: 2·S·Q + S + Q for S bands and Q column blocks, plus the small
+    summary tree. The bands group tasks only: any grouping of the rows gives the same bits."""
+    n_rows = len(blocks.grid(X, 4, MANY_BLOCKS).items)  # 12 rows × 9 columns of blocks
+    summary = 3  # the tree over 9 H blocks: two sums of the first level, one above
+    W_ref, H_ref, per_row = _per_iteration(X, list(range(n_rows + 1)))
+    assert per_row == 2 * n_rows * 9 + n_rows + 9 + summary
+    for bands in ([0, n_rows], [0, 5, n_rows], [0, 1, 2, 7, n_rows]):
+        W, H, tasks = _per_iteration(X, bands)
+        np.testing.assert_array_equal(W, W_ref)
+        np.testing.assert_array_equal(H, H_ref)
+        n_bands = len(bands) - 1
+        assert tasks == 2 * n_bands * 9 + n_bands + 9 + summary
+
+
 def test_a_checkpoint_of_the_other_layout_is_refused(X, tmp_path):
     """Row panels and 2-D blocks sum in other orders: neither resumes from the other."""
     settings = dict(panel_bytes=FEW_BLOCKS, checkpoint=tmp_path, checkpoint_every=2, max_iter=2)
@@ -205,6 +256,8 @@ def test_cached_blocks_lie_in_bands_of_rows_one_per_worker(cluster, X):
         workers = sorted(cluster.scheduler_info()["workers"])
         n_rows = len(g.items)
         assert g.locations == [workers[i * 2 // n_rows] for i in range(n_rows)]
+        first_of_second = next(i for i in range(n_rows) if i * 2 // n_rows == 1)
+        assert g.band_bounds == [0, first_of_second, n_rows]  # a band per worker thread
         holders = cluster.who_has([x for row in g.items for x in row])
         for i, row in enumerate(g.items):
             assert all(holders[x.key] == (g.locations[i],) for x in row)
