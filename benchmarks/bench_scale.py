@@ -231,12 +231,9 @@ def predicted(m, n, k, n_panels, n_workers, itemsize=4, split_every=8, extrapola
     return tasks, moved, held
 
 
-def cost_model(n_iter: int = 10) -> list[dict]:
-    import dask.array as da
-    from distributed import Client, LocalCluster
+def _task_counter():
+    """A scheduler plugin counting the tasks that ran (``done``)."""
     from distributed.diagnostics.plugin import SchedulerPlugin
-
-    from dasknmf import NMF, engine
 
     class CountTasks(SchedulerPlugin):
         done = 0
@@ -244,6 +241,15 @@ def cost_model(n_iter: int = 10) -> list[dict]:
         def transition(self, key, start, finish, *args, **kwargs):
             if start == "processing" and finish == "memory":
                 self.done += 1
+
+    return CountTasks()
+
+
+def cost_model(n_iter: int = 10) -> list[dict]:
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from dasknmf import NMF, engine
 
     rng = np.random.default_rng(0)
     X = rng.random((COST_ROWS, K), dtype=np.float32) @ rng.random((K, COST_COLS), dtype=np.float32)
@@ -258,7 +264,7 @@ def cost_model(n_iter: int = 10) -> list[dict]:
             ) as cluster,
             Client(cluster) as client,
         ):
-            counter = CountTasks()
+            counter = _task_counter()
             cluster.scheduler.add_plugin(counter)
             data = da.from_array(X, chunks=(COST_PANEL_ROWS, COST_COLS)).persist()
             kwargs = dict(init="random", random_state=0, tol=0, max_iter=n_iter, cache=True)
@@ -372,6 +378,8 @@ def two_d(n_iter: int, n: int, nnz: int) -> dict:
         Client(cluster) as client,
     ):
         budget = _params.panel_budget(None, True, (n, n), TWO_D_K, 4)
+        counter = _task_counter()
+        cluster.scheduler.add_plugin(counter)
         pids = {f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
         sent = lambda dask_worker: dask_worker.transfer_outgoing_bytes_total  # noqa: E731
         error, model, moved = None, NMF(TWO_D_K, **kwargs), None
@@ -390,6 +398,7 @@ def two_d(n_iter: int, n: int, nnz: int) -> dict:
         "budget": budget,
         "per_iteration": statistics.median(np.diff(stamps[1:])) if len(stamps) > 2 else None,
         "moved": moved,
+        "tasks": counter.done / n_iter,
         "peak": memory.peak,
         "n": n,
         "nnz": nnz,
@@ -442,6 +451,8 @@ def report_two_d(r: dict, write: bool) -> None:
             f"| median time per iteration, in memory (2 threads) | "
             f"{r['memory_per_iteration']:.1f} s |",
             f"| bytes sent between workers per iteration | {r['moved'] / 2**20:,.0f} MiB |",
+            f"| tasks run during the fit (from the validation pass to the final error), per "
+            f"iteration | {r['tasks']:.0f} |",
             f"| cluster = in memory, bit for bit | {'yes' if r['identical'] else 'no'} |",
             f"| largest difference, H / W (relative to the largest entry) | "
             f"{r['diff_H']:.1e} / {r['diff_W']:.1e} |",

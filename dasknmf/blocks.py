@@ -11,12 +11,17 @@ An iteration reads every block twice (once when streamed; cached blocks stay in 
    W_iᵀ·W_i and the statistics of W_i (``block_partial``), and updates H_j (``steps.h_step``,
    as in the row-panel scheme).
 
-No task holds more than a block of X, W_i and H_j and a k × m_i or k × n_j sum, and a chain
-holds one sum at a time. The sums run in a fixed order wherever the tasks run, so the
-factors are the same bits on a cluster and in memory for the same blocks. Cached blocks are
-placed in bands of consecutive rows per worker thread, and each task runs with its block: the
-chains along rows stay on one worker and W_i never moves; a chain along a column crosses from
-one worker to the next once.
+The tasks go by bands of consecutive rows of blocks (``grid.Grid.band_bounds``), one band per
+worker thread: a link of a chain runs its band's blocks of one column in order, a W update
+its band's rows. A task holds one block of X at a time, H_j, and its band's W blocks and
+sums. The sums run in the order of the blocks wherever and in whatever bands the tasks run,
+so the factors are the same bits on a cluster and in memory for the same blocks. Cached
+blocks lie on the worker of their band: the chains along rows stay on one worker and W never
+moves; a chain along a column crosses from one worker to the next once.
+
+``transform`` (W for new rows under a fixed H) sums C_i along each row of blocks in the same
+way and solves each row's non-negative least squares from it: one read of X, no task holding
+the whole of H.
 
 This is the same alternating minimization as the row-panel scheme (W from H⁽ᵗ⁾, H from
 W⁽ᵗ⁺¹⁾), so the factors equal its factors up to rounding (the sums over j are formed in
@@ -27,10 +32,7 @@ extrapolation; initialization 'random' or 'custom'.
 from __future__ import annotations
 
 import itertools
-import math
-import os
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import dask
 import dask.array as da
@@ -39,179 +41,14 @@ import scipy.sparse as sp
 
 from dasknmf import engine, kernels, passes, steps
 from dasknmf._blas import pin_worker_blas
-from dasknmf._config import get_bytes
+from dasknmf.grid import Grid, count_stored
+from dasknmf.grid import grid as grid  # the blocks of X, as ``blocks.grid``
+from dasknmf.grid import grid_bounds as grid_bounds
+from dasknmf.grid import relocate as relocate
+from dasknmf.grid import task_memory as task_memory
 from dasknmf.init import random_block, seed_entropy
-from dasknmf.ops import DaskOps, EagerOps, FutureOps, tree_reduce
-from dasknmf.panels import (
-    BLOCK_FACTORS,
-    PANEL_MULTIPLE,
-    TASK_OVERHEAD,
-    even_bounds,
-    should_cache,
-    wait_for_workers,
-)
+from dasknmf.ops import tree_reduce
 from dasknmf.steps import Objective, panel_data
-from dasknmf.storage import distributed_client
-
-
-@dataclass
-class Grid:
-    """X as a grid of blocks ``items[i][j]`` (rows ``row_bounds[i]:row_bounds[i + 1]``,
-    columns ``col_bounds[j]:col_bounds[j + 1]``), ready for ``ops``."""
-
-    ops: Any
-    items: list[list]
-    row_bounds: list[int]
-    col_bounds: list[int]
-    shape: tuple[int, int]
-    dtype: np.dtype
-    sparse: bool = False
-    cached: bool = True
-    locations: list | None = None  # the worker of each row of blocks (cached on a cluster)
-    # Bands: runs of consecutive rows of blocks whose tasks run as one per phase (a worker
-    # thread's rows, where the blocks are cached). They group tasks, never sums: the bits do
-    # not depend on them.
-    band_bounds: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.band_bounds:
-            self.band_bounds = runs(list(range(len(self.items))))
-
-    @property
-    def ranges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        return list(itertools.pairwise(self.row_bounds)), list(itertools.pairwise(self.col_bounds))
-
-    def close(self) -> None:
-        self.ops.close()
-
-    def on_row(self, i: int, fn, *args):
-        """``fn(*args)`` as a task of row i, placed with its blocks when they are cached."""
-        if self.locations is None:
-            return self.ops.call(fn, *args)
-        return self.ops.map(fn, [args], workers=[self.locations[i]])[0]
-
-    # What the engine and a checkpoint ask of a layout (as of ``panels.Panels``): a band is a
-    # shard, its tasks placed with its blocks.
-
-    def map(self, fn, items, *common) -> list:
-        """``ops.map`` with one item per row of blocks, each task placed with its row."""
-        return self.ops.map(fn, items, *common, workers=self.locations)
-
-    @property
-    def shard_ranges(self) -> list[tuple[int, int]]:
-        return list(itertools.pairwise(self.band_bounds))
-
-    def shard_map(self, fn, items, *common, data=False) -> list:
-        """One task per band, ``fn(*common, *items[s])``, placed where its rows are (the
-        blocks are passed by the caller, column by column: ``data`` must be False)."""
-        if data:
-            raise ValueError("Band tasks take their blocks column by column, not as data.")
-        workers = None
-        if self.locations is not None:
-            workers = [self.locations[a] for a, _ in self.shard_ranges]
-        return self.ops.map(fn, items, *common, workers=workers)
-
-    def column(self, j: int) -> list[tuple]:
-        """The blocks of column j, one tuple per band."""
-        return [tuple(row[j] for row in self.items[a:b]) for a, b in self.shard_ranges]
-
-    def bundle(self, blocks: list) -> list:
-        """Per-row objects (blocks of Wᵀ) as one tuple per band, made where the band is."""
-        items = [tuple(blocks[a:b]) for a, b in self.shard_ranges]
-        if not self.ops.is_lazy:
-            return items
-        return self.shard_map(_tuple_of, items)
-
-    def unbundle(self, states: list) -> list:
-        """The per-row objects of the bands' states (the reverse of ``bundle``)."""
-        if not self.ops.is_lazy:
-            return [row for state in states for row in state]
-        return [
-            self.ops.item(state, i)
-            for state, (a, b) in zip(states, self.shard_ranges, strict=True)
-            for i in range(b - a)
-        ]
-
-
-def grid_bounds(shape, n_components: int, itemsize: int, budget: int, stored=None, parts=1):
-    """Row and column boundaries of blocks of X of about ``budget`` bytes (a dense block
-    m_i·n_j·itemsize; a sparse one its share of the ``stored`` entries, itemsize + 4 bytes
-    each, and its row pointers) whose k-row factor blocks (k × m_i of W, k × n_j of H) take at
-    most ``budget`` (or ``dasknmf.h-block-bytes``, if larger) each. As large as that allows,
-    near-square when X's budget binds: the fewer blocks, the fewer tasks and sums; but at least
-    ``parts`` (the threads that run them) along each side, where X has as many rows and
-    columns, since the W updates run in parallel over rows of blocks, the H updates over
-    columns."""
-    n_rows, n_cols = shape
-    if stored is None:
-        cell = float(itemsize)
-    else:
-        cell = (itemsize + 4) * max(stored, 1) / (n_rows * n_cols)
-    factor = max(budget, get_bytes("dasknmf.h-block-bytes"))
-    most = max(1, factor // (n_components * itemsize))
-    rows = min(n_rows, most, math.ceil(n_rows / parts))
-    cols = min(n_cols, most, math.ceil(n_cols / parts))
-    if rows * cols * cell + 8 * rows > budget:
-        side = max(1, math.isqrt(int(budget / cell)))
-        cols = max(1, min(cols, side))
-        rows = max(1, min(rows, int(budget / (cols * cell + 8))))
-    return (
-        even_bounds(n_rows, math.ceil(n_rows / rows)),
-        even_bounds(n_cols, math.ceil(n_cols / cols)),
-    )
-
-
-def grid(X, n_components: int, budget: int, cache: bool | str = "auto") -> Grid:
-    """The blocks of a validated X: in memory for numpy and scipy.sparse, Dask otherwise, kept
-    in cluster memory (``cache`` True, or 'auto' and X takes at most ``dasknmf.cache-fraction``
-    of it) or read from the source in every iteration. A sparse Dask X is read once here to
-    count its entries, which size the blocks."""
-    if not isinstance(X, da.Array):
-        X = X.tocsr() if sp.issparse(X) else X
-        stored = X.nnz if sp.issparse(X) else None
-        # Not the machine's threads: the blocks, hence the bits, depend on shape and budget only.
-        rows, cols = grid_bounds(X.shape, n_components, X.dtype.itemsize, budget, stored, 2)
-        row_ranges, col_ranges = list(itertools.pairwise(rows)), list(itertools.pairwise(cols))
-        items = [[X[a:b, c:d] for c, d in col_ranges] for a, b in row_ranges]
-        threads = min(len(items), os.cpu_count() or 1)
-        bands = runs([i * threads // len(items) for i in range(len(items))])
-        ops = EagerOps(threads)
-        return Grid(
-            ops, items, rows, cols, tuple(X.shape), X.dtype, sp.issparse(X), band_bounds=bands
-        )
-    sparse = sp.issparse(X._meta)
-    stored = int(X.map_blocks(_count, dtype=np.int64).sum().compute()) if sparse else None
-    itemsize = X.dtype.itemsize
-    client = distributed_client()
-    threads = len(_slots(client)) if client is not None else 2  # as in memory
-    rows, cols = grid_bounds(X.shape, n_components, itemsize, budget, stored, threads)
-    nbytes = X.nbytes if stored is None else stored * (itemsize + 4) + 8 * X.shape[0]
-    X = X.rechunk((tuple(np.diff(rows)), tuple(np.diff(cols))))
-    flat, n = list(X.to_delayed(optimize_graph=False).ravel()), len(cols) - 1
-    cached = should_cache(nbytes, cache)
-    locations = None
-    if client is None:
-        ops = DaskOps()
-        flat = list(dask.persist(*flat)) if cached else flat
-    else:
-        ops = FutureOps(client)
-        if cached:
-            flat, locations = _cache_in_bands(client, flat, len(rows) - 1, n)
-        else:
-            flat = [steps.StreamedPanel(b) for b in flat]
-    n_rows = len(rows) - 1
-    items = [flat[i * n : (i + 1) * n] for i in range(n_rows)]
-    bands = runs([i * threads // n_rows for i in range(n_rows)])  # as ``_cache_in_bands``
-    return Grid(ops, items, rows, cols, tuple(X.shape), X.dtype, sparse, cached, locations, bands)
-
-
-def runs(labels: list) -> list[int]:
-    """Boundaries of the runs of equal consecutive ``labels``."""
-    return [i for i in range(len(labels)) if i == 0 or labels[i] != labels[i - 1]] + [len(labels)]
-
-
-def _tuple_of(*items) -> tuple:
-    return items
 
 
 class RowOut(NamedTuple):
@@ -222,38 +59,6 @@ class RowOut(NamedTuple):
     wt: np.ndarray
     gram: np.ndarray
     stats: np.ndarray
-
-
-def _count(block) -> np.ndarray:
-    n = block.nnz if sp.issparse(block) else np.count_nonzero(block)
-    return np.full((1, 1), n, dtype=np.int64)
-
-
-def _cache_in_bands(client, flat: list, n_rows: int, n_cols: int) -> tuple[list, list]:
-    """Blocks kept on the workers in bands of consecutive rows, one band per worker thread
-    (in the order of the workers' addresses); returns the futures and each row's worker."""
-    from distributed import wait
-
-    slots = _slots(client)
-    locations = [slots[i * len(slots) // n_rows] for i in range(n_rows)]
-    where = [locations[index // n_cols] for index in range(len(flat))]
-    copies = DaskOps().map(_the_block, [(b,) for b in flat], workers=where)
-    futures = client.compute(copies, optimize_graph=False)  # one graph: see ``FutureOps.map``
-    wait(futures)
-    for future in futures:
-        if future.status == "error":
-            future.result()  # raises the task's error (a block that cannot be read)
-    return futures, locations
-
-
-def _slots(client) -> list[str]:
-    """A worker's address for each of its threads, in the order of the addresses."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    return [w for w in sorted(workers) for _ in range(max(1, workers[w].get("nthreads") or 1))]
-
-
-def _the_block(x):
-    return x
 
 
 # ---- tasks -----------------------------------------------------------------------------------
@@ -484,34 +289,58 @@ def w_blocks(g: Grid, result: engine.FitResult, k: int):
     )
 
 
-def relocate(g: Grid) -> None:
-    """After workers were lost: wait for workers (``panels.wait_for_workers``) and run each
-    row's tasks where its first block is now (the scheduler recomputes lost cached blocks
-    from their source, wherever it puts them)."""
-    if g.locations is None:
-        return
-    from distributed import wait
-
-    client = g.ops.client
-    wait_for_workers(client, len(set(g.locations)))
-    firsts = [row[0] for row in g.items]
-    wait(firsts)
-    holders = client.who_has(firsts)
-    g.locations = [sorted(holders[f.key])[0] for f in firsts]
-    g.band_bounds = runs(g.locations)
-
-
-def task_memory(g: Grid, n_components: int, budget: int) -> int:
-    """Bytes a task of the blocks holds at its peak: its block (at most ``budget``, which
-    sized the blocks) and ``panels.BLOCK_FACTORS`` factor blocks and sums of the longer
-    side."""
-    rows, cols = g.ranges
-    dense = max(b - a for a, b in rows) * max(d - c for c, d in cols) * g.dtype.itemsize
-    largest = min(dense, budget)
-    side = max(max(b - a for a, b in rows), max(d - c for c, d in cols))
-    factors = BLOCK_FACTORS * n_components * side * g.dtype.itemsize
-    return int(PANEL_MULTIPLE * largest + TASK_OVERHEAD + factors)
-
-
 def _rows_of(w_out) -> np.ndarray:
     return np.ascontiguousarray(w_out[0].T)
+
+
+# ---- transform -------------------------------------------------------------------------------
+
+
+def checked_cross(h, x, total=None) -> np.ndarray:
+    """``block_cross`` after the block's own check for negative or non-finite values (a lazy
+    transform has no validation pass)."""
+    moments = passes.moments_task(False, x)
+    passes.reject_bad_values(
+        int(moments[kernels.MOMENT_NONFINITE]), moments[kernels.MOMENT_MIN], "NMF (input X)"
+    )
+    return block_cross(h, x, total)
+
+
+def solve_row(objective: Objective, gram_h, max_iter: int, tol: float, cross) -> np.ndarray:
+    """W_i, (m_i, k), from C_i and H·Hᵀ: ``passes.nnls`` as the row-panel transform does."""
+    pin_worker_blas()
+    wt = passes.nnls(gram_h, cross, max_iter, tol, l1=objective.l1_w, l2=objective.l2_w)
+    return np.ascontiguousarray(wt.T)
+
+
+def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int, tol: float):
+    """W for X under the fixed H (Frobenius loss) over 2-D blocks of about ``budget`` bytes:
+    numpy for in-memory X, a lazy Dask array for Dask X (each block read once when computed).
+    A sparse Dask X is read once here to count its entries, which size the blocks."""
+    k = h.shape[0]
+    gram_h = h @ h.T
+    if not isinstance(X, da.Array):
+        X = X.tocsr() if sp.issparse(X) else X
+        stored = X.nnz if sp.issparse(X) else None
+        rows, cols = grid_bounds(X.shape, k, X.dtype.itemsize, budget, stored, 2)
+        h_blocks = [h[:, c:d] for c, d in itertools.pairwise(cols)]
+        W = np.empty((X.shape[0], k), dtype=X.dtype)
+        for a, b in itertools.pairwise(rows):
+            cross = None
+            for h_j, (c, d) in zip(h_blocks, itertools.pairwise(cols), strict=True):
+                cross = checked_cross(h_j, X[a:b, c:d], cross)
+            W[a:b] = solve_row(objective, gram_h, max_iter, tol, cross)
+        return W
+    rows, cols = grid_bounds(X.shape, k, X.dtype.itemsize, budget, count_stored(X), 2)
+    X = X.rechunk((tuple(np.diff(rows)), tuple(np.diff(cols))))
+    blocks_ = X.to_delayed(optimize_graph=False)
+    h_blocks = [dask.delayed(h[:, c:d]) for c, d in itertools.pairwise(cols)]
+    cross_task, solve = dask.delayed(checked_cross, pure=True), dask.delayed(solve_row, pure=True)
+    parts = []
+    for (a, b), row in zip(itertools.pairwise(rows), blocks_, strict=True):
+        cross = None
+        for h_j, x in zip(h_blocks, row, strict=True):
+            cross = cross_task(h_j, x, cross)
+        w = solve(objective, gram_h, max_iter, tol, cross)
+        parts.append(da.from_delayed(w, shape=(b - a, k), dtype=X.dtype))
+    return da.concatenate(parts)

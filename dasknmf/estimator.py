@@ -377,6 +377,7 @@ class NMF(RecommenderMixin, BaseNMF):
             self._panel_budget(X.shape, X.dtype.itemsize, H.shape[0], isinstance(X, da.Array)),
             self.max_iter,
             self.tol,
+            self.layout,
         )
 
 

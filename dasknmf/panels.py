@@ -345,7 +345,8 @@ def check_fits_workers(
     """Refuse, before any work, a problem that the workers cannot hold: for row (or column)
     panels, one row of X with H and the k × n partials (or one column with W's) on the
     smallest worker; for 2-D blocks, W and H (twice: the next iteration's are made from them)
-    and W's sums H·X_iᵀ (a band's task holds its rows' until it updates them)
+    in the memory of all workers below the point where they pause — what any 2-D fit needs;
+    while a band's rows are updated, their sums H·X_iᵀ take as much again as their W blocks
     in the memory of all workers below the point where they pause."""
     client = distributed_client()
     limit = worker_memory()
@@ -356,8 +357,8 @@ def check_fits_workers(
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         pause = dask.config.get("distributed.worker.memory.pause") or 0.8
         have = sum(pause * w["memory_limit"] - WORKER_BASELINE for w in workers)
-        need = n_components * (3 * n_rows + 2 * n_cols) * itemsize
-        what = "W and H (twice, while an iteration makes the next ones from them) and W's sums"
+        need = 2 * n_components * (n_rows + n_cols) * itemsize
+        what = "W and H (twice, while an iteration makes the next ones from them)"
         where = "the workers have together, below the point where they pause,"
     else:
         need = min(

@@ -444,10 +444,24 @@ def _panel_task_memory(parts: panels.Panels, k: int) -> int:
     return panels.task_memory(largest, n_cols, k, itemsize)
 
 
-def transform(X, H: np.ndarray, objective: Objective, panel_bytes: int, max_iter: int, tol: float):
+def transform(
+    X,
+    H: np.ndarray,
+    objective: Objective,
+    panel_bytes: int,
+    max_iter: int,
+    tol: float,
+    layout: str = "auto",
+):
     """W for X under the fixed H (non-negative least squares, ``objective``'s update rule):
     numpy for in-memory X, a lazy Dask array for Dask X (each row panel read once when it is
-    computed)."""
+    computed). Over 2-D blocks (``blocks.transform``) where a row with H does not fit
+    ``panel_bytes`` (``layout`` 'auto', as a fit chooses) or ``layout`` is 'blocks', for the
+    Frobenius loss over all of X."""
+    itemsize = X.dtype.itemsize
+    chosen = panels.choose_layout(X.shape, H.shape[0], itemsize, panel_bytes, layout)
+    if chosen == "blocks" and objective.frobenius and not objective.masked:
+        return blocks.transform(X, H, objective, panel_bytes, max_iter, tol)
     return map_rows(
         X, panel_bytes, passes.transform_panel, objective, H, H @ H.T, max_iter, tol, k=H.shape[0]
     )

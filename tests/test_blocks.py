@@ -213,6 +213,39 @@ def test_bands_group_tasks_not_sums(X):
         assert tasks == 2 * n_bands * 9 + n_bands + 9 + summary
 
 
+def test_transform_runs_over_blocks_where_a_fit_would(X, monkeypatch, cluster):
+    """A model whose rows with H do not fit its panel budget transforms over 2-D blocks (one
+    read of X, no task with the whole of H): the W of the row-panel transform up to rounding;
+    a Dask X gives a lazy W with the bits of the in-memory one, and sparse X the same W."""
+    model = NMF(**dict(KWARGS, panel_bytes=1000)).fit(X)  # 'auto': blocks
+    assert model.layout_["scheme"] == "blocks"
+    calls = []
+    transform = blocks.transform
+    monkeypatch.setattr(blocks, "transform", lambda *a: calls.append(1) or transform(*a))
+    W = model.transform(X)
+    assert len(calls) == 1
+    rows = NMF(**dict(KWARGS, layout="rows")).fit(X)
+    rows.components_ = model.components_
+    W_rows = rows.transform(X)
+    assert len(calls) == 1  # forced to row panels
+    np.testing.assert_allclose(W, W_rows, rtol=1e-10, atol=1e-12)
+    lazy = model.transform(da.from_array(X, chunks=(50, 40)))
+    assert isinstance(lazy, da.Array) and len(calls) == 2
+    np.testing.assert_array_equal(lazy.compute(), W)
+    np.testing.assert_allclose(model.transform(sp.csr_array(X)), W, rtol=1e-10, atol=1e-12)
+
+
+def test_transform_over_blocks_refuses_bad_values(X):
+    model = NMF(**dict(KWARGS, layout="blocks", panel_bytes=FEW_BLOCKS)).fit(X)
+    bad = X.copy()
+    bad[-1, -1] = -1.0  # in the last block
+    with pytest.raises(ValueError, match="Negative values in data passed to .*NMF"):
+        model.transform(bad)
+    lazy = model.transform(da.from_array(bad, chunks=(60, 45)))  # lazy: at compute
+    with pytest.raises(ValueError, match="Negative values in data passed to .*NMF"):
+        lazy.compute()
+
+
 def test_a_checkpoint_of_the_other_layout_is_refused(X, tmp_path):
     """Row panels and 2-D blocks sum in other orders: neither resumes from the other."""
     settings = dict(panel_bytes=FEW_BLOCKS, checkpoint=tmp_path, checkpoint_every=2, max_iter=2)

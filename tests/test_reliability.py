@@ -249,11 +249,11 @@ def test_a_problem_no_worker_can_hold_fails_before_any_work():
     ):
         X = da.random.random((200_000, 100_000), chunks=(1_000, 100_000))  # never computed
         row = task_memory(100_000 * 8, 100_000, 500, 8) / 2**20
-        factors = 500 * (3 * 200_000 + 2 * 100_000) * 8 / 2**20  # W, H twice; W's sums
+        factors = 2 * 500 * 300_000 * 8 / 2**20
         room = (0.8 * 300 * 2**20 - WORKER_BASELINE) / 2**20
         for layout, match in (
             ("rows", rf"needs about {row:,.0f} MiB and a worker has 300 MiB"),
-            ("auto", rf"W and H .* W's sums needs about {factors:,.0f} MiB and the workers have "
+            ("auto", rf"W and H .* needs about {factors:,.0f} MiB and the workers have "
              rf"together, below the point where they pause, {room:,.0f} MiB"),
         ):  # fmt: skip
             model = NMF(500, init="random", layout=layout)
