@@ -100,9 +100,10 @@ def write_section(name: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def iteration_times():
+def iteration_times(probe=None, samples: list | None = None):
     """Time stamps of the iterations dasknmf records while the block runs (a list, filled as
-    they come): the benchmarks' only hook into a fit."""
+    they come): the benchmarks' only hook into a fit. With ``probe``, its value at each stamp
+    is appended to ``samples``."""
     from dasknmf import engine
 
     stamps: list[float] = []
@@ -110,6 +111,8 @@ def iteration_times():
 
     def timed(self, *args, **kwargs):
         stamps.append(time.perf_counter())
+        if probe is not None:
+            samples.append(probe())
         record(self, *args, **kwargs)
 
     engine.History.record = timed

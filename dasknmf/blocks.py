@@ -25,8 +25,10 @@ the whole of H.
 
 This is the same alternating minimization as the row-panel scheme (W from H⁽ᵗ⁾, H from
 W⁽ᵗ⁺¹⁾), so the factors equal its factors up to rounding (the sums over j are formed in
-another order than one product over the whole row). Frobenius loss with HALS, without
-extrapolation; initialization 'random' or 'custom'.
+another order than one product over the whole row). Frobenius loss by HALS (or MU), other
+β-divergences by one multiplicative update per factor and iteration, whose statistics are
+summed along the rows and the columns of blocks in the same way; without extrapolation;
+initialization 'random' or 'custom'.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import engine, kernels, passes, steps
+from dasknmf import divergence, engine, kernels, passes, steps
 from dasknmf._blas import pin_worker_blas
 from dasknmf.grid import Grid, count_stored
 from dasknmf.grid import grid as grid  # the blocks of X, as ``blocks.grid``
@@ -73,12 +75,30 @@ def block_cross(h, x, total=None) -> np.ndarray:
     return cross
 
 
-def band_cross(h, totals, xs: tuple) -> tuple:
-    """``block_cross`` for each row of a band: its C_i so far (``totals``; None at the first
-    column block) plus H_j·X_ijᵀ."""
+def block_w_statistics(beta: float, wt, h, x, total=None) -> tuple:
+    """For a β-divergence: the numerator and denominator of W_i's multiplicative update and
+    D_β(X_i | W_i·H) so far, plus block (i, j)'s (``divergence.w_statistics`` at the W_i and
+    H_j the iteration starts from)."""
+    pin_worker_blas()
+    wt = kernels.aligned(wt[0] if isinstance(wt, tuple) else wt)
+    h = kernels.aligned(steps.h_array(h))
+    numerator, denominator, value = divergence.w_statistics(panel_data(x), wt, h, beta, True)
+    if total is None:
+        return numerator, denominator, value
+    return numerator + total[0], denominator + total[1], value + total[2]
+
+
+def band_cross(objective: Objective, state, h, totals, xs: tuple) -> tuple:
+    """For each row of a band, what its W update sums over the column blocks, so far
+    (``totals``; None at the first column block) plus block j's: C_i (``block_cross``), or
+    for a β-divergence the statistics of the multiplicative update (``block_w_statistics``,
+    which reads the band's W ``state``)."""
     if totals is None:
         totals = (None,) * len(xs)
-    return tuple(block_cross(h, x, total) for x, total in zip(xs, totals, strict=True))
+    if objective.frobenius:
+        return tuple(block_cross(h, x, total) for x, total in zip(xs, totals, strict=True))
+    items = zip(state, xs, totals, strict=True)
+    return tuple(block_w_statistics(objective.beta, wt, h, x, total) for wt, x, total in items)
 
 
 def band_w_step(objective: Objective, order, summary, state, crosses) -> tuple:
@@ -89,20 +109,25 @@ def band_w_step(objective: Objective, order, summary, state, crosses) -> tuple:
     )
 
 
-def band_partial(state, total, xs: tuple):
+def band_partial(objective: Objective, h, state, total, xs: tuple):
     """``block_partial`` down the rows of a band: column j's sums so far plus the band's."""
     for w_out, x in zip(state, xs, strict=True):
-        total = block_partial(w_out, x, total)
+        total = block_partial(objective, h, w_out, x, total)
     return total
 
 
 def w_step(objective: Objective, order, summary, wt, cross):
-    """W_i (a block, or the previous ``w_step`` output) from C_i = Σ_j C_ij and H·Hᵀ (from the
-    previous iteration's ``summary``, or the initial H·Hᵀ): the update, statistics and W_iᵀ·W_i
-    as the row-panel task forms them (``steps.w_update``). Returns ``(Wt_i, B_i, stats_i)``."""
+    """W_i (a block, or the previous ``w_step`` output) from what ``band_cross`` summed over
+    the column blocks: for the Frobenius loss C_i with H·Hᵀ (from the previous iteration's
+    ``summary``, or the initial H·Hᵀ), the update, statistics and W_iᵀ·W_i as the row-panel
+    task forms them (``steps.w_update``); for a β-divergence the multiplicative update
+    (``steps.mu_w_update``), without W_iᵀ·W_i. Returns a ``RowOut``."""
     pin_worker_blas()
-    gram_h = summary[0] if isinstance(summary, tuple) else summary
     wt = wt[0] if isinstance(wt, tuple) else wt  # the previous ``w_step`` output
+    if not objective.frobenius:
+        wt, stats = steps.mu_w_update(objective, kernels.aligned(wt), *cross)
+        return RowOut(wt, None, stats)
+    gram_h = summary[0] if isinstance(summary, tuple) else summary
     # All aligned: numpy's matmul skips BLAS for an unaligned operand (one received over the
     # network may be), and its own loop rounds differently from BLAS's.
     gram_h, cross, wt = map(kernels.aligned, (gram_h, cross, wt))
@@ -110,20 +135,29 @@ def w_step(objective: Objective, order, summary, wt, cross):
     return RowOut(wt, wt @ wt.T, stats)
 
 
-def block_partial(w_out, x, total=None) -> tuple:
-    """Column j's sums so far plus block (i, j)'s (B_i, stats_i, W_iᵀ·X_ij): every column sums
-    all of B = Σ W_iᵀ·W_i and the statistics, as every H block's update needs them."""
+def block_partial(objective: Objective, h, w_out, x, total=None) -> tuple:
+    """Column j's sums so far plus block (i, j)'s: (B_i, stats_i, W_iᵀ·X_ij) for the Frobenius
+    loss, (denominator, stats_i, numerator) of H_j's multiplicative update for a β-divergence
+    (``divergence.h_statistics`` at the new W_i). Every column sums all of the statistics
+    (and B = Σ W_iᵀ·W_i), as every H block's update needs them."""
     pin_worker_blas()
     wt, gram_w, stats = w_out
-    part = (gram_w, stats, kernels.dot_w(panel_data(x), kernels.aligned(wt)))
+    x, wt = panel_data(x), kernels.aligned(wt)
+    if objective.frobenius:
+        part = (gram_w, stats, kernels.dot_w(x, wt))
+    else:
+        h = kernels.aligned(steps.h_array(h))
+        numerator, denominator = divergence.h_statistics(x, wt, h, objective.beta)
+        part = (denominator, stats, numerator)
     return part if total is None else steps.sum_in_order(total, part)
 
 
-def block_final_stats(with_w: bool, h, w_out, x) -> np.ndarray:
-    """½‖X_ij − W_i·H_j‖², and ΣW_i, ‖W_i‖² for the first block of the row (``with_w``)."""
+def block_final_stats(beta: float, with_w: bool, h, w_out, x) -> np.ndarray:
+    """D_β(X_ij | W_i·H_j) (½‖X_ij − W_i·H_j‖² for β = 2), and ΣW_i, ‖W_i‖² for the first
+    block of the row (``with_w``)."""
     pin_worker_blas()
     wt = w_out[0] if isinstance(w_out, tuple) else w_out
-    stats = passes.final_stats(2.0, kernels.aligned(steps.h_array(h)), x, kernels.aligned(wt))
+    stats = passes.final_stats(beta, kernels.aligned(steps.h_array(h)), x, kernels.aligned(wt))
     if not with_w:
         stats[passes.F_SUM_W] = stats[passes.F_SQ_W] = 0.0
     return stats
@@ -154,15 +188,15 @@ def iterate(g: Grid, objective, wt: list, h: list, summary, orders=(None, None))
     order_w, order_h = orders
     crosses = [None] * len(wt)
     for j, h_j in enumerate(h):
-        items = zip(crosses, g.column(j), strict=True)
-        crosses = g.shard_map(band_cross, [(c, xs) for c, xs in items], h_j)
+        items = zip(wt, crosses, g.column(j), strict=True)
+        crosses = g.shard_map(band_cross, [(w, h_j, c, xs) for w, c, xs in items], objective)
     items = list(zip(wt, crosses, strict=True))
     w_outs = g.shard_map(band_w_step, items, objective, order_w, summary)
     h_outs = []
     for j, h_j in enumerate(h):
         total = None
         for s, (w_out, xs) in enumerate(zip(w_outs, g.column(j), strict=True)):
-            total = _on_band(g, s, band_partial, w_out, total, xs)
+            total = _on_band(g, s, band_partial, objective, h_j, w_out, total, xs)
         h_outs.append(g.ops.call(steps.h_step, objective, order_h, None, ((0, None),), h_j, total))
     new_summary = tree_reduce(g.ops, h_outs, steps._h_summary, first=steps._h_summary)
     return w_outs, h_outs, new_summary
@@ -262,17 +296,23 @@ def fit(
     return engine.FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
 
 
-def final_pass(g: Grid, result: engine.FitResult) -> tuple[float, list]:
-    """The exact ½‖X − WH‖² of the result, from one more read of the blocks; returns it and
-    the H blocks as numpy."""
-    ops = g.ops
+def final_pass(g: Grid, objective: Objective, result: engine.FitResult) -> tuple[float, list]:
+    """The exact D_β(X | WH) of the result (½‖X − WH‖² for β = 2), from one more read of the
+    blocks; completes the history when its last entry was not known yet (a β-divergence's,
+    as ``engine.final_pass`` does). Returns it and the H blocks as numpy."""
+    ops, beta = g.ops, objective.beta
     parts = [
-        g.on_row(i, block_final_stats, j == 0, h_j, w_out, x)
+        g.on_row(i, block_final_stats, beta, j == 0, h_j, w_out, x)
         for i, (w_out, row) in enumerate(zip(g.unbundle(result.wt), g.items, strict=True))
         for j, (h_j, x) in enumerate(zip(result.h, row, strict=True))
     ]
-    value = ops.fetch(tree_reduce(ops, parts))[passes.F_DIV]
-    return float(value), ops.fetch(result.h)
+    value, sum_w, sq_w = ops.fetch(tree_reduce(ops, parts))
+    h_blocks = ops.fetch(result.h)
+    if len(result.history.loss) == result.n_iter:
+        sum_h = sum(float(b.sum(dtype=np.float64)) for b in h_blocks)
+        sq_h = sum(steps._dot64(b, b) for b in h_blocks)
+        result.history.record(objective, value, sum_w, sq_w, sum_h, sq_h)
+    return float(value), h_blocks
 
 
 def w_blocks(g: Grid, result: engine.FitResult, k: int):

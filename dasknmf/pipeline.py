@@ -325,8 +325,9 @@ def _blocks_lack(X, plan: Plan) -> str | None:
     n_rows, n_cols = X.shape
     if plan.replicates > 1:
         return "fit stacked replicates"
-    if plan.objective(n_rows, n_cols, plan.n_components, n_rows * n_cols).beta != 2:
-        return "fit a β-divergence other than Frobenius"
+    objective = plan.objective(n_rows, n_cols, plan.n_components, n_rows * n_cols)
+    if objective.beta != 2 and objective.sweeps_w > 1:
+        return "run inner sweeps of a β-divergence update (each would read the row again)"
     if plan.missing is not None:
         return "fit the observed entries only (missing=...)"
     if plan.init not in ("random", "custom"):
@@ -402,7 +403,8 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
             start=start,
             history=history,
         )
-        return result, blocks.final_pass(grid, result), blocks.w_blocks(grid, result, k)
+        value = blocks.final_pass(grid, objective, result)
+        return result, value, blocks.w_blocks(grid, result, k)
 
     def restart(from_checkpoint: bool) -> int:
         blocks.relocate(grid)

@@ -359,9 +359,31 @@ def w_update(objective: Objective, order, gram_h, cross, wt) -> tuple[np.ndarray
     return wt, stats
 
 
+def _mu_step_w(objective: Objective, wt, numerator, denominator) -> np.ndarray:
+    """One multiplicative update of W_i in place (``mu.step``), factors below ``_TINY`` zeroed
+    for β < 1."""
+    gamma = divergence.mm_exponent(objective.beta)
+    wt = mu.step(wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma)
+    if objective.beta < 1:
+        wt[wt < _TINY] = 0
+    return wt
+
+
+def mu_w_update(objective: Objective, wt, numerator, denominator, value) -> tuple:
+    """W_i by one multiplicative update from ``divergence.w_statistics`` summed over the column
+    blocks of X (2-D blocks), and its ``P_*`` statistics (``value``: D_β at the old W_i)."""
+    stats = np.zeros(7)
+    stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
+    stats[P_SQ_W_OLD] = _dot64(wt, wt)
+    stats[P_DIV_OLD] = value
+    wt = _mu_step_w(objective, wt.copy(), numerator, denominator)
+    stats[P_SUM_W] = wt.sum(dtype=np.float64)
+    return wt, stats
+
+
 def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):
     """``panel_step`` for a β-divergence other than Frobenius: multiplicative updates."""
-    beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
+    beta = objective.beta
     if objective.sweeps_w == 1 and divergence.fused(x, beta):  # returns a new W_i
         wt, numerator, denominator, stats[P_DIV_OLD] = divergence.kl_update(
             x, wt, h, l1=objective.l1_w, l2=objective.l2_w
@@ -374,11 +396,7 @@ def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):
             )
             if sweep == 0:
                 stats[P_DIV_OLD] = value
-            wt = mu.step(
-                wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma
-            )
-            if beta < 1:
-                wt[wt < _TINY] = 0
+            wt = _mu_step_w(objective, wt, numerator, denominator)
         numerator, denominator = divergence.h_statistics(x, wt, h, beta)
     stats[P_SUM_W] = wt.sum(dtype=np.float64)
     numerators = _split(numerator, col_bounds)

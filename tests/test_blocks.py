@@ -13,6 +13,9 @@ from dasknmf.ops import EagerOps
 from dasknmf.steps import Objective
 
 KWARGS = dict(n_components=4, init="random", random_state=0, tol=0, max_iter=15, extrapolate=False)
+# Budgets that cut X (120 × 90) into 4 × 3 blocks, and into 12 × 9: more column blocks than
+# the tree's fan-in, so that H·Hᵀ is summed over two levels.
+FEW_BLOCKS, MANY_BLOCKS = 30 * 30 * 8, 10 * 10 * 8
 
 
 def _fit(X, **kwargs):
@@ -56,6 +59,42 @@ def test_blocks_on_a_cluster_equal_blocks_in_memory(cluster, X, tmp_path):
         assert model.loss_history_ == reference.loss_history_
 
 
+@pytest.mark.parametrize(
+    "beta, sparse",
+    [
+        ("kullback-leibler", True),
+        ("kullback-leibler", False),
+        ("itakura-saito", False),
+        (1.5, False),
+    ],
+)
+def test_beta_divergences_on_blocks_give_the_row_panel_factors(X, beta, sparse):
+    """Multiplicative updates over 2-D blocks: each row's statistics summed along its row of
+    blocks, each column's along its column; the factors and the objectives of row panels up to
+    rounding."""
+    data = sp.csr_array(np.where(X > np.median(X), X, 0)) if sparse else X + 0.01
+    settings = dict(solver="mu", beta_loss=beta)
+    W_rows, rows = _fit(data, layout="rows", **settings)
+    W_blocks, two_d = _fit(data, layout="blocks", panel_bytes=FEW_BLOCKS, **settings)
+    assert two_d.layout_["scheme"] == "blocks" and two_d.layout_["blocks"][1] > 1
+    np.testing.assert_allclose(two_d.components_, rows.components_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(W_blocks, W_rows, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(two_d.loss_history_, rows.loss_history_, rtol=1e-10)
+    assert len(two_d.loss_history_) == KWARGS["max_iter"] + 1
+    assert two_d.reconstruction_err_ == pytest.approx(rows.reconstruction_err_, rel=1e-10)
+
+
+def test_kullback_leibler_blocks_on_a_cluster_equal_them_in_memory(cluster, X, tmp_path):
+    data = sp.csr_array(np.where(X > np.median(X), X, 0))
+    path = str(save_matrix(tmp_path / "X.zarr", data))
+    settings = dict(layout="blocks", panel_bytes=FEW_BLOCKS, solver="mu", beta_loss=1, cache=True)
+    W_ref, reference = _fit(data, **settings)
+    W, model = _fit(path, **settings)
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    np.testing.assert_array_equal(W.compute(), W_ref)
+    assert model.loss_history_ == reference.loss_history_
+
+
 def _unaligned(a):
     """A copy of ``a`` one byte off its dtype's alignment, as an array received over the
     network can be."""
@@ -76,7 +115,13 @@ def test_block_tasks_give_the_same_bits_for_arrays_at_any_address():
     wt, x = rng.random((4, 24)), rng.random((24, 23))
     w_out = (wt, wt @ wt.T, np.zeros(7))
     moved = (_unaligned(wt), w_out[1], w_out[2])
-    for a, b in zip(blocks.block_partial(moved, x), blocks.block_partial(w_out, x), strict=True):
+    frobenius = Objective(4)
+    pairs = zip(
+        blocks.block_partial(frobenius, None, moved, x),
+        blocks.block_partial(frobenius, None, w_out, x),
+        strict=True,
+    )
+    for a, b in pairs:
         assert np.array_equal(a, b)
 
 
@@ -116,7 +161,10 @@ def test_the_cli_reports_the_blocks(X, tmp_path):
     "kwargs, match",
     [
         (dict(init="nndsvda"), "2-D block layout does not start from init='nndsvda'"),
-        (dict(beta_loss="kullback-leibler", solver="mu"), "2-D block layout.*Frobenius"),
+        (
+            dict(beta_loss="kullback-leibler", solver="mu", inner_iter=2),
+            "2-D block layout does not run inner sweeps of a β-divergence update",
+        ),
         (dict(missing="nan"), "2-D block layout does not fit the observed entries only"),
     ],
 )
@@ -125,15 +173,14 @@ def test_what_blocks_do_not_do_yet_is_a_clear_error(X, kwargs, match):
         _fit(X, layout="blocks", **kwargs)
 
 
-# Budgets that cut X (120 × 90) into 4 × 3 blocks, and into 12 × 9: more column blocks than
-# the tree's fan-in, so that H·Hᵀ is summed over two levels.
-FEW_BLOCKS, MANY_BLOCKS = 30 * 30 * 8, 10 * 10 * 8
-
-
 @pytest.mark.parametrize(
     "settings",
-    [dict(panel_bytes=FEW_BLOCKS), dict(panel_bytes=MANY_BLOCKS, shuffle=True)],
-    ids=["4x3", "12x9-shuffled"],
+    [
+        dict(panel_bytes=FEW_BLOCKS),
+        dict(panel_bytes=MANY_BLOCKS, shuffle=True),
+        dict(panel_bytes=FEW_BLOCKS, solver="mu", beta_loss="kullback-leibler"),
+    ],
+    ids=["4x3", "12x9-shuffled", "4x3-kullback-leibler"],
 )
 def test_a_resumed_block_fit_is_bit_identical(X, tmp_path, settings):
     """A 2-D fit stopped after 7 iterations (its checkpoint: iteration 6) and resumed to 15
