@@ -194,10 +194,15 @@ def iterate(g: Grid, objective, wt: list, h: list, summary, orders=(None, None))
     w_outs = g.shard_map(band_w_step, items, objective, order_w, summary)
     h_outs = []
     for j, h_j in enumerate(h):
-        total = None
+        total, h_in = None, None if objective.frobenius else h_j  # β: h_statistics needs H_j
         for s, (w_out, xs) in enumerate(zip(w_outs, g.column(j), strict=True)):
-            total = _on_band(g, s, band_partial, objective, h_j, w_out, total, xs)
-        h_outs.append(g.ops.call(steps.h_step, objective, order_h, None, ((0, None),), h_j, total))
+            total = _on_band(g, s, band_partial, objective, h_in, w_out, total, xs)
+        # Where the column's sums end (the last band's worker): they do not move, and the H
+        # blocks and the summary tree over them are then on one worker, not spread at random.
+        last = len(w_outs) - 1
+        h_outs.append(
+            _on_band(g, last, steps.h_step, objective, order_h, None, ((0, None),), h_j, total)
+        )
     new_summary = tree_reduce(g.ops, h_outs, steps._h_summary, first=steps._h_summary)
     return w_outs, h_outs, new_summary
 
