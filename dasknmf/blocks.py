@@ -180,12 +180,17 @@ def first_summary(ops, h: list):
 # ---- driver ----------------------------------------------------------------------------------
 
 
-def iterate(g: Grid, objective, wt: list, h: list, summary, orders=(None, None)):
+def iterate(
+    g: Grid, objective: Objective, wt: list, h: list, summary, orders=(None, None), shared=None
+):
     """One iteration (see the module's docstring), one task per band and column block in
     each chain: new W states (per band, a tuple of ``w_step`` outputs), H blocks (``h_step``
     outputs) and the summary ``(H·Hᵀ, H stats, B, panel stats)``. Each row's and each
-    column's sums run in the order of the blocks, whatever the bands."""
+    column's sums run in the order of the blocks, whatever the bands. ``shared``: the
+    objective as ``g.ops.share`` made it once for all iterations (the tasks' argument)."""
     order_w, order_h = orders
+    frobenius = objective.frobenius
+    objective = objective if shared is None else shared
     crosses = [None] * len(wt)
     for j, h_j in enumerate(h):
         items = zip(wt, crosses, g.column(j), strict=True)
@@ -194,7 +199,7 @@ def iterate(g: Grid, objective, wt: list, h: list, summary, orders=(None, None))
     w_outs = g.shard_map(band_w_step, items, objective, order_w, summary)
     h_outs = []
     for j, h_j in enumerate(h):
-        total, h_in = None, None if objective.frobenius else h_j  # β: h_statistics needs H_j
+        total, h_in = None, None if frobenius else h_j  # β: h_statistics needs H_j
         for s, (w_out, xs) in enumerate(zip(w_outs, g.column(j), strict=True)):
             total = _on_band(g, s, band_partial, objective, h_in, w_out, total, xs)
         # Where the column's sums end (the last band's worker): they do not move, and the H
@@ -275,10 +280,10 @@ def fit(
     its iteration as ``start`` and its ``history``, and goes on with the same bits."""
     ops = g.ops
     k = objective.n_components
-    shared = ops.share(objective)
     summary = first_summary(ops, h)
     wt = g.bundle(wt)  # one state per band from here on
     history = history if history is not None else engine.History()
+    shared = ops.share(objective)
     n_iter = start
     for n_iter in range(start + 1, max_iter + 1):
         orders = (None, None)
@@ -288,7 +293,7 @@ def fit(
             wt = ops.detach(wt)
             h = [ops.share(b) for b in ops.fetch([ops.call(steps.h_array, b) for b in h])]
             summary = ops.share(ops.fetch(summary))
-        wt, h, summary = ops.persist(*iterate(g, shared, wt, h, summary, orders))
+        wt, h, summary = ops.persist(*iterate(g, objective, wt, h, summary, orders, shared))
         known = engine._record(history, objective, norm_x_sq, n_iter, ops.fetch(summary))
         if callback is not None and known:
             callback(known, history)
