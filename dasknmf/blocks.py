@@ -59,7 +59,7 @@ class RowOut(NamedTuple):
     each one's ``wt``: see ``steps.h_array``)."""
 
     wt: np.ndarray
-    gram: np.ndarray
+    gram: np.ndarray | None  # None for a β-divergence, whose H update does not need it
     stats: np.ndarray
 
 

@@ -320,14 +320,14 @@ def test_sparse_blocks_are_sized_by_their_stored_entries():
 def test_sparse_blocks_from_a_store_on_a_cluster_equal_them_in_memory(cluster, X, tmp_path):
     data = sp.csr_array(np.where(X > np.quantile(X, 0.7), X, 0))
     path = str(save_matrix(tmp_path / "X.zarr", data))
-    settings = dict(layout="blocks", panel_bytes=4000, max_iter=4)  # a streamed block: ~60 ms
+    settings = dict(layout="blocks", panel_bytes=4000, max_iter=3)  # a streamed block: ~60 ms
     W_ref, reference = _fit(data, **settings)
     assert reference.layout_["blocks"][0] > 2 and reference.layout_["blocks"][1] > 1
-    for cache in (True, False):
-        W, model = _fit(path, cache=cache, **settings)
-        assert model.layout_ == dict(reference.layout_, cached=cache)
-        np.testing.assert_array_equal(model.components_, reference.components_)
-        np.testing.assert_array_equal(W.compute(), W_ref)
+    # Streamed (cached sparse blocks from a store: the Kullback–Leibler test above).
+    W, model = _fit(path, cache=False, **settings)
+    assert model.layout_ == dict(reference.layout_, cached=False)
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    np.testing.assert_array_equal(W.compute(), W_ref)
 
 
 def test_cached_blocks_lie_in_bands_of_rows_one_per_worker(cluster, X):

@@ -54,6 +54,7 @@ def small_workers():
         yield client
 
 
+@pytest.mark.slow  # 2 minutes; the claim runs by default in test_reliability's smaller test
 def test_input_three_times_the_cluster_memory_streams_within_limits(small_workers, tmp_path):
     client = small_workers
     n_cols, rank = 1024, 5

@@ -120,8 +120,8 @@ def test_workers_killed_mid_fit_change_nothing(
 
 @pytest.mark.parametrize(
     "checkpoint_every, layout",
-    [(None, {}), (4, {}), (None, dict(BLOCKS, cache=True)), (4, dict(BLOCKS, cache=True))],
-    ids=["from-init", "from-checkpoint", "blocks-from-init", "blocks-from-checkpoint"],
+    [(None, {}), (4, {}), (4, dict(BLOCKS, cache=True))],
+    ids=["from-init", "from-checkpoint", "blocks-from-checkpoint"],
 )
 def test_data_the_cluster_cannot_recompute_restarts_the_fit(
     nanny_cluster, stored, tmp_path, monkeypatch, caplog, checkpoint_every, layout
