@@ -382,15 +382,16 @@ def two_d(n_iter: int, n: int, nnz: int) -> dict:
         cluster.scheduler.add_plugin(counter)
         pids = {f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
         sent = lambda dask_worker: dask_worker.transfer_outgoing_bytes_total  # noqa: E731
-        error, model, moved = None, NMF(TWO_D_K, **kwargs), None
+        error, model, whole = None, NMF(TWO_D_K, **kwargs), None
         before = sum(client.run(sent).values())
-        done: list[int] = []
-        probe = lambda: counter.done  # noqa: E731
+        # At each iteration: tasks run so far, and bytes the workers have sent to each other.
+        done: list[tuple[int, int]] = []
+        probe = lambda: (counter.done, sum(client.run(sent).values()))  # noqa: E731
         with iteration_times(probe, done) as stamps, ProcessMemory(pids) as memory:
             try:
                 model.fit(str(path))
                 W_cluster = model.W_.compute()
-                moved = (sum(client.run(sent).values()) - before) / n_iter
+                whole = (sum(client.run(sent).values()) - before) / n_iter
             except Exception as failure:  # the point is to see whether it completes
                 error = f"{type(failure).__name__}: {failure}"
         restarted = set(client.run(os.getpid).values()) != set(pids.values())
@@ -399,8 +400,9 @@ def two_d(n_iter: int, n: int, nnz: int) -> dict:
         "restarted": restarted,
         "budget": budget,
         "per_iteration": statistics.median(np.diff(stamps[1:])) if len(stamps) > 2 else None,
-        "moved": moved,
-        "tasks": statistics.median(np.diff(done[1:])) if len(done) > 2 else None,
+        "moved": statistics.median(np.diff([b for _, b in done[1:]])) if len(done) > 2 else None,
+        "moved_whole": whole if error is None else None,
+        "tasks": statistics.median(np.diff([t for t, _ in done[1:]])) if len(done) > 2 else None,
         "peak": memory.peak,
         "n": n,
         "nnz": nnz,
@@ -452,7 +454,11 @@ def report_two_d(r: dict, write: bool) -> None:
             f"| median time per iteration, cluster | {per_iteration} |",
             f"| median time per iteration, in memory (2 threads) | "
             f"{r['memory_per_iteration']:.1f} s |",
-            f"| bytes sent between workers per iteration | {r['moved'] / 2**20:,.0f} MiB |",
+            f"| bytes sent between workers per iteration (median between iterations; model "
+            f"2·(w − 1)·k·n·b = {2 * TWO_D_K * r['n'] * 4 / 2**20:,.0f} MiB) | "
+            f"{r['moved'] / 2**20:,.0f} MiB |",
+            f"| bytes sent by the workers over the whole fit, W and H to the client included, "
+            f"/ iterations | {r['moved_whole'] / 2**20:,.0f} MiB |",
             f"| tasks per iteration (median between iterations; 2·S·Q + S + Q + the summary "
             f"= {2 * 2 * layout['blocks'][1] + 2 + layout['blocks'][1] + 1} for S = 2 worker "
             f"threads, Q = {layout['blocks'][1]} column blocks) | {r['tasks']:.0f} |",
