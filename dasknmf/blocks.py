@@ -121,11 +121,11 @@ def w_step(objective: Objective, order, summary, wt, cross):
     the column blocks: for the Frobenius loss C_i with H·Hᵀ (from the previous iteration's
     ``summary``, or the initial H·Hᵀ), the update, statistics and W_iᵀ·W_i as the row-panel
     task forms them (``steps.w_update``); for a β-divergence the multiplicative update
-    (``steps.mu_w_update``), without W_iᵀ·W_i. Returns a ``RowOut``."""
+    (the same function), without W_iᵀ·W_i. Returns a ``RowOut``."""
     pin_worker_blas()
     wt = wt[0] if isinstance(wt, tuple) else wt  # the previous ``w_step`` output
     if not objective.frobenius:
-        wt, stats = steps.mu_w_update(objective, kernels.aligned(wt), *cross)
+        wt, stats = steps.w_update(objective, order, None, cross, kernels.aligned(wt))
         return RowOut(wt, None, stats)
     gram_h = summary[0] if isinstance(summary, tuple) else summary
     # All aligned: numpy's matmul skips BLAS for an unaligned operand (one received over the
@@ -201,22 +201,15 @@ def iterate(
     for j, h_j in enumerate(h):
         total, h_in = None, None if frobenius else h_j  # β: h_statistics needs H_j
         for s, (w_out, xs) in enumerate(zip(w_outs, g.column(j), strict=True)):
-            total = _on_band(g, s, band_partial, objective, h_in, w_out, total, xs)
+            total = g.on_row(g.band_bounds[s], band_partial, objective, h_in, w_out, total, xs)
         # Where the column's sums end (the last band's worker): they do not move, and the H
         # blocks and the summary tree over them are then on one worker, not spread at random.
-        last = len(w_outs) - 1
+        last = g.band_bounds[-2]  # the first row of the last band
         h_outs.append(
-            _on_band(g, last, steps.h_step, objective, order_h, None, ((0, None),), h_j, total)
+            g.on_row(last, steps.h_step, objective, order_h, None, ((0, None),), h_j, total)
         )
     new_summary = tree_reduce(g.ops, h_outs, steps._h_summary, first=steps._h_summary)
     return w_outs, h_outs, new_summary
-
-
-def _on_band(g: Grid, s: int, fn, *args):
-    """``fn(*args)`` as a task of band s, placed with its blocks when they are cached."""
-    if g.locations is None:
-        return g.ops.call(fn, *args)
-    return g.ops.map(fn, [args], workers=[g.locations[g.band_bounds[s]]])[0]
 
 
 def check_values(g: Grid) -> engine.Moments:
@@ -349,18 +342,8 @@ def _rows_of(w_out) -> np.ndarray:
 def checked_cross(h, x, total=None) -> np.ndarray:
     """``block_cross`` after the block's own check for negative or non-finite values (a lazy
     transform has no validation pass)."""
-    moments = passes.moments_task(False, x)
-    passes.reject_bad_values(
-        int(moments[kernels.MOMENT_NONFINITE]), moments[kernels.MOMENT_MIN], "NMF (input X)"
-    )
+    passes.checked_moments(False, x)
     return block_cross(h, x, total)
-
-
-def solve_row(objective: Objective, gram_h, max_iter: int, tol: float, cross) -> np.ndarray:
-    """W_i, (m_i, k), from C_i and H·Hᵀ: ``passes.nnls`` as the row-panel transform does."""
-    pin_worker_blas()
-    wt = passes.nnls(gram_h, cross, max_iter, tol, l1=objective.l1_w, l2=objective.l2_w)
-    return np.ascontiguousarray(wt.T)
 
 
 def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int, tol: float):
@@ -379,13 +362,16 @@ def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int
             cross = None
             for h_j, (c, d) in zip(h_blocks, itertools.pairwise(cols), strict=True):
                 cross = checked_cross(h_j, X[a:b, c:d], cross)
-            W[a:b] = solve_row(objective, gram_h, max_iter, tol, cross)
+            W[a:b] = passes.solve_frobenius(objective, gram_h, max_iter, tol, cross)
         return W
     rows, cols = grid_bounds(X.shape, k, X.dtype.itemsize, budget, count_stored(X), 2)
     X = X.rechunk((tuple(np.diff(rows)), tuple(np.diff(cols))))
     blocks_ = X.to_delayed(optimize_graph=False)
     h_blocks = [dask.delayed(h[:, c:d]) for c, d in itertools.pairwise(cols)]
-    cross_task, solve = dask.delayed(checked_cross, pure=True), dask.delayed(solve_row, pure=True)
+    cross_task, solve = (
+        dask.delayed(checked_cross, pure=True),
+        dask.delayed(passes.solve_frobenius, pure=True),
+    )
     parts = []
     for (a, b), row in zip(itertools.pairwise(rows), blocks_, strict=True):
         cross = None

@@ -24,6 +24,7 @@ from dasknmf.panels import (
     TASK_OVERHEAD,
     even_bounds,
     should_cache,
+    tuple_of,
     wait_for_workers,
 )
 from dasknmf.storage import distributed_client
@@ -95,7 +96,7 @@ class Grid:
         items = [tuple(blocks[a:b]) for a, b in self.shard_ranges]
         if not self.ops.is_lazy:
             return items
-        return self.shard_map(_tuple_of, items)
+        return self.shard_map(tuple_of, items)
 
     def unbundle(self, states: list) -> list:
         """The per-row objects of the bands' states (the reverse of ``bundle``)."""
@@ -183,10 +184,6 @@ def grid(X, n_components: int, budget: int, cache: bool | str = "auto") -> Grid:
 def runs(labels: list) -> list[int]:
     """Boundaries of the runs of equal consecutive ``labels``."""
     return [i for i in range(len(labels)) if i == 0 or labels[i] != labels[i - 1]] + [len(labels)]
-
-
-def _tuple_of(*items) -> tuple:
-    return items
 
 
 def count_stored(X: da.Array) -> int | None:

@@ -141,7 +141,7 @@ class Panels:
         if not self.ops.is_lazy:
             return [tuple(blocks[a:b]) for a, b in self.shard_ranges]
         items = [tuple(blocks[a:b]) for a, b in self.shard_ranges]
-        return self.shard_map(_tuple_of, items, data=False)
+        return self.shard_map(tuple_of, items, data=False)
 
     @property
     def row_sizes(self) -> list[int]:
@@ -167,7 +167,8 @@ def shard_layout(row_sizes: Sequence[int], n_slots: int, split_every: int):
     return level, [0, *bounds, n_panels]
 
 
-def _tuple_of(*blocks) -> tuple:
+def tuple_of(*blocks) -> tuple:
+    """The arguments as a tuple (a task bundling per-panel objects by shard)."""
     return blocks
 
 
@@ -345,9 +346,9 @@ def check_fits_workers(
     """Refuse, before any work, a problem that the workers cannot hold: for row (or column)
     panels, one row of X with H and the k × n partials (or one column with W's) on the
     smallest worker; for 2-D blocks, W and H (twice: the next iteration's are made from them)
-    in the memory of all workers below the point where they pause — what any 2-D fit needs;
-    while a band's rows are updated, their sums H·X_iᵀ take as much again as their W blocks
-    in the memory of all workers below the point where they pause."""
+    in the memory of all workers below the point where they pause — what any 2-D fit needs
+    (while a band's rows are updated, their sums H·X_iᵀ take as much again as their W
+    blocks)."""
     client = distributed_client()
     limit = worker_memory()
     if limit is None:

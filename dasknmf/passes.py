@@ -89,11 +89,7 @@ def transform_panel(
     (m_i, k) block."""
     pin_worker_blas()
     x, h = panel_data(x), kernels.aligned(h)
-    # A lazy transform has no validation pass of its own: each panel checks itself.
-    moments = moments_task(objective.masked, x)
-    reject_bad_values(
-        int(moments[kernels.MOMENT_NONFINITE]), moments[kernels.MOMENT_MIN], "NMF (input X)"
-    )
+    moments = checked_moments(objective.masked, x)
     if objective.masked and objective.solver == "hals":  # each row's own least squares
         values, pattern = masked.observed(x)
         return masked.solve_rows(
@@ -102,7 +98,22 @@ def transform_panel(
     if not objective.frobenius or objective.masked:
         mean = moments[kernels.MOMENT_SUM] / moments[kernels.MOMENT_SIZE]
         return _transform_divergence(objective, h, max_iter, tol, x, mean)
-    cross = kernels.dot_h(x, h)
+    return solve_frobenius(objective, gram_h, max_iter, tol, kernels.dot_h(x, h))
+
+
+def checked_moments(masked_loss: bool, x) -> np.ndarray:
+    """``moments_task`` of a panel, after rejecting its bad values: a lazy transform has no
+    validation pass of its own, so each panel (or 2-D block) checks itself."""
+    moments = moments_task(masked_loss, x)
+    reject_bad_values(
+        int(moments[kernels.MOMENT_NONFINITE]), moments[kernels.MOMENT_MIN], "NMF (input X)"
+    )
+    return moments
+
+
+def solve_frobenius(objective: Objective, gram_h, max_iter: int, tol: float, cross) -> np.ndarray:
+    """W_i, (m_i, k), from C_i = H·X_iᵀ and H·Hᵀ by ``nnls`` (the Frobenius transform)."""
+    pin_worker_blas()
     wt = nnls(gram_h, cross, max_iter, tol, l1=objective.l1_w, l2=objective.l2_w)
     return np.ascontiguousarray(wt.T)
 

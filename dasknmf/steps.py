@@ -291,9 +291,7 @@ def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
     x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
     if objective.masked:
         return _panel_step_masked(objective, order, col_bounds, h, x, wt)
-    stats = np.zeros(7)
-    stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
-    stats[P_SQ_W_OLD] = _dot64(wt, wt)
+    stats = _old_w_stats(wt)
     if not objective.frobenius:
         return _panel_step_divergence(objective, col_bounds, h, x, wt, stats)
     wt = wt.copy()  # updated in place; the input may be a block that other tasks still read
@@ -330,6 +328,14 @@ def _panel_step_masked(objective: Objective, order, col_bounds, h, x, wt):
     return (wt, partials, stats, *_split(kernels.dot_w(values, wt), col_bounds))
 
 
+def _old_w_stats(wt) -> np.ndarray:
+    """``P_*`` statistics with ΣW_i and ‖W_i‖² of the W_i an update starts from."""
+    stats = np.zeros(7)
+    stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
+    stats[P_SQ_W_OLD] = _dot64(wt, wt)
+    return stats
+
+
 def _w_update(objective: Objective, order, gram_h, cross, wt, stats) -> np.ndarray:
     """The Frobenius update of W_i in place from (H·Hᵀ, C_i = H·X_iᵀ), with the statistics
     of the W_i it starts from and the violation written into ``stats``."""
@@ -348,13 +354,16 @@ def _w_update(objective: Objective, order, gram_h, cross, wt, stats) -> np.ndarr
 
 
 def w_update(objective: Objective, order, gram_h, cross, wt) -> tuple[np.ndarray, np.ndarray]:
-    """W_i and its statistics vector (``P_*`` layout) from (H·Hᵀ, C_i), as ``_panel_step``
-    forms them for the Frobenius loss without extrapolation: for the 2-D block scheme, whose
-    C_i is summed over column blocks."""
-    stats = np.zeros(7)
-    stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
-    stats[P_SQ_W_OLD] = _dot64(wt, wt)
-    wt = _w_update(objective, order, gram_h, cross, wt.copy(), stats)
+    """W_i and its statistics vector (``P_*`` layout) from what the 2-D block scheme summed
+    over column blocks: for the Frobenius loss (H·Hᵀ, C_i), as ``_panel_step`` forms them
+    without extrapolation; for a β-divergence one multiplicative update from ``cross`` =
+    (numerator, denominator, D_β at the old W_i) of ``divergence.w_statistics``."""
+    stats = _old_w_stats(wt)
+    if objective.frobenius:
+        wt = _w_update(objective, order, gram_h, cross, wt.copy(), stats)
+    else:
+        numerator, denominator, stats[P_DIV_OLD] = cross
+        wt = _mu_step_w(objective, wt.copy(), numerator, denominator)
     stats[P_SUM_W] = wt.sum(dtype=np.float64)
     return wt, stats
 
@@ -367,18 +376,6 @@ def _mu_step_w(objective: Objective, wt, numerator, denominator) -> np.ndarray:
     if objective.beta < 1:
         wt[wt < _TINY] = 0
     return wt
-
-
-def mu_w_update(objective: Objective, wt, numerator, denominator, value) -> tuple:
-    """W_i by one multiplicative update from ``divergence.w_statistics`` summed over the column
-    blocks of X (2-D blocks), and its ``P_*`` statistics (``value``: D_β at the old W_i)."""
-    stats = np.zeros(7)
-    stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
-    stats[P_SQ_W_OLD] = _dot64(wt, wt)
-    stats[P_DIV_OLD] = value
-    wt = _mu_step_w(objective, wt.copy(), numerator, denominator)
-    stats[P_SUM_W] = wt.sum(dtype=np.float64)
-    return wt, stats
 
 
 def _panel_step_divergence(objective: Objective, col_bounds, h, x, wt, stats):
