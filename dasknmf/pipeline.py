@@ -340,8 +340,8 @@ def _fit_blocks(X, plan: Plan) -> Fitted:
     missing = _blocks_lack(X, plan)
     if missing is not None:
         raise ValueError(
-            f"The 2-D block layout does not {missing} yet; use init='random' with the "
-            "Frobenius loss, or layout='rows' or 'columns'."
+            f"The 2-D block layout does not {missing} yet; change that setting, or use "
+            "layout='rows' or 'columns'."
         )
     k = plan.n_components
     grid = blocks.grid(X, k, plan.panel_bytes, plan.cache)
