@@ -27,8 +27,9 @@ This is the same alternating minimization as the row-panel scheme (W from H⁽�
 W⁽ᵗ⁺¹⁾), so the factors equal its factors up to rounding (the sums over j are formed in
 another order than one product over the whole row). Frobenius loss by HALS (or MU), other
 β-divergences by one multiplicative update per factor and iteration, whose statistics are
-summed along the rows and the columns of blocks in the same way; without extrapolation;
-initialization 'random' or 'custom'.
+summed along the rows and the columns of blocks in the same way; without extrapolation.
+Initialization 'random' or 'custom', or NNDSVD from the randomized SVD over the blocks
+(``svd.randomized_svd_blocks``: its passes run in the same chains as an iteration).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import divergence, engine, kernels, passes, steps
+from dasknmf import divergence, engine, kernels, passes, steps, svd
 from dasknmf._blas import pin_worker_blas
 from dasknmf.grid import Grid, count_stored
 from dasknmf.grid import grid as grid  # the blocks of X, as ``blocks.grid``
@@ -224,7 +225,8 @@ def check_values(g: Grid) -> engine.Moments:
 
 def initialize(g: Grid, method: str, k: int, mean: float, random_state=None, W=None, H=None):
     """Initial blocks of Wᵀ (by row panel) and H (by column block): 'random' draws the same
-    numbers as the row-panel scheme (seeds keyed by rows and columns, not by blocks)."""
+    numbers as the row-panel scheme (seeds keyed by rows and columns, not by blocks), the
+    NNDSVD variants the same up to rounding (``svd.randomized_svd_blocks``)."""
     from dasknmf import init
 
     ops = g.ops
@@ -240,11 +242,15 @@ def initialize(g: Grid, method: str, k: int, mean: float, random_state=None, W=N
     elif method == "custom":
         wt = [ops.call(init._component_major, g.dtype, W[a:b]) for a, b in rows]
         h = [ops.call(init._copy_block, g.dtype, H[:, c:d]) for c, d in cols]
+    elif method in ("nndsvd", "nndsvda", "nndsvdar"):
+        entropy = seed_entropy(random_state)
+        triplets = svd.randomized_svd_blocks(g, k, init.SVD_POWER_ITER, entropy, init._SVD_SKETCH)
+        streams = init._W_FILL, init._H_FILL
+        wt, h = init.nndsvd_factors(g, g.col_bounds, triplets, mean, entropy, method, streams)
     else:
         raise ValueError(
-            f"init={method!r} is not available with the 2-D block layout (a matrix large in "
-            "both dimensions, or layout='blocks'): its SVD over blocks is not implemented yet. "
-            "Use init='random' or init='custom'."
+            f"Invalid init parameter: got {method!r} instead of one of "
+            f"{(None, *init.INIT_METHODS)!r}"
         )
     return ops.persist(wt, h)
 

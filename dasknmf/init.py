@@ -148,24 +148,33 @@ def nndsvd_init(
 ):
     """'nndsvd', 'nndsvda' or 'nndsvdar' from a randomized truncated SVD of X; nndsvdar's noise
     for W and H comes from the two ``fill_streams``."""
-    ops = panels.ops
     ut, s, vt = svd.randomized_svd(panels, k, SVD_POWER_ITER, entropy, col_bounds, _SVD_SKETCH)
+    return nndsvd_factors(panels, col_bounds, (ut, s, vt), mean, entropy, variant, fill_streams)
+
+
+def nndsvd_factors(
+    layout, col_bounds: list[int], triplets: tuple, mean: float, entropy: int, variant, fill_streams
+):
+    """The NNDSVD blocks of Wᵀ (by row of ``layout``: row panels, or rows of 2-D blocks) and
+    of H (by column block) from the singular ``triplets`` (Uᵀ blocks, S, Vᵀ blocks)."""
+    ops = layout.ops
+    ut, s, vt = triplets
     u_norms, v_norms = (
         ops.fetch(tree_reduce(ops, ops.map(signed_norms_sq, [(b,) for b in blocks])))
         for blocks in (ut, vt)
     )
     signs, coef_w, coef_h = nndsvd_coefficients(s, u_norms, v_norms)
     fill = {"nndsvd": "zeros", "nndsvda": "mean", "nndsvdar": "random"}[variant]
-    wt = panels.map(
+    wt = layout.map(
         nndsvd_block,
-        [(*bounds, b) for bounds, b in zip(_ranges(panels.row_bounds), ut, strict=True)],
+        [(*bounds, b) for bounds, b in zip(_ranges(layout.row_bounds), ut, strict=True)],
         signs,
         coef_w,
         fill,
         mean,
         entropy,
         fill_streams[0],
-        panels.dtype,
+        layout.dtype,
     )
     h = ops.map(
         nndsvd_block,
@@ -176,7 +185,7 @@ def nndsvd_init(
         mean,
         entropy,
         fill_streams[1],
-        panels.dtype,
+        layout.dtype,
     )
     return wt, h
 

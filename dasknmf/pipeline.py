@@ -330,8 +330,6 @@ def _blocks_lack(X, plan: Plan) -> str | None:
         return "run inner sweeps of a β-divergence update (each would read the row again)"
     if plan.missing is not None:
         return "fit the observed entries only (missing=...)"
-    if plan.init not in ("random", "custom"):
-        return f"start from init={plan.init!r} (its SVD over blocks)"
     return None
 
 

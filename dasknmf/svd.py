@@ -49,7 +49,12 @@ def _block_partials(block: int, *outs) -> tuple:
 
 def _block_sums(block: int, raw: bool, *parts):
     """The last level of the reduction for column block ``block``: (G, P_j, P_j·P_jᵀ)."""
-    gram, p = _block_partials(block, *parts) if raw else sum_in_order(*parts)
+    return _with_ppt(_block_partials(block, *parts) if raw else sum_in_order(*parts))
+
+
+def _with_ppt(sums: tuple) -> tuple:
+    """(G, P_j) → (G, P_j, P_j·P_jᵀ)."""
+    gram, p = sums
     p64 = p.astype(np.float64)
     return gram, p, p64 @ p64.T
 
@@ -84,21 +89,32 @@ def randomized_svd(
     length k, zero beyond the numerical rank) and blocks of Vᵀ by column block (k, n_j), held
     as ``panels.ops`` holds data.
     """
-    ops = panels.ops
-    n_rows, n_cols = panels.shape
+    return _randomized_svd(panels, k, n_iter, entropy, col_bounds, stream, _subspace_pass)
+
+
+def randomized_svd_blocks(g, k: int, n_iter: int, entropy: int, stream: int):
+    """``randomized_svd`` over the 2-D blocks of ``g`` (a ``dasknmf.grid.Grid``): the same
+    numbers up to rounding (Y_i = X_i·Z is summed over the column blocks), no task holding a
+    whole row of X or a whole column. Uᵀ comes by row of blocks, Vᵀ by column block."""
+    return _randomized_svd(g, k, n_iter, entropy, g.col_bounds, stream, _subspace_pass_blocks)
+
+
+def _randomized_svd(layout, k, n_iter, entropy, col_bounds, stream, one_pass):
+    ops = layout.ops
+    n_rows, n_cols = layout.shape
     width = min(k + OVERSAMPLES, n_rows, n_cols)
     z = ops.map(
-        _gaussian_block, list(itertools.pairwise(col_bounds)), entropy, stream, width, panels.dtype
+        _gaussian_block, list(itertools.pairwise(col_bounds)), entropy, stream, width, layout.dtype
     )
     for _ in range(n_iter + 1):
-        yt, z, sigma, coef_u = _subspace_pass(panels, z, col_bounds)
+        yt, z, sigma, coef_u = one_pass(layout, z, col_bounds)
         if not sigma.size:  # X is zero
             break
     kept = min(k, sigma.size)
     s = np.zeros(k)
     s[:kept] = sigma[:kept]
-    ut = ops.map(_leading_rows, [(b,) for b in yt], coef_u[:, :kept], k, panels.dtype)
-    vt = ops.map(_leading_rows, [(b,) for b in z], None, k, panels.dtype)
+    ut = layout.map(_leading_rows, [(b,) for b in yt], coef_u[:, :kept], k, layout.dtype)
+    vt = ops.map(_leading_rows, [(b,) for b in z], None, k, layout.dtype)
     return ut, s, vt
 
 
@@ -113,6 +129,12 @@ def _subspace_pass(panels: Panels, z: list, col_bounds: list[int]):
         sums.append(ops.call(_block_sums, j, raw, *parts))
     yt = [ops.item(out, 0) for out in outs]
     summary = tree_reduce(ops, sums, _gram_summary, first=_gram_summary)
+    return _next_subspace(ops, yt, sums, summary, panels.dtype)
+
+
+def _next_subspace(ops, yt: list, sums: list, summary, dtype):
+    """The end of a pass, for either layout: from the Y_iᵀ blocks, the column blocks' sums
+    (``_block_sums``) and their summary to what ``_subspace_pass`` returns."""
     yt, sums, summary = ops.persist(yt, sums, summary)
     gram, ppt = ops.fetch(summary)
     t = _orthonormalizer(gram)
@@ -121,8 +143,56 @@ def _subspace_pass(panels: Panels, z: list, col_bounds: list[int]):
     sigma = np.sqrt(np.maximum(values, 0))
     keep = sigma > sigma.max(initial=0) * np.sqrt(RANK_CUTOFF)
     sigma, u_small = sigma[keep], u_small[:, keep]
-    next_z = ops.map(_next_z, [(b,) for b in sums], (t @ u_small) / sigma, panels.dtype)
+    next_z = ops.map(_next_z, [(b,) for b in sums], (t @ u_small) / sigma, dtype)
     return yt, next_z, sigma, t @ u_small
+
+
+def _band_sketch(z_block, totals, xs: tuple) -> tuple:
+    """For each row of a band, Y_iᵀ so far (``totals``; None at the first column block) plus
+    (X_ij·Z_j)ᵀ."""
+    pin_worker_blas()
+    totals = (None,) * len(xs) if totals is None else totals
+    out = []
+    for x, total in zip(xs, totals, strict=True):
+        yt = kernels.dot_h(panel_data(x), kernels.aligned(z_block))
+        out.append(yt if total is None else yt + total)
+    return tuple(out)
+
+
+def _band_project(with_gram: bool, yts: tuple, total, xs: tuple) -> tuple:
+    """Column j's (G, P_j) so far plus the band's, down its rows: P_ij = Y_iᵀ·X_ij and, for
+    the first column block only (``with_gram``; G is taken from it), G_i = Y_iᵀ·Y_i."""
+    pin_worker_blas()
+    for yt, x in zip(yts, xs, strict=True):
+        yt = kernels.aligned(yt)
+        gram = None
+        if with_gram:
+            yt64 = yt.astype(np.float64)
+            gram = yt64 @ yt64.T
+        part = (gram, kernels.dot_w(panel_data(x), yt))
+        if total is not None:
+            part = (None if gram is None else total[0] + gram, total[1] + part[1])
+        total = part
+    return total
+
+
+def _subspace_pass_blocks(g, z: list, col_bounds: list[int]):
+    """``_subspace_pass`` over the blocks of a ``grid.Grid``, in the tasks of an iteration of
+    ``dasknmf.blocks``: along each row of blocks (one task per band and column block) the
+    chain of Y_iᵀ = Σ_j (X_ij·Z_j)ᵀ, then along each column the chain of Σ_i Y_iᵀ·X_ij (and,
+    in the first column, of G = Σ_i Y_iᵀ·Y_i), each sum in the order of the blocks."""
+    yt = [None] * len(g.shard_ranges)
+    for j, z_j in enumerate(z):
+        items = zip(yt, g.column(j), strict=True)
+        yt = g.shard_map(_band_sketch, [(t, xs) for t, xs in items], z_j)
+    sums = []
+    for j in range(len(z)):
+        total = None
+        for s, (state, xs) in enumerate(zip(yt, g.column(j), strict=True)):
+            total = g.on_row(g.band_bounds[s], _band_project, j == 0, state, total, xs)
+        sums.append(g.on_row(g.band_bounds[-2], _with_ppt, total))
+    summary = tree_reduce(g.ops, sums, _gram_summary, first=_gram_summary)
+    return _next_subspace(g.ops, g.unbundle(yt), sums, summary, g.dtype)
 
 
 def _leading_rows(coef, n: int, dtype, block: np.ndarray) -> np.ndarray:

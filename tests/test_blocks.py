@@ -48,6 +48,32 @@ def test_blocks_give_the_row_panel_factors_up_to_rounding(X, sparse):
     assert two_d.reconstruction_err_ == pytest.approx(rows.reconstruction_err_, rel=1e-10)
 
 
+@pytest.mark.parametrize(
+    "init, sparse",
+    [("nndsvd", True), ("nndsvda", False), ("nndsvdar", False)],
+)
+def test_nndsvd_starts_on_blocks_give_the_row_panel_factors(X, init, sparse):
+    """NNDSVD from the randomized SVD over the blocks (``svd.randomized_svd_blocks``): the
+    row panels' start and factors up to rounding."""
+    data = sp.csr_array(X) if sparse else X
+    W_rows, rows = _fit(data, layout="rows", init=init)
+    W_blocks, two_d = _fit(data, layout="blocks", panel_bytes=30 * 20 * 8, init=init)
+    assert two_d.layout_["scheme"] == "blocks" and two_d.layout_["blocks"][1] > 1
+    np.testing.assert_allclose(two_d.components_, rows.components_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(W_blocks, W_rows, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(two_d.loss_history_, rows.loss_history_, rtol=1e-10)
+
+
+def test_an_nndsvd_start_on_a_cluster_equals_it_in_memory(cluster, X):
+    """The SVD's chains run where the cached blocks are; the factors are the in-memory bits."""
+    settings = dict(layout="blocks", panel_bytes=30 * 20 * 8, init="nndsvda")
+    W_ref, reference = _fit(X, **settings)
+    W, model = _fit(da.from_array(X, chunks=(40, 45)), cache=True, **settings)
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    np.testing.assert_array_equal(W.compute(), W_ref)
+    assert model.loss_history_ == reference.loss_history_
+
+
 def test_blocks_on_a_cluster_equal_blocks_in_memory(cluster, X, tmp_path):
     W_ref, reference = _fit(X, layout="blocks", panel_bytes=30 * 20 * 8)
     for cache, data in ((True, da.from_array(X, chunks=(40, 45))), (False, None)):
@@ -160,7 +186,6 @@ def test_the_cli_reports_the_blocks(X, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(init="nndsvda"), "2-D block layout does not start from init='nndsvda'"),
         (
             dict(beta_loss="kullback-leibler", solver="mu", inner_iter=2),
             "2-D block layout does not run inner sweeps of a β-divergence update",

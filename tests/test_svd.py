@@ -6,6 +6,7 @@ import pytest
 import scipy.sparse as sp
 
 from dasknmf import svd
+from dasknmf.grid import grid
 from dasknmf.panels import dask_panels, even_bounds, in_memory_panels
 
 
@@ -69,3 +70,47 @@ def test_k_above_the_smaller_dimension_is_capped_by_the_sketch():
     X = _decaying(50, 6)
     _, s, _ = _svd(X, 6, n_iter=1)
     np.testing.assert_allclose(s, np.linalg.svd(X, compute_uv=False), rtol=1e-8)
+
+
+def _svd_blocks(X, k, n_iter, budget, band_bounds=None):
+    g = grid(X, k, budget)
+    if band_bounds is not None:
+        g.band_bounds = band_bounds
+    try:
+        ut, s, vt = svd.randomized_svd_blocks(g, k, n_iter, entropy=0, stream=9)
+        return np.concatenate(ut, axis=1).T, s, np.concatenate(vt, axis=1), len(g.col_bounds) - 1
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_the_svd_over_2d_blocks_is_the_row_panel_svd(sparse):
+    """Over 2-D blocks (no task holding a whole row or column) the same triplets as over row
+    panels up to rounding — the sketch draws the same numbers — and those of numpy; any
+    grouping of the rows into bands gives the same bits."""
+    X = _decaying()
+    data = sp.csr_array(X) if sparse else X
+    U, s, Vt, n_col_blocks = _svd_blocks(data, 5, 2, 40 * 20 * 8)
+    assert n_col_blocks > 1
+    U_rows, s_rows, Vt_rows = _svd(X, 5, n_iter=2, kind="sparse" if sparse else "numpy")
+    np.testing.assert_allclose(s, s_rows, rtol=1e-12)
+    np.testing.assert_allclose(U, U_rows, atol=1e-10)
+    np.testing.assert_allclose(Vt, Vt_rows, atol=1e-10)
+    np.testing.assert_allclose(s, np.linalg.svd(X, compute_uv=False)[:5], rtol=1e-8)
+    n_rows = len(grid(data, 5, 40 * 20 * 8).items)
+    assert n_rows > 2
+    for bands in ([0, n_rows], [0, 1, n_rows], list(range(n_rows + 1))):
+        again = _svd_blocks(data, 5, 2, 40 * 20 * 8, bands)
+        np.testing.assert_array_equal(again[0], U)
+        np.testing.assert_array_equal(again[2], Vt)
+
+
+def test_the_svd_over_2d_blocks_of_a_zero_or_low_rank_matrix():
+    U, s, Vt, _ = _svd_blocks(np.zeros((40, 30)), 2, 1, 10 * 10 * 8)
+    assert not s.any() and not U.any() and not Vt.any()
+    assert U.shape == (40, 2) and Vt.shape == (2, 30)
+    rng = np.random.default_rng(2)
+    X = rng.uniform(size=(60, 3)) @ rng.uniform(size=(3, 20))
+    U, s, Vt, _ = _svd_blocks(X, 6, 1, 15 * 10 * 8)
+    assert np.all(s[3:] == 0) and np.all(U[:, 3:] == 0) and np.all(Vt[3:] == 0)
+    np.testing.assert_allclose((U * s) @ Vt, X, atol=1e-8)
