@@ -27,7 +27,9 @@ This is the same alternating minimization as the row-panel scheme (W from H⁽�
 W⁽ᵗ⁺¹⁾), so the factors equal its factors up to rounding (the sums over j are formed in
 another order than one product over the whole row). Frobenius loss by HALS (or MU), other
 β-divergences by one multiplicative update per factor and iteration, whose statistics are
-summed along the rows and the columns of blocks in the same way; without extrapolation.
+summed along the rows and the columns of blocks in the same way. HALS with extrapolation
+(``solvers.extrapolation``) as on row panels: a band pushes its rows of W after their
+update, a task per column block pushes H_j before the iteration uses it.
 Initialization 'random' or 'custom', or NNDSVD from the randomized SVD over the blocks
 (``svd.randomized_svd_blocks``: its passes run in the same chains as an iteration).
 """
@@ -51,6 +53,7 @@ from dasknmf.grid import relocate as relocate
 from dasknmf.grid import task_memory as task_memory
 from dasknmf.init import random_block, seed_entropy
 from dasknmf.ops import tree_reduce
+from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective, panel_data
 
 
@@ -59,9 +62,10 @@ class RowOut(NamedTuple):
     statistics vector of the update. A band's state is a tuple of them (a checkpoint writes
     each one's ``wt``: see ``steps.h_array``)."""
 
-    wt: np.ndarray
+    wt: np.ndarray  # pushed, in a fit with extrapolation
     gram: np.ndarray | None  # None for a β-divergence, whose H update does not need it
     stats: np.ndarray
+    plain: np.ndarray | None = None  # the plain new W_i of a fit with extrapolation
 
 
 # ---- tasks -----------------------------------------------------------------------------------
@@ -102,12 +106,41 @@ def band_cross(objective: Objective, state, h, totals, xs: tuple) -> tuple:
     return tuple(block_w_statistics(objective.beta, wt, h, x, total) for wt, x, total in items)
 
 
-def band_w_step(objective: Objective, order, summary, state, crosses) -> tuple:
-    """``w_step`` for each row of a band: the band's new state, a tuple of ``RowOut``."""
-    return tuple(
-        w_step(objective, order, summary, wt, cross)
-        for wt, cross in zip(state, crosses, strict=True)
-    )
+def band_w_step(objective: Objective, order, summary, control, state, crosses, plains=None):
+    """``w_step`` for each row of a band: the band's new state, a tuple of ``RowOut``. With
+    extrapolation (``control`` is the ``solvers.extrapolation.Control``) each W_i starts from
+    its pushed block in ``state`` (its plain one in ``plains`` on a restart), rescaled as the
+    control says, and the new W_i is pushed along its step from the plain one before, as
+    ``steps.extrapolated_shard_step`` does it for a row panel."""
+    if control is None:
+        return tuple(
+            w_step(objective, order, summary, wt, cross)
+            for wt, cross in zip(state, crosses, strict=True)
+        )
+    out = []
+    for wt, plain, cross in zip(state, plains, crosses, strict=True):
+        wt = extrapolation.rescaled(kernels.aligned(_block_of(wt)), control.scale)
+        plain = extrapolation.rescaled(kernels.aligned(_block_of(plain, True)), control.scale)
+        start = plain if control.restart else wt
+        out.append(w_step(objective, order, summary, start, cross, (plain, control.beta)))
+    return tuple(out)
+
+
+def _block_of(w, plain: bool = False) -> np.ndarray:
+    """The block of Wᵀ of a row: an array, or the (plain) block of a ``RowOut``."""
+    if isinstance(w, RowOut):
+        return w.plain if plain else w.wt
+    return w
+
+
+def plain_rows(state) -> tuple:
+    """The plain blocks of Wᵀ of a band (what a checkpoint of an extrapolated fit keeps)."""
+    return tuple(_block_of(w, True) for w in state)
+
+
+def pushed_block(h, previous, control) -> np.ndarray:
+    """Column block j of the H an extrapolated iteration uses (``steps.pushed_h``)."""
+    return steps.pushed_h(steps.h_array(h), steps.h_array(previous), control)
 
 
 def band_partial(objective: Objective, h, state, total, xs: tuple):
@@ -117,12 +150,14 @@ def band_partial(objective: Objective, h, state, total, xs: tuple):
     return total
 
 
-def w_step(objective: Objective, order, summary, wt, cross):
+def w_step(objective: Objective, order, summary, wt, cross, push=None):
     """W_i (a block, or the previous ``w_step`` output) from what ``band_cross`` summed over
     the column blocks: for the Frobenius loss C_i with H·Hᵀ (from the previous iteration's
     ``summary``, or the initial H·Hᵀ), the update, statistics and W_iᵀ·W_i as the row-panel
     task forms them (``steps.w_update``); for a β-divergence the multiplicative update
-    (the same function), without W_iᵀ·W_i. Returns a ``RowOut``."""
+    (the same function), without W_iᵀ·W_i. ``push``: (the plain W_i before, β) of an
+    extrapolated fit, whose W_iᵀ·W_i and statistics are then those of the pushed W_i.
+    Returns a ``RowOut``."""
     pin_worker_blas()
     wt = wt[0] if isinstance(wt, tuple) else wt  # the previous ``w_step`` output
     if not objective.frobenius:
@@ -133,7 +168,11 @@ def w_step(objective: Objective, order, summary, wt, cross):
     # network may be), and its own loop rounds differently from BLAS's.
     gram_h, cross, wt = map(kernels.aligned, (gram_h, cross, wt))
     wt, stats = steps.w_update(objective, order, gram_h, cross, wt)
-    return RowOut(wt, wt @ wt.T, stats)
+    if push is None:
+        return RowOut(wt, wt @ wt.T, stats)
+    plain, wt = wt, extrapolation.extrapolate(wt, push[0], push[1])
+    stats[steps.P_SUM_W] = wt.sum(dtype=np.float64)
+    return RowOut(wt, wt @ wt.T, stats, plain)
 
 
 def block_partial(objective: Objective, h, w_out, x, total=None) -> tuple:
@@ -142,7 +181,7 @@ def block_partial(objective: Objective, h, w_out, x, total=None) -> tuple:
     (``divergence.h_statistics`` at the new W_i). Every column sums all of the statistics
     (and B = Σ W_iᵀ·W_i), as every H block's update needs them."""
     pin_worker_blas()
-    wt, gram_w, stats = w_out
+    wt, gram_w, stats = w_out[:3]
     x, wt = panel_data(x), kernels.aligned(wt)
     if objective.frobenius:
         part = (gram_w, stats, kernels.dot_w(x, wt))
@@ -182,22 +221,44 @@ def first_summary(ops, h: list):
 
 
 def iterate(
-    g: Grid, objective: Objective, wt: list, h: list, summary, orders=(None, None), shared=None
+    g: Grid,
+    objective: Objective,
+    wt: list,
+    h: list,
+    summary,
+    orders=(None, None),
+    shared=None,
+    momentum=None,
+    norm_x_sq: float | None = None,
 ):
     """One iteration (see the module's docstring), one task per band and column block in
     each chain: new W states (per band, a tuple of ``w_step`` outputs), H blocks (``h_step``
-    outputs) and the summary ``(H·Hᵀ, H stats, B, panel stats)``. Each row's and each
-    column's sums run in the order of the blocks, whatever the bands. ``shared``: the
-    objective as ``g.ops.share`` made it once for all iterations (the tasks' argument)."""
+    outputs), the summary ``(H·Hᵀ, H stats, B, panel stats)`` and the momentum of the next
+    iteration. Each row's and each column's sums run in the order of the blocks, whatever
+    the bands. ``shared``: the objective as ``g.ops.share`` made it once for all iterations
+    (the tasks' argument).
+
+    ``momentum``, for a fit with extrapolation, is ``(the bands' plain W, the H blocks of the
+    iteration before, control)`` (as ``engine.iterate`` has it; ``norm_x_sq`` gives the next
+    control): one task per column block pushes H_j, and their H_j·H_jᵀ, summed by the tree
+    of ``first_summary``, replace the summary's H·Hᵀ in the W update."""
+    ops = g.ops
     order_w, order_h = orders
     frobenius = objective.frobenius
+    control, extra = None, [()] * len(wt)
+    if momentum is not None:
+        plains, h_previous, control = momentum
+        h_start = h
+        h = [ops.call(pushed_block, *pair, control) for pair in zip(h, h_previous, strict=True)]
+        summary = first_summary(ops, h)
+        extra = [(p,) for p in plains]
     objective = objective if shared is None else shared
     crosses = [None] * len(wt)
     for j, h_j in enumerate(h):
         items = zip(wt, crosses, g.column(j), strict=True)
         crosses = g.shard_map(band_cross, [(w, h_j, c, xs) for w, c, xs in items], objective)
-    items = list(zip(wt, crosses, strict=True))
-    w_outs = g.shard_map(band_w_step, items, objective, order_w, summary)
+    items = [(w, c, *e) for w, c, e in zip(wt, crosses, extra, strict=True)]
+    w_outs = g.shard_map(band_w_step, items, objective, order_w, summary, control)
     h_outs = []
     for j, h_j in enumerate(h):
         total, h_in = None, None if frobenius else h_j  # β: h_statistics needs H_j
@@ -209,8 +270,24 @@ def iterate(
         h_outs.append(
             g.on_row(last, steps.h_step, objective, order_h, None, ((0, None),), h_j, total)
         )
-    new_summary = tree_reduce(g.ops, h_outs, steps._h_summary, first=steps._h_summary)
-    return w_outs, h_outs, new_summary
+    new_summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
+    if momentum is not None:
+        control = ops.call(steps.advance_control, control, objective, norm_x_sq, new_summary)
+        momentum = (w_outs, h_start, control)
+    return w_outs, h_outs, new_summary, momentum
+
+
+def _detached(ops, wt: list, h: list, summary, momentum):
+    """``engine._detached`` for the bands: the factors an iteration starts from without the
+    lineage that leads to them (the plain W of an extrapolated fit is in the same states)."""
+    wt = ops.detach(wt)
+    small = [ops.call(steps.h_array, b) for b in h], summary, momentum and momentum[1:]
+    h, summary, rest = ops.fetch(small)
+    h = [ops.share(b) for b in h]
+    summary = None if summary is None else ops.share(summary)
+    if momentum is not None:
+        momentum = (wt, [ops.share(b) for b in rest[0]], ops.share(rest[1]))
+    return wt, h, summary, momentum
 
 
 def check_values(g: Grid) -> engine.Moments:
@@ -269,6 +346,7 @@ def fit(
     checkpoint=None,
     start: int = 0,
     history: engine.History | None = None,
+    momentum: tuple | None = None,
 ) -> engine.FitResult:
     """Alternate the W and H updates over the blocks until the stopping rule or ``max_iter``
     (as ``engine.fit``; each iteration waits for the previous one's summary). The result holds
@@ -276,31 +354,41 @@ def fit(
 
     ``checkpoint`` (a ``dasknmf.checkpoint.Checkpoint``) is written after every
     ``checkpoint.every``-th iteration; a resumed fit passes its factors as ``wt`` and ``h``,
-    its iteration as ``start`` and its ``history``, and goes on with the same bits."""
+    its iteration as ``start`` and its ``history``, and goes on with the same bits.
+
+    With ``objective.extrapolate`` the iterates are pushed along their last step
+    (``solvers.extrapolation``, as ``engine.fit`` does); a resumed fit then also passes the
+    checkpoint's ``momentum`` (see ``iterate``)."""
     ops = g.ops
     k = objective.n_components
-    summary = first_summary(ops, h)
+    if objective.extrapolate and momentum is None:
+        momentum = (list(wt), list(h), engine._first_control(g, objective, wt, h))
+    summary = None if momentum is not None else first_summary(ops, h)
     wt = g.bundle(wt)  # one state per band from here on
+    if momentum is not None:
+        momentum = (g.bundle(momentum[0]), *momentum[1:])
     history = history if history is not None else engine.History()
     shared = ops.share(objective)
+    rule = extrapolation if objective.extrapolate else objective.rule
     n_iter = start
     for n_iter in range(start + 1, max_iter + 1):
         orders = (None, None)
         if shuffle_rng is not None:
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
         if ops.is_async and n_iter % engine.LINEAGE_EVERY == 0:  # see ``engine._detached``
-            wt = ops.detach(wt)
-            h = [ops.share(b) for b in ops.fetch([ops.call(steps.h_array, b) for b in h])]
-            summary = ops.share(ops.fetch(summary))
-        wt, h, summary = ops.persist(*iterate(g, objective, wt, h, summary, orders, shared))
+            wt, h, summary, momentum = _detached(ops, wt, h, summary, momentum)
+        step = iterate(g, objective, wt, h, summary, orders, shared, momentum, norm_x_sq)
+        wt, h, summary, momentum = ops.persist(*step)
         known = engine._record(history, objective, norm_x_sq, n_iter, ops.fetch(summary))
         if callback is not None and known:
             callback(known, history)
-        if tol > 0 and known and objective.rule.converged(known, tol, history.as_dict()):
+        if tol > 0 and known and rule.converged(known, tol, history.as_dict()):
             break
         if checkpoint is not None and checkpoint.due(n_iter):
             state = None if shuffle_rng is None else shuffle_rng.get_state()
-            checkpoint.save(g, n_iter, wt, h, history, state)
+            if momentum is not None:  # the plain W blocks, as the checkpoint writes them
+                momentum = (g.shard_map(plain_rows, [(s,) for s in wt]), *momentum[1:])
+            checkpoint.save(g, n_iter, wt, h, history, state, momentum)
     h = [ops.call(steps.h_array, b) for b in h]
     return engine.FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
 

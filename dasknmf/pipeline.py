@@ -358,13 +358,12 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
     stats = blocks.check_values(grid)
     stored = stats.nnz if grid.sparse else n_rows * n_cols
     objective = plan.objective(n_rows, n_cols, k, stored)
-    objective = dataclasses.replace(objective, extrapolate=False)
     settings = fingerprint(plan, grid, stats, objective, grid.col_bounds, layout="blocks")
     ckpt = _checkpoint(plan, grid, settings)
 
     def starting_point(from_checkpoint: bool) -> tuple:
-        """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, no momentum) to
-        start from."""
+        """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) to start
+        from."""
         if from_checkpoint:
             return _resumed(ckpt, grid, plan)
         wt, h = blocks.initialize(grid, plan.init, k, stats.mean, plan.random_state, plan.W, plan.H)
@@ -387,7 +386,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
     )
 
     def attempt():
-        *factors, start, history, shuffle_rng, _ = point.pop("start")
+        *factors, start, history, shuffle_rng, momentum = point.pop("start")
         result = blocks.fit(
             grid,
             objective,
@@ -400,6 +399,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
             checkpoint=ckpt,
             start=start,
             history=history,
+            momentum=momentum,
         )
         value = blocks.final_pass(grid, objective, result)
         return result, value, blocks.w_blocks(grid, result, k)

@@ -48,6 +48,25 @@ def test_blocks_give_the_row_panel_factors_up_to_rounding(X, sparse):
     assert two_d.reconstruction_err_ == pytest.approx(rows.reconstruction_err_, rel=1e-10)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_extrapolated_blocks_give_the_row_panel_factors(sparse):
+    """HALS with extrapolation over 2-D blocks (H_j pushed by a task of its own, W_i in its
+    band's W update): the iterates, the stopping iteration and the factors of the row panels
+    up to rounding — and not those of plain HALS."""
+    X = low_rank(120, 90, 4) + 0.05 * np.random.default_rng(1).random((120, 90))
+    data = sp.csr_array(X) if sparse else X
+    settings = dict(extrapolate=True, max_iter=60, tol=1e-3)
+    W_rows, rows = _fit(data, layout="rows", **settings)
+    W_blocks, two_d = _fit(data, layout="blocks", panel_bytes=30 * 20 * 8, **settings)
+    assert two_d.layout_["scheme"] == "blocks" and two_d.layout_["blocks"][1] > 1
+    assert two_d.n_iter_ == rows.n_iter_ < 60
+    np.testing.assert_allclose(two_d.components_, rows.components_, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(W_blocks, W_rows, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(two_d.loss_history_, rows.loss_history_, rtol=1e-9)
+    plain = _fit(data, layout="blocks", panel_bytes=30 * 20 * 8, max_iter=10)[1]
+    assert plain.loss_history_[10] != pytest.approx(two_d.loss_history_[10], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "init, sparse",
     [("nndsvd", True), ("nndsvda", False), ("nndsvdar", False)],
@@ -204,8 +223,9 @@ def test_what_blocks_do_not_do_yet_is_a_clear_error(X, kwargs, match):
         dict(panel_bytes=FEW_BLOCKS),
         dict(panel_bytes=MANY_BLOCKS, shuffle=True),
         dict(panel_bytes=FEW_BLOCKS, solver="mu", beta_loss="kullback-leibler"),
+        dict(panel_bytes=MANY_BLOCKS, extrapolate=True),
     ],
-    ids=["4x3", "12x9-shuffled", "4x3-kullback-leibler"],
+    ids=["4x3", "12x9-shuffled", "4x3-kullback-leibler", "12x9-extrapolated"],
 )
 def test_a_resumed_block_fit_is_bit_identical(X, tmp_path, settings):
     """A 2-D fit stopped after 7 iterations (its checkpoint: iteration 6) and resumed to 15
@@ -225,8 +245,9 @@ def test_a_resumed_block_fit_is_bit_identical(X, tmp_path, settings):
 
 
 def test_a_block_fit_resumes_on_a_cluster_from_a_store(cluster, X, tmp_path):
+    """With extrapolation: its plain W and the H before are in the checkpoint too."""
     path = str(save_matrix(tmp_path / "X.zarr", X, chunks=(30, 30)))
-    settings = dict(layout="blocks", panel_bytes=FEW_BLOCKS, cache=True)
+    settings = dict(layout="blocks", panel_bytes=FEW_BLOCKS, cache=True, extrapolate=True)
     W_ref, reference = _fit(X, **settings)
     checkpoint = tmp_path / "ckpt"
     _fit(path, max_iter=6, checkpoint=checkpoint, checkpoint_every=4, **settings)
