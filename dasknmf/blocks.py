@@ -37,15 +37,13 @@ Initialization 'random' or 'custom', or NNDSVD from the randomized SVD over the 
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
 
 import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import divergence, engine, kernels, passes, steps, svd
-from dasknmf._blas import pin_worker_blas
+from dasknmf import block_steps, engine, kernels, passes, steps, svd
 from dasknmf.grid import Grid, count_stored
 from dasknmf.grid import grid as grid  # the blocks of X, as ``blocks.grid``
 from dasknmf.grid import grid_bounds as grid_bounds
@@ -54,167 +52,14 @@ from dasknmf.grid import task_memory as task_memory
 from dasknmf.init import random_block, seed_entropy
 from dasknmf.ops import tree_reduce
 from dasknmf.solvers import extrapolation
-from dasknmf.steps import Objective, panel_data
-
-
-class RowOut(NamedTuple):
-    """What ``w_step`` returns: the new block of Wᵀ of a row of blocks, W_iᵀ·W_i and the
-    statistics vector of the update. A band's state is a tuple of them (a checkpoint writes
-    each one's ``wt``: see ``steps.h_array``)."""
-
-    wt: np.ndarray  # pushed, in a fit with extrapolation
-    gram: np.ndarray | None  # None for a β-divergence, whose H update does not need it
-    stats: np.ndarray
-    plain: np.ndarray | None = None  # the plain new W_i of a fit with extrapolation
-
-
-# ---- tasks -----------------------------------------------------------------------------------
-
-
-def block_cross(h, x, total=None) -> np.ndarray:
-    """C_i so far plus H_j·X_ijᵀ, (k, m_i)."""
-    pin_worker_blas()
-    cross = kernels.dot_h(panel_data(x), kernels.aligned(steps.h_array(h)))
-    if total is not None:
-        cross += total  # a sum of two: the same bits either way round
-    return cross
-
-
-def block_w_statistics(beta: float, wt, h, x, total=None) -> tuple:
-    """For a β-divergence: the numerator and denominator of W_i's multiplicative update and
-    D_β(X_i | W_i·H) so far, plus block (i, j)'s (``divergence.w_statistics`` at the W_i and
-    H_j the iteration starts from)."""
-    pin_worker_blas()
-    wt = kernels.aligned(wt[0] if isinstance(wt, tuple) else wt)
-    h = kernels.aligned(steps.h_array(h))
-    numerator, denominator, value = divergence.w_statistics(panel_data(x), wt, h, beta, True)
-    if total is None:
-        return numerator, denominator, value
-    return numerator + total[0], denominator + total[1], value + total[2]
-
-
-def band_cross(objective: Objective, state, h, totals, xs: tuple) -> tuple:
-    """For each row of a band, what its W update sums over the column blocks, so far
-    (``totals``; None at the first column block) plus block j's: C_i (``block_cross``), or
-    for a β-divergence the statistics of the multiplicative update (``block_w_statistics``,
-    which reads the band's W ``state``)."""
-    if totals is None:
-        totals = (None,) * len(xs)
-    if objective.frobenius:
-        return tuple(block_cross(h, x, total) for x, total in zip(xs, totals, strict=True))
-    items = zip(state, xs, totals, strict=True)
-    return tuple(block_w_statistics(objective.beta, wt, h, x, total) for wt, x, total in items)
-
-
-def band_w_step(objective: Objective, order, summary, control, state, crosses, plains=None):
-    """``w_step`` for each row of a band: the band's new state, a tuple of ``RowOut``. With
-    extrapolation (``control`` is the ``solvers.extrapolation.Control``) each W_i starts from
-    its pushed block in ``state`` (its plain one in ``plains`` on a restart), rescaled as the
-    control says, and the new W_i is pushed along its step from the plain one before, as
-    ``steps.extrapolated_shard_step`` does it for a row panel."""
-    if control is None:
-        return tuple(
-            w_step(objective, order, summary, wt, cross)
-            for wt, cross in zip(state, crosses, strict=True)
-        )
-    out = []
-    for wt, plain, cross in zip(state, plains, crosses, strict=True):
-        wt = extrapolation.rescaled(kernels.aligned(_block_of(wt)), control.scale)
-        plain = extrapolation.rescaled(kernels.aligned(_block_of(plain, True)), control.scale)
-        start = plain if control.restart else wt
-        out.append(w_step(objective, order, summary, start, cross, (plain, control.beta)))
-    return tuple(out)
-
-
-def _block_of(w, plain: bool = False) -> np.ndarray:
-    """The block of Wᵀ of a row: an array, or the (plain) block of a ``RowOut``."""
-    if isinstance(w, RowOut):
-        return w.plain if plain else w.wt
-    return w
-
-
-def plain_rows(state) -> tuple:
-    """The plain blocks of Wᵀ of a band (what a checkpoint of an extrapolated fit keeps)."""
-    return tuple(_block_of(w, True) for w in state)
-
-
-def pushed_block(h, previous, control) -> np.ndarray:
-    """Column block j of the H an extrapolated iteration uses (``steps.pushed_h``)."""
-    return steps.pushed_h(steps.h_array(h), steps.h_array(previous), control)
-
-
-def band_partial(objective: Objective, h, state, total, xs: tuple):
-    """``block_partial`` down the rows of a band: column j's sums so far plus the band's."""
-    for w_out, x in zip(state, xs, strict=True):
-        total = block_partial(objective, h, w_out, x, total)
-    return total
-
-
-def w_step(objective: Objective, order, summary, wt, cross, push=None):
-    """W_i (a block, or the previous ``w_step`` output) from what ``band_cross`` summed over
-    the column blocks: for the Frobenius loss C_i with H·Hᵀ (from the previous iteration's
-    ``summary``, or the initial H·Hᵀ), the update, statistics and W_iᵀ·W_i as the row-panel
-    task forms them (``steps.w_update``); for a β-divergence the multiplicative update
-    (the same function), without W_iᵀ·W_i. ``push``: (the plain W_i before, β) of an
-    extrapolated fit, whose W_iᵀ·W_i and statistics are then those of the pushed W_i.
-    Returns a ``RowOut``."""
-    pin_worker_blas()
-    wt = wt[0] if isinstance(wt, tuple) else wt  # the previous ``w_step`` output
-    if not objective.frobenius:
-        wt, stats = steps.w_update(objective, order, None, cross, kernels.aligned(wt))
-        return RowOut(wt, None, stats)
-    gram_h = summary[0] if isinstance(summary, tuple) else summary
-    # All aligned: numpy's matmul skips BLAS for an unaligned operand (one received over the
-    # network may be), and its own loop rounds differently from BLAS's.
-    gram_h, cross, wt = map(kernels.aligned, (gram_h, cross, wt))
-    wt, stats = steps.w_update(objective, order, gram_h, cross, wt)
-    if push is None:
-        return RowOut(wt, wt @ wt.T, stats)
-    plain, wt = wt, extrapolation.extrapolate(wt, push[0], push[1])
-    stats[steps.P_SUM_W] = wt.sum(dtype=np.float64)
-    return RowOut(wt, wt @ wt.T, stats, plain)
-
-
-def block_partial(objective: Objective, h, w_out, x, total=None) -> tuple:
-    """Column j's sums so far plus block (i, j)'s: (B_i, stats_i, W_iᵀ·X_ij) for the Frobenius
-    loss, (denominator, stats_i, numerator) of H_j's multiplicative update for a β-divergence
-    (``divergence.h_statistics`` at the new W_i). Every column sums all of the statistics
-    (and B = Σ W_iᵀ·W_i), as every H block's update needs them."""
-    pin_worker_blas()
-    wt, gram_w, stats = w_out[:3]
-    x, wt = panel_data(x), kernels.aligned(wt)
-    if objective.frobenius:
-        part = (gram_w, stats, kernels.dot_w(x, wt))
-    else:
-        h = kernels.aligned(steps.h_array(h))
-        numerator, denominator = divergence.h_statistics(x, wt, h, objective.beta)
-        part = (denominator, stats, numerator)
-    return part if total is None else steps.sum_in_order(total, part)
-
-
-def block_final_stats(beta: float, with_w: bool, h, w_out, x) -> np.ndarray:
-    """D_β(X_ij | W_i·H_j) (½‖X_ij − W_i·H_j‖² for β = 2), and ΣW_i, ‖W_i‖² for the first
-    block of the row (``with_w``)."""
-    pin_worker_blas()
-    wt = w_out[0] if isinstance(w_out, tuple) else w_out
-    stats = passes.final_stats(beta, kernels.aligned(steps.h_array(h)), x, kernels.aligned(wt))
-    if not with_w:
-        stats[passes.F_SUM_W] = stats[passes.F_SQ_W] = 0.0
-    return stats
-
-
-def gram_of(h_block) -> np.ndarray:
-    """H_j·H_jᵀ, (k, k), of a column block of H (aligned: see ``w_step``)."""
-    pin_worker_blas()
-    h = kernels.aligned(steps.h_array(h_block))
-    return h @ h.T
+from dasknmf.steps import Objective
 
 
 def first_summary(ops, h: list):
     """H·Hᵀ of the H an iteration starts from, summed over the column blocks by the tree
     that sums it in an iteration's summary (``steps._h_summary``): a fit resumed from the H of
     a checkpoint goes on with the bits the uninterrupted fit had."""
-    return tree_reduce(ops, [ops.call(gram_of, b) for b in h])
+    return tree_reduce(ops, [ops.call(block_steps.gram_of, b) for b in h])
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -244,26 +89,34 @@ def iterate(
     of ``first_summary``, replace the summary's H·Hᵀ in the W update."""
     ops = g.ops
     order_w, order_h = orders
-    frobenius = objective.frobenius
+    # The column chains read H_j for a multiplicative update's statistics (not Frobenius's).
+    needs_h = objective.solver == "mu" and (objective.masked or not objective.frobenius)
     control, extra = None, [()] * len(wt)
     if momentum is not None:
         plains, h_previous, control = momentum
         h_start = h
-        h = [ops.call(pushed_block, *pair, control) for pair in zip(h, h_previous, strict=True)]
+        h = [
+            ops.call(block_steps.pushed_block, *pair, control)
+            for pair in zip(h, h_previous, strict=True)
+        ]
         summary = first_summary(ops, h)
         extra = [(p,) for p in plains]
     objective = objective if shared is None else shared
     crosses = [None] * len(wt)
     for j, h_j in enumerate(h):
         items = zip(wt, crosses, g.column(j), strict=True)
-        crosses = g.shard_map(band_cross, [(w, h_j, c, xs) for w, c, xs in items], objective)
+        crosses = g.shard_map(
+            block_steps.band_cross, [(w, h_j, c, xs) for w, c, xs in items], objective
+        )
     items = [(w, c, *e) for w, c, e in zip(wt, crosses, extra, strict=True)]
-    w_outs = g.shard_map(band_w_step, items, objective, order_w, summary, control)
+    w_outs = g.shard_map(block_steps.band_w_step, items, objective, order_w, summary, control)
     h_outs = []
     for j, h_j in enumerate(h):
-        total, h_in = None, None if frobenius else h_j  # β: h_statistics needs H_j
+        total, h_in = None, h_j if needs_h else None
         for s, (w_out, xs) in enumerate(zip(w_outs, g.column(j), strict=True)):
-            total = g.on_row(g.band_bounds[s], band_partial, objective, h_in, w_out, total, xs)
+            total = g.on_row(
+                g.band_bounds[s], block_steps.band_partial, objective, h_in, w_out, total, xs
+            )
         # Where the column's sums end (the last band's worker): they do not move, and the H
         # blocks and the summary tree over them are then on one worker, not spread at random.
         last = g.band_bounds[-2]  # the first row of the last band
@@ -290,11 +143,12 @@ def _detached(ops, wt: list, h: list, summary, momentum):
     return wt, h, summary, momentum
 
 
-def check_values(g: Grid) -> engine.Moments:
-    """The validation pass over the blocks (see ``engine.check_values``)."""
+def check_values(g: Grid, masked_loss: bool = False) -> engine.Moments:
+    """The validation pass over the blocks (see ``engine.check_values``); over the observed
+    entries only for the masked loss."""
     ops = g.ops
     check = passes.moments_task
-    parts = [g.on_row(i, check, False, x) for i, row in enumerate(g.items) for x in row]
+    parts = [g.on_row(i, check, masked_loss, x) for i, row in enumerate(g.items) for x in row]
     stats = engine.as_moments(ops.fetch(tree_reduce(ops, parts, kernels.combine_moments)))
     passes.reject_bad_values(stats.n_nonfinite, stats.min, "NMF (input X)")
     return stats
@@ -370,7 +224,7 @@ def fit(
     history = history if history is not None else engine.History()
     shared = ops.share(objective)
     rule = extrapolation if objective.extrapolate else objective.rule
-    n_iter = start
+    n_iter, h_stats = start, None
     for n_iter in range(start + 1, max_iter + 1):
         orders = (None, None)
         if shuffle_rng is not None:
@@ -379,7 +233,9 @@ def fit(
             wt, h, summary, momentum = _detached(ops, wt, h, summary, momentum)
         step = iterate(g, objective, wt, h, summary, orders, shared, momentum, norm_x_sq)
         wt, h, summary, momentum = ops.persist(*step)
-        known = engine._record(history, objective, norm_x_sq, n_iter, ops.fetch(summary))
+        numbers = ops.fetch(summary)
+        known = engine._record(history, objective, norm_x_sq, n_iter, numbers)
+        h_stats = numbers[1]  # the masked loss's H penalty needs them (``final_pass``)
         if callback is not None and known:
             callback(known, history)
         if tol > 0 and known and rule.converged(known, tol, history.as_dict()):
@@ -387,28 +243,27 @@ def fit(
         if checkpoint is not None and checkpoint.due(n_iter):
             state = None if shuffle_rng is None else shuffle_rng.get_state()
             if momentum is not None:  # the plain W blocks, as the checkpoint writes them
-                momentum = (g.shard_map(plain_rows, [(s,) for s in wt]), *momentum[1:])
+                momentum = (g.shard_map(block_steps.plain_rows, [(s,) for s in wt]), *momentum[1:])
             checkpoint.save(g, n_iter, wt, h, history, state, momentum)
     h = [ops.call(steps.h_array, b) for b in h]
-    return engine.FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history)
+    return engine.FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history, h_stats=h_stats)
 
 
 def final_pass(g: Grid, objective: Objective, result: engine.FitResult) -> tuple[float, list]:
     """The exact D_β(X | WH) of the result (½‖X − WH‖² for β = 2), from one more read of the
     blocks; completes the history when its last entry was not known yet (a β-divergence's,
     as ``engine.final_pass`` does). Returns it and the H blocks as numpy."""
-    ops, beta = g.ops, objective.beta
+    ops = g.ops
     parts = [
-        g.on_row(i, block_final_stats, beta, j == 0, h_j, w_out, x)
+        g.on_row(
+            i, block_steps.block_final_stats, objective, j == 0 or objective.masked, h_j, w_out, x
+        )
         for i, (w_out, row) in enumerate(zip(g.unbundle(result.wt), g.items, strict=True))
         for j, (h_j, x) in enumerate(zip(result.h, row, strict=True))
     ]
     value, sum_w, sq_w = ops.fetch(tree_reduce(ops, parts))
     h_blocks = ops.fetch(result.h)
-    if len(result.history.loss) == result.n_iter:
-        sum_h = sum(float(b.sum(dtype=np.float64)) for b in h_blocks)
-        sq_h = sum(steps._dot64(b, b) for b in h_blocks)
-        result.history.record(objective, value, sum_w, sq_w, sum_h, sq_h)
+    engine.complete_history(objective, result, value, sum_w, sq_w, h_blocks)
     return float(value), h_blocks
 
 
@@ -433,13 +288,6 @@ def _rows_of(w_out) -> np.ndarray:
 # ---- transform -------------------------------------------------------------------------------
 
 
-def checked_cross(h, x, total=None) -> np.ndarray:
-    """``block_cross`` after the block's own check for negative or non-finite values (a lazy
-    transform has no validation pass)."""
-    passes.checked_moments(False, x)
-    return block_cross(h, x, total)
-
-
 def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int, tol: float):
     """W for X under the fixed H (Frobenius loss) over 2-D blocks of about ``budget`` bytes:
     numpy for in-memory X, a lazy Dask array for Dask X (each block read once when computed).
@@ -455,7 +303,7 @@ def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int
         for a, b in itertools.pairwise(rows):
             cross = None
             for h_j, (c, d) in zip(h_blocks, itertools.pairwise(cols), strict=True):
-                cross = checked_cross(h_j, X[a:b, c:d], cross)
+                cross = block_steps.checked_cross(h_j, X[a:b, c:d], cross)
             W[a:b] = passes.solve_frobenius(objective, gram_h, max_iter, tol, cross)
         return W
     rows, cols = grid_bounds(X.shape, k, X.dtype.itemsize, budget, count_stored(X), 2)
@@ -463,7 +311,7 @@ def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int
     blocks_ = X.to_delayed(optimize_graph=False)
     h_blocks = [dask.delayed(h[:, c:d]) for c, d in itertools.pairwise(cols)]
     cross_task, solve = (
-        dask.delayed(checked_cross, pure=True),
+        dask.delayed(block_steps.checked_cross, pure=True),
         dask.delayed(passes.solve_frobenius, pure=True),
     )
     parts = []

@@ -404,6 +404,13 @@ def final_pass(panels: Panels, objective: Objective, result: FitResult) -> tuple
     total = ops.call(shards.combine_picked, None, picks, *containers)
     value, sum_w, sq_w, *result.replicate_values = ops.fetch(total)
     h_blocks = ops.fetch(result.h)
+    complete_history(objective, result, value, sum_w, sq_w, h_blocks)
+    return float(value), h_blocks
+
+
+def complete_history(objective: Objective, result: FitResult, value, sum_w, sq_w, h_blocks):
+    """Record the final pass's objective when the history lacks the last iteration's (a
+    β-divergence's or the masked loss's, known one iteration late: see ``_record``)."""
     if len(result.history.loss) == result.n_iter:
         sum_h = sum(float(b.sum(dtype=np.float64)) for b in h_blocks)
         sq_h = sum(steps._dot64(b, b) for b in h_blocks)
@@ -412,4 +419,3 @@ def final_pass(panels: Panels, objective: Objective, result: FitResult) -> tuple
             # resumed at its max_iter ran no iteration; its H penalty is then unweighted.)
             sum_h, sq_h = result.h_stats[steps.H_SUM_H], result.h_stats[steps.H_SQ_H]
         result.history.record(objective, value, sum_w, sq_w, sum_h, sq_h)
-    return float(value), h_blocks

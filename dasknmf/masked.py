@@ -77,6 +77,12 @@ def counts(pattern, axis: int) -> np.ndarray:
     return np.asarray(pattern.sum(axis=axis, dtype=np.float64)).ravel()
 
 
+def sums_width(k: int) -> int:
+    """Numbers per row (or column) in the sums of its problem: C (k), the packed Gram matrix
+    (k(k+1)/2) and the count — what sizes the 2-D blocks of a masked fit in place of k."""
+    return k + k * (k + 1) // 2 + 1
+
+
 def packed_outer(ft: np.ndarray) -> np.ndarray:
     """The upper triangles of f·fᵀ for each column f of a component-major factor (k, r), as
     rows of a (k(k+1)/2, r) array."""
@@ -169,12 +175,49 @@ def update_rows(
     ``sq_w`` (Σ_i n_i·Σw_i and Σ_i n_i·‖w_i‖²), and the ``violation`` of the first sweep.
     """
     n_rows = counts(pattern, axis=1)
-    sum_w, sq_w = weighted_sums(wt, n_rows)
+    problems = _row_problems(values, pattern, h, n_rows)
+    return _update_rows(wt, problems, n_rows, 0.5 * _sum_sq(values), l1, l2, n_sweeps, order)
+
+
+def _sum_sq(values) -> float:
+    """Σx² over the observed entries (zero elsewhere in ``values``), in float64."""
     data = values.data if sp.issparse(values) else values.ravel()
-    loss = 0.5 * float(np.dot(data, data.astype(np.float64)))
+    return float(np.dot(data, data.astype(np.float64)))
+
+
+def row_sums(values, pattern, h: np.ndarray) -> tuple:
+    """A block's part of its rows' problems, for rows whose columns come in blocks (the 2-D
+    scheme sums them along each row of blocks): ``(C = H·X_bᵀ (k, r), packed Gram matrices
+    (r, k(k+1)/2), Σx² over the observed entries, observed entries per row)``."""
+    quadratic = np.ascontiguousarray(packed_outer(h).T)  # (n, p)
+    step, r = _block_rows(1, pattern), values.shape[0]
+    grams = np.zeros((r, quadratic.shape[1]), dtype=h.dtype)
+    for start in range(0, r, step):
+        rows = slice(start, min(r, start + step))
+        grams[rows] = _pattern_rows(pattern, rows, h.dtype) @ quadratic
+    sum_sq = np.float64(_sum_sq(values))
+    return kernels.dot_h(values, h), grams, sum_sq, counts(pattern, axis=1)
+
+
+def update_rows_from(sums: tuple, wt: np.ndarray, *, l1, l2, n_sweeps, order=None):
+    """``update_rows`` from its problems summed over the column blocks (``row_sums``)."""
+    cross, packed, sum_sq, n_rows = sums
+    k, r = wt.shape
+    step = _block_rows(k)
+    problems = (
+        (rows, unpack(packed[rows], k), cross[:, rows], n_rows[rows])
+        for rows in (slice(a, min(r, a + step)) for a in range(0, r, step))
+    )
+    return _update_rows(wt, problems, n_rows, 0.5 * float(sum_sq), l1, l2, n_sweeps, order)
+
+
+def _update_rows(wt, problems, n_rows, loss: float, l1, l2, n_sweeps, order):
+    """HALS sweeps on each row's problem in ``problems`` (blocks of rows); ``loss`` starts at
+    ½Σx²."""
+    sum_w, sq_w = weighted_sums(wt, n_rows)
     violation = 0.0
     wt = wt.copy()  # updated in place; the input may be a block other tasks still read
-    for rows, grams, c, count in _row_problems(values, pattern, h, n_rows):
+    for rows, grams, c, count in problems:
         block = wt[:, rows]
         loss -= float(np.einsum("kr,kr->", block, c, dtype=np.float64))
         loss += 0.5 * float(np.einsum("kr,rkl,lr->", block, grams, block, dtype=np.float64))
@@ -343,19 +386,42 @@ def mu_rows(values, pattern, h, wt, *, beta, l1, l2, n_sweeps) -> tuple[np.ndarr
     ``loss`` (D_β at the old block), ``sum_w``, ``sq_w``."""
     n_rows = counts(pattern, axis=1)
     sum_w, sq_w = weighted_sums(wt, n_rows)
-    gamma = divergence.mm_exponent(beta)
-    wt = wt.copy()
+    wt = wt.copy()  # updated in place
     loss = 0.0
     for sweep in range(n_sweeps):
         numerator, denominator, value = mu_w_statistics(values, pattern, wt, h, beta, sweep == 0)
         if sweep == 0:
             loss = value
-        denominator = denominator + l1 * n_rows + l2 * n_rows * wt
-        wt = mu.step(wt, numerator, denominator, gamma=gamma)
-        if beta < 1:
-            wt[wt < TINY] = 0
+        wt = _mu_row_step(wt, numerator, denominator, n_rows, beta, l1, l2)
     wt[:, n_rows == 0] = 0
     return wt, {"loss": loss, "sum_w": sum_w, "sq_w": sq_w}
+
+
+def mu_row_sums(values, pattern, wt, h, beta: float) -> tuple:
+    """A block's part of its rows' multiplicative update (the 2-D scheme sums them along each
+    row of blocks): ``(numerator, denominator, D_β over the observed entries, observed
+    entries per row)`` at the W_i and H_j the iteration starts from."""
+    numerator, denominator, value = mu_w_statistics(values, pattern, wt, h, beta, True)
+    return numerator, denominator, np.float64(value), counts(pattern, axis=1)
+
+
+def mu_rows_from(sums: tuple, wt, *, beta, l1, l2) -> tuple[np.ndarray, dict]:
+    """``mu_rows`` (one sweep) from its statistics summed over the column blocks."""
+    numerator, denominator, value, n_rows = sums
+    sum_w, sq_w = weighted_sums(wt, n_rows)
+    wt = _mu_row_step(wt.copy(), numerator, denominator, n_rows, beta, l1, l2)
+    wt[:, n_rows == 0] = 0
+    return wt, {"loss": float(value), "sum_w": sum_w, "sq_w": sq_w}
+
+
+def _mu_row_step(wt, numerator, denominator, n_rows, beta: float, l1, l2) -> np.ndarray:
+    """One multiplicative update of rows of W in place, penalties scaled by each row's
+    count."""
+    denominator = denominator + l1 * n_rows + l2 * n_rows * wt
+    wt = mu.step(wt, numerator, denominator, gamma=divergence.mm_exponent(beta))
+    if beta < 1:
+        wt[wt < TINY] = 0
+    return wt
 
 
 def mu_column_partials(values, pattern, wt, h, beta, col_bounds) -> tuple[tuple, tuple]:

@@ -21,7 +21,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from dasknmf import blocks, engine, init, panels, passes, shards
+from dasknmf import blocks, engine, init, masked, panels, passes, shards
 from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint, fingerprint
 from dasknmf.progress import Reporter
@@ -120,11 +120,8 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     W, H = plan.W, plan.H
     if transposed:
         W, H = (None, None) if W is None else (H.T, W.T)
-    masked = plan.missing is not None
-    stats = engine.check_values(parts, masked=masked)
-    stored = stats.size if masked else stats.nnz if parts.sparse else n_rows * n_cols
-    if masked and stats.size == 0:
-        raise ValueError(f"X has no observed entry (missing={plan.missing!r}): nothing to fit.")
+    stats = engine.check_values(parts, masked=plan.missing is not None)
+    stored = _entries(stats, plan, parts.sparse, parts.shape)
     shape = (n_cols, n_rows) if transposed else (n_rows, n_cols)
     objective = plan.objective(*shape, plan.n_components, stored)
     if plan.replicates > 1:
@@ -295,6 +292,16 @@ def _recovering(attempt: Callable, restart: Callable, ckpt, report, dying: Calla
             report.restart(restart(from_checkpoint))
 
 
+def _entries(stats: engine.Moments, plan: Plan, sparse: bool, shape) -> int:
+    """The entries of X the loss runs over — the observed ones for the masked loss (none is
+    an error), the stored ones of sparse X, else all — from the validation pass."""
+    if plan.missing is None:
+        return stats.nnz if sparse else shape[0] * shape[1]
+    if stats.size == 0:
+        raise ValueError(f"X has no observed entry (missing={plan.missing!r}): nothing to fit.")
+    return stats.size
+
+
 def _handed_over(factors: list) -> tuple:
     """The items of ``factors``, which is left empty (see ``_fit_panels``)."""
     items = tuple(factors)
@@ -326,10 +333,9 @@ def _blocks_lack(X, plan: Plan) -> str | None:
     if plan.replicates > 1:
         return "fit stacked replicates"
     objective = plan.objective(n_rows, n_cols, plan.n_components, n_rows * n_cols)
-    if objective.beta != 2 and objective.sweeps_w > 1:
-        return "run inner sweeps of a β-divergence update (each would read the row again)"
-    if plan.missing is not None:
-        return "fit the observed entries only (missing=...)"
+    multiplicative = objective.beta != 2 or (objective.masked and objective.solver == "mu")
+    if multiplicative and objective.sweeps_w > 1:
+        return "run inner sweeps of a multiplicative update (each would read the row again)"
     return None
 
 
@@ -342,7 +348,10 @@ def _fit_blocks(X, plan: Plan) -> Fitted:
             "layout='rows' or 'columns'."
         )
     k = plan.n_components
-    grid = blocks.grid(X, k, plan.panel_bytes, plan.cache)
+    # The masked loss sums each row's and column's problem, not k numbers: the blocks are
+    # sized for those.
+    width = k if plan.missing is None else masked.sums_width(k)
+    grid = blocks.grid(X, width, plan.panel_bytes, plan.cache)
     try:
         with single_blas_thread():
             return _fit_grid(grid, plan)
@@ -355,8 +364,9 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
     iterations (again after a loss of data on the cluster), final pass."""
     n_rows, n_cols = grid.shape
     k = plan.n_components
-    stats = blocks.check_values(grid)
-    stored = stats.nnz if grid.sparse else n_rows * n_cols
+    is_masked = plan.missing is not None
+    stats = blocks.check_values(grid, is_masked)
+    stored = _entries(stats, plan, grid.sparse, grid.shape)
     objective = plan.objective(n_rows, n_cols, k, stored)
     settings = fingerprint(plan, grid, stats, objective, grid.col_bounds, layout="blocks")
     ckpt = _checkpoint(plan, grid, settings)
@@ -409,7 +419,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
         point["start"] = starting_point(from_checkpoint)
         return point["start"][2]
 
-    need = blocks.task_memory(grid, k, plan.panel_bytes)
+    need = blocks.task_memory(grid, masked.sums_width(k) if is_masked else k, plan.panel_bytes)
     with Reporter(plan.verbose, plan.progress, plan.max_iter, n_start) as report:
         result, (value, h_blocks), W = _recovering(
             attempt, restart, ckpt, report, lambda error: _workers_keep_dying(error, need)

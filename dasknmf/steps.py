@@ -208,10 +208,7 @@ def _panel_step_masked(objective: Objective, order, col_bounds, h, x, wt):
         wt, terms = masked.mu_rows(values, pattern, h, wt, beta=objective.beta, **penalties)
     else:  # alternating least squares
         wt, terms = masked.update_rows(values, pattern, h, wt, order=order, **penalties)
-    stats = np.zeros(7)
-    stats[P_DIV_OLD], stats[P_VIOLATION] = terms["loss"], terms.get("violation", 0.0)
-    stats[P_SUM_W_OLD], stats[P_SQ_W_OLD] = terms["sum_w"], terms["sq_w"]
-    stats[P_SUM_W] = masked.weighted_sums(wt, masked.counts(pattern, axis=1))[0]
+    stats = _masked_stats(terms, wt, masked.counts(pattern, axis=1))
     if objective.solver == "mu":
         seconds, numerators = masked.mu_column_partials(
             values, pattern, wt, h, objective.beta, col_bounds
@@ -219,6 +216,15 @@ def _panel_step_masked(objective: Objective, order, col_bounds, h, x, wt):
         return (wt, seconds, stats, *numerators)
     partials = masked.column_partials(values, pattern, wt, col_bounds)
     return (wt, partials, stats, *_split(kernels.dot_w(values, wt), col_bounds))
+
+
+def _masked_stats(terms: dict, wt, n_rows) -> np.ndarray:
+    """``P_*`` statistics of a masked W update from its ``terms`` and the new W_i."""
+    stats = np.zeros(7)
+    stats[P_DIV_OLD], stats[P_VIOLATION] = terms["loss"], terms.get("violation", 0.0)
+    stats[P_SUM_W_OLD], stats[P_SQ_W_OLD] = terms["sum_w"], terms["sq_w"]
+    stats[P_SUM_W] = masked.weighted_sums(wt, n_rows)[0]
+    return stats
 
 
 def _old_w_stats(wt) -> np.ndarray:
@@ -250,7 +256,19 @@ def w_update(objective: Objective, order, gram_h, cross, wt) -> tuple[np.ndarray
     """W_i and its statistics vector (``P_*`` layout) from what the 2-D block scheme summed
     over column blocks: for the Frobenius loss (H·Hᵀ, C_i), as ``_panel_step`` forms them
     without extrapolation; for a β-divergence one multiplicative update from ``cross`` =
-    (numerator, denominator, D_β at the old W_i) of ``divergence.w_statistics``."""
+    (numerator, denominator, D_β at the old W_i) of ``divergence.w_statistics``; for the
+    masked loss from the rows' problems or statistics (``masked.row_sums``, ``mu_row_sums``).
+    """
+    if objective.masked:
+        penalties = dict(l1=objective.l1_w, l2=objective.l2_w)
+        if objective.solver == "mu":
+            new, terms = masked.mu_rows_from(cross, wt, beta=objective.beta, **penalties)
+        else:
+            n_sweeps = objective.sweeps_w
+            new, terms = masked.update_rows_from(
+                cross, wt, n_sweeps=n_sweeps, order=order, **penalties
+            )
+        return new, _masked_stats(terms, new, cross[-1])
     stats = _old_w_stats(wt)
     if objective.frobenius:
         wt = _w_update(objective, order, gram_h, cross, wt.copy(), stats)

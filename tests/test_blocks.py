@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import low_rank, run_cli
 
-from dasknmf import NMF, blocks, load, save_matrix
+from dasknmf import NMF, block_steps, blocks, load, save_matrix
 from dasknmf._params import InvalidParameterError
 from dasknmf.ops import EagerOps
 from dasknmf.steps import Objective
@@ -35,17 +35,23 @@ def test_blocks_cut_both_dimensions_within_the_budgets():
     assert max(np.diff(rows)) * max(np.diff(cols)) * 8 <= 20 * 30 * 8 * 1.1
 
 
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
-def test_blocks_give_the_row_panel_factors_up_to_rounding(X, sparse):
-    data = sp.csr_array(X) if sparse else X
-    W_rows, rows = _fit(data, layout="rows")
-    W_blocks, two_d = _fit(data, layout="blocks", panel_bytes=30 * 20 * 8)
+def _same_as_rows(data, panel_bytes, rtol=1e-8, **settings):
+    """Fit ``data`` by row panels and by 2-D blocks (more than one column block); the factors
+    agree within ``rtol``, the objectives and final errors to 1e-9 or better. Returns both."""
+    W_rows, rows = _fit(data, layout="rows", **settings)
+    W_blocks, two_d = _fit(data, layout="blocks", panel_bytes=panel_bytes, **settings)
     assert rows.layout_["scheme"] == "rows"
     assert two_d.layout_["scheme"] == "blocks" and two_d.layout_["blocks"][1] > 1
-    np.testing.assert_allclose(two_d.components_, rows.components_, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(W_blocks, W_rows, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(two_d.loss_history_, rows.loss_history_, rtol=1e-10)
-    assert two_d.reconstruction_err_ == pytest.approx(rows.reconstruction_err_, rel=1e-10)
+    np.testing.assert_allclose(two_d.components_, rows.components_, rtol=rtol, atol=1e-10)
+    np.testing.assert_allclose(W_blocks, W_rows, rtol=rtol, atol=1e-10)
+    np.testing.assert_allclose(two_d.loss_history_, rows.loss_history_, rtol=1e-9)
+    assert two_d.reconstruction_err_ == pytest.approx(rows.reconstruction_err_, rel=1e-9)
+    return rows, two_d
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_blocks_give_the_row_panel_factors_up_to_rounding(X, sparse):
+    _same_as_rows(sp.csr_array(X) if sparse else X, 30 * 20 * 8)
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
@@ -56,15 +62,52 @@ def test_extrapolated_blocks_give_the_row_panel_factors(sparse):
     X = low_rank(120, 90, 4) + 0.05 * np.random.default_rng(1).random((120, 90))
     data = sp.csr_array(X) if sparse else X
     settings = dict(extrapolate=True, max_iter=60, tol=1e-3)
-    W_rows, rows = _fit(data, layout="rows", **settings)
-    W_blocks, two_d = _fit(data, layout="blocks", panel_bytes=30 * 20 * 8, **settings)
-    assert two_d.layout_["scheme"] == "blocks" and two_d.layout_["blocks"][1] > 1
+    rows, two_d = _same_as_rows(data, 30 * 20 * 8, rtol=1e-7, **settings)
     assert two_d.n_iter_ == rows.n_iter_ < 60
-    np.testing.assert_allclose(two_d.components_, rows.components_, rtol=1e-7, atol=1e-10)
-    np.testing.assert_allclose(W_blocks, W_rows, rtol=1e-7, atol=1e-10)
-    np.testing.assert_allclose(two_d.loss_history_, rows.loss_history_, rtol=1e-9)
     plain = _fit(data, layout="blocks", panel_bytes=30 * 20 * 8, max_iter=10)[1]
     assert plain.loss_history_[10] != pytest.approx(two_d.loss_history_[10], rel=1e-4)
+
+
+def _with_missing(X, missing):
+    """X with 60% of its entries unobserved: NaN, or not stored."""
+    hidden = np.random.default_rng(3).random(X.shape) < 0.6
+    if missing == "nan":
+        return np.where(hidden, np.nan, X)
+    return sp.csr_array(np.where(hidden, 0, X))
+
+
+@pytest.mark.parametrize("missing", ["nan", "unstored"])
+@pytest.mark.parametrize(
+    "solver",
+    [dict(solver="cd"), dict(solver="mu", beta_loss="kullback-leibler")],
+    ids=["als", "kl"],
+)
+def test_the_masked_loss_on_blocks_gives_the_row_panel_factors(X, missing, solver):
+    """The loss over the observed entries only: each row's problem (its packed Gram matrix,
+    C_i, count) or multiplicative-update statistics summed along its row of blocks, each
+    column's down its column; = the row panels up to rounding, penalties by counts."""
+    data = _with_missing(X, missing)
+    settings = dict(missing=missing, alpha_W=0.01, alpha_H="same", l1_ratio=0.5, **solver)
+    two_d = _same_as_rows(data, 20 * 20 * 8, **settings)[1]
+    assert min(two_d.layout_["blocks"]) > 1
+    assert len(two_d.loss_history_) == KWARGS["max_iter"] + 1
+
+
+def test_a_masked_block_fit_on_a_cluster_equals_it_in_memory_and_resumes(cluster, X, tmp_path):
+    data = _with_missing(X, "nan")
+    settings = dict(layout="blocks", panel_bytes=20 * 20 * 8, missing="nan")
+    W_ref, reference = _fit(data, **settings)
+    lazy = da.from_array(data, chunks=(40, 45))
+    W, model = _fit(lazy, cache=True, **settings)
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    np.testing.assert_array_equal(W.compute(), W_ref)
+    assert model.loss_history_ == reference.loss_history_
+    checkpoint = dict(checkpoint=tmp_path, checkpoint_every=4)
+    _fit(lazy, cache=True, max_iter=9, **checkpoint, **settings)
+    W, resumed = _fit(lazy, cache=True, resume=True, **checkpoint, **settings)
+    np.testing.assert_array_equal(resumed.components_, reference.components_)
+    np.testing.assert_array_equal(W.compute(), W_ref)
+    assert resumed.loss_history_ == reference.loss_history_
 
 
 @pytest.mark.parametrize(
@@ -74,13 +117,7 @@ def test_extrapolated_blocks_give_the_row_panel_factors(sparse):
 def test_nndsvd_starts_on_blocks_give_the_row_panel_factors(X, init, sparse):
     """NNDSVD from the randomized SVD over the blocks (``svd.randomized_svd_blocks``): the
     row panels' start and factors up to rounding."""
-    data = sp.csr_array(X) if sparse else X
-    W_rows, rows = _fit(data, layout="rows", init=init)
-    W_blocks, two_d = _fit(data, layout="blocks", panel_bytes=30 * 20 * 8, init=init)
-    assert two_d.layout_["scheme"] == "blocks" and two_d.layout_["blocks"][1] > 1
-    np.testing.assert_allclose(two_d.components_, rows.components_, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(W_blocks, W_rows, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(two_d.loss_history_, rows.loss_history_, rtol=1e-10)
+    _same_as_rows(sp.csr_array(X) if sparse else X, 30 * 20 * 8, init=init)
 
 
 def test_an_nndsvd_start_on_a_cluster_equals_it_in_memory(cluster, X):
@@ -118,15 +155,8 @@ def test_beta_divergences_on_blocks_give_the_row_panel_factors(X, beta, sparse):
     blocks, each column's along its column; the factors and the objectives of row panels up to
     rounding."""
     data = sp.csr_array(np.where(X > np.median(X), X, 0)) if sparse else X + 0.01
-    settings = dict(solver="mu", beta_loss=beta)
-    W_rows, rows = _fit(data, layout="rows", **settings)
-    W_blocks, two_d = _fit(data, layout="blocks", panel_bytes=FEW_BLOCKS, **settings)
-    assert two_d.layout_["scheme"] == "blocks" and two_d.layout_["blocks"][1] > 1
-    np.testing.assert_allclose(two_d.components_, rows.components_, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(W_blocks, W_rows, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(two_d.loss_history_, rows.loss_history_, rtol=1e-10)
+    two_d = _same_as_rows(data, FEW_BLOCKS, rtol=1e-10, solver="mu", beta_loss=beta)[1]
     assert len(two_d.loss_history_) == KWARGS["max_iter"] + 1
-    assert two_d.reconstruction_err_ == pytest.approx(rows.reconstruction_err_, rel=1e-10)
 
 
 def test_kullback_leibler_blocks_on_a_cluster_equal_them_in_memory(cluster, X, tmp_path):
@@ -156,14 +186,14 @@ def test_block_tasks_give_the_same_bits_for_arrays_at_any_address():
     rng = np.random.default_rng(0)
     h = [rng.random((4, 23)) for _ in range(4)]
     for block in h:
-        assert np.array_equal(blocks.gram_of(_unaligned(block)), blocks.gram_of(block))
+        assert np.array_equal(block_steps.gram_of(_unaligned(block)), block_steps.gram_of(block))
     wt, x = rng.random((4, 24)), rng.random((24, 23))
     w_out = (wt, wt @ wt.T, np.zeros(7))
     moved = (_unaligned(wt), w_out[1], w_out[2])
     frobenius = Objective(4)
     pairs = zip(
-        blocks.block_partial(frobenius, None, moved, x),
-        blocks.block_partial(frobenius, None, w_out, x),
+        block_steps.block_partial(frobenius, None, moved, x),
+        block_steps.block_partial(frobenius, None, w_out, x),
         strict=True,
     )
     for a, b in pairs:
@@ -207,9 +237,12 @@ def test_the_cli_reports_the_blocks(X, tmp_path):
     [
         (
             dict(beta_loss="kullback-leibler", solver="mu", inner_iter=2),
-            "2-D block layout does not run inner sweeps of a β-divergence update",
+            "2-D block layout does not run inner sweeps of a multiplicative update",
         ),
-        (dict(missing="nan"), "2-D block layout does not fit the observed entries only"),
+        (
+            dict(missing="nan", solver="mu", inner_iter=2),
+            "2-D block layout does not run inner sweeps of a multiplicative update",
+        ),
     ],
 )
 def test_what_blocks_do_not_do_yet_is_a_clear_error(X, kwargs, match):
