@@ -144,10 +144,10 @@ def w_step(objective: Objective, order, summary, wt, cross, push=None):
     gram_h, cross, wt = map(kernels.aligned, (gram_h, cross, wt))
     wt, stats = steps.w_update(objective, order, gram_h, cross, wt)
     if push is None:
-        return RowOut(wt, wt @ wt.T, stats)
+        return RowOut(wt, objective.gram(wt), stats)
     plain, wt = wt, extrapolation.extrapolate(wt, push[0], push[1])
     stats[steps.P_SUM_W] = wt.sum(dtype=np.float64)
-    return RowOut(wt, wt @ wt.T, stats, plain)
+    return RowOut(wt, objective.gram(wt), stats, plain)
 
 
 def block_partial(objective: Objective, h, w_out, x, total=None) -> tuple:
@@ -188,21 +188,25 @@ def block_final_stats(objective: Objective, with_w: bool, h, w_out, x) -> np.nda
     """D_β(X_ij | W_i·H_j) (½‖X_ij − W_i·H_j‖² for β = 2; over the observed entries for the
     masked loss), and ΣW_i, ‖W_i‖² for the first block of the row (``with_w``; for the masked
     loss every block's: weighted by the row's observed entries in the block, they add up to
-    the weights of the whole row)."""
+    the weights of the whole row); for stacked replicates then each one's ½‖X_ij − W_i·H_j‖²
+    (``passes.replicate_final_stats``)."""
     pin_worker_blas()
     wt = kernels.aligned(w_out[0] if isinstance(w_out, tuple) else w_out)
     h = kernels.aligned(steps.h_array(h))
-    stats = passes.final_stats(objective.beta, h, x, wt, objective.masked)
+    if objective.replicates > 1:
+        stats = passes.replicate_final_stats(objective.replicates, h, x, wt)
+    else:
+        stats = passes.final_stats(objective.beta, h, x, wt, objective.masked)
     if not with_w:
         stats[passes.F_SUM_W] = stats[passes.F_SQ_W] = 0.0
     return stats
 
 
-def gram_of(h_block) -> np.ndarray:
-    """H_j·H_jᵀ, (k, k), of a column block of H (aligned: see ``w_step``)."""
+def gram_of(objective: Objective, h_block) -> np.ndarray:
+    """H_j·H_jᵀ, (k, k), of a column block of H (aligned: see ``w_step``; for stacked
+    replicates only each one's own block, ``Objective.gram``)."""
     pin_worker_blas()
-    h = kernels.aligned(steps.h_array(h_block))
-    return h @ h.T
+    return objective.gram(kernels.aligned(steps.h_array(h_block)))
 
 
 def checked_cross(h, x, total=None) -> np.ndarray:

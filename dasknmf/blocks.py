@@ -43,23 +43,22 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import block_steps, engine, kernels, passes, steps, svd
+from dasknmf import block_steps, engine, kernels, passes, steps
 from dasknmf.grid import Grid, count_stored
 from dasknmf.grid import grid as grid  # the blocks of X, as ``blocks.grid``
 from dasknmf.grid import grid_bounds as grid_bounds
 from dasknmf.grid import relocate as relocate
 from dasknmf.grid import task_memory as task_memory
-from dasknmf.init import random_block, seed_entropy
 from dasknmf.ops import tree_reduce
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective
 
 
-def first_summary(ops, h: list):
+def first_summary(ops, objective: Objective, h: list):
     """H·Hᵀ of the H an iteration starts from, summed over the column blocks by the tree
     that sums it in an iteration's summary (``steps._h_summary``): a fit resumed from the H of
     a checkpoint goes on with the bits the uninterrupted fit had."""
-    return tree_reduce(ops, [ops.call(block_steps.gram_of, b) for b in h])
+    return tree_reduce(ops, [ops.call(block_steps.gram_of, objective, b) for b in h])
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ def iterate(
             ops.call(block_steps.pushed_block, *pair, control)
             for pair in zip(h, h_previous, strict=True)
         ]
-        summary = first_summary(ops, h)
+        summary = first_summary(ops, objective, h)
         extra = [(p,) for p in plains]
     objective = objective if shared is None else shared
     crosses = [None] * len(wt)
@@ -154,38 +153,6 @@ def check_values(g: Grid, masked_loss: bool = False) -> engine.Moments:
     return stats
 
 
-def initialize(g: Grid, method: str, k: int, mean: float, random_state=None, W=None, H=None):
-    """Initial blocks of Wᵀ (by row panel) and H (by column block): 'random' draws the same
-    numbers as the row-panel scheme (seeds keyed by rows and columns, not by blocks), the
-    NNDSVD variants the same up to rounding (``svd.randomized_svd_blocks``)."""
-    from dasknmf import init
-
-    ops = g.ops
-    rows, cols = g.ranges
-    if method == "random":
-        entropy, scale = seed_entropy(random_state), np.sqrt(mean / k)
-        draw = init._W_RANDOM, init._H_RANDOM
-        wt = [
-            g.on_row(i, random_block, entropy, draw[0], scale, g.dtype, k, a, b)
-            for i, (a, b) in enumerate(rows)
-        ]
-        h = [ops.call(random_block, entropy, draw[1], scale, g.dtype, k, c, d) for c, d in cols]
-    elif method == "custom":
-        wt = [ops.call(init._component_major, g.dtype, W[a:b]) for a, b in rows]
-        h = [ops.call(init._copy_block, g.dtype, H[:, c:d]) for c, d in cols]
-    elif method in ("nndsvd", "nndsvda", "nndsvdar"):
-        entropy = seed_entropy(random_state)
-        triplets = svd.randomized_svd_blocks(g, k, init.SVD_POWER_ITER, entropy, init._SVD_SKETCH)
-        streams = init._W_FILL, init._H_FILL
-        wt, h = init.nndsvd_factors(g, g.col_bounds, triplets, mean, entropy, method, streams)
-    else:
-        raise ValueError(
-            f"Invalid init parameter: got {method!r} instead of one of "
-            f"{(None, *init.INIT_METHODS)!r}"
-        )
-    return ops.persist(wt, h)
-
-
 def fit(
     g: Grid,
     objective: Objective,
@@ -217,7 +184,7 @@ def fit(
     k = objective.n_components
     if objective.extrapolate and momentum is None:
         momentum = (list(wt), list(h), engine._first_control(g, objective, wt, h))
-    summary = None if momentum is not None else first_summary(ops, h)
+    summary = None if momentum is not None else first_summary(ops, objective, h)
     wt = g.bundle(wt)  # one state per band from here on
     if momentum is not None:
         momentum = (g.bundle(momentum[0]), *momentum[1:])
@@ -261,7 +228,7 @@ def final_pass(g: Grid, objective: Objective, result: engine.FitResult) -> tuple
         for i, (w_out, row) in enumerate(zip(g.unbundle(result.wt), g.items, strict=True))
         for j, (h_j, x) in enumerate(zip(result.h, row, strict=True))
     ]
-    value, sum_w, sq_w = ops.fetch(tree_reduce(ops, parts))
+    value, sum_w, sq_w, *result.replicate_values = ops.fetch(tree_reduce(ops, parts))
     h_blocks = ops.fetch(result.h)
     engine.complete_history(objective, result, value, sum_w, sq_w, h_blocks)
     return float(value), h_blocks

@@ -15,6 +15,7 @@ import numpy as np
 
 from dasknmf import svd
 from dasknmf._random import normal_rows, seed_entropy
+from dasknmf.grid import Grid
 from dasknmf.ops import tree_reduce
 from dasknmf.panels import Panels
 
@@ -146,9 +147,13 @@ def nndsvd_init(
     variant: str,
     fill_streams: tuple[int, int],
 ):
-    """'nndsvd', 'nndsvda' or 'nndsvdar' from a randomized truncated SVD of X; nndsvdar's noise
-    for W and H comes from the two ``fill_streams``."""
-    ut, s, vt = svd.randomized_svd(panels, k, SVD_POWER_ITER, entropy, col_bounds, _SVD_SKETCH)
+    """'nndsvd', 'nndsvda' or 'nndsvdar' from a randomized truncated SVD of X (over the 2-D
+    blocks of a ``grid.Grid``: the same numbers up to rounding); nndsvdar's noise for W and H
+    comes from the two ``fill_streams``."""
+    if isinstance(panels, Grid):
+        ut, s, vt = svd.randomized_svd_blocks(panels, k, SVD_POWER_ITER, entropy, _SVD_SKETCH)
+    else:
+        ut, s, vt = svd.randomized_svd(panels, k, SVD_POWER_ITER, entropy, col_bounds, _SVD_SKETCH)
     return nndsvd_factors(panels, col_bounds, (ut, s, vt), mean, entropy, variant, fill_streams)
 
 
@@ -224,6 +229,8 @@ def initialize(
     swap_streams: bool = False,
 ):
     """Initial blocks of Wᵀ and H for ``method``; persisted when ``panels.ops`` is lazy.
+    ``panels``: the row panels of X, or the 2-D blocks of a ``grid.Grid`` (Wᵀ by row of blocks,
+    each block made where its row is).
 
     ``swap_streams`` when the panels hold Xᵀ: W of Xᵀ is Hᵀ of X and draws from H's streams, so
     that a random initialization is the same in both orientations.

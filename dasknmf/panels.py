@@ -297,6 +297,20 @@ class WorkersLostError(RuntimeError):
     """The workers of a fit are gone and do not come back, or keep dying."""
 
 
+def workers_keep_dying(error, need: int) -> WorkersLostError:
+    """The error for a task that every worker running it died with (``KilledWorker``), whose
+    tasks need about ``need`` bytes."""
+    limit = worker_memory()
+    has = f"a worker has {limit / 2**20:,.0f} MiB" if limit else "the workers have no limit"
+    return WorkersLostError(
+        f"Task {error.task!r} of the fit ran on {error.allowed_failures + 1} workers and each "
+        f"died while running it (the last: {error.last_worker.address}); restarting the fit "
+        f"would run it again. The usual cause is memory: a task here needs about "
+        f"{need / 2**20:,.0f} MiB and {has}; give the workers more memory or pass a smaller "
+        "panel_bytes. The workers' logs tell the cause."
+    )
+
+
 def task_memory(panel_nbytes: float, n_features: int, n_components: int, itemsize: int) -> int:
     """Bytes a task of a fit holds at its peak, for panels of ``panel_nbytes``."""
     factor = 3 * n_components * n_features * itemsize

@@ -123,10 +123,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     stats = engine.check_values(parts, masked=plan.missing is not None)
     stored = _entries(stats, plan, parts.sparse, parts.shape)
     shape = (n_cols, n_rows) if transposed else (n_rows, n_cols)
-    objective = plan.objective(*shape, plan.n_components, stored)
-    if plan.replicates > 1:
-        objective.check_stacking(plan.init, plan.shuffle)
-        objective = dataclasses.replace(objective, n_components=k, replicates=plan.replicates)
+    objective = _objective(plan, shape, stored)
     if transposed:
         objective = objective.transposed()
     if parts.sparse and plan.cache == "auto":
@@ -207,7 +204,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             restart,
             ckpt,
             report,
-            lambda error: _workers_keep_dying(error, _panel_task_memory(parts, k)),
+            lambda error: panels.workers_keep_dying(error, _panel_task_memory(parts, k)),
         )
     reconstruction_err = float(np.sqrt(2 * max(value, 0.0)))
     logger.info(
@@ -232,9 +229,23 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             "panels": len(parts.items),
             "cached": bool(parts.cached or not parts.ops.is_lazy),
         },
-        replicate_errors=[float(np.sqrt(2 * max(v, 0.0))) for v in result.replicate_values] or None,
-        norm_x=float(np.sqrt(stats.sum_sq)),
+        **_errors(result, stats),
     )
+
+
+def _objective(plan: Plan, shape, stored: int) -> Objective:
+    """The plan's objective for X of ``shape`` (stacked replicates: all their components)."""
+    objective = plan.objective(*shape, plan.n_components, stored)
+    if plan.replicates == 1:
+        return objective
+    objective.check_stacking(plan.init, plan.shuffle)
+    return dataclasses.replace(objective, n_components=plan.width, replicates=plan.replicates)
+
+
+def _errors(result: engine.FitResult, stats: engine.Moments) -> dict:
+    """``Fitted``'s stacked replicates' errors ‖X − W·H‖ and ‖X‖."""
+    errors = [float(np.sqrt(2 * max(v, 0.0))) for v in result.replicate_values]
+    return dict(replicate_errors=errors or None, norm_x=float(np.sqrt(stats.sum_sq)))
 
 
 def _checkpoint(plan: Plan, layout, settings: dict) -> Checkpoint | None:
@@ -330,8 +341,6 @@ def _layout(X, plan: Plan) -> str:
 def _blocks_lack(X, plan: Plan) -> str | None:
     """What the fit asks of 2-D blocks that they do not do yet, or None."""
     n_rows, n_cols = X.shape
-    if plan.replicates > 1:
-        return "fit stacked replicates"
     objective = plan.objective(n_rows, n_cols, plan.n_components, n_rows * n_cols)
     multiplicative = objective.beta != 2 or (objective.masked and objective.solver == "mu")
     if multiplicative and objective.sweeps_w > 1:
@@ -347,11 +356,7 @@ def _fit_blocks(X, plan: Plan) -> Fitted:
             f"The 2-D block layout does not {missing} yet; change that setting, or use "
             "layout='rows' or 'columns'."
         )
-    k = plan.n_components
-    # The masked loss sums each row's and column's problem, not k numbers: the blocks are
-    # sized for those.
-    width = k if plan.missing is None else masked.sums_width(k)
-    grid = blocks.grid(X, width, plan.panel_bytes, plan.cache)
+    grid = blocks.grid(X, _block_width(plan), plan.panel_bytes, plan.cache)
     try:
         with single_blas_thread():
             return _fit_grid(grid, plan)
@@ -359,15 +364,20 @@ def _fit_blocks(X, plan: Plan) -> Fitted:
         grid.close()
 
 
+def _block_width(plan: Plan) -> int:
+    """Numbers per row and column in the sums of the 2-D tasks, which size the blocks: the
+    components (of all stacked replicates), or for the masked loss each row's problem."""
+    return plan.width if plan.missing is None else masked.sums_width(plan.n_components)
+
+
 def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
     """``_fit_blocks`` on the blocks of X: validation, objective, checkpoint, start, the
     iterations (again after a loss of data on the cluster), final pass."""
     n_rows, n_cols = grid.shape
-    k = plan.n_components
-    is_masked = plan.missing is not None
-    stats = blocks.check_values(grid, is_masked)
+    k = plan.width
+    stats = blocks.check_values(grid, plan.missing is not None)
     stored = _entries(stats, plan, grid.sparse, grid.shape)
-    objective = plan.objective(n_rows, n_cols, k, stored)
+    objective = _objective(plan, grid.shape, stored)
     settings = fingerprint(plan, grid, stats, objective, grid.col_bounds, layout="blocks")
     ckpt = _checkpoint(plan, grid, settings)
 
@@ -376,7 +386,9 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
         from."""
         if from_checkpoint:
             return _resumed(ckpt, grid, plan)
-        wt, h = blocks.initialize(grid, plan.init, k, stats.mean, plan.random_state, plan.W, plan.H)
+        wt, h = init.initialize(
+            grid, plan.init, k, grid.col_bounds, stats.mean, plan.random_state, plan.W, plan.H
+        )
         return wt, h, 0, None, _shuffler(plan), None
 
     point = {"start": starting_point(plan.resume)}
@@ -401,7 +413,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
             grid,
             objective,
             *_handed_over(factors),
-            stats.sum_sq,
+            stats.sum_sq * plan.replicates,  # the loss is the replicates' sum
             max_iter=plan.max_iter,
             tol=plan.tol,
             shuffle_rng=shuffle_rng,
@@ -419,10 +431,10 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
         point["start"] = starting_point(from_checkpoint)
         return point["start"][2]
 
-    need = blocks.task_memory(grid, masked.sums_width(k) if is_masked else k, plan.panel_bytes)
+    need = blocks.task_memory(grid, _block_width(plan), plan.panel_bytes)
     with Reporter(plan.verbose, plan.progress, plan.max_iter, n_start) as report:
         result, (value, h_blocks), W = _recovering(
-            attempt, restart, ckpt, report, lambda error: _workers_keep_dying(error, need)
+            attempt, restart, ckpt, report, lambda error: panels.workers_keep_dying(error, need)
         )
     return Fitted(
         components=_side_by_side(h_blocks),
@@ -431,20 +443,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
         loss_history=list(result.history.loss),
         reconstruction_err=float(np.sqrt(2 * max(value, 0.0))),
         layout={"scheme": "blocks", "blocks": shape, "cached": bool(grid.cached)},
-    )
-
-
-def _workers_keep_dying(error, need: int) -> panels.WorkersLostError:
-    """The error for a task that every worker running it died with (``KilledWorker``), whose
-    tasks need about ``need`` bytes."""
-    limit = panels.worker_memory()
-    has = f"a worker has {limit / 2**20:,.0f} MiB" if limit else "the workers have no limit"
-    return panels.WorkersLostError(
-        f"Task {error.task!r} of the fit ran on {error.allowed_failures + 1} workers and each "
-        f"died while running it (the last: {error.last_worker.address}); restarting the fit "
-        f"would run it again. The usual cause is memory: a task here needs about "
-        f"{need / 2**20:,.0f} MiB and {has}; give the workers more memory or pass a smaller "
-        "panel_bytes. The workers' logs tell the cause."
+        **_errors(result, stats),
     )
 
 

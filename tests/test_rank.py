@@ -264,3 +264,31 @@ def test_a_selection_saves_and_loads(tmp_path):
         consensus_nmf(X[:, :20], back, 2)
     with pytest.raises(ValueError, match="Rank 5 was not run"):
         consensus_nmf(X, back, 5)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_stacked_replicates_on_2d_blocks_are_the_fits_run_alone(sparse):
+    """X large in both dimensions for the stacked components: the replicates advance together
+    over 2-D blocks (block-diagonal Gram matrices in the W and H updates), each equal to its
+    fit run alone (by row panels) up to rounding, with its own final error."""
+    X = low_rank(120, 90, 3, seed=4)
+    data = sp.csr_array(X) if sparse else X
+    plan = pipeline.Plan(
+        n_components=3,
+        init="random",
+        objective=NMF(n_components=3, extrapolate=False)._objective,
+        **FIT,
+        panel_bytes=30 * 20 * 8,
+        random_state=(0, 1, 2),
+        replicates=3,
+    )
+    fitted = pipeline.fit(data, plan)
+    assert fitted.layout["scheme"] == "blocks" and min(fitted.layout["blocks"]) > 1
+    for r, seed in enumerate((0, 1, 2)):
+        model = NMF(3, init="random", random_state=seed, extrapolate=False, layout="rows", **FIT)
+        W = model.fit_transform(data)
+        mine = slice(3 * r, 3 * r + 3)
+        np.testing.assert_allclose(fitted.components[mine], model.components_, rtol=1e-8)
+        np.testing.assert_allclose(fitted.W[:, mine], W, rtol=1e-8, atol=1e-12)
+        assert fitted.replicate_errors[r] == pytest.approx(model.reconstruction_err_, rel=1e-9)
+    assert fitted.norm_x == pytest.approx(np.linalg.norm(X))
