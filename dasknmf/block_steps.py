@@ -81,17 +81,24 @@ def block_row_sums(objective: Objective, wt, h, x, total=None) -> tuple:
     return part if total is None else steps.sum_in_order(total, part)
 
 
-def band_w_step(objective: Objective, order, summary, control, state, crosses, plains=None):
+def band_w_step(
+    objective: Objective, order, summary, control, again: bool, state, crosses, plains=None
+):
     """``w_step`` for each row of a band: the band's new state, a tuple of ``RowOut``. With
     extrapolation (``control`` is the ``solvers.extrapolation.Control``) each W_i starts from
     its pushed block in ``state`` (its plain one in ``plains`` on a restart), rescaled as the
     control says, and the new W_i is pushed along its step from the plain one before, as
-    ``steps.extrapolated_shard_step`` does it for a row panel."""
+    ``steps.extrapolated_shard_step`` does it for a row panel. ``again``: a further sweep of
+    a multiplicative update in this iteration, which keeps the statistics of the first (those
+    of the W_i the iteration started from) but ΣW of the new W_i."""
     if control is None:
-        return tuple(
+        out = tuple(
             w_step(objective, order, summary, wt, cross)
             for wt, cross in zip(state, crosses, strict=True)
         )
+        if again:
+            out = tuple(_first_stats(new, old) for new, old in zip(out, state, strict=True))
+        return out
     out = []
     for wt, plain, cross in zip(state, plains, crosses, strict=True):
         wt = extrapolation.rescaled(kernels.aligned(_block_of(wt)), control.scale)
@@ -99,6 +106,12 @@ def band_w_step(objective: Objective, order, summary, control, state, crosses, p
         start = plain if control.restart else wt
         out.append(w_step(objective, order, summary, start, cross, (plain, control.beta)))
     return tuple(out)
+
+
+def _first_stats(new: RowOut, first: RowOut) -> RowOut:
+    stats = first.stats.copy()
+    stats[steps.P_SUM_W] = new.stats[steps.P_SUM_W]
+    return new._replace(stats=stats)
 
 
 def _block_of(w, plain: bool = False) -> np.ndarray:

@@ -90,6 +90,8 @@ def iterate(
     order_w, order_h = orders
     # The column chains read H_j for a multiplicative update's statistics (not Frobenius's).
     needs_h = objective.solver == "mu" and (objective.masked or not objective.frobenius)
+    # Each sweep of a multiplicative W update needs its statistics from the row again.
+    sweeps = objective.sweeps_w if needs_h else 1
     control, extra = None, [()] * len(wt)
     if momentum is not None:
         plains, h_previous, control = momentum
@@ -101,14 +103,17 @@ def iterate(
         summary = first_summary(ops, objective, h)
         extra = [(p,) for p in plains]
     objective = objective if shared is None else shared
-    crosses = [None] * len(wt)
-    for j, h_j in enumerate(h):
-        items = zip(wt, crosses, g.column(j), strict=True)
-        crosses = g.shard_map(
-            block_steps.band_cross, [(w, h_j, c, xs) for w, c, xs in items], objective
-        )
-    items = [(w, c, *e) for w, c, e in zip(wt, crosses, extra, strict=True)]
-    w_outs = g.shard_map(block_steps.band_w_step, items, objective, order_w, summary, control)
+    w_outs = wt
+    for sweep in range(sweeps):
+        crosses = [None] * len(wt)
+        for j, h_j in enumerate(h):
+            items = zip(w_outs, crosses, g.column(j), strict=True)
+            crosses = g.shard_map(
+                block_steps.band_cross, [(w, h_j, c, xs) for w, c, xs in items], objective
+            )
+        items = [(w, c, *e) for w, c, e in zip(w_outs, crosses, extra, strict=True)]
+        common = (objective, order_w, summary, control, sweep > 0)
+        w_outs = g.shard_map(block_steps.band_w_step, items, *common)
     h_outs = []
     for j, h_j in enumerate(h):
         total, h_in = None, h_j if needs_h else None

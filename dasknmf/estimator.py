@@ -125,7 +125,7 @@ class NMF(RecommenderMixin, BaseNMF):
         factors. ``init`` 'random' or 'custom' (None means 'random'), no extrapolation.
     layout : {'auto', 'rows', 'columns', 'blocks'}, default='auto'
         How X is cut into tasks: row panels, row panels of Xᵀ, or 2-D blocks (for X large in
-        both dimensions; no inner sweeps of a multiplicative update yet). 'auto' takes the first whose tasks fit ``panel_bytes``.
+        both dimensions). 'auto' takes the first whose tasks fit ``panel_bytes``.
     progress : bool, default=False
         Show a progress bar over iterations with the objective.
     checkpoint : str, os.PathLike or None, default=None

@@ -99,9 +99,10 @@ def fit(X, plan: Plan) -> Fitted:
     Xᵀ ≈ Hᵀ·Wᵀ: its row panels are column blocks of X; an X for which neither fits is cut into
     2-D blocks (``dasknmf.blocks``). ``plan.layout`` can force one.
     """
-    layout = _layout(X, plan)
+    itemsize = X.dtype.itemsize
+    layout = panels.choose_layout(X.shape, plan.width, itemsize, plan.panel_bytes, plan.layout)
     if isinstance(X, da.Array):  # in-memory input is fitted here, not on the workers
-        panels.check_fits_workers(X.shape, plan.width, X.dtype.itemsize, layout)
+        panels.check_fits_workers(X.shape, plan.width, itemsize, layout)
     if layout == "blocks":
         return _fit_blocks(X, plan)
     transposed = layout == "columns"
@@ -320,42 +321,8 @@ def _handed_over(factors: list) -> tuple:
     return items
 
 
-def _layout(X, plan: Plan) -> str:
-    """The layout of the fit (see ``panels.choose_layout``). 'auto' falls back from 2-D blocks
-    to the cheaper row panels (larger than the budget) when the fit needs what blocks do not
-    do yet."""
-    k, itemsize = plan.width, X.dtype.itemsize
-    chosen = panels.choose_layout(X.shape, k, itemsize, plan.panel_bytes, plan.layout)
-    missing = _blocks_lack(X, plan) if chosen == "blocks" and plan.layout == "auto" else None
-    if missing is None:
-        return chosen
-    logger.info(
-        "X %s is large in both dimensions, but 2-D blocks do not %s yet: row panels larger "
-        "than panel_bytes instead",
-        "x".join(map(str, X.shape)),
-        missing,
-    )
-    return "columns" if X.shape[0] < X.shape[1] else "rows"
-
-
-def _blocks_lack(X, plan: Plan) -> str | None:
-    """What the fit asks of 2-D blocks that they do not do yet, or None."""
-    n_rows, n_cols = X.shape
-    objective = plan.objective(n_rows, n_cols, plan.n_components, n_rows * n_cols)
-    multiplicative = objective.beta != 2 or (objective.masked and objective.solver == "mu")
-    if multiplicative and objective.sweeps_w > 1:
-        return "run inner sweeps of a multiplicative update (each would read the row again)"
-    return None
-
-
 def _fit_blocks(X, plan: Plan) -> Fitted:
     """Fit ``plan`` on 2-D blocks of X (``dasknmf.blocks``)."""
-    missing = _blocks_lack(X, plan)
-    if missing is not None:
-        raise ValueError(
-            f"The 2-D block layout does not {missing} yet; change that setting, or use "
-            "layout='rows' or 'columns'."
-        )
     grid = blocks.grid(X, _block_width(plan), plan.panel_bytes, plan.cache)
     try:
         with single_blas_thread():

@@ -234,21 +234,27 @@ def test_the_cli_reports_the_blocks(X, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "settings",
     [
-        (
-            dict(beta_loss="kullback-leibler", solver="mu", inner_iter=2),
-            "2-D block layout does not run inner sweeps of a multiplicative update",
-        ),
-        (
-            dict(missing="nan", solver="mu", inner_iter=2),
-            "2-D block layout does not run inner sweeps of a multiplicative update",
-        ),
+        dict(beta_loss="kullback-leibler"),
+        dict(beta_loss="kullback-leibler", sparse=True),
+        dict(beta_loss=0.5),
+        dict(missing="nan"),
     ],
+    ids=["kl", "kl-csr", "beta-0.5", "masked"],
 )
-def test_what_blocks_do_not_do_yet_is_a_clear_error(X, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        _fit(X, layout="blocks", **kwargs)
+def test_inner_sweeps_of_a_multiplicative_update_on_blocks(X, settings):
+    """Each sweep reads the rows of blocks again for the statistics at the W it starts from;
+    the iteration's objective is that of its first sweep's W, as on row panels."""
+    settings = dict(settings)
+    data = X + 0.01
+    if settings.pop("sparse", False):
+        data = sp.csr_array(np.where(X > np.median(X), X, 0))
+    if settings.get("missing"):
+        data = _with_missing(X, "nan")
+    two_d = _same_as_rows(data, FEW_BLOCKS, rtol=1e-9, solver="mu", inner_iter=3, **settings)[1]
+    once = _fit(data, layout="blocks", panel_bytes=FEW_BLOCKS, solver="mu", **settings)[1]
+    assert two_d.reconstruction_err_ < once.reconstruction_err_
 
 
 @pytest.mark.parametrize(

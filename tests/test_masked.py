@@ -277,10 +277,6 @@ def test_every_entry_observed_multiplicative_updates_are_the_unmasked_ones():
         (dict(missing="nan", extrapolate=True), "without extrapolation; got extrapolate=True"),
         (dict(missing="nan", beta_loss="kullback-leibler"), "solver 'cd' does not handle"),
         (dict(missing="nan", init="nndsvda"), "init='nndsvda' cannot start a fit with missing"),
-        (
-            dict(missing="nan", layout="blocks", solver="mu", inner_iter=3),
-            "does not run inner sweeps of a multiplicative update",
-        ),
     ],
 )
 def test_settings_a_masked_fit_does_not_take(params, match):
