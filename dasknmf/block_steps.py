@@ -222,8 +222,24 @@ def gram_of(objective: Objective, h_block) -> np.ndarray:
     return objective.gram(kernels.aligned(steps.h_array(h_block)))
 
 
-def checked_cross(h, x, total=None) -> np.ndarray:
-    """``block_cross`` after the block's own check for negative or non-finite values (a lazy
-    transform has no validation pass)."""
-    passes.checked_moments(False, x)
-    return block_cross(h, x, total)
+def checked_cross(objective: Objective, h, x, total=None):
+    """For ``transform``: ``block_cross`` (for the masked loss, the rows' problems of
+    ``masked.row_sums``) after the block's own check for negative or non-finite values (a
+    lazy transform has no validation pass)."""
+    passes.checked_moments(objective.masked, x)
+    if not objective.masked:
+        return block_cross(h, x, total)
+    pin_worker_blas()
+    part = masked.row_sums(*masked.observed(panel_data(x)), kernels.aligned(h))
+    return part if total is None else steps.sum_in_order(total, part)
+
+
+def solve_rows(objective: Objective, gram_h, max_iter: int, tol: float, sums) -> np.ndarray:
+    """For ``transform``: W_i, (m_i, k), from what ``checked_cross`` summed along the row —
+    each row's least squares over its observed entries for the masked loss
+    (``masked.solve_rows_from``), else one problem with H·Hᵀ (``passes.solve_frobenius``)."""
+    if not objective.masked:
+        return passes.solve_frobenius(objective, gram_h, max_iter, tol, sums)
+    pin_worker_blas()
+    penalties = dict(l1=objective.l1_w, l2=objective.l2_w)
+    return masked.solve_rows_from(sums, max_iter=max_iter, tol=tol, **penalties)

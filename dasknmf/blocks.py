@@ -43,7 +43,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import block_steps, engine, kernels, passes, steps
+from dasknmf import block_steps, engine, kernels, masked, passes, steps
 from dasknmf.grid import Grid, count_stored
 from dasknmf.grid import grid as grid  # the blocks of X, as ``blocks.grid``
 from dasknmf.grid import grid_bounds as grid_bounds
@@ -261,36 +261,38 @@ def _rows_of(w_out) -> np.ndarray:
 
 
 def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int, tol: float):
-    """W for X under the fixed H (Frobenius loss) over 2-D blocks of about ``budget`` bytes:
-    numpy for in-memory X, a lazy Dask array for Dask X (each block read once when computed).
-    A sparse Dask X is read once here to count its entries, which size the blocks."""
+    """W for X under the fixed H over 2-D blocks of about ``budget`` bytes (the Frobenius loss,
+    over all of X or, masked, over its observed entries): numpy for in-memory X, a lazy Dask
+    array for Dask X (each block read once when computed). A sparse Dask X is read once here
+    to count its entries, which size the blocks."""
     k = h.shape[0]
+    width = masked.sums_width(k) if objective.masked else k
     gram_h = h @ h.T
     if not isinstance(X, da.Array):
         X = X.tocsr() if sp.issparse(X) else X
         stored = X.nnz if sp.issparse(X) else None
-        rows, cols = grid_bounds(X.shape, k, X.dtype.itemsize, budget, stored, 2)
+        rows, cols = grid_bounds(X.shape, width, X.dtype.itemsize, budget, stored, 2)
         h_blocks = [h[:, c:d] for c, d in itertools.pairwise(cols)]
         W = np.empty((X.shape[0], k), dtype=X.dtype)
         for a, b in itertools.pairwise(rows):
             cross = None
             for h_j, (c, d) in zip(h_blocks, itertools.pairwise(cols), strict=True):
-                cross = block_steps.checked_cross(h_j, X[a:b, c:d], cross)
-            W[a:b] = passes.solve_frobenius(objective, gram_h, max_iter, tol, cross)
+                cross = block_steps.checked_cross(objective, h_j, X[a:b, c:d], cross)
+            W[a:b] = block_steps.solve_rows(objective, gram_h, max_iter, tol, cross)
         return W
-    rows, cols = grid_bounds(X.shape, k, X.dtype.itemsize, budget, count_stored(X), 2)
+    rows, cols = grid_bounds(X.shape, width, X.dtype.itemsize, budget, count_stored(X), 2)
     X = X.rechunk((tuple(np.diff(rows)), tuple(np.diff(cols))))
     blocks_ = X.to_delayed(optimize_graph=False)
     h_blocks = [dask.delayed(h[:, c:d]) for c, d in itertools.pairwise(cols)]
     cross_task, solve = (
         dask.delayed(block_steps.checked_cross, pure=True),
-        dask.delayed(passes.solve_frobenius, pure=True),
+        dask.delayed(block_steps.solve_rows, pure=True),
     )
     parts = []
     for (a, b), row in zip(itertools.pairwise(rows), blocks_, strict=True):
         cross = None
         for h_j, x in zip(h_blocks, row, strict=True):
-            cross = cross_task(h_j, x, cross)
+            cross = cross_task(objective, h_j, x, cross)
         w = solve(objective, gram_h, max_iter, tol, cross)
         parts.append(da.from_delayed(w, shape=(b - a, k), dtype=X.dtype))
     return da.concatenate(parts)

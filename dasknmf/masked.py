@@ -201,14 +201,19 @@ def row_sums(values, pattern, h: np.ndarray) -> tuple:
 
 def update_rows_from(sums: tuple, wt: np.ndarray, *, l1, l2, n_sweeps, order=None):
     """``update_rows`` from its problems summed over the column blocks (``row_sums``)."""
-    cross, packed, sum_sq, n_rows = sums
-    k, r = wt.shape
-    step = _block_rows(k)
-    problems = (
-        (rows, unpack(packed[rows], k), cross[:, rows], n_rows[rows])
-        for rows in (slice(a, min(r, a + step)) for a in range(0, r, step))
-    )
+    n_rows, sum_sq = sums[3], sums[2]
+    problems = _summed_problems(sums)
     return _update_rows(wt, problems, n_rows, 0.5 * float(sum_sq), l1, l2, n_sweeps, order)
+
+
+def _summed_problems(sums: tuple):
+    """``_row_problems`` from the problems summed over the column blocks (``row_sums``)."""
+    cross, packed, _, n_rows = sums
+    k, r = cross.shape
+    step = _block_rows(k)
+    for start in range(0, r, step):
+        rows = slice(start, min(r, start + step))
+        yield rows, unpack(packed[rows], k), cross[:, rows], n_rows[rows]
 
 
 def _update_rows(wt, problems, n_rows, loss: float, l1, l2, n_sweeps, order):
@@ -308,8 +313,20 @@ def solve_rows(
     """W of a panel for a fixed H (``transform``): each row's non-negative least squares over
     its observed entries, by HALS sweeps from zero until the violation falls to ``tol`` × its
     first value (or ``max_iter`` sweeps). Returns the (r, k) block."""
-    wt = np.zeros((h.shape[0], values.shape[0]), dtype=h.dtype)
-    for rows, grams, c, count in _row_problems(values, pattern, h, counts(pattern, axis=1)):
+    problems = _row_problems(values, pattern, h, counts(pattern, axis=1))
+    return _solve_rows(problems, h.shape[0], values.shape[0], h.dtype, l1, l2, max_iter, tol)
+
+
+def solve_rows_from(sums: tuple, *, l1: float, l2: float, max_iter: int, tol: float):
+    """``solve_rows`` from its problems summed over the column blocks (``row_sums``)."""
+    cross = sums[0]
+    problems = _summed_problems(sums)
+    return _solve_rows(problems, *cross.shape, cross.dtype, l1, l2, max_iter, tol)
+
+
+def _solve_rows(problems, k: int, r: int, dtype, l1, l2, max_iter: int, tol: float):
+    wt = np.zeros((k, r), dtype=dtype)
+    for rows, grams, c, count in problems:
         block = wt[:, rows]
         first = None
         for _ in range(max_iter):

@@ -433,10 +433,11 @@ def transform(
     numpy for in-memory X, a lazy Dask array for Dask X (each row panel read once when it is
     computed). Over 2-D blocks (``blocks.transform``) where a row with H does not fit
     ``panel_bytes`` (``layout`` 'auto', as a fit chooses) or ``layout`` is 'blocks', for the
-    Frobenius loss over all of X."""
+    Frobenius loss (over all of X, or masked)."""
     itemsize = X.dtype.itemsize
     chosen = panels.choose_layout(X.shape, H.shape[0], itemsize, panel_bytes, layout)
-    if chosen == "blocks" and objective.frobenius and not objective.masked:
+    by_blocks = not objective.masked or objective.solver == "hals"  # a least-squares transform
+    if chosen == "blocks" and objective.frobenius and by_blocks:
         return blocks.transform(X, H, objective, panel_bytes, max_iter, tol)
     return map_rows(
         X, panel_bytes, passes.transform_panel, objective, H, H @ H.T, max_iter, tol, k=H.shape[0]

@@ -368,6 +368,31 @@ def test_transform_runs_over_blocks_where_a_fit_would(X, monkeypatch, cluster):
     np.testing.assert_allclose(model.transform(sp.csr_array(X)), W, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("missing", ["nan", "unstored"])
+def test_a_masked_transform_runs_over_blocks(X, missing, monkeypatch):
+    """Each row's least squares over its observed entries, its problem summed along its row
+    of blocks: the row panels' W up to rounding, lazily from a Dask X with the same bits."""
+    data = _with_missing(X, missing)
+    model = NMF(**dict(KWARGS, missing=missing, layout="blocks", panel_bytes=FEW_BLOCKS))
+    model.fit(data)
+    calls = []
+    transform = blocks.transform
+    monkeypatch.setattr(blocks, "transform", lambda *a: calls.append(1) or transform(*a))
+    W = model.transform(data)
+    assert len(calls) == 1
+    rows = NMF(**dict(KWARGS, missing=missing, layout="rows")).fit(data)
+    rows.components_ = model.components_
+    np.testing.assert_allclose(W, rows.transform(data), rtol=1e-10, atol=1e-12)
+    assert len(calls) == 1
+    if missing == "nan":
+        lazy = model.transform(da.from_array(data, chunks=(50, 40)))
+        np.testing.assert_array_equal(lazy.compute(), W)
+    hidden = data.copy() if missing == "nan" else data.toarray()
+    hidden[0, 0] = -1.0
+    with pytest.raises(ValueError, match="Negative values"):
+        model.transform(hidden if missing == "nan" else sp.csr_array(hidden))
+
+
 def test_transform_over_blocks_refuses_bad_values(X):
     model = NMF(**dict(KWARGS, layout="blocks", panel_bytes=FEW_BLOCKS)).fit(X)
     bad = X.copy()
