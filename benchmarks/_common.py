@@ -58,9 +58,10 @@ class PeakMemory:
 
 
 def run_child(script: str, *args: str) -> dict:
-    """Run ``script`` in a fresh Python process; it prints one JSON object as its last line."""
+    """Run ``script`` in a fresh Python process; it prints one JSON object as its last line.
+    Its standard error goes to this process's, so that its progress and any traceback show."""
     out = subprocess.run(
-        [sys.executable, script, *args], check=True, capture_output=True, text=True
+        [sys.executable, script, *args], check=True, stdout=subprocess.PIPE, text=True
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -159,6 +159,7 @@ def child_out_of_core() -> dict:
             n_iter=int(nmf.n_iter_),
             error=float(nmf.reconstruction_err_),
         )
+        print(json.dumps(out["nmf"]), file=sys.stderr, flush=True)
         out["minibatch"] = []
         for epochs in (1, 2, 4, 8, 16):
             begin = time.perf_counter()
