@@ -41,7 +41,7 @@ def auto_sweeps(entries: float, n_components: int) -> int:
 #: The estimator's parameters that ``pipeline.Plan`` takes as they are.
 _PLAN_SETTINGS = (
     "max_iter", "tol", "random_state", "shuffle", "cache", "layout", "missing", "checkpoint",
-    "checkpoint_every", "resume", "storage_options", "verbose", "progress",
+    "checkpoint_every", "resume", "storage_options", "verbose", "progress", "extrapolate",
 )  # fmt: skip
 
 
@@ -102,7 +102,8 @@ class NMF(RecommenderMixin, BaseNMF):
         ``dasknmf.solvers.extrapolation``). Usually reaches a given error in far fewer
         iterations; the objective may rise for one iteration before a restart, and the
         ``tol`` rule must hold for 10 iterations in a row. 'auto': on for 'cd'/'hals', off
-        for 'mu' (True with 'mu' is an error).
+        for 'mu' (True with 'mu' is an error), and off on 2-D blocks whose workers cannot
+        hold its four copies of W and H (True there is an error).
     panel_bytes : int, str or None, default=None
         Target size of a row panel of X (the unit of work of one task), e.g. ``"64MiB"``;
         default ``dask.config`` keys ``dasknmf.panel-bytes`` for Dask input (64 MiB: fewer,

@@ -369,10 +369,7 @@ def check_fits_workers(
         return
     n_rows, n_cols = shape
     if layout == "blocks":
-        workers = client.scheduler_info(n_workers=-1)["workers"].values()
-        pause = dask.config.get("distributed.worker.memory.pause") or 0.8
-        have = sum(pause * w["memory_limit"] - WORKER_BASELINE for w in workers)
-        need = 2 * n_components * (n_rows + n_cols) * itemsize
+        need, have = factors_memory(client, shape, n_components, itemsize, 2)
         what = "W and H (twice, while an iteration makes the next ones from them)"
         where = "the workers have together, below the point where they pause,"
     else:
@@ -392,6 +389,16 @@ def check_fits_workers(
             f"the workers: {what} needs about {need / 2**20:,.0f} MiB and {where} "
             f"{max(have, 0) / 2**20:,.0f} MiB. Fewer components or more memory would fit."
         )
+
+
+def factors_memory(client, shape, n_components: int, itemsize: int, copies: int):
+    """(bytes of ``copies`` of W and H, bytes the workers of ``client`` have together below
+    the point where they pause): what a 2-D fit, whose factors are what the workers hold,
+    must fit in."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    pause = dask.config.get("distributed.worker.memory.pause") or 0.8
+    have = sum(pause * w["memory_limit"] - WORKER_BASELINE for w in workers)
+    return copies * n_components * sum(shape) * itemsize, have
 
 
 def relocate(panels: Panels) -> None:

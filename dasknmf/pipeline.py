@@ -26,6 +26,7 @@ from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint, fingerprint
 from dasknmf.progress import Reporter
 from dasknmf.steps import Objective
+from dasknmf.storage import distributed_client
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Plan:
     shuffle: bool = False
     cache: bool | str = "auto"
     layout: str = "auto"  # "rows", "columns" (Xᵀ), "blocks" (2-D) or "auto"
+    extrapolate: bool | str = "auto"  # as asked: 'auto' gives way where memory is short
     missing: str | None = None  # "nan", "unstored": the loss over observed entries only
     checkpoint: Any = None
     checkpoint_every: int = 10
@@ -337,6 +339,27 @@ def _block_width(plan: Plan) -> int:
     return plan.width if plan.missing is None else masked.sums_width(plan.n_components)
 
 
+def _extrapolation_that_fits(objective: Objective, plan: Plan, grid: blocks.Grid) -> Objective:
+    """``objective``, without extrapolation when ``plan.extrapolate`` is 'auto' and the
+    cluster cannot hold its copies of the factors (the pushed and plain W, the H before and
+    the pushed H: twice a plain fit's); forced, that is an error."""
+    client = distributed_client() if grid.ops.is_lazy else None
+    if not objective.extrapolate or client is None or panels.worker_memory() is None:
+        return objective
+    k, itemsize = objective.n_components, grid.dtype.itemsize
+    need, have = panels.factors_memory(client, grid.shape, k, itemsize, 4)
+    if need <= have:
+        return objective
+    if plan.extrapolate is True:
+        raise ValueError(
+            f"extrapolate=True on 2-D blocks keeps four copies of W and H, about "
+            f"{need / 2**20:,.0f} MiB, and the workers have {max(have, 0) / 2**20:,.0f} MiB "
+            "below the point where they pause; use extrapolate='auto' or False."
+        )
+    logger.info("2-D blocks without extrapolation: its copies of W and H do not fit the workers")
+    return dataclasses.replace(objective, extrapolate=False)
+
+
 def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
     """``_fit_blocks`` on the blocks of X: validation, objective, checkpoint, start, the
     iterations (again after a loss of data on the cluster), final pass."""
@@ -344,7 +367,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
     k = plan.width
     stats = blocks.check_values(grid, plan.missing is not None)
     stored = _entries(stats, plan, grid.sparse, grid.shape)
-    objective = _objective(plan, grid.shape, stored)
+    objective = _extrapolation_that_fits(_objective(plan, grid.shape, stored), plan, grid)
     settings = fingerprint(plan, grid, stats, objective, grid.col_bounds, layout="blocks")
     ckpt = _checkpoint(plan, grid, settings)
 

@@ -110,6 +110,34 @@ def test_a_masked_block_fit_on_a_cluster_equals_it_in_memory_and_resumes(cluster
     assert resumed.loss_history_ == reference.loss_history_
 
 
+def test_extrapolation_gives_way_where_its_copies_do_not_fit_the_workers(cluster, X, caplog):
+    """Extrapolation keeps four copies of W and H (pushed and plain W, H, the H before), a
+    plain fit two: on workers that hold two but not four, 'auto' fits without it (and says
+    so), True is an error before any work. The workers' room is set through the pause
+    fraction the check reads: between the two needs."""
+    import dask
+
+    from dasknmf import panels
+
+    k, itemsize = KWARGS["n_components"], X.dtype.itemsize
+    need_plain = 2 * k * sum(X.shape) * itemsize
+    limit = panels.worker_memory()
+    pause = (panels.WORKER_BASELINE + 0.75 * need_plain) / limit  # both workers: 1.5 × plain
+    settings = dict(layout="blocks", panel_bytes=FEW_BLOCKS, extrapolate="auto")
+    lazy = da.from_array(X, chunks=(40, 45))
+    W_plain, plain = _fit(X, **dict(settings, extrapolate=False))
+    with dask.config.set({"distributed.worker.memory.pause": pause}):
+        caplog.set_level("INFO", logger="dasknmf")
+        W, model = _fit(lazy, cache=True, **settings)
+        assert "without extrapolation" in caplog.text
+        with pytest.raises(ValueError, match="extrapolate=True on 2-D blocks keeps four copies"):
+            _fit(lazy, cache=True, **dict(settings, extrapolate=True))
+    np.testing.assert_array_equal(model.components_, plain.components_)
+    np.testing.assert_array_equal(W.compute(), W_plain)
+    extrapolated = _fit(lazy, cache=True, **settings)[1]  # room for four copies
+    assert extrapolated.loss_history_ != plain.loss_history_
+
+
 @pytest.mark.parametrize(
     "init, sparse",
     [("nndsvd", True), ("nndsvda", False), ("nndsvdar", False)],
