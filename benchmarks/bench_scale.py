@@ -361,6 +361,7 @@ def make_sparse_store(n: int, nnz: int):
 
 
 def two_d(n_iter: int, n: int, nnz: int) -> dict:
+    import dask
     import scipy.sparse as sp
     from distributed import Client, LocalCluster
 
@@ -369,6 +370,8 @@ def two_d(n_iter: int, n: int, nnz: int) -> dict:
     path = make_sparse_store(n, nnz)
     kwargs = dict(init="random", random_state=0, tol=0, max_iter=n_iter)
     with (
+        # Every transfer a worker receives, with its keys' sizes (``moved_by``).
+        dask.config.set({"distributed.admin.low-level-log-length": 1_000_000}),
         LocalCluster(
             n_workers=2,
             threads_per_worker=1,
@@ -394,6 +397,7 @@ def two_d(n_iter: int, n: int, nnz: int) -> dict:
                 whole = (sum(client.run(sent).values()) - before) / n_iter
             except Exception as failure:  # the point is to see whether it completes
                 error = f"{type(failure).__name__}: {failure}"
+        moved_by = _moved_by(client)
         restarted = set(client.run(os.getpid).values()) != set(pids.values())
     result = {
         "error": error,
@@ -402,6 +406,7 @@ def two_d(n_iter: int, n: int, nnz: int) -> dict:
         "per_iteration": statistics.median(np.diff(stamps[1:])) if len(stamps) > 2 else None,
         "moved": statistics.median(np.diff([b for _, b in done[1:]])) if len(done) > 2 else None,
         "moved_whole": whole if error is None else None,
+        "moved_by": {name: nbytes / n_iter for name, nbytes in moved_by.items()},
         "tasks": statistics.median(np.diff([t for t, _ in done[1:]])) if len(done) > 2 else None,
         "peak": memory.peak,
         "n": n,
@@ -426,6 +431,21 @@ def two_d(n_iter: int, n: int, nnz: int) -> dict:
     )
     result["errors"] = (model.reconstruction_err_, in_memory.reconstruction_err_)
     return result
+
+
+def _moved_by(client) -> dict[str, int]:
+    """Bytes the workers received from each other, by the name of the task that made the
+    data (``dask.utils.key_split``), largest first."""
+    from dask.utils import key_split
+
+    def received(dask_worker):
+        return [(k, n) for t in dask_worker.transfer_incoming_log for k, n in t["keys"].items()]
+
+    totals: dict[str, int] = {}
+    for pairs in client.run(received).values():
+        for key, nbytes in pairs:
+            totals[key_split(key)] = totals.get(key_split(key), 0) + nbytes
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def report_two_d(r: dict, write: bool) -> None:
@@ -459,6 +479,13 @@ def report_two_d(r: dict, write: bool) -> None:
             f"{r['moved'] / 2**20:,.0f} MiB |",
             f"| bytes sent by the workers over the whole fit, W and H to the client included, "
             f"/ iterations | {r['moved_whole'] / 2**20:,.0f} MiB |",
+            "| of which, by the task that made the data (the workers' transfer logs, whole fit "
+            "/ iterations) | "
+            + ", ".join(
+                f"{name} {nbytes / 2**20:,.0f} MiB"
+                for name, nbytes in list(r["moved_by"].items())[:6]
+            )
+            + " |",
             f"| tasks per iteration (median between iterations; 2·S·Q + S + Q + the summary "
             f"= {2 * 2 * layout['blocks'][1] + 2 + layout['blocks'][1] + 1} for S = 2 worker "
             f"threads, Q = {layout['blocks'][1]} column blocks) | {r['tasks']:.0f} |",

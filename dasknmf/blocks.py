@@ -54,11 +54,18 @@ from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective
 
 
-def first_summary(ops, objective: Objective, h: list):
+def first_summary(g: Grid, objective: Objective, h: list):
     """H·Hᵀ of the H an iteration starts from, summed over the column blocks by the tree
     that sums it in an iteration's summary (``steps._h_summary``): a fit resumed from the H of
-    a checkpoint goes on with the bits the uninterrupted fit had."""
-    return tree_reduce(ops, [ops.call(block_steps.gram_of, objective, b) for b in h])
+    a checkpoint goes on with the bits the uninterrupted fit had. Each H_j·H_jᵀ is formed
+    where the H blocks are made (``_on_h``)."""
+    return tree_reduce(g.ops, [_on_h(g, block_steps.gram_of, objective, b) for b in h])
+
+
+def _on_h(g: Grid, fn, *args):
+    """``fn(*args)`` as a task on the worker of the last band, where the column chains end
+    and the H blocks are made: their data does not move."""
+    return g.on_row(g.band_bounds[-2], fn, *args)
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -97,10 +104,10 @@ def iterate(
         plains, h_previous, control = momentum
         h_start = h
         h = [
-            ops.call(block_steps.pushed_block, *pair, control)
+            _on_h(g, block_steps.pushed_block, *pair, control)
             for pair in zip(h, h_previous, strict=True)
         ]
-        summary = first_summary(ops, objective, h)
+        summary = first_summary(g, objective, h)
         extra = [(p,) for p in plains]
     objective = objective if shared is None else shared
     w_outs = wt
@@ -121,12 +128,9 @@ def iterate(
             total = g.on_row(
                 g.band_bounds[s], block_steps.band_partial, objective, h_in, w_out, total, xs
             )
-        # Where the column's sums end (the last band's worker): they do not move, and the H
-        # blocks and the summary tree over them are then on one worker, not spread at random.
-        last = g.band_bounds[-2]  # the first row of the last band
-        h_outs.append(
-            g.on_row(last, steps.h_step, objective, order_h, None, ((0, None),), h_j, total)
-        )
+        # Where the column's sums end: they do not move, and the H blocks and the summary
+        # tree over them are then on one worker, not spread at random.
+        h_outs.append(_on_h(g, steps.h_step, objective, order_h, None, ((0, None),), h_j, total))
     new_summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
     if momentum is not None:
         control = ops.call(steps.advance_control, control, objective, norm_x_sq, new_summary)
@@ -189,7 +193,7 @@ def fit(
     k = objective.n_components
     if objective.extrapolate and momentum is None:
         momentum = (list(wt), list(h), engine._first_control(g, objective, wt, h))
-    summary = None if momentum is not None else first_summary(ops, objective, h)
+    summary = None if momentum is not None else first_summary(g, objective, h)
     wt = g.bundle(wt)  # one state per band from here on
     if momentum is not None:
         momentum = (g.bundle(momentum[0]), *momentum[1:])

@@ -11,6 +11,7 @@ trees of fixed shape and order (``tree_reduce``, ``reduce_to_fanin``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import operator
@@ -163,6 +164,36 @@ def _loose_restrictions_plugin():
     return LooseRestrictions()
 
 
+def _pause_memory_manager(client) -> bool:
+    """Stop the scheduler's Active Memory Manager while dasknmf fits; True when it was running.
+
+    dasknmf places each task with its data and chains tasks along rows and columns. The AMM's
+    ReduceReplicas drops the extra copies of a value that two workers hold — and the copy it
+    drops may be the producer's, whose later tasks in a chain (not yet running, so not counted
+    as needing it) then fetch it back: on a 2-D fit with extrapolation every pushed H block
+    crossed twice, 2.2× the bytes between workers of the cost model (measured in
+    ``bench_scale.py --two-d``; with the AMM stopped, the model's). ``FutureOps.close`` starts it
+    again."""
+    try:
+        if not client.amm.running():
+            return False
+        client.amm.stop()
+    except Exception as error:  # an older or a remote scheduler without it
+        logger.info("Could not stop the Active Memory Manager: %s", error)
+        return False
+    return True
+
+
+def _steal_none_of(names: list[str], dask_scheduler=None) -> None:
+    """On the scheduler: work stealing passes over the tasks named ``names`` (the prefixes
+    it takes for tasks too short to move). dasknmf places a task with its block of X, its
+    band's W and the sums it continues; stolen by an idle worker, it takes them along — on a
+    2-D fit, 1.3× the bytes of the cost model with stealing on (``bench_scale.py --two-d``)."""
+    from distributed import stealing
+
+    stealing.fast_tasks.update(names)
+
+
 #: ``FutureOps.map`` submits more tasks than this as one graph (building it costs the driver
 #: more than a few submissions).
 ONE_GRAPH_ABOVE = 64
@@ -186,12 +217,16 @@ class FutureOps:
             client.register_plugin(_loose_restrictions_plugin(), name="dasknmf-loose-restrictions")
         except Exception as error:  # e.g. a remote scheduler without dasknmf installed
             logger.warning("Could not register dasknmf's scheduler plugin: %s", error)
+        self._amm_paused = _pause_memory_manager(client)
+        self._pinned: set[str] | None = set()  # None: the scheduler cannot be told
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
         """One task per item; ``workers[i]``, if given, is where item i's task should run.
         Submitted as one graph: a submission per task costs the scheduler a message each,
         and thousands of them (a pass over 10,000 panels) kept its event loop so busy that the
         client's connection timed out."""
+        if workers is not None:
+            self._never_steal(fn)
         if len(items) > ONE_GRAPH_ABOVE:
             tasks = DaskOps().map(fn, items, *common, workers=workers)
             return self.client.compute(tasks, optimize_graph=False)
@@ -257,8 +292,24 @@ class FutureOps:
             for token, f in zip(tokens, parked, strict=True)
         ]
 
+    def _never_steal(self, fn: Callable) -> None:
+        """Tell the scheduler never to steal the tasks of ``fn``, which run where their data
+        is (``_steal_none_of``)."""
+        name = dask.utils.funcname(fn)
+        if self._pinned is None or name in self._pinned:
+            return
+        try:
+            self.client.run_on_scheduler(_steal_none_of, [name])
+        except Exception as error:  # e.g. a remote scheduler without dasknmf installed
+            logger.info("Could not keep the scheduler from stealing placed tasks: %s", error)
+            self._pinned = None
+            return
+        self._pinned.add(name)
+
     def close(self) -> None:
-        pass
+        if self._amm_paused:
+            with contextlib.suppress(Exception):  # the cluster may be gone already
+                self.client.amm.start()
 
 
 class StateLostError(RuntimeError):

@@ -110,6 +110,30 @@ def test_a_masked_block_fit_on_a_cluster_equals_it_in_memory_and_resumes(cluster
     assert resumed.loss_history_ == reference.loss_history_
 
 
+def test_data_crosses_between_workers_once_as_the_cost_model_says(cluster, X):
+    """On a cluster the 2-D tasks run where their data is: W (the bands' states) never moves,
+    and each pushed H block and each column's partial sums cross to the other worker once —
+    not again because the scheduler stole a task or dropped the producer's copy (both are
+    held off during a fit: the memory manager restarts after it)."""
+    from dask.utils import key_split
+
+    def received(dask_worker):
+        return [key for t in dask_worker.transfer_incoming_log for key in t["keys"]]
+
+    cluster.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
+    settings = dict(layout="blocks", panel_bytes=FEW_BLOCKS, extrapolate=True, cache=True)
+    _fit(da.from_array(X, chunks=(40, 45)), **settings)
+    assert cluster.amm.running()  # started again when the fit ended
+    keys = [key for keys in cluster.run(received).values() for key in keys]
+    moved = {}
+    for key in keys:
+        moved.setdefault(key_split(key), []).append(key)
+    assert "band_cross" not in moved and "band_w_step" not in moved
+    n_iter, n_cols = KWARGS["max_iter"], 3  # FEW_BLOCKS: 4 × 3 blocks, in 2 bands
+    for name in ("pushed_block", "band_partial"):
+        assert len(moved[name]) == len(set(moved[name])) == n_iter * n_cols, name
+
+
 def test_extrapolation_gives_way_where_its_copies_do_not_fit_the_workers(cluster, X, caplog):
     """Extrapolation keeps four copies of W and H (pushed and plain W, H, the H before), a
     plain fit two: on workers that hold two but not four, 'auto' fits without it (and says
