@@ -281,6 +281,9 @@ class FutureOps:
             if future.status == "error":
                 future.result()  # the error of the value's own task
         holders = self.client.who_has(parked)
+        # A task with no inputs is the first that work stealing moves to an idle worker, where
+        # the value is not: it would fail as if the value's worker had died.
+        self._never_steal(_pick_up)
         return [
             self.client.submit(
                 _pick_up,

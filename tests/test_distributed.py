@@ -114,6 +114,25 @@ def test_fits_on_one_client_register_the_scheduler_plugin_once(cluster):
     assert plugins.count("dasknmf-loose-restrictions") == 1
 
 
+def test_placed_tasks_are_never_stolen_and_the_memory_manager_is_restored(cluster, monkeypatch):
+    """The tasks a fit places with their data — and ``_pick_up``, which takes a detached value
+    back on the worker that holds it (stolen, it failed as if that worker had died: the
+    out-of-core MiniBatchNMF benchmark did so) — are never stolen; the Active Memory Manager,
+    stopped while the fit runs, runs again after it."""
+    monkeypatch.setattr(engine, "LINEAGE_EVERY", 2)  # detach every other iteration
+    X = da.from_array(low_rank(400, 20, 2), chunks=(100, 20))
+    assert cluster.amm.running()
+    NMF(2, init="random", random_state=0, max_iter=5, tol=0).fit(X)
+    assert cluster.amm.running()
+
+    def never_stolen(dask_scheduler):
+        from distributed import stealing
+
+        return {"extrapolated_shard_step", "_pick_up"} <= stealing.fast_tasks
+
+    assert cluster.run_on_scheduler(never_stolen)
+
+
 @pytest.mark.parametrize(
     "settings",
     [
