@@ -122,6 +122,12 @@ def _loose_restrictions_plugin():
         restrictions mean, whenever a worker joins or turns to 'running': a restarted worker
         may register while still starting up and run only later, when ``add_worker`` has
         already passed (a fit then hung in one of about ten runs of the all-workers-killed test).
+
+        ``_pick_up`` (``FutureOps.detach``) is pinned strictly: with loose restrictions it ran
+        on the other worker while its own was paused (memory), where the value is not, and
+        failed as if that worker had died. When the worker it is pinned to has left, this
+        loosens it, so that it runs elsewhere and fails (the fit then restarts from its
+        checkpoint) rather than waiting for ever.
         """
 
         name = "dasknmf-loose-restrictions"
@@ -131,6 +137,9 @@ def _loose_restrictions_plugin():
             self.scheduler = scheduler
 
         def add_worker(self, scheduler, worker):
+            self._unpin_soon(scheduler, worker)
+
+        def remove_worker(self, scheduler, worker, **kwargs):
             self._unpin_soon(scheduler, worker)
 
         def log_event(self, topic, msg):
@@ -153,6 +162,11 @@ def _loose_restrictions_plugin():
                 return
             stuck = []
             for ts in scheduler.unrunnable:
+                gone = (
+                    ts.worker_restrictions and not ts.worker_restrictions & scheduler.workers.keys()
+                )
+                if ts.prefix.name == "pick_up" and gone:  # ``_pick_up``'s key prefix
+                    ts.loose_restrictions = True
                 valid = scheduler.valid_workers(ts)
                 if ts.loose_restrictions and valid is not None and not valid:
                     stuck.append(ts.key)
@@ -290,7 +304,9 @@ class FutureOps:
                 token,
                 pure=False,
                 workers=sorted(holders[f.key])[:1] or None,
-                allow_other_workers=True,  # gone: fail (StateLostError), don't wait for it
+                # Strictly there, even while its worker is paused; if that worker leaves,
+                # ``LooseRestrictions`` lets it run elsewhere and fail (StateLostError).
+                allow_other_workers=False,
             )
             for token, f in zip(tokens, parked, strict=True)
         ]
@@ -298,7 +314,7 @@ class FutureOps:
     def _never_steal(self, fn: Callable) -> None:
         """Tell the scheduler never to steal the tasks of ``fn``, which run where their data
         is (``_steal_none_of``)."""
-        name = dask.utils.funcname(fn)
+        name = dask.utils.key_split(dask.utils.funcname(fn))  # the prefix of its tasks' keys
         if self._pinned is None or name in self._pinned:
             return
         try:

@@ -128,7 +128,7 @@ def test_placed_tasks_are_never_stolen_and_the_memory_manager_is_restored(cluste
     def never_stolen(dask_scheduler):
         from distributed import stealing
 
-        return {"extrapolated_shard_step", "_pick_up"} <= stealing.fast_tasks
+        return {"extrapolated_shard_step", "pick_up"} <= stealing.fast_tasks  # key prefixes
 
     assert cluster.run_on_scheduler(never_stolen)
 
@@ -203,3 +203,51 @@ def test_the_scheduler_holds_no_more_tasks_after_500_iterations_than_after_50(cl
     early = max(counts[i] for i in range(41, 61))
     late = max(counts[i] for i in range(481, 501))
     assert late <= early + 10, (early, late)
+
+
+def test_a_detached_value_waits_for_its_paused_worker(cluster, monkeypatch):
+    """A value put aside on a worker (``FutureOps.detach``) is taken back there even while
+    that worker is paused (memory): it waits for it, where it once ran on the other worker
+    and failed as if the value's worker had died."""
+    import time
+
+    from distributed import wait
+    from distributed.core import Status
+
+    from dasknmf.ops import FutureOps
+
+    workers = sorted(cluster.scheduler_info()["workers"])
+    values = [
+        cluster.submit(np.arange, 10 + i, workers=[w], pure=False) for i, w in enumerate(workers)
+    ]
+    wait(values)
+    ops = FutureOps(cluster)
+    who_has = cluster.who_has
+
+    def set_status(status, dask_worker):
+        # The memory monitor would resume a worker paused below its memory threshold.
+        manager = dask_worker.memory_manager
+        if status == Status.paused:
+            manager.saved_pause, manager.memory_pause_fraction = (
+                manager.memory_pause_fraction,
+                False,
+            )
+        else:
+            manager.memory_pause_fraction = manager.saved_pause
+        dask_worker.status = status
+
+    def pause_first_then_who_has(futures):
+        cluster.run(set_status, Status.paused, workers=workers[:1])
+        return who_has(futures)
+
+    monkeypatch.setattr(cluster, "who_has", pause_first_then_who_has)
+    try:
+        detached = ops.detach(values)
+        wait(detached[1:])
+        time.sleep(1)
+        assert detached[0].status == "pending"  # not run on the other worker
+    finally:
+        cluster.run(set_status, Status.running, workers=workers[:1])
+        ops.close()
+    np.testing.assert_array_equal(detached[0].result(), np.arange(10))
+    np.testing.assert_array_equal(detached[1].result(), np.arange(11))
