@@ -432,7 +432,12 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
         n_iter=result.n_iter,
         loss_history=list(result.history.loss),
         reconstruction_err=float(np.sqrt(2 * max(value, 0.0))),
-        layout={"scheme": "blocks", "blocks": shape, "cached": bool(grid.cached)},
+        layout={
+            "scheme": "blocks",
+            "blocks": shape,
+            "cached": bool(grid.cached),
+            "extrapolated": bool(objective.extrapolate),  # 'auto' may give way (memory)
+        },
         **_errors(result, stats),
     )
 
