@@ -198,6 +198,11 @@ def _pause_memory_manager(client) -> bool:
     return True
 
 
+#: Per scheduler address, the task prefixes it has been told never to steal (``_steal_none_of``):
+#: a round trip per name and scheduler, not per fit.
+_NEVER_STOLEN: dict[str, set[str] | None] = {}
+
+
 def _steal_none_of(names: list[str], dask_scheduler=None) -> None:
     """On the scheduler: work stealing passes over the tasks named ``names`` (the prefixes
     it takes for tasks too short to move). dasknmf places a task with its block of X, its
@@ -232,7 +237,9 @@ class FutureOps:
         except Exception as error:  # e.g. a remote scheduler without dasknmf installed
             logger.warning("Could not register dasknmf's scheduler plugin: %s", error)
         self._amm_paused = _pause_memory_manager(client)
-        self._pinned: set[str] | None = set()  # None: the scheduler cannot be told
+        # The prefixes this scheduler already never steals (once told, it keeps them); None:
+        # it cannot be told.
+        self._pinned = _NEVER_STOLEN.setdefault(client.scheduler.address, set())
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
         """One task per item; ``workers[i]``, if given, is where item i's task should run.
@@ -321,7 +328,7 @@ class FutureOps:
             self.client.run_on_scheduler(_steal_none_of, [name])
         except Exception as error:  # e.g. a remote scheduler without dasknmf installed
             logger.info("Could not keep the scheduler from stealing placed tasks: %s", error)
-            self._pinned = None
+            _NEVER_STOLEN[self.client.scheduler.address] = self._pinned = None
             return
         self._pinned.add(name)
 
