@@ -126,11 +126,6 @@ def plain_rows(state) -> tuple:
     return tuple(_block_of(w, True) for w in state)
 
 
-def pushed_block(h, previous, control) -> np.ndarray:
-    """Column block j of the H an extrapolated iteration uses (``steps.pushed_h``)."""
-    return steps.pushed_h(steps.h_array(h), steps.h_array(previous), control)
-
-
 def band_partial(objective: Objective, h, state, total, xs: tuple):
     """``block_partial`` down the rows of a band: column j's sums so far plus the band's."""
     for w_out, x in zip(state, xs, strict=True):

@@ -104,8 +104,7 @@ def iterate(
         plains, h_previous, control = momentum
         h_start = h
         h = [
-            _on_h(g, block_steps.pushed_block, *pair, control)
-            for pair in zip(h, h_previous, strict=True)
+            _on_h(g, steps.pushed_block, *pair, control) for pair in zip(h, h_previous, strict=True)
         ]
         summary = first_summary(g, objective, h)
         extra = [(p,) for p in plains]

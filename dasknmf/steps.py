@@ -366,8 +366,13 @@ def extrapolated_h_step(
     objective: Objective, order, block: int, picks, h, h_previous, control, *containers
 ):
     """``h_step`` from the pushed H block (see ``extrapolated_shard_step``)."""
-    start = pushed_h(h_array(h), h_array(h_previous), control)
+    start = pushed_block(h, h_previous, control)
     return h_step(objective, order, block, picks, start, *containers)
+
+
+def pushed_block(h, previous, control) -> np.ndarray:
+    """``pushed_h`` of a column block of H held either way (see ``h_array``)."""
+    return pushed_h(h_array(h), h_array(previous), control)
 
 
 def component_sq_norms(factor) -> np.ndarray:
