@@ -206,7 +206,7 @@ def _write_coordinates(stream, shape, dtype, dst, overwrite: bool, unique=None, 
             np.add.at(position, rows, 1)
         check_matrix_dtype(dtype, "the entries")
         with atomic_path(dst, overwrite) as out:
-            writer = csr.Writer(out, n_cols, dtype)
+            writer = csr.Writer(out, n_cols, dtype, shape=(n_rows, total))
             rows_per_block = max(1, n_rows * DEFAULT_CHUNK_BYTES // max(1, total * 16))
             for start in range(0, n_rows, rows_per_block):
                 stop = min(start + rows_per_block, n_rows)
@@ -261,8 +261,8 @@ def _convert_h5ad(src: pathlib.Path, dst: storage.Location, overwrite: bool):
         n_rows, n_cols = (int(s) for s in node.attrs["shape"])
         indptr = node["indptr"][...]
         with atomic_path(dst, overwrite) as out:
-            writer = csr.Writer(out, n_cols, node["data"].dtype)
             nnz = max(1, int(indptr[-1]))
+            writer = csr.Writer(out, n_cols, node["data"].dtype, shape=(n_rows, nnz))
             rows = max(1, n_rows * DEFAULT_CHUNK_BYTES // (nnz * 16))
             for start in range(0, n_rows, rows):
                 stop = min(start + rows, n_rows)

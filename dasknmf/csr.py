@@ -27,6 +27,13 @@ ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 ENTRIES_PER_CHUNK = 1 << 22
 
 
+def chunk_entries(entries: int | None) -> int:
+    """Entries per chunk of an array that will hold ``entries`` (None: unknown): a small array
+    is one chunk of its own size, since reading a chunk decodes all of it (a 4-Mi-entry chunk
+    of strings holding 30 ids took 0.9 s to read)."""
+    return ENTRIES_PER_CHUNK if entries is None else max(1, min(ENTRIES_PER_CHUNK, int(entries)))
+
+
 def is_csr_group(node) -> bool:
     return isinstance(node, zarr.Group) and node.attrs.get("encoding-type") == "csr_matrix"
 
@@ -145,16 +152,19 @@ class Writer:
     ``storage.Location`` or anything ``zarr.open_group`` takes). Every chunk is stored and
     counted (``storage.CHUNKS_ATTRIBUTE``), so that one missing later is an error."""
 
-    def __init__(self, where, n_cols: int, dtype, index_dtype=np.int64):
+    def __init__(self, where, n_cols: int, dtype, index_dtype=np.int64, shape=None):
+        """``shape``, if known: (rows, stored entries) of the whole matrix, to size the chunks of
+        a small one to it (``chunk_entries``)."""
+        rows, entries = (None, None) if shape is None else shape
         store = where.store() if isinstance(where, storage.Location) else str(where)
         self.group = zarr.open_group(store=store, mode="w")
         self.n_cols = int(n_cols)
         self.n_rows = 0
         self.nnz = 0
         for name, kind, chunks in (
-            ("data", dtype, ENTRIES_PER_CHUNK),
-            ("indices", index_dtype, ENTRIES_PER_CHUNK),
-            ("indptr", np.int64, ENTRIES_PER_CHUNK),
+            ("data", dtype, chunk_entries(entries)),
+            ("indices", index_dtype, chunk_entries(entries)),
+            ("indptr", np.int64, chunk_entries(None if rows is None else rows + 1)),
         ):
             self.group.create_array(
                 name,
@@ -217,7 +227,7 @@ def write_ids(where, row_ids: np.ndarray, col_ids: np.ndarray, names) -> None:
             name,
             shape=ids.shape,
             dtype=dtype,
-            chunks=(ENTRIES_PER_CHUNK,),
+            chunks=(chunk_entries(ids.size),),
             config=storage.complete_chunks_config(),
         )
         array[:] = ids

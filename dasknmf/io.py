@@ -313,7 +313,8 @@ def save_matrix(
     target = storage.location(path, storage_options)
     if _is_sparse(X):
         with storage.atomic(target, overwrite) as tmp:
-            writer = csr.Writer(tmp, X.shape[1], X.dtype)
+            size = None if isinstance(X, da.Array) else (X.shape[0], X.nnz)
+            writer = csr.Writer(tmp, X.shape[1], X.dtype, shape=size)
             for block in csr.row_blocks(X, _sparse_block_rows(X)):
                 writer.append(block)
             writer.close()

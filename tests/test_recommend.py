@@ -152,6 +152,10 @@ def test_records_become_a_store_of_exactly_those_entries(tmp_path):
     expected = np.array([[3.5, 0, 5], [0, 0, 2], [4, 0, 0], [0, 1, 0]])
     np.testing.assert_array_equal(X.toarray(), expected)
     assert X.nnz == 6  # the rating 0 of (u2, fig) is stored: an observed zero
+    # A small store's arrays are one chunk of their own size (a chunk is decoded whole).
+    group = zarr.open_group(str(path), mode="r")
+    sizes = {name: group[name].chunks for name in ("data", "indptr", "row_ids", "col_ids")}
+    assert sizes == {"data": (6,), "indptr": (5,), "row_ids": (4,), "col_ids": (3,)}
     # Integer ids are kept as integers, sorted as numbers; Parquet reads the same.
     import pandas as pd
 

@@ -10,7 +10,7 @@ import zarr
 from sklearn.decomposition import NMF as SklearnNMF
 from sklearn.exceptions import ConvergenceWarning
 
-from dasknmf import NMF, open_matrix, save_matrix
+from dasknmf import NMF, csr, open_matrix, save_matrix
 
 
 def _counts(m=600, n=120, density=0.08, seed=0):
@@ -30,6 +30,8 @@ def test_csr_round_trip_in_anndata_encoding(tmp_path):
         "encoding-version": "0.1.0",
         "shape": [600, 120],
     }
+    # Chunks sized to the matrix where it is known to be small (a chunk is decoded whole).
+    assert group["data"].chunks == (X.nnz,) and group["indptr"].chunks == (601,)
     opened = open_matrix(path, panel_bytes=2000)
     assert sp.issparse(opened._meta) and opened.numblocks[0] > 3
     assert abs(opened.compute() - X).max() == 0
@@ -39,6 +41,8 @@ def test_a_sparse_dask_array_is_written_block_by_block(tmp_path, sync_scheduler)
     source = da.from_array(X, chunks=(100, 60), asarray=False)  # 2-D blocks of CSR
     path = save_matrix(tmp_path / "x.zarr", source)
     assert abs(open_matrix(path).compute() - X).max() == 0
+    # Its size is not known before it is written: chunks of the default size.
+    assert zarr.open_group(str(path), mode="r")["data"].chunks == (csr.ENTRIES_PER_CHUNK,)
 
 
 def test_anndata_reads_what_we_write_and_we_read_what_anndata_writes(tmp_path):
