@@ -165,7 +165,8 @@ class NMF(RecommenderMixin, BaseNMF):
         How X was cut into the tasks' units: ``scheme`` "rows" (row panels of X), "columns"
         (row panels of Xᵀ, for a wide X) or "blocks" (2-D), the number of ``panels`` (or of
         ``blocks``, rows × columns), and whether they were ``cached`` in memory or read from
-        their source in every iteration.
+        their source in every iteration; ``stacked``, for many tiny row panels, how many
+        consecutive panels a task updates at once (``dasknmf.group-bytes``).
     W_ : ndarray or dask.array.Array of shape (n_samples, n_components)
         W of the fit (what ``fit_transform`` returned): numpy for in-memory input, a Dask array
         backed by blocks on the cluster for Dask input, a lazy Dask array reading the store

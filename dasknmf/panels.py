@@ -91,11 +91,14 @@ class Panels:
     shard_bounds: list[int] = field(default_factory=list)
     level: int = 0  # shards start at multiples of split_every**level panels
     split_every: int = 8
+    group: int = 0  # tasks update runs of split_every**group panels at once (``group_level``)
 
     def __post_init__(self):
         if not self.shard_bounds:
             self.split_every = max(2, int(dask.config.get("dasknmf.split-every")))
-            self.level, self.shard_bounds = shard_layout(self.row_sizes, 1, self.split_every)
+            row_nbytes = self.shape[1] * np.dtype(self.dtype).itemsize
+            self.group = group_level(self.row_sizes, row_nbytes, self.split_every)
+            self.shard(1)
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any) -> list:
         """``ops.map`` over the panels (one item per panel), each task placed with its panel."""
@@ -106,14 +109,17 @@ class Panels:
         return list(itertools.pairwise(self.shard_bounds))
 
     @property
-    def tree(self) -> tuple[int, int]:
-        """``(level, split_every)``: where the shards' subtrees of the reduction end."""
-        return self.level, self.split_every
+    def tree(self) -> tuple[int, int, int]:
+        """``(level, split_every, group)``: where the shards' subtrees of the reduction end,
+        and the level of the groups of panels a task updates at once."""
+        return self.level, self.split_every, self.group
 
     def shard(self, n_slots: int, workers: Sequence[str] | None = None) -> None:
         """Cut the panels into shards for ``n_slots`` tasks at once (on ``workers``, one entry
         per slot, if given: each panel is then placed with its shard)."""
-        self.level, self.shard_bounds = shard_layout(self.row_sizes, n_slots, self.split_every)
+        self.level, self.shard_bounds = shard_layout(
+            self.row_sizes, n_slots, self.split_every, self.group
+        )
         if workers:
             n_shards = len(self.shard_bounds) - 1
             self.locations = [
@@ -151,12 +157,12 @@ class Panels:
         self.ops.close()
 
 
-def shard_layout(row_sizes: Sequence[int], n_slots: int, split_every: int):
+def shard_layout(row_sizes: Sequence[int], n_slots: int, split_every: int, group: int = 0):
     """Shards for ``n_slots`` tasks at once: ``(level, bounds)``, the panels cut at multiples
-    of split_every**level (``ops.shard_level``) into at most ``n_slots`` runs balanced by rows.
-    The bounds are panel indices."""
+    of split_every**level (``ops.shard_level``, and at least ``group``: a shard holds whole
+    groups) into at most ``n_slots`` runs balanced by rows. The bounds are panel indices."""
     n_panels = len(row_sizes)
-    level = shard_level(n_panels, n_slots, split_every)
+    level = max(group, shard_level(n_panels, n_slots, split_every))
     starts = list(range(0, n_panels, split_every**level))
     rows_before = np.cumsum([0, *row_sizes])
     n_shards = min(n_slots, len(starts))
@@ -165,6 +171,28 @@ def shard_layout(row_sizes: Sequence[int], n_slots: int, split_every: int):
         g for g, before, now in zip(starts[1:], owner, owner[1:], strict=False) if now != before
     ]
     return level, [0, *bounds, n_panels]
+
+
+#: Groups of panels (``group_level``) are made only while at least this many remain, so that
+#: shards of whole groups still spread over many workers.
+MIN_GROUPS = 16
+
+
+def group_level(row_sizes: Sequence[int], row_nbytes: int, split_every: int) -> int:
+    """The level g of the reduction tree whose subtrees — aligned runs of split_every**g
+    consecutive panels — a task updates at once, as one stacked panel: the deepest whose runs
+    hold at most ``dasknmf.group-bytes`` (dense bytes) and that leaves ``MIN_GROUPS`` of them;
+    0 (each panel alone) for panels of ordinary size. Fixed by the panels alone, so the
+    factors are the same bits in memory and on any number of workers."""
+    budget = get_bytes("dasknmf.group-bytes")
+    largest = max(row_sizes, default=0) * row_nbytes
+    level = 0
+    while (
+        split_every ** (level + 1) * largest <= budget
+        and math.ceil(len(row_sizes) / split_every ** (level + 1)) >= MIN_GROUPS
+    ):
+        level += 1
+    return level
 
 
 def tuple_of(*blocks) -> tuple:

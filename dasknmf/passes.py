@@ -8,9 +8,15 @@ import numpy as np
 
 from dasknmf import divergence, kernels, masked
 from dasknmf._blas import pin_worker_blas
-from dasknmf.shards import Subtrees, shard_blocks, shard_panels
+from dasknmf.shards import (
+    Subtrees,
+    groups,
+    shard_blocks,
+    shard_panels,
+    stacked_columns,
+)
 from dasknmf.solvers import get_solver, mu
-from dasknmf.steps import _TINY, Objective, _dot64, panel_data
+from dasknmf.steps import _TINY, Objective, _dot64, panel_data, stacked_panels
 
 # Layout of the vector of ``final_stats``.
 F_DIV, F_SUM_W, F_SQ_W = range(3)
@@ -55,10 +61,11 @@ def final_stats(beta: float, h: np.ndarray, x, wt: np.ndarray, masked_loss=False
 
 
 def shard_final_stats(objective: Objective, tree, h: np.ndarray, state, *data) -> tuple:
-    """``final_stats`` of each panel of a shard, summed into the nodes at ``tree``'s level
-    (see ``shard_step``)."""
+    """``final_stats`` of each panel (or group of panels) of a shard, summed into the nodes at
+    ``tree``'s level (see ``shard_step``)."""
     sums = Subtrees(*tree)
-    for x, wt in zip(shard_panels(data), shard_blocks(state), strict=True):
+    for xs, wts in groups(tree[1] ** tree[2], shard_panels(data), shard_blocks(state)):
+        x, wt = stacked_panels(xs)[0], stacked_columns(wts)
         if objective.replicates > 1:
             sums.add(replicate_final_stats(objective.replicates, h, x, wt))
         else:

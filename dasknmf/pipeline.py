@@ -170,7 +170,8 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
         " sparse" if parts.sparse else "",
         len(parts.items),
         "column" if transposed else "row",
-        "cached" if parts.cached or not parts.ops.is_lazy else "streamed",
+        ("cached" if parts.cached or not parts.ops.is_lazy else "streamed")
+        + (f", stacked {parts.split_every**parts.group} at a time" if parts.group else ""),
         k,
         objective.solver,
         objective.beta,
@@ -231,6 +232,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             "scheme": "columns" if transposed else "rows",
             "panels": len(parts.items),
             "cached": bool(parts.cached or not parts.ops.is_lazy),
+            **({"stacked": parts.split_every**parts.group} if parts.group else {}),
         },
         **_errors(result, stats),
     )

@@ -13,7 +13,11 @@ number of workers and in memory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
 
 
 class ShardOut(NamedTuple):
@@ -45,6 +49,36 @@ def shard_panels(data: tuple) -> tuple:
     return data[0] if len(data) == 1 and isinstance(data[0], tuple) else data
 
 
+def groups(size: int, *runs: Sequence):
+    """The runs side by side in consecutive pieces of ``size`` (the last may be shorter): the
+    groups of panels that a task updates as one (``stacked_rows``), an aligned run of
+    split_every**g panels, g the ``tree``'s third entry (``panels.group_level``)."""
+    for start in range(0, len(runs[0]), size):
+        yield tuple(run[start : start + size] for run in runs)
+
+
+def stacked_rows(panels: Sequence):
+    """Consecutive row panels as one (the panel itself when alone)."""
+    if len(panels) == 1:
+        return panels[0]
+    if sp.issparse(panels[0]):
+        return sp.vstack(panels, format="csr")
+    return np.concatenate(panels, axis=0)
+
+
+def stacked_columns(blocks: Sequence) -> np.ndarray:
+    """Blocks of Wᵀ (component-major) of consecutive panels as one (the block when alone)."""
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+
+
+def split_columns(block: np.ndarray, sizes: Sequence[int]) -> tuple:
+    """A stacked block of Wᵀ cut back into the panels' blocks of ``sizes`` rows of W."""
+    if len(sizes) == 1:
+        return (block,)
+    ends = np.cumsum(sizes).tolist()
+    return tuple(block[:, end - size : end] for end, size in zip(ends, sizes, strict=True))
+
+
 class Subtrees:
     """Sums of consecutive leaves in groups of ``split_every``, level by level up to ``level``,
     as ``ops.tree_reduce`` forms them, fed one leaf at a time: the nodes at ``level`` of the
@@ -52,12 +86,14 @@ class Subtrees:
     Holds at most ``level`` partial sums; ``combine`` defaults to ``sum_in_order`` (whose
     running sum gives the same bits as summing a whole group at once)."""
 
-    def __init__(self, level: int, split_every: int):
+    def __init__(self, level: int, split_every: int, group: int = 0):
         self.level, self.split_every = level, split_every
+        self.group = group  # the level of the nodes ``add`` is fed by default (stacked groups)
         self._sums: list = [None] * level  # (count, running sum) per level below ``level``
         self.nodes: list = []
 
-    def add(self, node, at: int = 0) -> None:
+    def add(self, node, at: int | None = None) -> None:
+        at = self.group if at is None else at
         while at < self.level:
             count, total = self._sums[at] or (0, None)
             total = _copy(node) if total is None else _add_to(total, node)

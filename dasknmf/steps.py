@@ -27,9 +27,13 @@ from dasknmf.objective import Objective
 from dasknmf.shards import (
     ShardOut,
     Subtrees,
+    groups,
     picked,
     shard_blocks,
     shard_panels,
+    split_columns,
+    stacked_columns,
+    stacked_rows,
     sum_in_order,
 )
 from dasknmf.solvers import extrapolation, mu
@@ -117,22 +121,35 @@ def _leaf(out) -> tuple:
 
 
 def shard_step(objective: Objective, order, col_bounds, tree, h_blocks, state, *data):
-    """The one task per shard and iteration: ``_panel_step`` on each of its panels in order.
+    """The one task per shard and iteration: ``_panel_step`` on each of its panels in order,
+    or on each group of them stacked (``stacked_panels``).
 
-    ``tree`` is ``(level, split_every)``: the shard's panels start at a multiple of
+    ``tree`` is ``(level, split_every, group)``: the shard's panels start at a multiple of
     split_every**level, and it returns the nodes at ``level`` of the tree of H partials
-    (``Subtrees``), so that the sums equal those of a tree over all panels, wherever the
-    shards run. H·Hᵀ is formed here rather than passed in, so that the task depends only on
-    the H blocks of the previous iteration. Returns a ``ShardOut``.
+    (``Subtrees``), so that the sums equal those of a tree over all panels (whose leaves are
+    the groups of split_every**group panels), wherever the shards run. H·Hᵀ is formed here
+    rather than passed in, so that the task depends only on the H blocks of the previous
+    iteration. Returns a ``ShardOut``.
     """
     pin_worker_blas()
     h = full_width(h_blocks)
     sums, blocks = Subtrees(*tree), []
-    for x, wt in zip(shard_panels(data), shard_blocks(state), strict=True):
-        out = _panel_step(objective, order, col_bounds, h, x, wt)
-        blocks.append(out[0])
+    for xs, wts in groups(tree[1] ** tree[2], shard_panels(data), shard_blocks(state)):
+        x, sizes = stacked_panels(xs)
+        out = _panel_step(objective, order, col_bounds, h, x, stacked_columns(wts))
+        blocks.extend(split_columns(out[0], sizes))
         sums.add(_leaf(out))
     return ShardOut(tuple(blocks), sums.finish())
+
+
+def stacked_panels(panels: Sequence) -> tuple:
+    """The data of a group of consecutive panels as one panel (read now, if streamed), and
+    the panels' numbers of rows."""
+    if len(panels) == 1:
+        x = panel_data(panels[0])
+        return x, [x.shape[0]]
+    arrays = [x.read() if isinstance(x, StreamedPanel) else x for x in panels]
+    return panel_data(stacked_rows(arrays)), [x.shape[0] for x in arrays]
 
 
 def extrapolated_shard_step(
@@ -158,14 +175,16 @@ def extrapolated_shard_step(
     pin_worker_blas()
     h = pushed_h(full_width(h_blocks), full_width(h_previous), control)
     sums, blocks, plains = Subtrees(*tree), [], []
-    plain = shard_blocks(plain_state, plain=True)
-    panels = zip(shard_panels(data), shard_blocks(state), plain, strict=True)
-    for x, wt, wt_plain in panels:
-        wt, wt_plain = (extrapolation.rescaled(w, control.scale) for w in (wt, wt_plain))
+    runs = (shard_panels(data), shard_blocks(state), shard_blocks(plain_state, plain=True))
+    for xs, wts, wts_plain in groups(tree[1] ** tree[2], *runs):
+        x, sizes = stacked_panels(xs)
+        wt, wt_plain = (
+            extrapolation.rescaled(stacked_columns(w), control.scale) for w in (wts, wts_plain)
+        )
         start = wt_plain if control.restart else wt
         out = _panel_step(objective, order, col_bounds, h, x, start, push=(wt_plain, control.beta))
-        blocks.append(out[0])
-        plains.append(out[-1])
+        blocks.extend(split_columns(out[0], sizes))
+        plains.extend(split_columns(out[-1], sizes))
         sums.add(_leaf(out[:-1]))
     return ShardOut(tuple(blocks), sums.finish(), tuple(plains))
 

@@ -144,7 +144,8 @@ def test_placed_tasks_are_never_stolen_and_the_memory_manager_is_restored(cluste
 def test_shards_give_the_same_factors_on_any_number_of_workers(settings):
     """60 panels of 5 rows and a fan-in of 3: shards of whole subtrees (one task per worker
     thread and iteration) on 1, 2 and 3 worker processes and on one worker with 3 threads give
-    the in-memory factors bit for bit; with 2 column blocks of H for KL."""
+    the in-memory factors bit for bit; for Frobenius the panels are updated 3 at a time,
+    stacked; for KL one by one (``dasknmf.group-bytes`` 0), with 2 column blocks of H."""
     X = low_rank(300, 40, 4)
     # Row panels forced: under 'auto' a KL fit whose rows do not fit the budget takes 2-D blocks
     # (tests/test_blocks.py holds their bits on clusters).
@@ -153,8 +154,9 @@ def test_shards_give_the_same_factors_on_any_number_of_workers(settings):
     )
     kwargs.update(settings)
     config = {"dasknmf.split-every": 3}
-    if "beta_loss" in settings:
-        config["dasknmf.h-block-bytes"] = 4 * 20 * 8
+    stacked = "beta_loss" not in settings
+    if not stacked:
+        config.update({"dasknmf.h-block-bytes": 4 * 20 * 8, "dasknmf.group-bytes": 0})
     with dask.config.set(config):
         reference = NMF(**kwargs)
         W_ref = reference.fit_transform(X)
@@ -173,9 +175,38 @@ def test_shards_give_the_same_factors_on_any_number_of_workers(settings):
                 W = model.fit_transform(Xd).compute()
             where = f"{n_workers} workers x {threads} threads"
             assert model.layout_["panels"] == 60
+            assert model.layout_.get("stacked") == (3 if stacked else None)
             np.testing.assert_array_equal(model.components_, reference.components_, err_msg=where)
             np.testing.assert_array_equal(W, W_ref, err_msg=where)
             assert model.loss_history_ == reference.loss_history_, where
+
+
+def test_stacked_tiny_panels_streamed_from_a_store_equal_them_cached(cluster, tmp_path):
+    """A CSR store in 64 panels of 2 rows, read by the shard tasks in every iteration and
+    updated 4 at a time, stacked (a fan-in of 4), gives the factors of the same panels kept on
+    the workers, bit for bit."""
+    import scipy.sparse as sp
+
+    from dasknmf import open_matrix
+
+    X = low_rank(128, 12, 3, seed=5)
+    X[X < np.quantile(X, 0.3)] = 0
+    data = sp.csr_array(X)
+    path = save_matrix(tmp_path / "x.zarr", data)
+    per_panel = -(-(data.nnz * 12 + 129 * 8) // 64)  # 64 panels
+    fits = []
+    with dask.config.set({"dasknmf.split-every": 4}):
+        for cache in (False, True):
+            model = NMF(3, init="random", random_state=0, tol=0, max_iter=6, cache=cache)
+            model.set_params(panel_bytes=per_panel, layout="rows")
+            W = model.fit_transform(open_matrix(path, panel_bytes=per_panel)).compute()
+            fits.append((W, model))
+            expected = {"scheme": "rows", "panels": 64, "cached": cache, "stacked": 4}
+            assert model.layout_ == expected, model.layout_
+    (W_streamed, streamed), (W_cached, cached) = fits
+    np.testing.assert_array_equal(W_streamed, W_cached)
+    np.testing.assert_array_equal(streamed.components_, cached.components_)
+    assert streamed.loss_history_ == cached.loss_history_
 
 
 def test_the_scheduler_holds_no_more_tasks_after_500_iterations_than_after_50(cluster, monkeypatch):

@@ -6,15 +6,18 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from conftest import low_rank
 
-from dasknmf import engine, init, shards, steps
+from dasknmf import NMF, engine, init, shards, steps
+from dasknmf import panels as panels_module
 from dasknmf.ops import EagerOps, continue_tree, reduce_to_fanin, tree_reduce
 from dasknmf.panels import (
     coalesce_bounds,
     column_bounds,
     dask_panels,
     even_bounds,
+    group_level,
     in_memory_panels,
     shard_layout,
     should_cache,
@@ -250,3 +253,61 @@ def test_shard_layout_balances_rows_over_the_slots():
     assert (level, bounds) == (0, [0, 1, 2, 3, 4, 5])
     assert shard_layout([10] * 10_000, 2, 8) == (3, [0, 5120, 10_000])
     assert shard_layout([100] * 2 + [1] * 30, 2, 2) == (2, [0, 4, 32])  # by rows, not panels
+    # Shards hold whole groups of stacked panels: the level is at least the groups'.
+    assert shard_layout([10] * 64, 2, 8, group=2) == (2, [0, 64])
+
+
+def test_tiny_panels_are_stacked_in_aligned_groups_that_leave_enough_of_them():
+    """``group_level``: the deepest level whose runs of split_every**g panels hold at most
+    ``dasknmf.group-bytes`` and leave ``MIN_GROUPS`` runs; 0 for panels of ordinary size."""
+    with dask.config.set({"dasknmf.group-bytes": "1MiB"}):
+        assert group_level([4] * 10_000, 400, 8) == 3  # 512 panels of 1.6 kB: 20 groups
+        assert group_level([4] * 1_000, 400, 8) == 2  # 16 groups of 64
+        assert group_level([4] * 200, 400, 8) == 1  # 64 would leave 4 groups
+        assert group_level([4] * 120, 400, 8) == 0  # 15 groups of 8: too few
+        assert group_level([4000] * 10, 400, 8) == 0  # panels of 1.6 MB go alone
+        assert group_level([], 400, 8) == 0
+    with dask.config.set({"dasknmf.group-bytes": 0}):
+        assert group_level([4] * 10_000, 400, 8) == 0  # 0 turns stacking off
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(init="nndsvda"),  # HALS with extrapolation, the default
+        dict(init="random", beta_loss="kullback-leibler", solver="mu"),
+        dict(init="random", missing="nan"),  # the masked loss
+    ],
+    ids=["frobenius", "kl", "masked"],
+)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_stacked_tiny_panels_change_only_the_rounding(settings, sparse, monkeypatch):
+    """256 panels of 2 rows are updated 8 at a time, stacked (``layout_["stacked"]``): the
+    factors are those of the panels one by one up to rounding, and the same bits on 1 thread
+    as on 3 (shards of whole groups)."""
+    X = low_rank(512, 12, 3, seed=4)
+    X[X < np.quantile(X, 0.3)] = 0
+    if sparse:
+        X = sp.csr_array(X)
+        settings = dict(settings, missing="unstored") if "missing" in settings else settings
+    elif "missing" in settings:
+        X[::7, 3] = np.nan
+    budget = -(-panels_module._nbytes(X) // 256)  # 256 panels, whatever the format
+    kwargs = dict(n_components=3, random_state=0, tol=0, max_iter=10, layout="rows")
+    fits = {}
+    for group_bytes, threads in (("1MiB", 1), ("1MiB", 3), (0, 3)):
+        monkeypatch.setattr(panels_module.os, "cpu_count", lambda t=threads: t)
+        with dask.config.set({"dasknmf.group-bytes": group_bytes}):
+            model = NMF(panel_bytes=budget, **kwargs, **settings)
+            fits[group_bytes, threads] = (model.fit_transform(X), model)
+        assert model.layout_["panels"] == 256
+        assert model.layout_.get("stacked") == (8 if group_bytes else None)
+    (W1, one), (W3, three), (W0, alone) = fits.values()
+    np.testing.assert_array_equal(W1, W3)
+    np.testing.assert_array_equal(one.components_, three.components_)
+    assert one.loss_history_ == three.loss_history_
+    assert not np.array_equal(W1, W0)  # stacked, the sums are formed in another order
+    scale = np.abs(W0).max()
+    np.testing.assert_allclose(W1, W0, rtol=0, atol=1e-9 * scale)
+    np.testing.assert_allclose(one.components_, alone.components_, rtol=1e-9, atol=1e-12)
+    assert one.reconstruction_err_ == pytest.approx(alone.reconstruction_err_, rel=1e-9)
