@@ -7,6 +7,7 @@ blocks it overlaps and keeps its rows.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import numpy as np
@@ -28,12 +29,33 @@ def seed_entropy(random_state) -> int:
 
 
 def normal_rows(entropy: int, stream: int, start: int, stop: int, width: int) -> np.ndarray:
-    """Rows ``start:stop`` of the endless (·, width) matrix of N(0, 1) draws of ``stream``."""
+    """Rows ``start:stop`` of the endless (·, width) matrix of N(0, 1) draws of ``stream``
+    (read-only: it may be a view of a block kept for the next panels)."""
     parts = []
     for block in range(start // RANDOM_BLOCK, (stop - 1) // RANDOM_BLOCK + 1):
-        seed = np.random.SeedSequence(entropy, spawn_key=(stream, block))
-        values = np.random.default_rng(seed).standard_normal((RANDOM_BLOCK, width))
+        values = _drawn_block(entropy, stream, block, width)
         first = max(start - block * RANDOM_BLOCK, 0)
         last = min(stop - block * RANDOM_BLOCK, RANDOM_BLOCK)
         parts.append(values[first:last])
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+#: The last blocks drawn are kept (up to this many bytes each) for the next panels: panels of a
+#: few rows would otherwise draw a whole block each (10,000 panels of 4 rows: 20 s of drawing).
+KEPT_BLOCK_BYTES = 4 * 2**20
+
+
+def _drawn_block(entropy: int, stream: int, block: int, width: int) -> np.ndarray:
+    if RANDOM_BLOCK * width * 8 > KEPT_BLOCK_BYTES:
+        return _draw_block(entropy, stream, block, width)
+    return _kept_block(entropy, stream, block, width)
+
+
+def _draw_block(entropy: int, stream: int, block: int, width: int) -> np.ndarray:
+    seed = np.random.SeedSequence(entropy, spawn_key=(stream, block))
+    values = np.random.default_rng(seed).standard_normal((RANDOM_BLOCK, width))
+    values.flags.writeable = False
+    return values
+
+
+_kept_block = functools.lru_cache(maxsize=4)(_draw_block)

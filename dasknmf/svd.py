@@ -70,7 +70,7 @@ def _next_z(coef: np.ndarray, dtype, block_sum) -> np.ndarray:
 
 
 def _gaussian_block(entropy: int, stream: int, width: int, dtype, start: int, stop: int):
-    return np.ascontiguousarray(normal_rows(entropy, stream, start, stop, width).T, dtype=dtype)
+    return np.array(normal_rows(entropy, stream, start, stop, width).T, dtype=dtype, order="C")
 
 
 def _orthonormalizer(gram: np.ndarray) -> np.ndarray:

@@ -37,6 +37,25 @@ def test_half_normal_rows_do_not_depend_on_how_they_are_cut():
     assert not np.array_equal(whole, init.half_normal_rows(7, 1, 0, 10000, 3))  # streams differ
 
 
+def test_panels_of_a_few_rows_share_the_block_they_draw_from(monkeypatch):
+    """The last blocks of draws are kept: 1,000 panels of 4 rows draw one block of 4,096 rows,
+    not one each, and get the numbers a fresh draw gives; a kept block is read-only; blocks
+    above ``KEPT_BLOCK_BYTES`` are drawn afresh."""
+    from dasknmf import _random
+
+    _random._kept_block.cache_clear()
+    rows = [_random.normal_rows(11, 0, 4 * i, 4 * i + 4, 3) for i in range(1000)]
+    assert _random._kept_block.cache_info().misses == 1
+    fresh = _random._draw_block(11, 0, 0, 3)[:4000]
+    np.testing.assert_array_equal(np.concatenate(rows), fresh)
+    with pytest.raises(ValueError, match="read-only"):
+        rows[0][0, 0] = 1.0
+    monkeypatch.setattr(_random, "KEPT_BLOCK_BYTES", 4096 * 3 * 8 - 1)
+    _random._kept_block.cache_clear()
+    np.testing.assert_array_equal(_random.normal_rows(11, 0, 0, 4, 3), fresh[:4])
+    assert _random._kept_block.cache_info().misses == 0
+
+
 @pytest.mark.parametrize("method", ["random", "nndsvdar"])
 def test_random_parts_do_not_depend_on_the_panels(method):
     X = low_rank(200, 30, 4)
