@@ -269,20 +269,25 @@ def dask_panels(
     sparse = sp.issparse(X._meta)
     # The size of sparse data is known after the validation pass: see ``cache_panels``.
     cached = cache is True if sparse else should_cache(X.nbytes, cache)
+    items = blocks_as_delayed(X)
     panels = Panels(
         ops=DaskOps() if client is None else FutureOps(client),
-        items=blocks_as_delayed(X),
+        items=items,
         row_bounds=bounds,
         shape=(n_rows, n_cols),
         dtype=X.dtype,
         sparse=sparse,
     )
-    _place(panels, client)
-    if cached:
-        cache_panels(panels)
-    elif client is not None:
-        # Any worker can read a panel from the source; a fixed one keeps W_i where it is.
-        panels.items = [StreamedPanel(item) for item in panels.items]
+    try:
+        _place(panels, client)
+        if cached:
+            cache_panels(panels)
+        elif client is not None:
+            # Any worker can read a panel from the source; a fixed one keeps W_i where it is.
+            panels.items = [StreamedPanel(item) for item in panels.items]
+    except BaseException:
+        panels.close()  # FutureOps stopped the cluster's memory manager: it runs again
+        raise
     return panels
 
 

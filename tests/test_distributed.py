@@ -133,6 +133,21 @@ def test_placed_tasks_are_never_stolen_and_the_memory_manager_is_restored(cluste
     assert cluster.run_on_scheduler(never_stolen)
 
 
+@pytest.mark.parametrize("layout", ["rows", "blocks"])
+def test_a_fit_that_fails_keeping_x_on_the_workers_restores_the_memory_manager(
+    cluster, tmp_path, layout
+):
+    """A block of X that cannot be read fails the fit while X is being kept on the workers
+    (before any iteration), with the read's error; the Active Memory Manager, which the fit
+    stopped, runs again."""
+    readable = da.ones((40, 6), chunks=(20, 6))
+    missing = dask.delayed(np.load)(str(tmp_path / "missing.npy"))
+    X = da.concatenate([readable, da.from_delayed(missing, shape=(20, 6), dtype=float)])
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        NMF(2, init="random", max_iter=2, cache=True, layout=layout, panel_bytes=20 * 6 * 8).fit(X)
+    assert cluster.amm.running()
+
+
 def test_shards_give_the_same_factors_on_any_number_of_workers():
     """60 panels of 5 rows and a fan-in of 3: shards of whole subtrees (one task per worker
     thread and iteration) on 1, 2 and 3 worker processes and on one worker with 3 threads give
