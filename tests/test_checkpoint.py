@@ -3,6 +3,7 @@ not fit. (Killing a real process mid-fit and resuming it: tests/test_cli.py.)"""
 
 import json
 
+import dask
 import numpy as np
 import pytest
 from conftest import low_rank
@@ -31,10 +32,18 @@ def _generations(path):
         {"extrapolate": False},
         {"solver": "mu"},
         {"solver": "mu", "beta_loss": "kullback-leibler", "alpha_W": 0.01},
+        # 40 panels of 5 rows, updated 2 at a time, stacked (a fan-in of 2)
+        {"panel_bytes": 5 * 30 * 8, "layout": "rows", "config": {"dasknmf.split-every": 2}},
     ],
-    ids=["hals", "hals-shuffle", "hals-penalized", "hals-plain", "mu", "kl"],
+    ids=["hals", "hals-shuffle", "hals-penalized", "hals-plain", "mu", "kl", "hals-stacked"],
 )
 def test_resumed_fit_is_bit_identical(X, tmp_path, settings):
+    settings = dict(settings)
+    with dask.config.set(settings.pop("config", {})):
+        _resume_and_compare(X, tmp_path, settings)
+
+
+def _resume_and_compare(X, tmp_path, settings):
     kwargs = dict(BASE, **settings)
     reference = NMF(max_iter=10, **kwargs)
     W_ref = reference.fit_transform(X)
@@ -49,6 +58,7 @@ def test_resumed_fit_is_bit_identical(X, tmp_path, settings):
     assert resumed.n_iter_ == 10
     assert resumed.reconstruction_err_ == reference.reconstruction_err_
     assert _generations(tmp_path) == ["iter-00000009"]
+    assert resumed.layout_.get("stacked") == (2 if "panel_bytes" in settings else None)
 
 
 def test_resume_on_a_cluster_from_zarr(cluster, X, tmp_path):
