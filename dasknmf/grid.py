@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from dasknmf import steps
 from dasknmf._config import get_bytes
-from dasknmf.ops import DaskOps, EagerOps, FutureOps
+from dasknmf.ops import DaskOps, EagerOps, FutureOps, closed_on_error
 from dasknmf.panels import (
     BLOCK_FACTORS,
     PANEL_MULTIPLE,
@@ -171,14 +171,11 @@ def grid(X, n_components: int, budget: int, cache: bool | str = "auto") -> Grid:
         flat = list(dask.persist(*flat)) if cached else flat
     else:
         ops = FutureOps(client)
-        try:
+        with closed_on_error(ops):
             if cached:
                 flat, locations = _cache_in_bands(client, flat, len(rows) - 1, n)
             else:
                 flat = [steps.StreamedPanel(b) for b in flat]
-        except BaseException:
-            ops.close()  # it stopped the cluster's memory manager: it runs again
-            raise
     n_rows = len(rows) - 1
     items = [flat[i * n : (i + 1) * n] for i in range(n_rows)]
     bands = runs([i * threads // n_rows for i in range(n_rows)])  # as ``_cache_in_bands``

@@ -338,6 +338,17 @@ class FutureOps:
                 self.client.amm.start()
 
 
+@contextlib.contextmanager
+def closed_on_error(ops):
+    """Close ``ops`` if the block raises: a ``FutureOps`` stopped the cluster's Active Memory
+    Manager, which must run again when the fit fails before its ops are handed over."""
+    try:
+        yield ops
+    except BaseException:
+        ops.close()
+        raise
+
+
 class StateLostError(RuntimeError):
     """A value put aside on a worker (``FutureOps.detach``) is gone with its worker."""
 

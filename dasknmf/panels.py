@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from dasknmf import kernels
 from dasknmf._config import get_bytes
-from dasknmf.ops import DaskOps, EagerOps, FutureOps, shard_level
+from dasknmf.ops import DaskOps, EagerOps, FutureOps, closed_on_error, shard_level
 from dasknmf.steps import StreamedPanel
 from dasknmf.storage import distributed_client
 
@@ -107,6 +107,11 @@ class Panels:
     @property
     def shard_ranges(self) -> list[tuple[int, int]]:
         return list(itertools.pairwise(self.shard_bounds))
+
+    @property
+    def stacked(self) -> int:
+        """How many consecutive panels a task updates at once (``group_level``)."""
+        return self.split_every**self.group
 
     @property
     def tree(self) -> tuple[int, int, int]:
@@ -278,16 +283,13 @@ def dask_panels(
         dtype=X.dtype,
         sparse=sparse,
     )
-    try:
+    with closed_on_error(panels.ops):
         _place(panels, client)
         if cached:
             cache_panels(panels)
         elif client is not None:
             # Any worker can read a panel from the source; a fixed one keeps W_i where it is.
             panels.items = [StreamedPanel(item) for item in panels.items]
-    except BaseException:
-        panels.close()  # FutureOps stopped the cluster's memory manager: it runs again
-        raise
     return panels
 
 

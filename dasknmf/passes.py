@@ -64,7 +64,7 @@ def shard_final_stats(objective: Objective, tree, h: np.ndarray, state, *data) -
     """``final_stats`` of each panel (or group of panels) of a shard, summed into the nodes at
     ``tree``'s level (see ``shard_step``)."""
     sums = Subtrees(*tree)
-    for xs, wts in groups(tree[1] ** tree[2], shard_panels(data), shard_blocks(state)):
+    for xs, wts in groups(tree, shard_panels(data), shard_blocks(state)):
         x, wt = stacked_panels(xs)[0], stacked_columns(wts)
         if objective.replicates > 1:
             sums.add(replicate_final_stats(objective.replicates, h, x, wt))

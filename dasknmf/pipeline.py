@@ -171,7 +171,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
         len(parts.items),
         "column" if transposed else "row",
         ("cached" if parts.cached or not parts.ops.is_lazy else "streamed")
-        + (f", stacked {parts.split_every**parts.group} at a time" if parts.group else ""),
+        + (f", stacked {parts.stacked} at a time" if parts.stacked > 1 else ""),
         k,
         objective.solver,
         objective.beta,
@@ -232,7 +232,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             "scheme": "columns" if transposed else "rows",
             "panels": len(parts.items),
             "cached": bool(parts.cached or not parts.ops.is_lazy),
-            **({"stacked": parts.split_every**parts.group} if parts.group else {}),
+            **({"stacked": parts.stacked} if parts.stacked > 1 else {}),
         },
         **_errors(result, stats),
     )

@@ -49,10 +49,12 @@ def shard_panels(data: tuple) -> tuple:
     return data[0] if len(data) == 1 and isinstance(data[0], tuple) else data
 
 
-def groups(size: int, *runs: Sequence):
-    """The runs side by side in consecutive pieces of ``size`` (the last may be shorter): the
-    groups of panels that a task updates as one (``stacked_rows``), an aligned run of
-    split_every**g panels, g the ``tree``'s third entry (``panels.group_level``)."""
+def groups(tree: tuple, *runs: Sequence):
+    """The runs side by side in the groups of panels that a task updates as one
+    (``stacked_rows``): consecutive pieces of split_every**group, ``tree`` being ``(level,
+    split_every, group)`` (``panels.group_level``); the last may be shorter."""
+    _, split_every, group = tree
+    size = split_every**group
     for start in range(0, len(runs[0]), size):
         yield tuple(run[start : start + size] for run in runs)
 

@@ -134,7 +134,7 @@ def shard_step(objective: Objective, order, col_bounds, tree, h_blocks, state, *
     pin_worker_blas()
     h = full_width(h_blocks)
     sums, blocks = Subtrees(*tree), []
-    for xs, wts in groups(tree[1] ** tree[2], shard_panels(data), shard_blocks(state)):
+    for xs, wts in groups(tree, shard_panels(data), shard_blocks(state)):
         x, sizes = stacked_panels(xs)
         out = _panel_step(objective, order, col_bounds, h, x, stacked_columns(wts))
         blocks.extend(split_columns(out[0], sizes))
@@ -176,7 +176,7 @@ def extrapolated_shard_step(
     h = pushed_h(full_width(h_blocks), full_width(h_previous), control)
     sums, blocks, plains = Subtrees(*tree), [], []
     runs = (shard_panels(data), shard_blocks(state), shard_blocks(plain_state, plain=True))
-    for xs, wts, wts_plain in groups(tree[1] ** tree[2], *runs):
+    for xs, wts, wts_plain in groups(tree, *runs):
         x, sizes = stacked_panels(xs)
         wt, wt_plain = (
             extrapolation.rescaled(stacked_columns(w), control.scale) for w in (wts, wts_plain)
