@@ -18,9 +18,16 @@ def _load_defaults() -> None:
 
 
 def get_bytes(key: str) -> int:
-    """A size from ``dask.config`` (``"16MiB"`` or an int), in bytes."""
+    """A size from ``dask.config`` (``"16MiB"`` or an int), in bytes; a ValueError naming the
+    key for anything else."""
     value = dask.config.get(key)
-    return int(dask.utils.parse_bytes(value)) if isinstance(value, str) else int(value)
+    try:
+        size = int(dask.utils.parse_bytes(value)) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"The dask config {key}={value!r} is not a size ({error}).") from None
+    if size < 0:
+        raise ValueError(f"The dask config {key}={value!r} is not a size (it is negative).")
+    return size
 
 
 _load_defaults()

@@ -269,6 +269,12 @@ def test_tiny_panels_are_stacked_in_aligned_groups_that_leave_enough_of_them():
         assert group_level([], 400, 8) == 0
     with dask.config.set({"dasknmf.group-bytes": 0}):
         assert group_level([4] * 10_000, 400, 8) == 0  # 0 turns stacking off
+    for bad, why in (("lots", "byte unit"), (-5, "negative"), (None, "NoneType")):
+        with (
+            dask.config.set({"dasknmf.group-bytes": bad}),
+            pytest.raises(ValueError, match=f"dasknmf.group-bytes={bad!r} is not a size.*{why}"),
+        ):
+            group_level([4] * 10_000, 400, 8)
 
 
 @pytest.mark.parametrize(
