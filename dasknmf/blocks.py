@@ -190,12 +190,12 @@ def fit(
     checkpoint's ``momentum`` (see ``iterate``)."""
     ops = g.ops
     k = objective.n_components
+    wt = g.bundle(wt)  # one state per band from here on
     if objective.extrapolate and momentum is None:
         momentum = (list(wt), list(h), engine._first_control(g, objective, wt, h))
-    summary = None if momentum is not None else first_summary(g, objective, h)
-    wt = g.bundle(wt)  # one state per band from here on
-    if momentum is not None:
+    elif momentum is not None:
         momentum = (g.bundle(momentum[0]), *momentum[1:])
+    summary = None if momentum is not None else first_summary(g, objective, h)
     history = history if history is not None else engine.History()
     shared = ops.share(objective)
     rule = extrapolation if objective.extrapolate else objective.rule

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dasknmf import kernels, passes, shards, steps
-from dasknmf.ops import StateLostError, continue_tree, tree_reduce
+from dasknmf.ops import EagerOps, StateLostError, continue_tree, tree_reduce
 from dasknmf.panels import Panels
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective
@@ -60,9 +60,16 @@ class Moments:
 def moments(panels: Panels, masked: bool = False) -> Moments:
     """One pass over X: min, non-finite count, Σx, Σx², nnz — over the observed entries
     only when ``masked`` (their number as the size)."""
-    ops = panels.ops
-    parts = panels.map(passes.moments_task, [(x,) for x in panels.items], masked)
-    return as_moments(ops.fetch(tree_reduce(ops, parts, kernels.combine_moments)))
+    parts = panels.shard_map(passes.shard_moments, [()] * len(panels.shard_ranges), masked)
+    return as_moments(_tree_here(panels.ops, parts, kernels.combine_moments))
+
+
+def _tree_here(ops, parts: list, combine: Callable = shards.sum_in_order):
+    """The fixed-order tree over the panels' small results, which shard tasks returned as rows
+    (``passes.shard_moments``), run in this process: the same sums as a tree of tasks over
+    the panels would make, without a task per panel."""
+    rows = [row for part in ops.fetch(parts) for row in part]
+    return tree_reduce(EagerOps(), rows, combine)
 
 
 def as_moments(total) -> Moments:
@@ -144,17 +151,24 @@ def iterate(
     return outs, h_outs, summary, momentum
 
 
-#: Shards whose W blocks (pushed and plain) take at most this many bytes go whole to the tasks
-#: that sum their nodes: on loopback a task hop costs more than moving a few MiB.
+#: Shards whose W blocks (pushed and plain) take at most this many bytes, in at most this many
+#: arrays, go whole to the tasks that sum their nodes: on loopback a task hop costs more than
+#: moving a few MiB, but each array is a frame of its own (a shard of 5,000 tiny panels took
+#: 130 ms to move).
 SMALL_STATE_BYTES = 4 * 2**20
+SMALL_STATE_BLOCKS = 64
 
 
 def small_states(panels: Panels, objective: Objective) -> bool:
     if not panels.ops.is_lazy:
         return True
     rows = max(panels.row_bounds[b] - panels.row_bounds[a] for a, b in panels.shard_ranges)
+    blocks = max(b - a for a, b in panels.shard_ranges)
     copies = 2 if objective.extrapolate else 1
-    return copies * rows * objective.n_components * panels.dtype.itemsize <= SMALL_STATE_BYTES
+    return (
+        copies * rows * objective.n_components * panels.dtype.itemsize <= SMALL_STATE_BYTES
+        and copies * blocks <= SMALL_STATE_BLOCKS
+    )
 
 
 def _node_counts(panels: Panels) -> list[int]:
@@ -252,10 +266,10 @@ def fit(
     (see ``iterate``).
     """
     ops = panels.ops
+    wt = panels.bundle(wt)  # one state per shard from here on
     if objective.extrapolate and momentum is None:
         momentum = (list(wt), list(h), _first_control(panels, objective, wt, h))
-    wt = panels.bundle(wt)  # one state per shard from here on
-    if momentum is not None:
+    elif momentum is not None:
         momentum = (panels.bundle(momentum[0]), *momentum[1:])
     k = objective.n_components
     in_flight: collections.deque = collections.deque()
@@ -345,13 +359,14 @@ def _detached(ops, wt: list, h: list, momentum):
 def _first_control(panels: Panels, objective: Objective, wt: list, h: list):
     """The extrapolation control of the first iteration: it balances the components of the
     initialization (see ``solvers.extrapolation``), so that the first violation, the
-    reference of the stopping rule, is measured at the scales of the later ones."""
+    reference of the stopping rule, is measured at the scales of the later ones. ``wt``: the
+    state of each shard (band of a ``Grid``)."""
     if objective.has_penalties:
         return extrapolation.Control()
     ops = panels.ops
-    sq_w = tree_reduce(ops, panels.map(steps.component_sq_norms, [(b,) for b in wt]))
+    sq_w = _tree_here(ops, panels.shard_map(steps.shard_sq_norms, [(s,) for s in wt], data=False))
     sq_h = tree_reduce(ops, ops.map(steps.component_sq_norms, [(b,) for b in h]))
-    scale = extrapolation.balance(*ops.fetch((sq_w, sq_h)))
+    scale = extrapolation.balance(sq_w, ops.fetch(sq_h))
     return extrapolation.Control(scale=scale, scale_older=scale)
 
 

@@ -13,7 +13,7 @@ import itertools
 
 import numpy as np
 
-from dasknmf import svd
+from dasknmf import shards, svd
 from dasknmf._random import normal_rows, seed_entropy
 from dasknmf.grid import Grid
 from dasknmf.ops import tree_reduce
@@ -62,17 +62,29 @@ def random_init(
     mean: float,
     entropy: int | tuple,
     streams: tuple[int, int],
+    by_shard: bool = False,
 ):
     """scikit-learn's 'random': |N(0, 1)|·sqrt(mean(X) / k), W from the first stream, H from
     the second; for a tuple of entropies, one such start per entropy, stacked (k is then
-    their components together)."""
+    their components together). ``by_shard``: W made by one task per shard of ``panels``, as
+    one state per shard (``shards.ShardStates``), the same blocks as by one task per panel."""
     ops = panels.ops
     scale = np.sqrt(mean / (k // len(entropy) if isinstance(entropy, tuple) else k))
-    wt = panels.map(
-        random_block, _ranges(panels.row_bounds), entropy, streams[0], scale, panels.dtype, k
-    )
+    common = (entropy, streams[0], scale, panels.dtype, k)
+    if by_shard:  # one task per shard (``shards.ShardStates``)
+        ranges = _ranges(panels.row_bounds)
+        items = [(ranges[a:b],) for a, b in panels.shard_ranges]
+        states = panels.shard_map(random_blocks, items, *common, data=False)
+        wt = shards.ShardStates(ops.persist(*states) if ops.is_lazy else states)
+    else:
+        wt = panels.map(random_block, _ranges(panels.row_bounds), *common)
     h = ops.map(random_block, _ranges(col_bounds), entropy, streams[1], scale, panels.dtype, k)
     return wt, h
+
+
+def random_blocks(entropy, stream: int, scale: float, dtype, k: int, ranges) -> tuple:
+    """``random_block`` of each of a shard's panels (rows ``ranges``)."""
+    return tuple(random_block(entropy, stream, scale, dtype, k, a, b) for a, b in ranges)
 
 
 # ---- NNDSVD (Boutsidis & Gallopoulos 2008), as scikit-learn computes it ---------------------
@@ -227,13 +239,15 @@ def initialize(
     W=None,
     H=None,
     swap_streams: bool = False,
+    by_shard: bool = False,
 ):
     """Initial blocks of Wᵀ and H for ``method``; persisted when ``panels.ops`` is lazy.
     ``panels``: the row panels of X, or the 2-D blocks of a ``grid.Grid`` (Wᵀ by row of blocks,
     each block made where its row is).
 
     ``swap_streams`` when the panels hold Xᵀ: W of Xᵀ is Hᵀ of X and draws from H's streams, so
-    that a random initialization is the same in both orientations.
+    that a random initialization is the same in both orientations. ``by_shard``: see
+    ``random_init`` (the other methods make W by panel).
     """
     if isinstance(random_state, tuple):  # stacked replicates, one seed each ('random' only)
         entropy = tuple(seed_entropy(seed) for seed in random_state)
@@ -243,7 +257,7 @@ def initialize(
     if swap_streams:
         streams = (_H_RANDOM, _W_RANDOM, _H_FILL, _W_FILL)
     if method == "random":
-        wt, h = random_init(panels, k, col_bounds, mean, entropy, streams[:2])
+        wt, h = random_init(panels, k, col_bounds, mean, entropy, streams[:2], by_shard)
     elif method == "custom":
         wt, h = custom_init(panels, col_bounds, W, H)
     elif method in ("nndsvd", "nndsvda", "nndsvdar"):

@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import kernels
+from dasknmf import kernels, shards
 from dasknmf._config import get_bytes
 from dasknmf.ops import DaskOps, EagerOps, FutureOps, closed_on_error, shard_level
 from dasknmf.steps import StreamedPanel
@@ -92,6 +92,7 @@ class Panels:
     level: int = 0  # shards start at multiples of split_every**level panels
     split_every: int = 8
     group: int = 0  # tasks update runs of split_every**group panels at once (``group_level``)
+    _bundles: tuple | None = field(default=None, repr=False, compare=False)  # see ``_bundled``
 
     def __post_init__(self):
         if not self.shard_bounds:
@@ -137,22 +138,37 @@ class Panels:
         """One task per shard: ``fn(*common, *items[s], *data_s)``, with data_s the shard's
         panels (cached ones as separate arguments, so each stays one piece of data; none
         unless ``data``), placed where the shard's panels are."""
-        data = [self.items[a:b] if data else () for a, b in self.shard_ranges]
-        if self.ops.is_lazy and not self.cached and any(data):  # ``StreamedPanel``s: one argument
-            data = [(tuple(d),) for d in data]
         workers = (
             None if self.locations is None else [self.locations[a] for a, _ in self.shard_ranges]
         )
+        if not data:
+            data = [()] * len(items)
+        elif self.cached and self.ops.is_async:
+            data = [(bundle,) for bundle in self._bundled(workers)]
+        else:
+            data = [self.items[a:b] for a, b in self.shard_ranges]
+            if self.ops.is_lazy and not self.cached:  # ``StreamedPanel``s: one argument
+                data = [(tuple(d),) for d in data]
         return self.ops.map(
             fn, [(*item, *d) for item, d in zip(items, data, strict=True)], *common, workers=workers
         )
 
+    def _bundled(self, workers) -> list:
+        """The cached panels as one ``PanelBundle`` per shard, made where the shard runs, once
+        for the panels, shards and places there are now (again after ``relocate``)."""
+        made_for = [list(self.items), list(self.shard_bounds), workers]
+        if self._bundles is None or self._bundles[0] != made_for:
+            items = [tuple(self.items[a:b]) for a, b in self.shard_ranges]
+            self._bundles = (made_for, self.ops.map(shards.bundled, items, workers=workers))
+        return self._bundles[1]
+
     def bundle(self, blocks: list) -> list:
-        """Per-panel objects (blocks of Wᵀ) as one tuple per shard, made where the shard is."""
-        if not self.ops.is_lazy:
-            return [tuple(blocks[a:b]) for a, b in self.shard_ranges]
+        """Per-panel objects (blocks of Wᵀ) as one tuple per shard, made where the shard is
+        (``shards.ShardStates`` are so already)."""
+        if isinstance(blocks, shards.ShardStates):
+            return list(blocks)
         items = [tuple(blocks[a:b]) for a, b in self.shard_ranges]
-        return self.shard_map(tuple_of, items, data=False)
+        return self.shard_map(tuple_of, items, data=False) if self.ops.is_lazy else items
 
     @property
     def row_sizes(self) -> list[int]:

@@ -29,6 +29,12 @@ def moments_task(masked_loss: bool, x) -> np.ndarray:
     return masked.moments(x) if masked_loss else kernels.panel_moments(x)
 
 
+def shard_moments(masked_loss: bool, *data) -> np.ndarray:
+    """``moments_task`` of each panel of a shard, one row each (the validation pass runs one
+    task per shard; the rows are combined as a tree over the panels would: ``engine.moments``)."""
+    return np.stack([moments_task(masked_loss, x) for x in shard_panels(data)])
+
+
 def reject_bad_values(n_nonfinite: int, minimum: float, whom: str) -> None:
     """A clear error for NaN, infinity or negative values."""
     if n_nonfinite:

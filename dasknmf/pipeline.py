@@ -156,6 +156,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             W,
             H,
             swap_streams=transposed,
+            by_shard=True,
         )
         return wt, h, 0, None, _shuffler(plan), None
 
@@ -501,15 +502,17 @@ def _side_by_side(blocks: list) -> np.ndarray:
 
 def _assemble_w(parts: panels.Panels, states: list, k: int):
     """W from the shards' states (``shards.shard_blocks``): numpy in memory, otherwise a Dask
-    array with a chunk per panel, computed where its shard is."""
+    array with a chunk per panel (per group of stacked panels), computed where its shard is."""
     if not parts.ops.is_lazy:
         blocks = [b for state in states for b in shards.shard_blocks(state)]
         return np.ascontiguousarray(np.concatenate(blocks, axis=1).T)
-    blocks = []
+    blocks, size = [], parts.stacked  # a chunk per panel, or per group of stacked panels
     for state, (a, b) in zip(states, parts.shard_ranges, strict=True):
         inner = dask.delayed(shards.shard_blocks)(state)
-        blocks += [
-            da.from_delayed(inner[i], shape=(k, rows), dtype=parts.dtype)
-            for i, rows in enumerate(parts.row_sizes[a:b])
-        ]
+        for i in range(0, b - a, size):
+            piece = (
+                inner[i] if size == 1 else dask.delayed(shards.stacked_columns)(inner[i : i + size])
+            )
+            rows = sum(parts.row_sizes[a + i : min(a + i + size, b)])
+            blocks.append(da.from_delayed(piece, shape=(k, rows), dtype=parts.dtype))
     return da.concatenate(blocks, axis=1).T

@@ -13,11 +13,13 @@ number of workers and in memory.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
+from dask.sizeof import sizeof
 
 
 class ShardOut(NamedTuple):
@@ -44,9 +46,32 @@ def resumable(state):
 
 
 def shard_panels(data: tuple) -> tuple:
-    """The panels of a shard: passed one by one (cached panels, each a task's result), or as
-    one tuple (``StreamedPanel``s, shared once)."""
+    """The panels of a shard: passed one by one, or as one tuple (``StreamedPanel``s, shared
+    once; a ``PanelBundle`` of cached panels)."""
     return data[0] if len(data) == 1 and isinstance(data[0], tuple) else data
+
+
+class ShardStates(list):
+    """Blocks of Wᵀ made as one state per shard (a tuple of its panels' blocks) rather than
+    one per panel: ``Panels.bundle`` passes them on as they are."""
+
+
+class PanelBundle(tuple):
+    """A shard's cached panels as one value on its worker (``bundled``), so that its task names
+    one input per iteration rather than one per panel. The panels stay held under their own
+    keys: dask counts a bundle's size as the tuple's alone, not its panels' a second time."""
+
+    __slots__ = ()
+
+
+def bundled(*panels) -> PanelBundle:
+    """The task that bundles a shard's cached panels (``Panels.shard_map``)."""
+    return PanelBundle(panels)
+
+
+@sizeof.register(PanelBundle)
+def _sizeof_bundle(bundle: PanelBundle) -> int:
+    return sys.getsizeof(bundle)
 
 
 def groups(tree: tuple, *runs: Sequence):

@@ -400,6 +400,11 @@ def component_sq_norms(factor) -> np.ndarray:
     return np.einsum("ij,ij->i", factor, factor, dtype=np.float64)
 
 
+def shard_sq_norms(state) -> np.ndarray:
+    """``component_sq_norms`` of each block of Wᵀ of a shard, one row each."""
+    return np.stack([component_sq_norms(b) for b in shard_blocks(state)])
+
+
 def advance_control(control, objective: Objective, norm_x_sq: float, summary):
     """The extrapolation control of the next iteration, from this iteration's summary."""
     gram_h, _, gram_w, _ = summary

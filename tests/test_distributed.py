@@ -217,14 +217,53 @@ def test_stacked_tiny_panels_streamed_from_a_store_equal_them_cached(cluster, tm
         for cache in (False, True):
             model = NMF(3, init="random", random_state=0, tol=0, max_iter=4, cache=cache)
             model.set_params(panel_bytes=per_panel, layout="rows")
-            W = model.fit_transform(open_matrix(path, panel_bytes=per_panel)).compute()
-            fits.append((W, model))
+            W = model.fit_transform(open_matrix(path, panel_bytes=per_panel))
+            # W in a chunk per group of stacked panels (not 32 or more chunks of a few rows)
+            assert len(W.chunks[0]) == -(-model.layout_["panels"] // 2)
+            fits.append((W.compute(), model))
             assert model.layout_["cached"] == cache and model.layout_["stacked"] == 2
     assert fits[0][1].layout_["panels"] == fits[1][1].layout_["panels"] >= 32
     (W_streamed, streamed), (W_cached, cached) = fits
     np.testing.assert_array_equal(W_streamed, W_cached)
     np.testing.assert_array_equal(streamed.components_, cached.components_)
     assert streamed.loss_history_ == cached.loss_history_
+
+
+def test_a_shard_task_takes_its_cached_panels_as_one_bundle(cluster):
+    """Cached panels reach a shard's task as one ``PanelBundle`` made on its worker (one input
+    per shard and iteration, however many panels), made once for the shards there are and
+    again when they change; dask counts a bundle as the tuple alone (its panels are held, and
+    counted, under their own keys)."""
+    from dask.sizeof import sizeof
+
+    from dasknmf import panels as panels_
+    from dasknmf.shards import PanelBundle, shard_panels
+
+    def described(*data):
+        panels = shard_panels(data)
+        return len(data), type(panels).__name__, [p.shape[0] for p in panels], sizeof(panels)
+
+    X = low_rank(400, 30, 4)
+    parts = panels_.dask_panels(da.from_array(X, chunks=(10, 30)), panel_bytes=10 * 30 * 8)
+    try:
+        assert parts.cached and len(parts.items) == 40
+        n_shards = len(parts.shard_ranges)
+        assert 1 < n_shards < 40
+        first = cluster.gather(parts.shard_map(described, [()] * n_shards))
+        for (n_args, kind, rows, size), (a, b) in zip(first, parts.shard_ranges, strict=True):
+            assert (n_args, kind, rows) == (1, "PanelBundle", [10] * (b - a))
+            assert size < 1000 < (b - a) * 10 * 30 * 8  # not the panels' bytes again
+        made = parts._bundles
+        assert len(made[1]) == n_shards
+        parts.shard_map(described, [()] * n_shards)
+        assert parts._bundles is made  # reused
+        workers = sorted(cluster.scheduler_info()["workers"])
+        parts.shard(1, workers[:1])  # one shard, on one worker: bundles made again
+        ((n_args, kind, rows, _),) = cluster.gather(parts.shard_map(described, [()]))
+        assert parts._bundles is not made and (n_args, kind, rows) == (1, "PanelBundle", [10] * 40)
+    finally:
+        parts.close()
+    assert sizeof(PanelBundle([np.zeros(1000)])) < 1000
 
 
 def test_the_scheduler_holds_no_more_tasks_after_500_iterations_than_after_50(cluster, monkeypatch):

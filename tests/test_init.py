@@ -69,6 +69,27 @@ def test_random_parts_do_not_depend_on_the_panels(method):
         np.testing.assert_allclose(H1, H5, rtol=1e-9)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_random_w_made_by_shard_equals_it_made_by_panel(lazy, sync_scheduler):
+    """``by_shard``: one task per shard makes a tuple of its panels' blocks
+    (``shards.ShardStates``, which ``Panels.bundle`` passes on): the blocks by panel, regrouped."""
+    from dasknmf.shards import ShardStates
+
+    X = low_rank(200, 30, 4)
+    panels = _panels(X, 20, lazy)
+    panels.shard(3)
+    cols = column_bounds(X.shape[1], 4, X.itemsize)
+    by_panel, h = init.initialize(panels, "random", 4, cols, X.mean(), random_state=1)
+    by_shard, _ = init.initialize(
+        panels, "random", 4, cols, X.mean(), random_state=1, by_shard=True
+    )
+    assert isinstance(by_shard, ShardStates) and panels.bundle(by_shard) == list(by_shard)
+    by_panel, by_shard = panels.ops.fetch((list(by_panel), list(by_shard)))
+    assert [len(s) for s in by_shard] == [b - a for a, b in panels.shard_ranges] != [20]
+    for block, shard_block in zip(by_panel, [b for s in by_shard for b in s], strict=True):
+        np.testing.assert_array_equal(block, shard_block)
+
+
 def test_random_has_sklearn_scale():
     X = low_rank(4000, 50, 4)
     W, H = _initial(X, "random", 3, random_state=0)

@@ -66,8 +66,18 @@ def stored(tmp_path_factory):
     return X, str(path)
 
 
+@pytest.fixture(scope="module")
+def stored_thin(stored, tmp_path_factory):
+    """The stored X in chunks of 10 rows: 400 panels, updated 8 at a time (stacked)."""
+    X, _ = stored
+    path = save_matrix(tmp_path_factory.mktemp("x") / "X.zarr", X, chunks=(10, 60))
+    return X, str(path)
+
+
 #: 2-D blocks of the stored X (4000 × 60): 2 × 2.
 BLOCKS = dict(layout="blocks", panel_bytes=2000 * 30 * 8)
+#: 400 row panels of ``stored_thin``: many per shard (bundled), stacked.
+THIN = dict(panel_bytes=10 * 60 * 8, layout="rows")
 
 
 @pytest.mark.parametrize(
@@ -79,6 +89,7 @@ BLOCKS = dict(layout="blocks", panel_bytes=2000 * 30 * 8)
         (False, 3, 2, {}),
         (True, None, 1, BLOCKS),
         (False, 3, 2, BLOCKS),
+        (True, None, 1, THIN),
     ],
     ids=[
         "cached-one",
@@ -87,10 +98,11 @@ BLOCKS = dict(layout="blocks", panel_bytes=2000 * 30 * 8)
         "streamed-all-checkpoint",
         "blocks-cached-one",
         "blocks-streamed-all-checkpoint",
+        "thin-cached-one",
     ],
 )
 def test_workers_killed_mid_fit_change_nothing(
-    nanny_cluster, stored, tmp_path, monkeypatch, cache, checkpoint_every, how_many, layout
+    request, nanny_cluster, tmp_path, monkeypatch, cache, checkpoint_every, how_many, layout
 ):
     """One worker lost, or all of them, in a fit of row panels or of 2-D blocks: Dask
     recomputes what they held, from the store and the tasks' lineage since the factors were
@@ -100,10 +112,12 @@ def test_workers_killed_mid_fit_change_nothing(
     those of an undisturbed fit."""
     monkeypatch.setattr(engine, "LINEAGE_EVERY", 5)
     client = nanny_cluster
-    _, path = stored
+    _, path = request.getfixturevalue("stored_thin" if layout is THIN else "stored")
     kwargs = {**KWARGS, "cache": cache, "panel_bytes": 500 * 60 * 8, **layout}
     reference = NMF(**kwargs)
     W_ref = reference.fit_transform(path).compute()
+    if layout is THIN:
+        assert (reference.layout_["panels"], reference.layout_["stacked"]) == (400, 8)
 
     if checkpoint_every:
         kwargs.update(checkpoint=tmp_path / "ckpt", checkpoint_every=checkpoint_every)
@@ -111,7 +125,7 @@ def test_workers_killed_mid_fit_change_nothing(
     model = NMF(**kwargs)
     W = model.fit_transform(path).compute()
     assert len(killed) == how_many, "the workers were not killed"
-    assert model.layout_["scheme"] == ("blocks" if layout else "rows")
+    assert model.layout_["scheme"] == ("blocks" if layout is BLOCKS else "rows")
     np.testing.assert_array_equal(W, W_ref)
     np.testing.assert_array_equal(model.components_, reference.components_)
     assert model.loss_history_ == reference.loss_history_
