@@ -137,19 +137,6 @@ def iterate(
     return w_outs, h_outs, new_summary, momentum
 
 
-def _detached(ops, wt: list, h: list, summary, momentum):
-    """``engine._detached`` for the bands: the factors an iteration starts from without the
-    lineage that leads to them (the plain W of an extrapolated fit is in the same states)."""
-    wt = ops.detach(wt)
-    small = [ops.call(steps.h_array, b) for b in h], summary, momentum and momentum[1:]
-    h, summary, rest = ops.fetch(small)
-    h = [ops.share(b) for b in h]
-    summary = None if summary is None else ops.share(summary)
-    if momentum is not None:
-        momentum = (wt, [ops.share(b) for b in rest[0]], ops.share(rest[1]))
-    return wt, h, summary, momentum
-
-
 def check_values(g: Grid, masked_loss: bool = False) -> engine.Moments:
     """The validation pass over the blocks (see ``engine.check_values``); over the observed
     entries only for the masked loss."""
@@ -205,7 +192,7 @@ def fit(
         if shuffle_rng is not None:
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
         if ops.is_async and n_iter % engine.LINEAGE_EVERY == 0:  # see ``engine._detached``
-            wt, h, summary, momentum = _detached(ops, wt, h, summary, momentum)
+            wt, h, momentum, summary = engine._detached(ops, wt, h, momentum, summary)
         step = iterate(g, objective, wt, h, summary, orders, shared, momentum, norm_x_sq)
         wt, h, summary, momentum = ops.persist(*step)
         numbers = ops.fetch(summary)

@@ -285,7 +285,7 @@ def fit(
     def submit() -> None:
         nonlocal latest, next_iter
         if ops.is_async and next_iter > start + 1 and (next_iter - 1) % LINEAGE_EVERY == 0:
-            latest = _detached(ops, *latest)
+            latest = _detached(ops, *latest)[:3]
         orders = (None, None)
         if shuffle_rng is not None:
             rng_before[next_iter] = shuffle_rng.get_state()
@@ -342,18 +342,20 @@ def fit(
 LINEAGE_EVERY = 20
 
 
-def _detached(ops, wt: list, h: list, momentum):
+def _detached(ops, wt: list, h: list, momentum, summary=None):
     """The factors an iteration starts from, without the lineage that leads to them: the
-    shards' states put aside and taken back on their workers (``FutureOps.detach``), the
-    small H blocks and extrapolation control through this process. Waits for them."""
+    shards' (bands') states put aside and taken back on their workers (``FutureOps.detach``),
+    the small H blocks, extrapolation control and ``summary`` (2-D blocks) through this
+    process. Waits for them. Returns ``(wt, h, momentum, summary)``."""
     states = [ops.call(shards.resumable, state) for state in wt]
-    small = ops.fetch([[ops.call(steps.h_array, b) for b in h], momentum and momentum[1:]])
+    small = ops.fetch([[ops.call(steps.h_array, b) for b in h], summary, momentum and momentum[1:]])
     wt = ops.detach(states)
     h = [ops.share(b) for b in small[0]]
+    summary = None if small[1] is None else ops.share(small[1])
     if momentum is not None:  # the plain blocks are in the same states (see ``iterate``)
-        h_previous, control = small[1]
+        h_previous, control = small[2]
         momentum = (wt, [ops.share(b) for b in h_previous], ops.share(control))
-    return wt, h, momentum
+    return wt, h, momentum, summary
 
 
 def _first_control(panels: Panels, objective: Objective, wt: list, h: list):
