@@ -152,9 +152,9 @@ def iterate(
 
 
 #: Shards whose W blocks (pushed and plain) take at most this many bytes, in at most this many
-#: arrays, go whole to the tasks that sum their nodes: on loopback a task hop costs more than
-#: moving a few MiB, but each array is a frame of its own (a shard of 5,000 tiny panels took
-#: 130 ms to move).
+#: arrays (a block per panel, or per stacked group), go whole to the tasks that sum their nodes:
+#: on loopback a task hop costs more than moving a few MiB, but each array is a frame of its
+#: own (a shard of 5,000 tiny blocks took 130 ms to move).
 SMALL_STATE_BYTES = 4 * 2**20
 SMALL_STATE_BLOCKS = 64
 
@@ -163,7 +163,7 @@ def small_states(panels: Panels, objective: Objective) -> bool:
     if not panels.ops.is_lazy:
         return True
     rows = max(panels.row_bounds[b] - panels.row_bounds[a] for a, b in panels.shard_ranges)
-    blocks = max(b - a for a, b in panels.shard_ranges)
+    blocks = max(math.ceil((b - a) / panels.stacked) for a, b in panels.shard_ranges)
     copies = 2 if objective.extrapolate else 1
     return (
         copies * rows * objective.n_components * panels.dtype.itemsize <= SMALL_STATE_BYTES

@@ -10,10 +10,9 @@ from dasknmf import divergence, kernels, masked
 from dasknmf._blas import pin_worker_blas
 from dasknmf.shards import (
     Subtrees,
+    group_blocks,
     groups,
-    shard_blocks,
     shard_panels,
-    stacked_columns,
 )
 from dasknmf.solvers import get_solver, mu
 from dasknmf.steps import _TINY, Objective, _dot64, panel_data, stacked_panels
@@ -70,8 +69,8 @@ def shard_final_stats(objective: Objective, tree, h: np.ndarray, state, *data) -
     """``final_stats`` of each panel (or group of panels) of a shard, summed into the nodes at
     ``tree``'s level (see ``shard_step``)."""
     sums = Subtrees(*tree)
-    for xs, wts in groups(tree, shard_panels(data), shard_blocks(state)):
-        x, wt = stacked_panels(xs)[0], stacked_columns(wts)
+    for (xs,), wt in zip(groups(tree, shard_panels(data)), group_blocks(tree, state), strict=True):
+        x = stacked_panels(xs)[0]
         if objective.replicates > 1:
             sums.add(replicate_final_stats(objective.replicates, h, x, wt))
         else:

@@ -25,19 +25,41 @@ from dask.sizeof import sizeof
 class ShardOut(NamedTuple):
     """What a ``shard_step`` returns: the new blocks of Wᵀ of its panels, the nodes of the
     reduction tree of the H partials that its panels make (see ``Subtrees``) and, with
-    extrapolation, the plain blocks of Wᵀ."""
+    extrapolation, the plain blocks of Wᵀ. With ``sizes``, the shard's panels were updated in
+    stacked groups (``groups``) and ``wt`` and ``plain`` hold a block per group, as the next
+    iteration takes them; ``sizes`` holds each group's panels' numbers of rows."""
 
     wt: tuple
     nodes: tuple
     plain: tuple | None = None
+    sizes: tuple | None = None
 
 
 def shard_blocks(state, plain: bool = False) -> tuple:
-    """The blocks of Wᵀ of a shard, held as a tuple (from the initialization or a checkpoint)
-    or as the ``ShardOut`` of the iteration that made them (its plain blocks if ``plain``)."""
-    if isinstance(state, ShardOut):
+    """The blocks of Wᵀ of a shard's panels, held as a tuple (from the initialization or a
+    checkpoint) or as the ``ShardOut`` of the iteration that made them (its plain blocks if
+    ``plain``); a group's block cut into its panels' (views)."""
+    if not isinstance(state, ShardOut):
+        return state
+    blocks = state.plain if plain else state.wt
+    if state.sizes is None:
+        return blocks
+    pieces = zip(blocks, state.sizes, strict=True)
+    return tuple(b for block, sizes in pieces for b in split_columns(block, sizes))
+
+
+def group_blocks(tree: tuple, state, plain: bool = False) -> Sequence:
+    """The blocks of Wᵀ of a shard's groups of stacked panels (``groups``), one per group:
+    as the ``ShardOut`` of the last iteration holds them, or stacked from the panels'."""
+    if isinstance(state, ShardOut) and state.sizes is not None:
         return state.plain if plain else state.wt
-    return state
+    return [stacked_columns(run) for (run,) in groups(tree, shard_blocks(state, plain))]
+
+
+def group_sizes(tree: tuple, sizes: list) -> tuple | None:
+    """``ShardOut.sizes`` for a shard's groups of panels of ``sizes`` rows each (None when
+    each group is one panel: its blocks are then the panels')."""
+    return None if tree[2] == 0 else tuple(sizes)
 
 
 def resumable(state):

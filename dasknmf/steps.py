@@ -27,12 +27,12 @@ from dasknmf.objective import Objective
 from dasknmf.shards import (
     ShardOut,
     Subtrees,
+    group_blocks,
+    group_sizes,
     groups,
     picked,
     shard_blocks,
     shard_panels,
-    split_columns,
-    stacked_columns,
     stacked_rows,
     sum_in_order,
 )
@@ -133,13 +133,15 @@ def shard_step(objective: Objective, order, col_bounds, tree, h_blocks, state, *
     """
     pin_worker_blas()
     h = full_width(h_blocks)
-    sums, blocks = Subtrees(*tree), []
-    for xs, wts in groups(tree, shard_panels(data), shard_blocks(state)):
-        x, sizes = stacked_panels(xs)
-        out = _panel_step(objective, order, col_bounds, h, x, stacked_columns(wts))
-        blocks.extend(split_columns(out[0], sizes))
+    sums, blocks, sizes = Subtrees(*tree), [], []
+    runs = zip(groups(tree, shard_panels(data)), group_blocks(tree, state), strict=True)
+    for (xs,), wt in runs:
+        x, rows = stacked_panels(xs)
+        out = _panel_step(objective, order, col_bounds, h, x, wt)
+        blocks.append(out[0])
+        sizes.append(tuple(rows))
         sums.add(_leaf(out))
-    return ShardOut(tuple(blocks), sums.finish())
+    return ShardOut(tuple(blocks), sums.finish(), sizes=group_sizes(tree, sizes))
 
 
 def stacked_panels(panels: Sequence) -> tuple:
@@ -174,19 +176,23 @@ def extrapolated_shard_step(
     """
     pin_worker_blas()
     h = pushed_h(full_width(h_blocks), full_width(h_previous), control)
-    sums, blocks, plains = Subtrees(*tree), [], []
-    runs = (shard_panels(data), shard_blocks(state), shard_blocks(plain_state, plain=True))
-    for xs, wts, wts_plain in groups(tree, *runs):
-        x, sizes = stacked_panels(xs)
-        wt, wt_plain = (
-            extrapolation.rescaled(stacked_columns(w), control.scale) for w in (wts, wts_plain)
-        )
+    sums, blocks, plains, sizes = Subtrees(*tree), [], [], []
+    runs = zip(
+        groups(tree, shard_panels(data)),
+        group_blocks(tree, state),
+        group_blocks(tree, plain_state, plain=True),
+        strict=True,
+    )
+    for (xs,), w, w_plain in runs:
+        x, rows = stacked_panels(xs)
+        wt, wt_plain = (extrapolation.rescaled(b, control.scale) for b in (w, w_plain))
         start = wt_plain if control.restart else wt
         out = _panel_step(objective, order, col_bounds, h, x, start, push=(wt_plain, control.beta))
-        blocks.extend(split_columns(out[0], sizes))
-        plains.extend(split_columns(out[-1], sizes))
+        blocks.append(out[0])
+        plains.append(out[-1])
+        sizes.append(tuple(rows))
         sums.add(_leaf(out[:-1]))
-    return ShardOut(tuple(blocks), sums.finish(), tuple(plains))
+    return ShardOut(tuple(blocks), sums.finish(), tuple(plains), group_sizes(tree, sizes))
 
 
 def pushed_h(h: np.ndarray, previous: np.ndarray, control) -> np.ndarray:

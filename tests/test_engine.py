@@ -277,6 +277,29 @@ def test_tiny_panels_are_stacked_in_aligned_groups_that_leave_enough_of_them():
             group_level([4] * 10_000, 400, 8)
 
 
+def test_w_of_stacked_panels_is_kept_by_group_between_iterations():
+    """A shard task that updates stacked groups returns a block of Wᵀ per group
+    (``ShardOut.sizes``), which the next task takes as it is (``group_blocks``); the panels'
+    blocks are cut from it where they are needed (``shard_blocks``: checkpoints, W)."""
+    from dasknmf.shards import ShardOut, group_blocks, group_sizes, shard_blocks
+
+    rng = np.random.default_rng(0)
+    first, second = rng.random((3, 5)), rng.random((3, 4))
+    tree = (1, 2, 1)  # groups of 2 panels
+    state = ShardOut((first, second), (), sizes=group_sizes(tree, [(2, 3), (4,)]))
+    blocks = shard_blocks(state)
+    assert [b.shape for b in blocks] == [(3, 2), (3, 3), (3, 4)]
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=1), np.hstack([first, second]))
+    assert all(a is b for a, b in zip(group_blocks(tree, state), (first, second), strict=True))
+    # the panels' blocks (an initialization, a checkpoint) are stacked by group
+    stacked = group_blocks(tree, blocks)
+    assert [b.shape for b in stacked] == [(3, 5), (3, 4)]
+    np.testing.assert_array_equal(stacked[0], first)
+    assert group_sizes((1, 2, 0), [(2,), (3,)]) is None  # unstacked: the blocks are the panels'
+    with pytest.raises(ValueError):  # sizes that do not match the blocks
+        shard_blocks(ShardOut((first,), (), sizes=((2, 3), (4,))))
+
+
 @pytest.mark.parametrize(
     "settings",
     [

@@ -79,7 +79,7 @@ def test_random_w_made_by_shard_equals_it_made_by_panel(lazy, sync_scheduler):
     panels = _panels(X, 20, lazy)
     panels.shard(3)
     cols = column_bounds(X.shape[1], 4, X.itemsize)
-    by_panel, h = init.initialize(panels, "random", 4, cols, X.mean(), random_state=1)
+    by_panel, _ = init.initialize(panels, "random", 4, cols, X.mean(), random_state=1)
     by_shard, _ = init.initialize(
         panels, "random", 4, cols, X.mean(), random_state=1, by_shard=True
     )
