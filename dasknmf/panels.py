@@ -136,8 +136,8 @@ class Panels:
 
     def shard_map(self, fn: Callable, items: Sequence[tuple], *common: Any, data=True) -> list:
         """One task per shard: ``fn(*common, *items[s], *data_s)``, with data_s the shard's
-        panels (cached ones as separate arguments, so each stays one piece of data; none
-        unless ``data``), placed where the shard's panels are."""
+        panels (cached on a cluster: one ``PanelBundle``; streamed: one tuple; none unless
+        ``data``), placed where the shard's panels are."""
         workers = (
             None if self.locations is None else [self.locations[a] for a, _ in self.shard_ranges]
         )

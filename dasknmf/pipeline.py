@@ -506,13 +506,10 @@ def _assemble_w(parts: panels.Panels, states: list, k: int):
     if not parts.ops.is_lazy:
         blocks = [b for state in states for b in shards.shard_blocks(state)]
         return np.ascontiguousarray(np.concatenate(blocks, axis=1).T)
-    blocks, size = [], parts.stacked  # a chunk per panel, or per group of stacked panels
+    blocks, size = [], parts.stacked
     for state, (a, b) in zip(states, parts.shard_ranges, strict=True):
-        inner = dask.delayed(shards.shard_blocks)(state)
-        for i in range(0, b - a, size):
-            piece = (
-                inner[i] if size == 1 else dask.delayed(shards.stacked_columns)(inner[i : i + size])
-            )
-            rows = sum(parts.row_sizes[a + i : min(a + i + size, b)])
-            blocks.append(da.from_delayed(piece, shape=(k, rows), dtype=parts.dtype))
+        inner = dask.delayed(shards.group_blocks)(parts.tree, state)  # as the state holds them
+        for g, i in enumerate(range(a, b, size)):
+            rows = sum(parts.row_sizes[i : min(i + size, b)])
+            blocks.append(da.from_delayed(inner[g], shape=(k, rows), dtype=parts.dtype))
     return da.concatenate(blocks, axis=1).T
