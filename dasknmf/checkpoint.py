@@ -35,7 +35,7 @@ import zarr
 from dasknmf import storage
 from dasknmf.shards import shard_blocks
 from dasknmf.solvers import extrapolation
-from dasknmf.steps import h_array
+from dasknmf.steps import control_of, h_array
 from dasknmf.storage import CorruptStoreError, Location
 
 logger = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class Checkpoint:
                 written += _write_factors(
                     panels, tmp, ("wtp", "hp"), wt_plain, h_previous, plain=True
                 )
-                control = ops.fetch(control).as_dict()
+                control = control_of(ops.fetch(control)).as_dict()
             ops.fetch(written)
             state = {
                 "format": FORMAT,

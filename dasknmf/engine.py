@@ -102,6 +102,7 @@ def iterate(
     momentum: tuple | None = None,
     norm_x_sq: float | None = None,
     whole: bool = True,
+    fetch_h: bool = False,
 ):
     """Build (or, eagerly, run) one iteration: one task per shard of panels, one per column
     block of H, and the reduction tree between them over the shards' subtrees. Returns the new
@@ -114,10 +115,12 @@ def iterate(
     states, the H blocks of the iteration before, control)``; then ``wt`` holds the pushed
     blocks of Wᵀ, and ``norm_x_sq`` is needed for the next control. Without, it is None.
     ``whole``: the shards' outputs go whole to the tasks summing their nodes (``small_states``).
+    ``fetch_h``: H is one small block (``small_h``), whose ``h_step`` output the driver fetches
+    whole as the summary (``steps.summary_of``) instead of a task forming the summary.
 
     The critical path is shard_step → h_step (which also runs the last level of its
-    reduction) → the next shard_step; the summary is off it (with extrapolation, the next
-    control is on it: one small task).
+    reduction) → the next shard_step; the summary is off it. With extrapolation the next
+    control is on it: formed by the ``h_step`` itself when H is one block, else one small task.
     """
     ops = panels.ops
     order_w, order_h = orders
@@ -136,17 +139,34 @@ def iterate(
     # than a task); else their ``ShardOut.nodes`` are split off where they ran: W stays there.
     nodes = outs if whole else [ops.item(out, 1) for out in outs]
     counts = _node_counts(panels)
-    h_outs = []
-    for j, h_j in enumerate(h):
-        containers, picks = continue_tree(ops, nodes, counts, j, panels.split_every)
-        previous = () if momentum is None else (h_previous[j], control)
-        h_outs.append(ops.call(h_step, objective, order_h, j, picks, h_j, *previous, *containers))
-    summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
-    if momentum is not None:
+    if momentum is not None and len(h) == 1:  # the h_step forms the control too
+        containers, picks = continue_tree(ops, nodes, counts, 0, panels.split_every)
+        h_outs = [
+            ops.call(
+                steps.extrapolated_whole_h_step,
+                *(objective, order_h, picks, h[0], h_previous[0], control, norm_x_sq),
+                *containers,
+            )
+        ]
+        control = h_outs[0]  # its last item (steps.control_of)
+    else:
+        h_outs = []
+        for j, h_j in enumerate(h):
+            containers, picks = continue_tree(ops, nodes, counts, j, panels.split_every)
+            previous = () if momentum is None else (h_previous[j], control)
+            h_outs.append(
+                ops.call(h_step, objective, order_h, j, picks, h_j, *previous, *containers)
+            )
+    if fetch_h and len(h_outs) == 1:
+        summary = h_outs[0]
+    else:
+        summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
+    if momentum is not None and len(h) > 1:
         if len(h_outs) <= panels.split_every:  # the summary is one task: form it in this one
             control = ops.call(steps.control_after, control, objective, norm_x_sq, *h_outs)
         else:
             control = ops.call(steps.advance_control, control, objective, norm_x_sq, summary)
+    if momentum is not None:
         momentum = (outs, h, control)
     return outs, h_outs, summary, momentum
 
@@ -169,6 +189,17 @@ def small_states(panels: Panels, objective: Objective) -> bool:
         copies * rows * objective.n_components * panels.dtype.itemsize <= SMALL_STATE_BYTES
         and copies * blocks <= SMALL_STATE_BLOCKS
     )
+
+
+#: An H held in one block of at most this many bytes: the driver fetches its ``h_step`` output
+#: whole as the iteration's summary, which saves the task that would form the summary.
+SMALL_H_BYTES = 2**20
+
+
+def small_h(objective: Objective, col_bounds: list[int], dtype) -> bool:
+    width = col_bounds[-1] - col_bounds[0]
+    size = objective.n_components * width * np.dtype(dtype).itemsize
+    return len(col_bounds) == 2 and size <= SMALL_H_BYTES
 
 
 def _node_counts(panels: Panels) -> list[int]:
@@ -276,6 +307,7 @@ def fit(
     latest = (wt, h, momentum)
     shared = ops.share(objective), ops.share(col_bounds)
     whole = small_states(panels, objective)
+    fetch_h = small_h(objective, col_bounds, panels.dtype)
 
     # The shuffling generator's state before each submitted iteration's draws: a checkpoint
     # after iteration t keeps the state for t + 1, whether or not t + 1 is already in flight.
@@ -292,7 +324,9 @@ def fit(
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
         wt, h, momentum = latest
         step = ops.persist(
-            *iterate(panels, shared[0], wt, h, shared[1], orders, momentum, norm_x_sq, whole)
+            *iterate(
+                panels, shared[0], wt, h, shared[1], orders, momentum, norm_x_sq, whole, fetch_h
+            )
         )
         latest = (step[0], step[1], step[3])
         in_flight.append(step)
@@ -309,7 +343,7 @@ def fit(
         if ops.is_async and n_iter < max_iter:
             submit()
         wt, h, summary, momentum = in_flight.popleft()
-        summary = ops.fetch(summary)
+        summary = steps.summary_of(ops.fetch(summary))
         recent[n_iter] = (wt, h, momentum, summary[1])
         recent.pop(n_iter - 2, None)
         known = _record(history, objective, norm_x_sq, n_iter, summary)
@@ -354,7 +388,7 @@ def _detached(ops, wt: list, h: list, momentum, summary=None):
     summary = None if small[1] is None else ops.share(small[1])
     if momentum is not None:  # the plain blocks are in the same states (see ``iterate``)
         h_previous, control = small[2]
-        momentum = (wt, [ops.share(b) for b in h_previous], ops.share(control))
+        momentum = (wt, [ops.share(b) for b in h_previous], ops.share(steps.control_of(control)))
     return wt, h, momentum, summary
 
 

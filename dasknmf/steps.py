@@ -175,6 +175,7 @@ def extrapolated_shard_step(
     partials of the H update are those of the pushed new W_i, and the plain new ones are kept.
     """
     pin_worker_blas()
+    control = control_of(control)
     h = pushed_h(full_width(h_blocks), full_width(h_previous), control)
     sums, blocks, plains, sizes = Subtrees(*tree), [], [], []
     runs = zip(
@@ -391,8 +392,33 @@ def extrapolated_h_step(
     objective: Objective, order, block: int, picks, h, h_previous, control, *containers
 ):
     """``h_step`` from the pushed H block (see ``extrapolated_shard_step``)."""
-    start = pushed_block(h, h_previous, control)
+    start = pushed_block(h, h_previous, control_of(control))
     return h_step(objective, order, block, picks, start, *containers)
+
+
+def extrapolated_whole_h_step(
+    objective: Objective, order, picks, h, h_previous, control, norm_x_sq, *containers
+):
+    """``extrapolated_h_step`` of an H held in one column block, followed in the same task by
+    the next iteration's control (``control_after``): its output tuple carries the control as
+    its last item (see ``control_of``), which saves a task and a scheduler round trip between
+    an iteration and the next."""
+    out = extrapolated_h_step(objective, order, 0, picks, h, h_previous, control, *containers)
+    return (*out, control_after(control_of(control), objective, norm_x_sq, out))
+
+
+def control_of(control):
+    """The extrapolation control held either as is or as the last item of the output tuple of
+    ``extrapolated_whole_h_step``."""
+    return control[-1] if isinstance(control, tuple) else control
+
+
+def summary_of(fetched) -> tuple:
+    """The iteration's summary ``(H·Hᵀ, H stats, B, panel stats)`` from what the driver
+    fetched: the summary itself, or the output tuple of the one ``h_step`` of an H held in one
+    small block (``engine.iterate`` then fetches it whole instead of running a task to sum
+    it)."""
+    return fetched if len(fetched) == 4 else _h_summary(fetched)
 
 
 def pushed_block(h, previous, control) -> np.ndarray:
@@ -413,6 +439,7 @@ def shard_sq_norms(state) -> np.ndarray:
 
 def advance_control(control, objective: Objective, norm_x_sq: float, summary):
     """The extrapolation control of the next iteration, from this iteration's summary."""
+    control = control_of(control)
     gram_h, _, gram_w, _ = summary
     scale = None
     if not objective.has_penalties:  # else rescaling would change the objective
@@ -459,5 +486,6 @@ def _h_summary(*outs) -> tuple:
     """Σ over ``h_step`` outputs (or over earlier results of this function) of
     (H_j·H_jᵀ, stats_j); B and the panel stats are the same in all and are taken from the first.
     Returns ``(H·Hᵀ, H stats, B, panel stats)``: all the driver needs of an iteration."""
-    sums = sum_in_order(*((out[-4], out[-3]) for out in outs))
-    return (*sums, outs[0][-2], outs[0][-1])
+    parts = [out if len(out) == 4 else out[1:5] for out in outs]  # an h_step output: H first
+    sums = sum_in_order(*((part[0], part[1]) for part in parts))
+    return (*sums, parts[0][2], parts[0][3])
