@@ -278,57 +278,64 @@ def _fit(parts: panels.Panels, schedule: Schedule) -> Fitted:
     rho = schedule.forget_factor ** (step_rows / n_samples)
     fresh = schedule.fresh_restarts_max_iter if schedule.fresh_restarts else None
     total_steps = schedule.max_iter * len(epoch)
-    converged = Convergence(
-        spec.tol, schedule.max_no_improvement, n_samples, schedule.verbose
-    )  # fmt: skip
     ckpt = _checkpoint(parts, schedule, stats, len(epoch[0]))
-    if schedule.resume:
-        saved = ckpt.load(parts)
-        state = State(saved.wt, *saved.h)
-        start = saved.n_iter
-        converged.restore(saved.history)
-    else:
+
+    def starting(from_checkpoint: bool) -> tuple:
+        """(state, steps done, stopping rule) from the newest checkpoint or the start."""
+        converged = Convergence(spec.tol, schedule.max_no_improvement, n_samples, schedule.verbose)
+        if from_checkpoint:
+            saved = ckpt.load(parts)
+            converged.restore(saved.history)
+            return State(saved.wt, *saved.h), saved.n_iter, converged
         wt, h = init.initialize(
             parts, schedule.init, k, [0, n_features], stats.mean, schedule.random_state,
             schedule.W, schedule.H,
         )  # fmt: skip
         h = h[0]
-        state = State(list(wt), h, ops.call(np.array, h), ops.call(np.ones_like, h))
-        start = 0
+        return State(list(wt), h, ops.call(np.array, h), ops.call(np.ones_like, h)), 0, converged
+
+    point = {"start": starting(schedule.resume)}
     logger.info(
         "MiniBatchNMF fit: X %dx%d %s%s in %d batches, %d per step, %d components, beta %g%s",
         n_samples, n_features, parts.dtype, " sparse" if parts.sparse else "",
         len(parts.items), len(epoch[0]), k, spec.beta,
-        f", resumed after step {start}" if start else "",
+        f", resumed after step {point['start'][1]}" if schedule.resume else "",
     )  # fmt: skip
-    step = start
-    for step in range(start + 1, total_steps + 1):
-        batches = epoch[(step - 1) % len(epoch)]
-        summary = ops.fetch(run_step(parts, state, batches, spec, rho, fresh, norms))
-        converged.n_batches += len(batches)
-        if converged(step, total_steps, *summary):
-            break
-        if ckpt is not None and ckpt.due(step):
-            h_blocks = [state.h, state.A, state.B]
-            ckpt.save(parts, step, parts.bundle(state.wt), h_blocks, converged, None)
-        if step % LINEAGE_EVERY == 0:
-            _detach(parts, state)
+
+    def attempt() -> tuple:
+        state, start, converged = point.pop("start")
+        step = start
+        for step in range(start + 1, total_steps + 1):
+            batches = epoch[(step - 1) % len(epoch)]
+            summary = ops.fetch(run_step(parts, state, batches, spec, rho, fresh, norms))
+            converged.n_batches += len(batches)
+            if converged(step, total_steps, *summary):
+                break
+            if ckpt is not None and ckpt.due(step):
+                h_blocks = [state.h, state.A, state.B]
+                ckpt.save(parts, step, parts.bundle(state.wt), h_blocks, converged, None)
+            if step % LINEAGE_EVERY == 0:
+                _detach(parts, state)
+        if schedule.fresh_restarts:
+            state.wt = _solve_all(parts, spec, state.h, schedule.transform_max_iter)
+        items = [(x, w) for x, w in zip(parts.items, state.wt, strict=True)]
+        final = parts.map(online.final_divergence, items, spec.beta, state.h)
+        return state, step, converged, sum(ops.fetch(final)), ops.fetch([state.h, state.A, state.B])
+
+    def restart(from_checkpoint: bool) -> int:
+        panels.relocate(parts)
+        point["start"] = starting(from_checkpoint)
+        return point["start"][1]
+
+    state, step, converged, value, (components, A, B) = pipeline._recovering(
+        attempt,
+        restart,
+        ckpt,
+        None,
+        lambda error: panels.workers_keep_dying(error, pipeline._panel_task_memory(parts, k)),
+    )
     n_batches = converged.n_batches
     n_iter = math.ceil(step / len(epoch))
-    h = state.h
-    if schedule.fresh_restarts:
-        state.wt = _solve_all(parts, spec, h, schedule.transform_max_iter)
-    value = sum(
-        ops.fetch(
-            parts.map(
-                online.final_divergence,
-                [(x, w) for x, w in zip(parts.items, state.wt, strict=True)],
-                spec.beta,
-                h,
-            )
-        )
-    )
-    components, A, B = ops.fetch([h, state.A, state.B])
     return Fitted(
         components=components,
         numerator=A,

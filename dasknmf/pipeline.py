@@ -288,7 +288,8 @@ def _recovering(attempt: Callable, restart: Callable, ckpt, report, dying: Calla
     times): a worker died with blocks of W or H that nothing can recompute (their inputs, the
     previous iteration's blocks, are gone), so ``restart(from_checkpoint)`` sets the fit to
     start again from the newest checkpoint, else from the initialization, and returns the
-    iteration it starts from. Either gives exactly the factors of an undisturbed fit. A task
+    iteration it starts from (``report``, if any, is told). Either gives exactly the factors of
+    an undisturbed fit. A task
     that took down worker after worker (``KilledWorker``) would only run again: ``dying(error)``
     is raised instead."""
     for n_attempt in itertools.count(1):
@@ -306,7 +307,9 @@ def _recovering(attempt: Callable, restart: Callable, ckpt, report, dying: Calla
                 error,
                 "the checkpoint" if from_checkpoint else "the initialization",
             )
-            report.restart(restart(from_checkpoint))
+            n_start = restart(from_checkpoint)
+            if report is not None:
+                report.restart(n_start)
 
 
 def _entries(stats: engine.Moments, plan: Plan, sparse: bool, shape) -> int:
