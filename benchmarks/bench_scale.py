@@ -222,7 +222,7 @@ def predicted(m, n, k, n_panels, n_workers, itemsize=4, split_every=8, extrapola
     column block of H, one thread per worker and X persisted by the caller (held twice: the
     caller's chunks and dasknmf's aligned panels): (tasks, bytes moved between workers, bytes
     held by a worker)."""
-    from dasknmf.engine import SMALL_H_BYTES, SMALL_STATE_BYTES
+    from dasknmf.engine import SMALL_H_BYTES, SMALL_STATE_BLOCKS, SMALL_STATE_BYTES
     from dasknmf.ops import shard_level
 
     shards = min(n_workers, n_panels)
@@ -233,7 +233,9 @@ def predicted(m, n, k, n_panels, n_workers, itemsize=4, split_every=8, extrapola
         count = -(-count // split_every)
         continuing += count
     copies = 2 if extrapolate else 1  # pushed and plain blocks of W
+    blocks = copies * -(-n_panels // shards)  # W arrays of a shard (no stacking here)
     whole = copies * -(-m // shards) * k * itemsize <= SMALL_STATE_BYTES
+    whole = whole and blocks <= SMALL_STATE_BLOCKS
     # the H task; a summary task unless H is small (then its H task forms the control too)
     small_h = k * n * itemsize <= SMALL_H_BYTES
     tasks = shards * (1 if whole else 2) + continuing + 1 + (0 if small_h else 1 + extrapolate)
