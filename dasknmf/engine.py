@@ -157,7 +157,7 @@ def iterate(
             h_outs.append(
                 ops.call(h_step, objective, order_h, j, picks, h_j, *previous, *containers)
             )
-    if fetch_h and len(h_outs) == 1:
+    if fetch_h:  # one block (``small_h``)
         summary = h_outs[0]
     else:
         summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)

@@ -289,9 +289,8 @@ def _recovering(attempt: Callable, restart: Callable, ckpt, report, dying: Calla
     previous iteration's blocks, are gone), so ``restart(from_checkpoint)`` sets the fit to
     start again from the newest checkpoint, else from the initialization, and returns the
     iteration it starts from (``report``, if any, is told). Either gives exactly the factors of
-    an undisturbed fit. A task
-    that took down worker after worker (``KilledWorker``) would only run again: ``dying(error)``
-    is raised instead."""
+    an undisturbed fit. A task that took down worker after worker (``KilledWorker``) would only
+    run again: ``dying(error)`` is raised instead."""
     for n_attempt in itertools.count(1):
         try:
             return attempt()

@@ -404,7 +404,7 @@ def extrapolated_whole_h_step(
     its last item (see ``control_of``), which saves a task and a scheduler round trip between
     an iteration and the next."""
     out = extrapolated_h_step(objective, order, 0, picks, h, h_previous, control, *containers)
-    return (*out, control_after(control_of(control), objective, norm_x_sq, out))
+    return (*out, control_after(control, objective, norm_x_sq, out))
 
 
 def control_of(control):
