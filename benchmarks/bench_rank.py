@@ -1,7 +1,7 @@
 """Choosing k: what stacked replicates cost, and whether select_rank finds a planted rank.
 
 ``replicates`` (the default part): 20 replicates of one k stacked in one fit
-(``select_rank``'s fit, ``pipeline.Plan(replicates=20)``) against one fit of the same k and
+(``select_rank``'s fit, ``pipeline.Plan(ranks=(20,) * 20)``) against one fit of the same k and
 the same iterations (``tol=0``), each in a fresh process, rounds interleaved, medians:
 
 - ``dense``: the dense benchmark's matrix (``bench_dense.make_x``: 20,000 × 2,000 float32) in
@@ -16,6 +16,13 @@ Measured: seconds of the fit (data loading excluded) and the peak resident memor
 start (workers included); the ratio is replicates over one fit. The replicates' errors are
 checked against their fits alone elsewhere (tests/test_rank.py).
 
+``--several-ks``: ``select_rank`` of ks 2…10, 10 replicates each, 10 iterations, no held-out
+error, with all ks stacked in one fit against one stacked fit per k (``rank.STACK_BYTES`` set
+to 0, which was the only way before 2026-12-04): the dense matrix in memory, and streamed from
+its store in every iteration on a LocalCluster of 2 worker processes (``dasknmf.cache-fraction``
+0) — there the ks share each read of X. Also the largest relative difference of a replicate's
+error between the two ways (the same fits up to rounding).
+
 ``--planted``: ``select_rank`` on matrices of a known rank — dense (1,000 × 300, rank 8, W and
 H from Γ(1, 1), Gaussian noise of 0.1 × the std of W·H, clipped at 0) and sparse counts
 (Poisson draws of W·H with W, H from Γ(0.3, 1), scaled to a mean of 1: 55% zeros, CSR) —
@@ -25,6 +32,7 @@ ks 4…12, 10 replicates: the suggested k and the time.
 measures per k, written to RESULTS.md and drawn to ``docs/guide/rank-digits.png``.
 
     python benchmarks/bench_rank.py --write
+    python benchmarks/bench_rank.py --several-ks --write
     python benchmarks/bench_rank.py --planted --write
     python benchmarks/bench_rank.py --digits --write
     python -m pip install ".[bench-rank]" && python benchmarks/bench_rank.py --cnmf --write
@@ -113,7 +121,7 @@ def child(case: str, replicates: int) -> dict:
             tol=0,
             panel_bytes=model._panel_budget(X.shape, 4, K * replicates, case == "streamed"),
             random_state=tuple(range(replicates)) if replicates > 1 else 0,
-            replicates=replicates,
+            ranks=(K,) * replicates if replicates > 1 else (),
             cache=False if case == "streamed" else "auto",
         )
         with PeakMemory() as memory:
@@ -144,6 +152,75 @@ def replicates_part(rounds: int) -> str:
         lines.append(
             f"| {case} | {iterations} | {one:.2f} | {many:.2f} | {many / one:.2f}× | "
             f"{mem[0]:.0f} / {mem[1]:.0f} |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+#: Several ks in one stacked fit against a stacked fit per k (``--several-ks``).
+KS, KS_REPLICATES, KS_ITER = tuple(range(2, 11)), 10, 10
+
+
+def ks_child(case: str, together: bool) -> dict:
+    """``select_rank`` of ``KS`` (``KS_REPLICATES`` each, ``KS_ITER`` iterations, no held-out
+    error) on ``case``: all ks stacked in one fit, or (``together`` False, the behaviour
+    before 2026-12-04) one stacked fit per k."""
+    warnings.simplefilter("ignore")
+    import dask
+
+    from dasknmf import rank, select_rank
+
+    X = data(case)
+    if not together:
+        rank.STACK_BYTES = 0  # every k a stacked fit of its own
+    with contextlib.ExitStack() as stack:
+        if case == "streamed":  # read from the store in every iteration
+            from distributed import Client, LocalCluster
+
+            cluster = stack.enter_context(
+                LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
+            )
+            stack.enter_context(Client(cluster))
+            stack.enter_context(dask.config.set({"dasknmf.cache-fraction": 0}))
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            found = select_rank(
+                X, KS, KS_REPLICATES, max_iter=KS_ITER, tol=0, heldout=False, random_state=0
+            )
+            seconds = time.perf_counter() - start
+    errors = {k: found.errors[k].tolist() for k in KS}
+    return dict(seconds=seconds, peak_extra=memory.extra, errors=errors)
+
+
+def several_ks_part(rounds: int) -> str:
+    lines = [
+        f"Machine: {machine()}. {datetime.date.today()}. `select_rank` of ks "
+        f"{KS[0]}…{KS[-1]}, {KS_REPLICATES} replicates each, {KS_ITER} iterations, `tol=0`, "
+        "no held-out error; the dense benchmark's matrix (20,000 × 2,000 float32) in memory, "
+        "and streamed from its Zarr store in every iteration on a LocalCluster of 2 worker "
+        "processes (`dasknmf.cache-fraction` 0); medians of "
+        f"{rounds} rounds, each in a fresh process, the two ways alternating.",
+        "",
+        "| case | reads of X per iteration, per k / together | one stacked fit per k (s) | "
+        "all ks in one fit (s) | speed-up | peak extra memory, per k / together (MiB) | "
+        "largest difference of a replicate's error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case in ("dense", "streamed"):
+        runs: dict[bool, list] = {False: [], True: []}
+        for _ in range(rounds):
+            for together in runs:
+                runs[together].append(run_child(__file__, "--ks-child", case, str(int(together))))
+        apart, joint = (statistics.median(x["seconds"] for x in runs[t]) for t in runs)
+        mem = [statistics.median(x["peak_extra"] for x in runs[t]) / 2**20 for t in runs]
+        worst = max(
+            abs(a - b) / b
+            for k in map(str, KS)
+            for a, b in zip(runs[True][0]["errors"][k], runs[False][0]["errors"][k], strict=True)
+        )
+        lines.append(
+            f"| {case} | {len(KS)} / 1 | {apart:.1f} | {joint:.1f} | {apart / joint:.2f}× | "
+            f"{mem[0]:.0f} / {mem[1]:.0f} | {worst:.1e} (relative) |"
         )
         print(lines[-1], flush=True)
     return "\n".join(lines)
@@ -316,6 +393,8 @@ def cnmf_part(rounds: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", nargs=2, metavar=("CASE", "REPLICATES"))
+    parser.add_argument("--ks-child", nargs=2, metavar=("CASE", "TOGETHER"))
+    parser.add_argument("--several-ks", action="store_true")
     parser.add_argument("--planted", action="store_true")
     parser.add_argument("--digits", action="store_true")
     parser.add_argument("--cnmf", action="store_true")
@@ -326,11 +405,16 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
         return
+    if args.ks_child:
+        print(json.dumps(ks_child(args.ks_child[0], bool(int(args.ks_child[1])))))
+        return
     if args.cnmf_child:
         print(json.dumps(cnmf_child(args.cnmf_child)))
         return
     if args.cnmf:
         name, text = "rank-cnmf", cnmf_part(args.rounds)
+    elif args.several_ks:
+        name, text = "rank-ks", several_ks_part(args.rounds)
     elif args.planted:
         name, text = "rank-planted", planted_part()
     elif args.digits:

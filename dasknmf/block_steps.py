@@ -201,8 +201,8 @@ def block_final_stats(objective: Objective, with_w: bool, h, w_out, x) -> np.nda
     pin_worker_blas()
     wt = kernels.aligned(w_out[0] if isinstance(w_out, tuple) else w_out)
     h = kernels.aligned(steps.h_array(h))
-    if objective.replicates > 1:
-        stats = passes.replicate_final_stats(objective.replicates, h, x, wt)
+    if objective.stacked:
+        stats = passes.replicate_final_stats(objective, h, x, wt)
     else:
         stats = passes.final_stats(objective.beta, h, x, wt, objective.masked)
     if not with_w:

@@ -257,7 +257,7 @@ def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int
     to count its entries, which size the blocks."""
     k = h.shape[0]
     width = masked.sums_width(k) if objective.masked else k
-    gram_h = h @ h.T
+    gram_h = objective.gram(h)
     if not isinstance(X, da.Array):
         X = X.tocsr() if sp.issparse(X) else X
         stored = X.nnz if sp.issparse(X) else None

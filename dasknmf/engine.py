@@ -257,7 +257,7 @@ class FitResult:
     n_iter: int
     history: History
     h_stats: np.ndarray | None = None  # the H stats of iteration n_iter (``steps.H_*``)
-    # D of each stacked replicate at the end (``Objective.replicates``), from ``final_pass``
+    # D of each stacked fit at the end (``Objective.ranks``), from ``final_pass``
     replicate_values: list = field(default_factory=list)
 
 

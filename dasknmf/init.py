@@ -38,14 +38,15 @@ def half_normal_rows(entropy: int, stream: int, start: int, stop: int, width: in
 
 
 def random_block(
-    entropy: int | tuple, stream: int, scale: float, dtype, k: int, start: int, stop: int
+    entropy: int | tuple, stream: int, scale, dtype, k: int | tuple, start: int, stop: int
 ) -> np.ndarray:
-    """A (k, stop − start) component-major block of ``scale``·|N(0, 1)|; for a tuple of
-    entropies (stacked replicates), the blocks of k / len(entropy) components of each, one
-    above the other."""
+    """A (k, stop − start) component-major block of ``scale``·|N(0, 1)|; for stacked fits,
+    tuples of their entropies, scales and ranks: the block of each, one above the other."""
     if isinstance(entropy, tuple):
-        part = k // len(entropy)
-        blocks = [random_block(e, stream, scale, dtype, part, start, stop) for e in entropy]
+        blocks = [
+            random_block(e, stream, s, dtype, r, start, stop)
+            for e, s, r in zip(entropy, scale, k, strict=True)
+        ]
         return np.ascontiguousarray(np.concatenate(blocks))
     block = half_normal_rows(entropy, stream, start, stop, k).T * scale
     return np.ascontiguousarray(block, dtype=dtype)
@@ -57,7 +58,7 @@ def _ranges(bounds: list[int]) -> list[tuple[int, int]]:
 
 def random_init(
     panels: Panels,
-    k: int,
+    k: int | tuple,
     col_bounds: list[int],
     mean: float,
     entropy: int | tuple,
@@ -65,11 +66,11 @@ def random_init(
     by_shard: bool = False,
 ):
     """scikit-learn's 'random': |N(0, 1)|·sqrt(mean(X) / k), W from the first stream, H from
-    the second; for a tuple of entropies, one such start per entropy, stacked (k is then
-    their components together). ``by_shard``: W made by one task per shard of ``panels``, as
-    one state per shard (``shards.ShardStates``), the same blocks as by one task per panel."""
+    the second; for stacked fits, tuples of their entropies and ranks: one such start per fit,
+    stacked. ``by_shard``: W made by one task per shard of ``panels``, as one state per shard
+    (``shards.ShardStates``), the same blocks as by one task per panel."""
     ops = panels.ops
-    scale = np.sqrt(mean / (k // len(entropy) if isinstance(entropy, tuple) else k))
+    scale = tuple(np.sqrt(mean / r) for r in k) if isinstance(k, tuple) else np.sqrt(mean / k)
     common = (entropy, streams[0], scale, panels.dtype, k)
     if by_shard:  # one task per shard (``shards.ShardStates``)
         ranges = _ranges(panels.row_bounds)
@@ -232,7 +233,7 @@ def _copy_block(dtype, block) -> np.ndarray:
 def initialize(
     panels: Panels,
     method: str,
-    k: int,
+    k: int | tuple,
     col_bounds: list[int],
     mean: float,
     random_state=None,
@@ -247,9 +248,10 @@ def initialize(
 
     ``swap_streams`` when the panels hold Xᵀ: W of Xᵀ is Hᵀ of X and draws from H's streams, so
     that a random initialization is the same in both orientations. ``by_shard``: see
-    ``random_init`` (the other methods make W by panel).
+    ``random_init`` (the other methods make W by panel). Stacked fits ('random' only): k and
+    ``random_state`` are tuples of their ranks and seeds.
     """
-    if isinstance(random_state, tuple):  # stacked replicates, one seed each ('random' only)
+    if isinstance(random_state, tuple):  # stacked fits, one seed each
         entropy = tuple(seed_entropy(seed) for seed in random_state)
     else:
         entropy = seed_entropy(random_state)

@@ -5,6 +5,7 @@ frozen value that every task of a fit receives."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,53 +26,83 @@ class Objective:
     l2_w: float = 0.0
     l1_h: float = 0.0
     l2_h: float = 0.0
-    sweeps_w: int = 1  # sweeps of the update rule per iteration, for W and for H
-    sweeps_h: int = 1
+    # Sweeps of the update rule per iteration, for W and for H; for stacked fits (``ranks``)
+    # whose own sweeps differ (``inner_iter='auto'`` on sparse X), one per fit.
+    sweeps_w: int | tuple[int, ...] = 1
+    sweeps_h: int | tuple[int, ...] = 1
     extrapolate: bool = False  # push the iterates along their last step (HALS only)
     masked: bool = False  # the loss over the observed entries only (``dasknmf.masked``)
-    # Independent fits stacked (``dasknmf.rank``): n_components = replicates × k, and the
-    # components of each replicate interact only among themselves (block-diagonal Grams).
-    replicates: int = 1
+    # Independent fits stacked (``dasknmf.rank``): the rank of each, in order (n_components is
+    # their sum); the components of each fit interact only among themselves (block-diagonal
+    # Gram matrices). Empty for one fit.
+    ranks: tuple[int, ...] = ()
 
     @property
     def rule(self):
         return get_solver(self.solver)
 
+    @property
+    def stacked(self) -> bool:
+        return bool(self.ranks)
+
     def gram(self, f: np.ndarray) -> np.ndarray:
-        """F·Fᵀ of a component-major factor; for stacked replicates only its diagonal blocks
-        (each replicate's own Gram matrix), zeros elsewhere."""
-        if self.replicates == 1:
+        """F·Fᵀ of a component-major factor; for stacked fits only its diagonal blocks (each
+        fit's own Gram matrix), zeros elsewhere."""
+        if not self.stacked:
             return f @ f.T
         gram = np.zeros((f.shape[0], f.shape[0]), dtype=f.dtype)
-        for part in self._replicate_slices(f.shape[0]):
+        for part in self.fit_slices():
             gram[part, part] = f[part] @ f[part].T
         return gram
 
     def update(
         self, f: np.ndarray, gram: np.ndarray, cross: np.ndarray, *, l1, l2, n_sweeps, order
     ):
-        """The update rule on ``f`` in place (``solvers.*.update``), replicate by replicate:
-        the sum of the replicates' violations."""
-        if self.replicates == 1:
+        """The update rule on ``f`` in place (``solvers.*.update``), fit by fit: the sum of the
+        fits' violations. ``n_sweeps``: an int, or for stacked fits one per fit."""
+        if not self.stacked:
             return self.rule.update(f, gram, cross, l1=l1, l2=l2, n_sweeps=n_sweeps, order=order)
-        # All replicates at once, as (R, k, r) problems with their (R, k, k) Gram matrices.
-        shape, k = f.shape, f.shape[0] // self.replicates
-        grams = np.stack([gram[part, part] for part in self._replicate_slices(shape[0])])
-        stacked, violation = self.rule.update(
-            f.reshape(self.replicates, k, -1),
-            grams,
-            cross.reshape(self.replicates, k, -1),
-            l1=l1,
-            l2=l2,
-            n_sweeps=n_sweeps,
-            order=order,
+        sweeps = n_sweeps if isinstance(n_sweeps, tuple) else (n_sweeps,) * len(self.ranks)
+        violation = 0.0
+        # The fits of a run of equal rank and sweeps at once, as (R, k, r) problems with their
+        # (R, k, k) Gram matrices: views of f (splitting its first axis), updated in place.
+        for (k, n), part, count in self._runs(sweeps):
+            grams = np.stack([gram[s, s] for s in self._slices(part.start, k, count)])
+            _, found = self.rule.update(
+                f[part].reshape(count, k, -1),
+                grams,
+                cross[part].reshape(count, k, -1),
+                l1=l1,
+                l2=l2,
+                n_sweeps=n,
+                order=order,
+            )
+            violation += found
+        return f, violation
+
+    @classmethod
+    def stack(cls, alone: dict, ranks: tuple[int, ...], init: str, shuffle: bool) -> Objective:
+        """The objective of stacked fits of ``ranks`` from the objective of each rank's fit
+        ``alone`` (they differ only in their sweeps, kept per fit where they differ)."""
+        objective = alone[max(alone)]
+        objective.check_stacking(init, shuffle)
+
+        def each(name: str):
+            values = tuple(getattr(alone[k], name) for k in ranks)
+            return values if len(set(values)) > 1 else values[0]
+
+        return dataclasses.replace(
+            objective,
+            n_components=sum(ranks),
+            ranks=ranks,
+            sweeps_w=each("sweeps_w"),
+            sweeps_h=each("sweeps_h"),
         )
-        return stacked.reshape(shape), violation
 
     def check_stacking(self, init: str, shuffle: bool) -> None:
-        """Stacked replicates are independent fits only where nothing couples their
-        components: the Frobenius loss over all of X, a random start each, no shared
-        extrapolation control, no shared component order."""
+        """Stacked fits are independent only where nothing couples their components: the
+        Frobenius loss over all of X, a random start each, no shared extrapolation control, no
+        shared component order."""
         lacks = {
             "a β-divergence other than Frobenius": self.beta != 2,
             "the masked loss (missing=...)": self.masked,
@@ -81,11 +112,25 @@ class Objective:
         }
         unsupported = [what for what, lacking in lacks.items() if lacking]
         if unsupported:
-            raise ValueError(f"Stacked replicates do not support {', '.join(unsupported)}.")
+            raise ValueError(f"Stacked fits do not support {', '.join(unsupported)}.")
 
-    def _replicate_slices(self, n_components: int) -> list[slice]:
-        k = n_components // self.replicates
-        return [slice(r * k, (r + 1) * k) for r in range(self.replicates)]
+    def fit_slices(self) -> list[slice]:
+        """The components of each stacked fit."""
+        bounds = np.cumsum((0, *self.ranks))
+        return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+    def _runs(self, sweeps: tuple[int, ...]):
+        """((k, sweeps), components, fits) of each run of consecutive fits of equal rank and
+        sweeps."""
+        start = 0
+        for key, run in itertools.groupby(zip(self.ranks, sweeps, strict=True)):
+            count = len(list(run))
+            yield key, slice(start, start + key[0] * count), count
+            start += key[0] * count
+
+    @staticmethod
+    def _slices(start: int, k: int, count: int) -> list[slice]:
+        return [slice(start + r * k, start + (r + 1) * k) for r in range(count)]
 
     @property
     def frobenius(self) -> bool:

@@ -71,22 +71,19 @@ def shard_final_stats(objective: Objective, tree, h: np.ndarray, state, *data) -
     sums = Subtrees(*tree)
     for (xs,), wt in zip(groups(tree, shard_panels(data)), group_blocks(tree, state), strict=True):
         x = stacked_panels(xs)[0]
-        if objective.replicates > 1:
-            sums.add(replicate_final_stats(objective.replicates, h, x, wt))
+        if objective.stacked:
+            sums.add(replicate_final_stats(objective, h, x, wt))
         else:
             sums.add(final_stats(objective.beta, h, x, wt, objective.masked))
     return sums.finish()
 
 
-def replicate_final_stats(replicates: int, h: np.ndarray, x, wt: np.ndarray) -> np.ndarray:
-    """``final_stats`` of stacked Frobenius replicates (``Objective.replicates``): the
-    ``F_*`` layout for all of them (F_DIV the sum of their losses), then each one's
-    ½‖X_i − W_i·H‖²."""
+def replicate_final_stats(objective: Objective, h: np.ndarray, x, wt: np.ndarray) -> np.ndarray:
+    """``final_stats`` of stacked Frobenius fits (``Objective.ranks``): the ``F_*`` layout for
+    all of them (F_DIV the sum of their losses), then each one's ½‖X_i − W_i·H‖²."""
     pin_worker_blas()
     x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
-    k = wt.shape[0] // replicates
-    parts = [slice(r * k, (r + 1) * k) for r in range(replicates)]
-    values = [0.5 * kernels.residual_sq(x, wt[part], h[part]) for part in parts]
+    values = [0.5 * kernels.residual_sq(x, wt[part], h[part]) for part in objective.fit_slices()]
     return np.array([sum(values), wt.sum(dtype=np.float64), _dot64(wt, wt), *values])
 
 
@@ -124,10 +121,13 @@ def checked_moments(masked_loss: bool, x) -> np.ndarray:
 
 
 def solve_frobenius(objective: Objective, gram_h, max_iter: int, tol: float, cross) -> np.ndarray:
-    """W_i, (m_i, k), from C_i = H·X_iᵀ and H·Hᵀ by ``nnls`` (the Frobenius transform)."""
+    """W_i, (m_i, k), from C_i = H·X_iᵀ and H·Hᵀ by ``nnls`` (the Frobenius transform); for
+    stacked fits each one's own (with its own stopping rule)."""
     pin_worker_blas()
-    wt = nnls(gram_h, cross, max_iter, tol, l1=objective.l1_w, l2=objective.l2_w)
-    return np.ascontiguousarray(wt.T)
+    penalties = dict(l1=objective.l1_w, l2=objective.l2_w)
+    parts = objective.fit_slices() if objective.stacked else [slice(None)]
+    wt = [nnls(gram_h[p, p], cross[p], max_iter, tol, **penalties) for p in parts]
+    return np.ascontiguousarray(np.concatenate(wt).T)
 
 
 def nnls(gram: np.ndarray, cross: np.ndarray, max_iter: int, tol: float, l1=0.0, l2=0.0):

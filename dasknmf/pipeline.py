@@ -62,14 +62,19 @@ class Plan:
     storage_options: dict | None = None
     verbose: int = 0
     progress: bool = False
-    # Independent fits of n_components each, stacked so that each read of X serves them all
-    # (``dasknmf.rank``); random_state is then a tuple of their seeds.
-    replicates: int = 1
+    # Independent fits stacked so that each read of X serves them all (``dasknmf.rank``): the
+    # rank of each (n_components is then their largest); random_state is a tuple of their seeds.
+    ranks: tuple[int, ...] = ()
 
     @property
     def width(self) -> int:
-        """The components of the fit, all replicates together."""
-        return self.n_components * self.replicates
+        """The components of the fit, all stacked fits together."""
+        return sum(self.ranks) if self.ranks else self.n_components
+
+    @property
+    def fits(self) -> int:
+        """The fits stacked (1 without ``ranks``)."""
+        return len(self.ranks) or 1
 
 
 @dataclass
@@ -82,7 +87,7 @@ class Fitted:
     loss_history: list[float]
     reconstruction_err: float
     layout: dict  # how X was cut: {"scheme": "rows" or "columns" (Xᵀ), "panels", "cached"}
-    replicate_errors: list[float] | None = None  # stacked replicates: each one's ‖X − WH‖
+    replicate_errors: list[float] | None = None  # stacked fits: each one's ‖X − WH‖
     norm_x: float | None = None  # ‖X‖ (over the observed entries for the masked loss)
 
 
@@ -141,24 +146,9 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     col_bounds = panels.column_bounds(n_cols, k, parts.dtype.itemsize)
     ckpt = _checkpoint(plan, parts, fingerprint(plan, parts, stats, objective, col_bounds))
 
-    def starting_point(from_checkpoint: bool):
-        """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) to start
-        from."""
-        if from_checkpoint:
-            return _resumed(ckpt, parts, plan)
-        wt, h = init.initialize(
-            parts,
-            plan.init,
-            k,
-            col_bounds,
-            stats.mean,
-            plan.random_state,
-            W,
-            H,
-            swap_streams=transposed,
-            by_shard=True,
-        )
-        return wt, h, 0, None, _shuffler(plan), None
+    def starting_point(from_checkpoint: bool) -> tuple:
+        start = (plan, parts, ckpt, col_bounds, stats.mean, W, H)
+        return _starting_point(from_checkpoint, *start, swap_streams=transposed, by_shard=True)
 
     # The factors to start from are handed over (``_handed_over``), not kept here: the
     # engine regroups W by shard, and the initial blocks are then released.
@@ -185,7 +175,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             parts,
             objective,
             *_handed_over(factors),
-            stats.sum_sq * plan.replicates,  # the loss is the replicates' sum
+            stats.sum_sq * plan.fits,  # the loss is the stacked fits' sum
             col_bounds,
             max_iter=plan.max_iter,
             tol=plan.tol,
@@ -240,12 +230,17 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
 
 
 def _objective(plan: Plan, shape, stored: int) -> Objective:
-    """The plan's objective for X of ``shape`` (stacked replicates: all their components)."""
-    objective = plan.objective(*shape, plan.n_components, stored)
-    if plan.replicates == 1:
-        return objective
-    objective.check_stacking(plan.init, plan.shuffle)
-    return dataclasses.replace(objective, n_components=plan.width, replicates=plan.replicates)
+    """The plan's objective for X of ``shape`` (stacked fits: all their components, each with
+    the sweeps of its fit alone)."""
+    if not plan.ranks:
+        return plan.objective(*shape, plan.n_components, stored)
+    if not isinstance(plan.random_state, tuple) or len(plan.random_state) != len(plan.ranks):
+        raise ValueError(
+            f"Stacked fits need one seed each: ranks {plan.ranks}, random_state "
+            f"{plan.random_state!r}."
+        )
+    alone = {k: plan.objective(*shape, k, stored) for k in set(plan.ranks)}
+    return Objective.stack(alone, plan.ranks, plan.init, plan.shuffle)
 
 
 def _errors(result: engine.FitResult, stats: engine.Moments) -> dict:
@@ -263,6 +258,18 @@ def _checkpoint(plan: Plan, layout, settings: dict) -> Checkpoint | None:
     if layout.ops.is_async:
         ckpt.probe(layout.ops.client)
     return ckpt
+
+
+def _starting_point(from_checkpoint, plan, layout, ckpt, col_bounds, mean, W, H, **options):
+    """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) to start from:
+    the checkpoint's, or ``plan.init`` on ``layout`` (row panels or a grid of 2-D blocks)."""
+    if from_checkpoint:
+        return _resumed(ckpt, layout, plan)
+    k = plan.ranks or plan.width  # stacked fits: their ranks
+    wt, h = init.initialize(
+        layout, plan.init, k, col_bounds, mean, plan.random_state, W, H, **options
+    )
+    return wt, h, 0, None, _shuffler(plan), None
 
 
 def _shuffler(plan: Plan) -> np.random.RandomState | None:
@@ -377,14 +384,8 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
     ckpt = _checkpoint(plan, grid, settings)
 
     def starting_point(from_checkpoint: bool) -> tuple:
-        """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) to start
-        from."""
-        if from_checkpoint:
-            return _resumed(ckpt, grid, plan)
-        wt, h = init.initialize(
-            grid, plan.init, k, grid.col_bounds, stats.mean, plan.random_state, plan.W, plan.H
-        )
-        return wt, h, 0, None, _shuffler(plan), None
+        start = (plan, grid, ckpt, grid.col_bounds, stats.mean, plan.W, plan.H)
+        return _starting_point(from_checkpoint, *start)
 
     point = {"start": starting_point(plan.resume)}
     n_start = point["start"][2]
@@ -408,7 +409,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
             grid,
             objective,
             *_handed_over(factors),
-            stats.sum_sq * plan.replicates,  # the loss is the replicates' sum
+            stats.sum_sq * plan.fits,  # the loss is the stacked fits' sum
             max_iter=plan.max_iter,
             tol=plan.tol,
             shuffle_rng=shuffle_rng,
@@ -472,9 +473,8 @@ def transform(
     by_blocks = not objective.masked or objective.solver == "hals"  # a least-squares transform
     if chosen == "blocks" and objective.frobenius and by_blocks:
         return blocks.transform(X, H, objective, panel_bytes, max_iter, tol)
-    return map_rows(
-        X, panel_bytes, passes.transform_panel, objective, H, H @ H.T, max_iter, tol, k=H.shape[0]
-    )
+    common = (objective, H, objective.gram(H), max_iter, tol)
+    return map_rows(X, panel_bytes, passes.transform_panel, *common, k=H.shape[0])
 
 
 def map_rows(X, panel_bytes: int, fn: Callable, *common, k: int):

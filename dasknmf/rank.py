@@ -1,25 +1,22 @@
-"""Choosing k: many factorizations per rank, with the replicates of a rank sharing each read of X.
+"""Choosing k: many factorizations per rank, the replicates of all ranks sharing each read of X.
 
 ``select_rank(X, ks, n_replicates)`` fits, for each k, ``n_replicates`` NMFs from random
-starts (seeds ``random_state + r``) **stacked**: one fit of n_replicates·k components whose
-Gram matrices are block-diagonal (``steps.Objective.replicates``), so that each panel task reads
-X_i once per iteration for all of them and forms H·X_iᵀ and Wᵀ·X_i as one product each, while
-the updates stay each replicate's own. Replicate r's factors are those of
-``NMF(n_components=k, init='random', random_state=seed_r, extrapolate=False)`` run alone, up
-to rounding, as long as no stopping rule intervenes: the replicates stop together, when the
-rule holds for their sums (with ``tol=0`` each runs ``max_iter`` iterations, like its fit alone).
+starts (seeds ``random_state + r``) **stacked**, the replicates of all ks together: one fit of
+n_replicates·Σk components whose Gram matrices are block-diagonal (``Objective.ranks``), so
+that each panel task reads X_i once per iteration for all of them and forms H·X_iᵀ and Wᵀ·X_i
+as one product each, while the updates stay each fit's own (with its own sweeps). The ks are
+stacked into as few fits as keep the factors of each within ``STACK_BYTES``. Replicate r of k
+has the factors of ``NMF(n_components=k, init='random', random_state=seed_r,
+extrapolate=False)`` run alone, up to rounding, as long as no stopping rule intervenes: the
+fits stacked together stop together, when the rule holds for their sums (with ``tol=0`` each
+runs ``max_iter`` iterations, like its fit alone).
 
 Per k it reports each replicate's error ‖X − W·H‖, the stability of the clustering of the
 samples (the argmax of each row of W) across replicates — cophenetic correlation (Brunet et al.
 2004) and dispersion (Kim & Park 2007) of their consensus matrix, on at most
 ``consensus_samples`` rows drawn at random, so that no m × m matrix is formed — the silhouette
 of the pooled components clustered into k groups (Kotliar et al. 2019), and a held-out error by
-bi-cross-validation (Owen & Perry 2009): with the rows and the columns each split in two, for
-each of the four blocks A = X[I, J], NMF is fitted to X[¬I, ¬J] = W_D·H_D, then
-W_C = argmin ‖X[I, ¬J] − W_C·H_D‖ and H_B = argmin ‖X[¬I, J] − W_D·H_B‖ (non-negative least
-squares) predict A ≈ W_C·H_B; the held-out error is √(Σ‖A − W_C·H_B‖² / Σ‖A‖²) over the four.
-Too small a k leaves structure in A unexplained; too large a k fits noise in X[¬I, ¬J] that
-does not carry over, so the held-out error is smallest near the rank of the signal.
+bi-cross-validation (``dasknmf.heldout``).
 """
 
 from __future__ import annotations
@@ -29,20 +26,22 @@ import itertools
 import logging
 import numbers
 import os
-import warnings
 from collections.abc import Iterable
 
-import dask
 import dask.array as da
 import numpy as np
 import zarr
-from sklearn.base import clone
-from sklearn.exceptions import ConvergenceWarning
 
-from dasknmf import _params, consensus, io, kernels, panels, passes, pipeline, storage
+from dasknmf import _params, consensus, io, storage
 from dasknmf._random import seed_entropy
 from dasknmf.estimator import NMF
-from dasknmf.steps import StreamedPanel
+from dasknmf.heldout import (
+    by_row_blocks,
+    check_folds,
+    heldout_errors,
+    residual_and_norm,
+    stacked_fit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +49,6 @@ logger = logging.getLogger(__name__)
 #: one: beyond the rank of the signal the held-out error stays flat (non-negativity keeps the
 #: extra components from fitting much noise), and the first k on that plateau is the rank.
 HELDOUT_MARGIN = 0.005
-#: Sweeps and tolerance of the non-negative least squares of the held-out prediction.
-NNLS_MAX_ITER, NNLS_TOL = 200, 1e-4
 
 
 @dataclasses.dataclass
@@ -197,7 +194,7 @@ def consensus_nmf(
     W = model.transform(X)
     if isinstance(W, da.Array):
         W = W.persist()
-    residual = _by_row_blocks(_residual_and_norm, X, W, H)[0]
+    residual = by_row_blocks(residual_and_norm, X, W, H)[0]
     model.W_, model.n_iter_, model.loss_history_ = W, 0, []
     model.reconstruction_err_ = float(np.sqrt(residual))
     model.consensus_ = {key: found[key] for key in ("kept", "silhouette")}
@@ -238,7 +235,8 @@ def select_rank(
     random_state : int or None
         The first replicate's seed; None draws one.
     heldout : bool, default=True
-        Measure the bi-cross-validation error (four more fits per k, each on a quarter of X).
+        Measure the bi-cross-validation error (``dasknmf.heldout``: four more fits, each on a
+        quarter of X, with all ks stacked).
     consensus_samples : int, default=1000
         Rows of W drawn for the consensus matrix (all rows when there are fewer).
 
@@ -271,7 +269,7 @@ def select_rank(
     X = checker._check_input(X, reset=True)
     check_ks(ks, X.shape)
     if heldout:
-        _check_folds(X.shape, max(ks), 2)
+        check_folds(X.shape, max(ks), 2)
     first = (
         int(random_state) if _params.is_int(random_state) else seed_entropy(random_state) % 2**31
     )
@@ -283,40 +281,30 @@ def select_rank(
     seeds = [first + r for r in range(n_replicates)]
     found: dict[str, dict] = {name: {} for name in _PER_K}
     norm_x = None
-    for k in ks:
-        model = NMF(n_components=k, **settings)
-        plan = pipeline.Plan(
-            n_components=k,
-            init="random",
-            objective=model._objective,
-            max_iter=max_iter,
-            tol=tol,
-            panel_bytes=model._panel_budget(
-                X.shape, X.dtype.itemsize, k * n_replicates, isinstance(X, da.Array)
-            ),
-            random_state=tuple(seeds),
-            replicates=n_replicates,
-            storage_options=storage_options,
-            verbose=verbose,
-            progress=progress,
+    for group in stacked_groups(ks, n_replicates, X.shape, X.dtype.itemsize):
+        ranks = tuple(k for k in group for _ in seeds)
+        fitted, _ = stacked_fit(
+            X, ranks, tuple(seeds) * len(group), settings, verbose=verbose, progress=progress
         )
-        fitted = pipeline.fit(X, plan)
         norm_x = fitted.norm_x
-        labels = _sample_labels(fitted.W, k, n_replicates, consensus_samples, first)
-        matrix = consensus.consensus_matrix(labels)
-        found["errors"][k] = np.array(fitted.replicate_errors)
-        found["n_iter"][k] = fitted.n_iter
-        found["cophenetic"][k] = consensus.cophenetic_correlation(matrix)
-        found["dispersion"][k] = consensus.dispersion(matrix)
-        found["silhouette"][k] = consensus.silhouette_and_clusters(fitted.components, k)[0]
-        found["components"][k] = fitted.components
-        if heldout:
-            # The folds' fits start from NNDSVD and extrapolate: a fold is one deterministic
-            # fit whose result, not its path, matters.
-            fold_settings = dict(settings, init=None, extrapolate="auto")
-            found["heldout_error"][k] = bicross_validation_error(
-                X, NMF(n_components=k, random_state=first, **fold_settings)
+        starts = np.cumsum([0, *group]) * n_replicates  # each k's first component
+        for g, k in enumerate(group):
+            columns = slice(int(starts[g]), int(starts[g + 1]))
+            components = fitted.components[columns]
+            labels = _sample_labels(fitted.W[:, columns], k, n_replicates, consensus_samples, first)
+            matrix = consensus.consensus_matrix(labels)
+            found["errors"][k] = np.array(
+                fitted.replicate_errors[g * n_replicates :][:n_replicates]
             )
+            found["n_iter"][k] = fitted.n_iter
+            found["cophenetic"][k] = consensus.cophenetic_correlation(matrix)
+            found["dispersion"][k] = consensus.dispersion(matrix)
+            found["silhouette"][k] = consensus.silhouette_and_clusters(components, k)[0]
+            found["components"][k] = components
+    if heldout:  # the folds' fits of all ks stacked
+        for group in stacked_groups(ks, 1, X.shape, X.dtype.itemsize):
+            found["heldout_error"].update(heldout_errors(X, group, settings, first))
+    for k in ks:
         logger.info(
             "rank %d: %d replicates, mean error %.6g, cophenetic %.4f, held-out error %s",
             k,
@@ -336,6 +324,27 @@ def select_rank(
         source=source,
         **found,
     )
+
+
+#: The factors of one stacked fit, (m + n) × its components, stay within this many bytes: the
+#: ks are stacked in order into as few fits as that allows (a k whose replicates alone exceed
+#: it gets a fit of its own).
+STACK_BYTES = 2**30
+
+
+def stacked_groups(ks: list[int], replicates: int, shape, itemsize: int) -> list[list[int]]:
+    """The ks fitted together, one stacked fit per group (``STACK_BYTES``)."""
+    groups: list[list[int]] = []
+    held = 0
+    for k in ks:
+        size = sum(shape) * k * replicates * itemsize
+        if groups and held + size <= STACK_BYTES:
+            groups[-1].append(k)
+            held += size
+        else:
+            groups.append([k])
+            held = size
+    return groups
 
 
 _PER_K = (
@@ -367,101 +376,6 @@ def suggest(ks: list[int], cophenetic: dict, heldout: dict) -> tuple[int, str]:
             "the k before the largest fall of the cophenetic correlation"
         )
     return ks[-1], "the largest k (the cophenetic correlation never falls)"
-
-
-def bicross_validation_error(X, model: NMF, folds: int = 2) -> float:
-    """The relative held-out error of ``model``'s rank by bi-cross-validation (see the
-    module), the rows and columns split into ``folds`` groups each at random (seeded by
-    ``model.random_state``)."""
-    m, n = X.shape
-    _check_folds(X.shape, model.n_components, folds)
-    rng = np.random.default_rng(model.random_state)
-    row_fold, col_fold = rng.permutation(m) % folds, rng.permutation(n) % folds
-    residual = total = 0.0
-    for a in range(folds):
-        rows, others = np.flatnonzero(row_fold == a), np.flatnonzero(row_fold != a)
-        for b in range(folds):
-            cols, rest = np.flatnonzero(col_fold == b), np.flatnonzero(col_fold != b)
-            fold = clone(model)
-            with warnings.catch_warnings():  # a fold's fit is a means, not the result
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                w_d = fold.fit_transform(submatrix(X, others, rest))
-            w_c = fold.transform(submatrix(X, rows, rest))
-            gram, cross = _normal_equations(w_d, submatrix(X, others, cols))
-            h_b = passes.nnls(gram, cross, NNLS_MAX_ITER, NNLS_TOL)
-            terms = _by_row_blocks(_residual_and_norm, submatrix(X, rows, cols), w_c, h_b)
-            residual, total = residual + terms[0], total + terms[1]
-    return float(np.sqrt(residual / total)) if total > 0 else 0.0
-
-
-def submatrix(X, rows: np.ndarray, cols: np.ndarray):
-    """X[rows][:, cols] for increasing index arrays. For a Dask array, each row chunk is read
-    inside the task that takes its rows (``StreamedPanel``): the keys of X's own chunks never
-    reach the scheduler, where a fit of X already holds them (the scheduler warns, and may
-    deadlock, when one key comes with two different specs)."""
-    if not isinstance(X, da.Array):
-        return X[rows][:, cols]
-    X = X.rechunk({1: -1})
-    bounds = np.cumsum((0, *X.chunks[0]))
-    blocks = []
-    pieces = zip(panels.blocks_as_delayed(X), itertools.pairwise(bounds), strict=True)
-    for source, (low, high) in pieces:
-        local = rows[(rows >= low) & (rows < high)] - low
-        if local.size:
-            task = dask.delayed(_take)(StreamedPanel(source), local, cols)
-            shape = (local.size, cols.size)
-            blocks.append(da.from_delayed(task, shape=shape, dtype=X.dtype, meta=X._meta))
-    return da.concatenate(blocks)
-
-
-def _take(panel, rows, cols):
-    return panel.read()[rows][:, cols]
-
-
-def _check_folds(shape, k: int, folds: int) -> None:
-    if min(shape) < folds * k:
-        raise ValueError(
-            f"X of shape {shape} is too small for bi-cross-validation of rank {k} ({folds} "
-            f"folds need {folds * k} rows and columns); pass heldout=False or smaller ks."
-        )
-
-
-def _normal_equations(w, x) -> tuple[np.ndarray, np.ndarray]:
-    """(Wᵀ·W, Wᵀ·X) for W (r, k) and X (r, c), by row blocks when they are Dask arrays."""
-    gram = _by_row_blocks(lambda _, wt: wt @ wt.T, x, w)
-    return gram, _by_row_blocks(kernels.dot_w, x, w)
-
-
-def _by_row_blocks(fn, x, w, *extra):
-    """Σ over row blocks of ``fn(x_i, W_iᵀ, *extra)`` (W_iᵀ component-major, contiguous)."""
-    if not isinstance(x, da.Array) and not isinstance(w, da.Array):
-        return fn(kernels.aligned(x), np.ascontiguousarray(np.asarray(w).T), *extra)
-    x = x if isinstance(x, da.Array) else da.from_array(x)
-    x = x.rechunk({1: -1})
-    w = da.asarray(w).rechunk((x.chunks[0], -1))
-    parts = [
-        dask.delayed(_block_term)(fn, xi, wi, *extra)
-        for xi, wi in zip(x.to_delayed()[:, 0], w.to_delayed()[:, 0], strict=True)
-    ]
-    return _fixed_order_sum(dask.compute(*parts))
-
-
-def _block_term(fn, x, w, *extra):
-    return fn(kernels.aligned(x), np.ascontiguousarray(w.T), *extra)
-
-
-def _fixed_order_sum(terms):
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
-
-
-def _residual_and_norm(x, wt, h) -> np.ndarray:
-    """(‖X_i − W_i·H‖², ‖X_i‖²) of a block, in float64."""
-    values = x.data if hasattr(x, "tocsr") else x
-    values = np.asarray(values, dtype=np.float64).ravel()
-    return np.array([kernels.residual_sq(x, wt, h), np.dot(values, values)])
 
 
 def _sample_labels(W, k: int, replicates: int, samples: int, seed: int) -> np.ndarray:

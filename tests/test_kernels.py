@@ -37,6 +37,21 @@ def test_dot_w_is_wt_times_x(panel):
     np.testing.assert_allclose(result, WT @ DENSE, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_wide_sparse_products_run_in_blocks_bit_for_bit(dtype):
+    """With more than 128 components a sparse panel's products run over blocks of 64
+    components (in cache); each entry is the one product's, bit for bit."""
+    x = sp.random(40, 300, density=0.1, random_state=1, format="csr", dtype=np.float32)
+    h = rng.uniform(size=(200, 300)).astype(dtype)
+    wt = rng.uniform(size=(200, 40)).astype(dtype)
+    for got, want in [
+        (kernels.dot_h(x, h), (x @ h.T).T),
+        (kernels.dot_w(x, wt), (x.T @ wt.T).T),
+    ]:
+        assert got.flags.c_contiguous and got.dtype == want.dtype
+        assert np.array_equal(got, want)
+
+
 def test_moments(panel):
     m = kernels.panel_moments(panel)
     x = DENSE.astype(np.float64)

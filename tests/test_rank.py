@@ -42,6 +42,62 @@ def test_stacked_replicates_are_the_fits_run_alone(array_type):
     assert found.norm_x == pytest.approx(np.linalg.norm(X))
 
 
+def test_ranks_with_their_own_sweeps_are_the_fits_run_alone():
+    """Sparse X with 12 stored entries per row: ``inner_iter='auto'`` gives each k its own
+    sweeps of the W update (6, 4 and 2 for k = 2, 3, 5); stacked in one fit, each replicate
+    keeps its own and equals its fit alone."""
+    X = sp.random(150, 40, density=0.3, random_state=3, format="csr") * 5
+    assert {k: NMF(k)._objective(150, 40, k, X.nnz).sweeps_w for k in (2, 3, 5)} == {
+        2: 6,
+        3: 4,
+        5: 2,
+    }
+    found = select_rank(X, [2, 3, 5], 2, random_state=1, heldout=False, **FIT)
+    for k in (2, 3, 5):
+        for r, seed in enumerate(found.seeds):
+            model = _alone(X, k, seed, **FIT)
+            np.testing.assert_allclose(
+                found.components[k][r * k : (r + 1) * k], model.components_, rtol=1e-9, atol=1e-12
+            )
+            assert found.errors[k][r] == pytest.approx(model.reconstruction_err_, rel=1e-9)
+
+
+def test_ks_are_stacked_into_fits_that_hold_their_factors(monkeypatch):
+    """The ks go into as few stacked fits as keep each within ``STACK_BYTES`` of factors; the
+    results do not depend on how they were grouped."""
+    from dasknmf import rank
+
+    size = (60 + 20) * 2 * 8  # the factors of one component of 2 replicates
+    assert rank.stacked_groups([1, 2, 3], 2, (60, 20), 8) == [[1, 2, 3]]
+    monkeypatch.setattr(rank, "STACK_BYTES", 3 * size)
+    assert rank.stacked_groups([1, 2, 3, 4], 2, (60, 20), 8) == [[1, 2], [3], [4]]
+    X = low_rank(60, 20, 2, seed=4)
+    apart = select_rank(X, [1, 2, 3], 2, random_state=0, heldout=False, **FIT)
+    monkeypatch.setattr(rank, "STACK_BYTES", 2**30)
+    together = select_rank(X, [1, 2, 3], 2, random_state=0, heldout=False, **FIT)
+    for k in (1, 2, 3):
+        np.testing.assert_allclose(together.components[k], apart.components[k], rtol=1e-9)
+        np.testing.assert_allclose(together.errors[k], apart.errors[k], rtol=1e-9)
+        assert together.cophenetic[k] == pytest.approx(apart.cophenetic[k])
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_heldout_errors_of_stacked_ks_are_those_of_each_k_alone(sparse):
+    """On each fold the fits, transforms and least squares of all ks share the reads of the
+    submatrices; each k's held-out error is the one it gets alone."""
+    from dasknmf.heldout import heldout_errors
+
+    X = low_rank(80, 40, 3, seed=6)
+    X = sp.csr_array(X) if sparse else X
+    settings = dict(init="random", extrapolate=False, max_iter=20, tol=0)
+    together = heldout_errors(X, [1, 2, 4], settings, seed=3)
+    for k in (1, 2, 4):
+        assert together[k] == pytest.approx(heldout_errors(X, [k], settings, 3)[k], rel=1e-9)
+    assert together[1] > together[2] > 0
+    with pytest.raises(ValueError, match="too small for bi-cross-validation of rank 21"):
+        heldout_errors(X, [2, 21], settings, 3)
+
+
 def test_stacked_replicates_of_a_wide_matrix_are_the_fits_run_alone():
     """Xᵀ's row panels (a wide X): the replicates are stacked along the same component axis."""
     X = low_rank(30, 400, 3, seed=2)
@@ -54,15 +110,18 @@ def test_stacked_replicates_of_a_wide_matrix_are_the_fits_run_alone():
 
 
 def test_on_a_cluster_from_a_store(tmp_path, cluster):
-    """Replicates read from a Zarr store on a LocalCluster equal the in-memory fits alone."""
+    """Replicates of two ks read from a Zarr store on a LocalCluster, stacked in one fit,
+    equal the in-memory fits alone."""
     X = low_rank(200, 50, 3, seed=3)
     path = tmp_path / "X.zarr"
     io.save_matrix(path, X, chunks=(50, 50))
-    found = select_rank(str(path), [3], 2, random_state=9, heldout=True, **FIT)
-    for r, seed in enumerate(found.seeds):
-        model = _alone(X, 3, seed, **FIT)
-        np.testing.assert_allclose(found.components[3][3 * r : 3 * r + 3], model.components_)
+    found = select_rank(str(path), [2, 3], 2, random_state=9, heldout=True, **FIT)
+    for k in (2, 3):
+        for r, seed in enumerate(found.seeds):
+            model = _alone(X, k, seed, **FIT)
+            np.testing.assert_allclose(found.components[k][k * r : k * r + k], model.components_)
     memory = select_rank(X, [3], 2, random_state=9, heldout=True, **FIT)
+    # k = 3's held-out error does not depend on the k stacked with it (tol=0)
     assert found.heldout_error[3] == pytest.approx(memory.heldout_error[3], rel=1e-6)
 
 
@@ -147,10 +206,15 @@ def test_stacking_refuses_what_couples_replicates(change, match):
         tol=0,
         panel_bytes=2**20,
         random_state=(0, 1),
-        replicates=2,
+        ranks=(2, 2),
     )
     with pytest.raises(ValueError, match=match):
         pipeline.fit(low_rank(20, 10, 2), pipeline.dataclasses.replace(plan, **change))
+    for seeds in (0, (0, 1, 2)):  # one seed per stacked fit
+        with pytest.raises(ValueError, match="Stacked fits need one seed each"):
+            pipeline.fit(
+                low_rank(20, 10, 2), pipeline.dataclasses.replace(plan, random_state=seeds)
+            )
     extrapolating = NMF(n_components=2)._objective
     with pytest.raises(ValueError, match="extrapolation"):
         pipeline.fit(
@@ -268,26 +332,28 @@ def test_a_selection_saves_and_loads(tmp_path):
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
 def test_stacked_replicates_on_2d_blocks_are_the_fits_run_alone(sparse):
-    """X large in both dimensions for the stacked components: the replicates advance together
-    over 2-D blocks (block-diagonal Gram matrices in the W and H updates), each equal to its
-    fit run alone (by row panels) up to rounding, with its own final error."""
+    """X large in both dimensions for the stacked components: fits of ranks 2, 3 and 3 advance
+    together over 2-D blocks (block-diagonal Gram matrices in the W and H updates), each equal
+    to its fit run alone (by row panels) up to rounding, with its own final error."""
     X = low_rank(120, 90, 3, seed=4)
     data = sp.csr_array(X) if sparse else X
+    ranks, seeds = (2, 3, 3), (0, 1, 2)
     plan = pipeline.Plan(
         n_components=3,
         init="random",
         objective=NMF(n_components=3, extrapolate=False)._objective,
         **FIT,
         panel_bytes=30 * 20 * 8,
-        random_state=(0, 1, 2),
-        replicates=3,
+        random_state=seeds,
+        ranks=ranks,
     )
     fitted = pipeline.fit(data, plan)
     assert fitted.layout["scheme"] == "blocks" and min(fitted.layout["blocks"]) > 1
-    for r, seed in enumerate((0, 1, 2)):
-        model = NMF(3, init="random", random_state=seed, extrapolate=False, layout="rows", **FIT)
+    starts = np.cumsum((0, *ranks))
+    for r, (k, seed) in enumerate(zip(ranks, seeds, strict=True)):
+        model = NMF(k, init="random", random_state=seed, extrapolate=False, layout="rows", **FIT)
         W = model.fit_transform(data)
-        mine = slice(3 * r, 3 * r + 3)
+        mine = slice(starts[r], starts[r + 1])
         np.testing.assert_allclose(fitted.components[mine], model.components_, rtol=1e-8)
         np.testing.assert_allclose(fitted.W[:, mine], W, rtol=1e-8, atol=1e-12)
         assert fitted.replicate_errors[r] == pytest.approx(model.reconstruction_err_, rel=1e-9)

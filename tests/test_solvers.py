@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from sklearn.decomposition._nmf import _multiplicative_update_w, _update_coordinate_descent
 
+from dasknmf.objective import Objective
 from dasknmf.solvers import get_solver, hals, mu
 
 rng = np.random.default_rng(1)
@@ -78,6 +79,34 @@ def test_stacked_hals_problems_are_each_solved_alone(compiled, dtype, l2):
     if not l2:  # (an L2 penalty gives the flat component a curvature)
         np.testing.assert_array_equal(F[1, 2], F0[1, 2])
     assert violation == pytest.approx(sum(v for _, v in alone), rel=rtol)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("solver", ["hals", "mu"])
+def test_stacked_fits_of_several_ranks_are_each_updated_alone(solver, contiguous):
+    """``Objective.update`` on stacked fits of ranks (2, 2, 3, 1) with their own sweeps: each
+    fit's block of F is its update alone (with its diagonal block of the Gram matrix), in
+    place; the violation is their sum."""
+    ranks, sweeps = (2, 2, 3, 1), (3, 3, 2, 4)
+    objective = Objective(sum(ranks), solver=solver, ranks=ranks)
+    rng = np.random.default_rng(5)
+    F0 = rng.uniform(size=(sum(ranks), 50))
+    H_all = rng.uniform(size=(sum(ranks), 20))
+    gram = objective.gram(H_all)
+    cross = H_all @ X.T
+    F = F0.copy() if contiguous else np.asfortranarray(F0)
+    out, violation = objective.update(F, gram, cross, l1=0.1, l2=0.2, n_sweeps=sweeps, order=None)
+    assert out is F
+    total = 0.0
+    for part, n in zip(objective.fit_slices(), sweeps, strict=True):
+        assert not gram[part, : part.start].any() and not gram[part, part.stop :].any()
+        alone, v = get_solver(solver).update(
+            F0[part].copy(), gram[part, part], cross[part], l1=0.1, l2=0.2, n_sweeps=n
+        )
+        np.testing.assert_allclose(F[part], alone, rtol=1e-12, atol=1e-14)
+        total += v
+    if solver == "hals":
+        assert violation == pytest.approx(total, rel=1e-12)
 
 
 @pytest.mark.parametrize("l1, l2", [(0.0, 0.0), (0.3, 0.7)])
