@@ -192,6 +192,16 @@ class Checkpoint:
                 return generation
         return None
 
+    def require_latest(self) -> Location:
+        """The newest complete generation; raises ``CheckpointError`` when there is none."""
+        generation = self.latest()
+        if generation is None:
+            raise CheckpointError(
+                f"Cannot resume: no checkpoint in {self.path} (it is written every "
+                "checkpoint_every iterations of a fit with checkpoint set)."
+            )
+        return generation
+
     def probe(self, client) -> None:
         """Check that the workers of ``client`` share the folder (they write W's blocks there):
         fail now, before the first iteration, rather than at the first checkpoint."""
@@ -202,12 +212,7 @@ class Checkpoint:
         """Read the newest generation into ``panels``' layout; its blocks are read by tasks,
         those of Wᵀ placed with their panels. Raises ``CheckpointError`` when there is none or when
         it was written for other settings or another input."""
-        generation = self.latest()
-        if generation is None:
-            raise CheckpointError(
-                f"Cannot resume: no checkpoint in {self.path} (it is written every "
-                "checkpoint_every iterations of a fit with checkpoint set)."
-            )
+        generation = self.require_latest()
         state = json.loads(generation.child("state.json").read_text())
         if state.get("format") != FORMAT:
             raise CheckpointError(

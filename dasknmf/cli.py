@@ -104,6 +104,7 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
         wait_for_workers, as_json, quiet, verbose):  # fmt: skip
     """Fit NMF to the matrix in INPUT (a Zarr store) and write the model to OUTPUT."""
     from dasknmf import NMF, open_matrix
+    from dasknmf.checkpoint import Checkpoint
     from dasknmf.io import matrix_ids
 
     _setup_logging(verbose, quiet)
@@ -136,6 +137,8 @@ def fit(input_path, n_components, output, component, solver, beta_loss, init, ma
         missing=missing,
     )
     model._validate_params()  # before a cluster starts
+    if resume:  # and the checkpoint
+        Checkpoint(checkpoint, 1, {}).require_latest()
     with _connect(cluster, scheduler_address, scheduler_file, workers) as client:
         _announce(client, wait_for_workers)
         _probe_output(client, output)
