@@ -33,7 +33,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import machine, write_section
 
 from dasknmf._config import get_bytes
-from dasknmf.panels import coalesce_bounds, should_cache
+from dasknmf.cuts import coalesce_bounds
+from dasknmf.panels import should_cache
 
 N, K, RANK = 2_000, 20, 20
 SIZES = (250_000, 1_000_000)

@@ -45,6 +45,17 @@ and the largest differences between the two fits' factors. ``--two-d-size N --tw
 runs a smaller matrix.
 
     python benchmarks/bench_scale.py --two-d --write
+
+``--threads``: shards even over the threads. The dense benchmark's matrix (20,000 × 2,000
+float32, 160 MB) in its Zarr store as ``save_matrix`` writes it (opened as panels of 64, 64
+and 25 MB), streamed in every iteration (``dasknmf.cache-fraction`` 0) on a LocalCluster of 2
+worker processes × 1 thread, k = 20 and 100, random init, tol 0, 8 iterations, default
+settings. The shards as ``cuts.shard_layout`` cuts them now (at the panel boundary nearest each
+thread's share of the rows) against the rule before 2026-12-04, which this script reproduces
+(a panel goes to the shard its start falls in). Measured: each thread's share of the rows and
+the median time between iterations (median of 3 rounds, the two rules alternating).
+
+    python benchmarks/bench_scale.py --threads --write
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import os
 import statistics
 import sys
@@ -103,6 +115,103 @@ def small_workers(n_iter: int) -> dict:
         "peak": memory.peak,
         "nbytes": SMALL_ROWS * 2000 * 4,
     }
+
+
+def shards_by_starts(row_sizes, n_slots: int, split_every: int, group: int = 0):
+    """``cuts.shard_layout`` before 2026-12-04: a panel run goes to the shard its start
+    falls in (for the comparison of ``--threads``)."""
+    from dasknmf.ops import shard_level
+
+    n_panels = len(row_sizes)
+    level = max(group, shard_level(n_panels, n_slots, split_every))
+    starts = list(range(0, n_panels, split_every**level))
+    rows_before = np.cumsum([0, *row_sizes])
+    n_shards = min(n_slots, len(starts))
+    owner = [int(rows_before[g] * n_shards // max(1, rows_before[-1])) for g in starts]
+    bounds = [g for g, a, b in zip(starts[1:], owner, owner[1:], strict=False) if a != b]
+    return level, [0, *bounds, n_panels]
+
+
+THREADS_KS = (20, 100)
+
+
+def threads(n_iter: int) -> dict:
+    import dask
+    from bench_dense import make_x
+    from distributed import Client, LocalCluster
+
+    from dasknmf import NMF, panels, save_matrix
+
+    path = DATA / "threads.zarr"
+    save_matrix(path, make_x(), overwrite=True)
+    layout = panels.shard_layout
+
+    def per_iteration(k: int, before: bool) -> dict:
+        shares = []
+
+        def recorded(row_sizes, *args, **kwargs):
+            level, bounds = (shards_by_starts if before else layout)(row_sizes, *args, **kwargs)
+            rows = [sum(row_sizes[a:b]) for a, b in itertools.pairwise(bounds)]
+            shares.append([r / sum(row_sizes) for r in rows])
+            return level, bounds
+
+        panels.shard_layout = recorded  # what Panels.shard calls
+        try:
+            model = NMF(k, init="random", random_state=0, tol=0, max_iter=n_iter)
+            with iteration_times() as stamps:
+                model.fit(str(path))
+        finally:
+            panels.shard_layout = layout
+        return {
+            "per_iteration": statistics.median(np.diff(stamps[1:])),
+            "panels": model.layout_["panels"],
+            "shares": shares[-1],
+        }
+
+    runs: dict = {}
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster),
+        dask.config.set({"dasknmf.cache-fraction": 0}),
+    ):
+        for k in THREADS_KS:
+            per_iteration(k, False)  # warm up
+            for _ in range(ROUNDS):
+                for before in (True, False):
+                    runs.setdefault((k, before), []).append(per_iteration(k, before))
+    return {
+        key: dict(value[0], per_iteration=statistics.median(r["per_iteration"] for r in value))
+        for key, value in runs.items()
+    }
+
+
+def report_threads(r: dict, write: bool) -> None:
+    lines = [
+        "## Shards even over the threads (`benchmarks/bench_scale.py --threads`)",
+        "",
+        f"Run {datetime.date.today().isoformat()} on {machine()}. The dense benchmark's matrix "
+        "(20,000 × 2,000 float32, 160 MB) streamed from its store in every iteration on a "
+        "LocalCluster of 2 worker processes × 1 thread; random init, tol 0, default settings "
+        "(3 panels of 64, 64 and 25 MB); median time between iterations of an 8-iteration fit, "
+        f"the median of {ROUNDS} rounds, the rules alternating. *Before*: a panel goes to the "
+        "shard its start falls in; *now*: shards cut at the panel boundary nearest each "
+        "thread's share (`cuts.shard_layout`).",
+        "",
+        "| k | shards | rows per thread | ms per iteration | before / now |",
+        "|---|---|---|---|---|",
+    ]
+    for k in THREADS_KS:
+        old, new = r[k, True], r[k, False]
+        for label, x in (("before", old), ("now", new)):
+            shares = " / ".join(f"{share:.0%}" for share in x["shares"])
+            ratio = f"**{old['per_iteration'] / new['per_iteration']:.2f}×**" if x is new else ""
+            lines.append(
+                f"| {k} | {label} | {shares} | {1000 * x['per_iteration']:.0f} | {ratio} |"
+            )
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section("scale-threads", text)
 
 
 MANY_ROWS, MANY_COLS, FEW, MANY = 40_000, 100, 10, 10_000
@@ -531,17 +640,20 @@ def main() -> None:
     parser.add_argument("--scheduler-state", action="store_true")
     parser.add_argument("--cost-model", action="store_true")
     parser.add_argument("--two-d", action="store_true")
+    parser.add_argument("--threads", action="store_true")
     parser.add_argument("--two-d-size", type=int, default=TWO_D_SIZE)
     parser.add_argument("--two-d-nnz", type=int, default=TWO_D_NNZ)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--write", action="store_true", help="store in benchmarks/RESULTS.md")
     args = parser.parse_args()
     scenarios = (args.small_workers, args.many_panels, args.scheduler_state, args.cost_model)
-    if not (any(scenarios) or args.two_d):
+    if not (any(scenarios) or args.two_d or args.threads):
         parser.error(
             "choose a scenario (--small-workers, --many-panels, --scheduler-state, --cost-model, "
-            "--two-d)"
+            "--two-d, --threads)"
         )
+    if args.threads:
+        report_threads(threads(8), args.write)
     if args.two_d:
         report_two_d(two_d(args.iterations, args.two_d_size, args.two_d_nnz), args.write)
     if args.cost_model:

@@ -17,13 +17,14 @@ import scipy.sparse as sp
 
 from dasknmf import steps
 from dasknmf._config import get_bytes
+from dasknmf.cuts import even_bounds
 from dasknmf.ops import DaskOps, EagerOps, FutureOps, closed_on_error
 from dasknmf.panels import (
     BLOCK_FACTORS,
     PANEL_MULTIPLE,
     TASK_OVERHEAD,
-    even_bounds,
     should_cache,
+    thread_slots,
     tuple_of,
     wait_for_workers,
 )
@@ -159,7 +160,7 @@ def grid(X, n_components: int, budget: int, cache: bool | str = "auto") -> Grid:
     stored = count_stored(X)
     itemsize = X.dtype.itemsize
     client = distributed_client()
-    threads = len(_slots(client)) if client is not None else 2  # as in memory
+    threads = len(thread_slots(client)) if client is not None else 2  # as in memory
     rows, cols = grid_bounds(X.shape, n_components, itemsize, budget, stored, threads)
     nbytes = X.nbytes if stored is None else stored * (itemsize + 4) + 8 * X.shape[0]
     X = X.rechunk((tuple(np.diff(rows)), tuple(np.diff(cols))))
@@ -204,7 +205,7 @@ def _cache_in_bands(client, flat: list, n_rows: int, n_cols: int) -> tuple[list,
     (in the order of the workers' addresses); returns the futures and each row's worker."""
     from distributed import wait
 
-    slots = _slots(client)
+    slots = thread_slots(client)
     locations = [slots[i * len(slots) // n_rows] for i in range(n_rows)]
     where = [locations[index // n_cols] for index in range(len(flat))]
     copies = DaskOps().map(_the_block, [(b,) for b in flat], workers=where)
@@ -214,12 +215,6 @@ def _cache_in_bands(client, flat: list, n_rows: int, n_cols: int) -> tuple[list,
         if future.status == "error":
             future.result()  # raises the task's error (a block that cannot be read)
     return futures, locations
-
-
-def _slots(client) -> list[str]:
-    """A worker's address for each of its threads, in the order of the addresses."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    return [w for w in sorted(workers) for _ in range(max(1, workers[w].get("nthreads") or 1))]
 
 
 def _the_block(x):

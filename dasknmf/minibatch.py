@@ -106,8 +106,7 @@ def _worker_threads() -> int:
     client = distributed_client()
     if client is None:
         return 1
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    return sum(max(1, w.get("nthreads") or 1) for w in workers)
+    return len(panels.thread_slots(client))
 
 
 def steps_of_epoch(n_batches: int, per_step: int) -> list[list[int]]:

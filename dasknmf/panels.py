@@ -19,56 +19,10 @@ import scipy.sparse as sp
 
 from dasknmf import kernels, shards
 from dasknmf._config import get_bytes
-from dasknmf.ops import DaskOps, EagerOps, FutureOps, closed_on_error, shard_level
+from dasknmf.cuts import coalesce_bounds, even_bounds, group_level, shard_layout
+from dasknmf.ops import DaskOps, EagerOps, FutureOps, closed_on_error
 from dasknmf.steps import StreamedPanel
 from dasknmf.storage import distributed_client
-
-
-def even_bounds(n: int, n_parts: int) -> list[int]:
-    """Boundaries of ``n_parts`` near-equal consecutive ranges of ``range(n)``."""
-    n_parts = max(1, min(n_parts, n))
-    return [part * n // n_parts for part in range(n_parts + 1)]
-
-
-def coalesce_bounds(chunks: Sequence[int], chunk_nbytes: Sequence[float], budget: int) -> list[int]:
-    """Group consecutive chunks into panels of at most ``budget`` bytes (at least one chunk each);
-    return the row boundaries. Chunks are never split, so panels stay aligned to storage."""
-    bounds = [0]
-    size = 0.0
-    end = 0
-    for rows, nbytes in zip(chunks, chunk_nbytes, strict=True):
-        if size and size + nbytes > budget:
-            bounds.append(end)
-            size = 0.0
-        end += rows
-        size += nbytes
-    bounds.append(end)
-    return bounds
-
-
-def choose_layout(shape, n_components: int, itemsize: int, budget: int, layout="auto") -> str:
-    """How to cut X: "rows" (row panels), "columns" (row panels of Xᵀ) or "blocks" (2-D).
-
-    'auto': row panels when a task on a one-row panel — the row, H and the k×n partials —
-    fits ``budget``; else row panels of Xᵀ when a one-column task is smaller and fits; else
-    2-D blocks (``dasknmf.blocks``), whose tasks hold a block of each factor only."""
-    if layout != "auto":
-        return layout
-    n_rows, n_cols = shape
-    per_row_task = (3 * n_components + 1) * n_cols * itemsize
-    per_column_task = (3 * n_components + 1) * n_rows * itemsize
-    if per_row_task <= budget:
-        return "rows"
-    if per_column_task < per_row_task and per_column_task <= budget:
-        return "columns"
-    return "blocks"
-
-
-def column_bounds(n_features: int, n_components: int, itemsize: int) -> list[int]:
-    """Column blocks of H (and of the A partials) of at most ``dasknmf.h-block-bytes``."""
-    budget = get_bytes("dasknmf.h-block-bytes")
-    n_blocks = math.ceil(n_components * n_features * itemsize / budget)
-    return even_bounds(n_features, n_blocks)
 
 
 @dataclass
@@ -178,44 +132,6 @@ class Panels:
         self.ops.close()
 
 
-def shard_layout(row_sizes: Sequence[int], n_slots: int, split_every: int, group: int = 0):
-    """Shards for ``n_slots`` tasks at once: ``(level, bounds)``, the panels cut at multiples
-    of split_every**level (``ops.shard_level``, and at least ``group``: a shard holds whole
-    groups) into at most ``n_slots`` runs balanced by rows. The bounds are panel indices."""
-    n_panels = len(row_sizes)
-    level = max(group, shard_level(n_panels, n_slots, split_every))
-    starts = list(range(0, n_panels, split_every**level))
-    rows_before = np.cumsum([0, *row_sizes])
-    n_shards = min(n_slots, len(starts))
-    owner = [int(rows_before[g] * n_shards // max(1, rows_before[-1])) for g in starts]
-    bounds = [
-        g for g, before, now in zip(starts[1:], owner, owner[1:], strict=False) if now != before
-    ]
-    return level, [0, *bounds, n_panels]
-
-
-#: Groups of panels (``group_level``) are made only while at least this many remain, so that
-#: shards of whole groups still spread over many workers.
-MIN_GROUPS = 16
-
-
-def group_level(row_sizes: Sequence[int], row_nbytes: int, split_every: int) -> int:
-    """The level g of the reduction tree whose subtrees — aligned runs of split_every**g
-    consecutive panels — a task updates at once, as one stacked panel: the deepest whose runs
-    hold at most ``dasknmf.group-bytes`` (dense bytes) and that leaves ``MIN_GROUPS`` of them;
-    0 (each panel alone) for panels of ordinary size. Fixed by the panels alone, so the
-    factors are the same bits in memory and on any number of workers."""
-    budget = get_bytes("dasknmf.group-bytes")
-    largest = max(row_sizes, default=0) * row_nbytes
-    level = 0
-    while (
-        split_every ** (level + 1) * largest <= budget
-        and math.ceil(len(row_sizes) / split_every ** (level + 1)) >= MIN_GROUPS
-    ):
-        level += 1
-    return level
-
-
 def tuple_of(*blocks) -> tuple:
     """The arguments as a tuple (a task bundling per-panel objects by shard)."""
     return blocks
@@ -309,13 +225,18 @@ def dask_panels(
     return panels
 
 
+def thread_slots(client) -> list[str]:
+    """A worker's address for each of its threads, in the order of the addresses."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return [w for w in sorted(workers) for _ in range(max(1, workers[w].get("nthreads") or 1))]
+
+
 def _place(panels: Panels, client) -> None:
     """Shard the panels for the threads of the cluster (of this machine without ``client``)."""
     if client is None:
         panels.shard(os.cpu_count() or 1)
         return
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    slots = [w for w in sorted(workers) for _ in range(max(1, workers[w].get("nthreads") or 1))]
+    slots = thread_slots(client)
     panels.shard(len(slots), slots)
 
 

@@ -21,7 +21,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from dasknmf import blocks, engine, init, masked, panels, passes, shards
+from dasknmf import blocks, cuts, engine, init, masked, panels, passes, shards
 from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint, fingerprint
 from dasknmf.progress import Reporter
@@ -107,7 +107,7 @@ def fit(X, plan: Plan) -> Fitted:
     2-D blocks (``dasknmf.blocks``). ``plan.layout`` can force one.
     """
     itemsize = X.dtype.itemsize
-    layout = panels.choose_layout(X.shape, plan.width, itemsize, plan.panel_bytes, plan.layout)
+    layout = cuts.choose_layout(X.shape, plan.width, itemsize, plan.panel_bytes, plan.layout)
     if isinstance(X, da.Array):  # in-memory input is fitted here, not on the workers
         panels.check_fits_workers(X.shape, plan.width, itemsize, layout)
     if layout == "blocks":
@@ -143,7 +143,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             "When beta_loss <= 0 and X contains zeros, the solver may diverge. Please add "
             "small values to X, or use a positive beta_loss."
         )
-    col_bounds = panels.column_bounds(n_cols, k, parts.dtype.itemsize)
+    col_bounds = cuts.column_bounds(n_cols, k, parts.dtype.itemsize)
     ckpt = _checkpoint(plan, parts, fingerprint(plan, parts, stats, objective, col_bounds))
 
     def starting_point(from_checkpoint: bool) -> tuple:
@@ -469,7 +469,7 @@ def transform(
     ``panel_bytes`` (``layout`` 'auto', as a fit chooses) or ``layout`` is 'blocks', for the
     Frobenius loss (over all of X, or masked)."""
     itemsize = X.dtype.itemsize
-    chosen = panels.choose_layout(X.shape, H.shape[0], itemsize, panel_bytes, layout)
+    chosen = cuts.choose_layout(X.shape, H.shape[0], itemsize, panel_bytes, layout)
     by_blocks = not objective.masked or objective.solver == "hals"  # a least-squares transform
     if chosen == "blocks" and objective.frobenius and by_blocks:
         return blocks.transform(X, H, objective, panel_bytes, max_iter, tol)

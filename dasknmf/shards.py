@@ -99,7 +99,7 @@ def _sizeof_bundle(bundle: PanelBundle) -> int:
 def groups(tree: tuple, *runs: Sequence):
     """The runs side by side in the groups of panels that a task updates as one
     (``stacked_rows``): consecutive pieces of split_every**group, ``tree`` being ``(level,
-    split_every, group)`` (``panels.group_level``); the last may be shorter."""
+    split_every, group)`` (``cuts.group_level``); the last may be shorter."""
     _, split_every, group = tree
     size = split_every**group
     for start in range(0, len(runs[0]), size):

@@ -11,17 +11,15 @@ from conftest import low_rank
 
 from dasknmf import NMF, engine, init, shards, steps
 from dasknmf import panels as panels_module
-from dasknmf.ops import EagerOps, continue_tree, reduce_to_fanin, tree_reduce
-from dasknmf.panels import (
+from dasknmf.cuts import (
     coalesce_bounds,
     column_bounds,
-    dask_panels,
     even_bounds,
     group_level,
-    in_memory_panels,
     shard_layout,
-    should_cache,
 )
+from dasknmf.ops import EagerOps, continue_tree, reduce_to_fanin, tree_reduce
+from dasknmf.panels import dask_panels, in_memory_panels, should_cache
 from dasknmf.shards import Subtrees, combine_picked
 from dasknmf.steps import sum_in_order
 
@@ -213,7 +211,7 @@ def test_the_reduction_tree_can_be_cut_into_aligned_subtrees(n_items, split_ever
 @pytest.mark.parametrize("split_every", [2, 3, 8])
 @pytest.mark.parametrize("n_items", [1, 2, 7, 8, 9, 17, 64, 65, 100, 513])
 def test_shards_sum_to_the_same_bits_as_the_tree_over_all_panels(n_items, split_every):
-    """The engine's sums over shards (``panels.shard_layout``, ``shards.Subtrees`` in each
+    """The engine's sums over shards (``cuts.shard_layout``, ``shards.Subtrees`` in each
     shard task, ``ops.continue_tree`` above them, the last level summed by the consumer) equal
     the fixed-order tree over all panels bit for bit, for every number of shards; a streamed
     running sum inside a shard is what makes them equal, so a wrong order fails here."""
@@ -255,6 +253,10 @@ def test_shard_layout_balances_rows_over_the_slots():
     assert shard_layout([100] * 2 + [1] * 30, 2, 2) == (2, [0, 4, 32])  # by rows, not panels
     # Shards hold whole groups of stacked panels: the level is at least the groups'.
     assert shard_layout([10] * 64, 2, 8, group=2) == (2, [0, 64])
+    # Cut at the panel boundary nearest each share: a 20,000-row store in chunks of 8,388 rows
+    # gives its two threads 42% and 58% of the rows (cut by the panels' starts: 84% and 16%).
+    assert shard_layout([8388, 8388, 3224], 2, 8) == (0, [0, 1, 3])
+    assert shard_layout([100, 1, 1], 3, 8) == (0, [0, 1, 2, 3])  # never an empty shard
 
 
 def test_tiny_panels_are_stacked_in_aligned_groups_that_leave_enough_of_them():

@@ -7,7 +7,8 @@ from conftest import low_rank
 from sklearn.decomposition._nmf import _initialize_nmf
 
 from dasknmf import init
-from dasknmf.panels import column_bounds, dask_panels, in_memory_panels
+from dasknmf.cuts import column_bounds
+from dasknmf.panels import dask_panels, in_memory_panels
 
 
 def _panels(X, n_panels, lazy=False):

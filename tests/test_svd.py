@@ -6,8 +6,9 @@ import pytest
 import scipy.sparse as sp
 
 from dasknmf import svd
+from dasknmf.cuts import even_bounds
 from dasknmf.grid import grid
-from dasknmf.panels import dask_panels, even_bounds, in_memory_panels
+from dasknmf.panels import dask_panels, in_memory_panels
 
 
 def _decaying(m=300, n=80, seed=0):

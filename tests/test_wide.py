@@ -6,7 +6,7 @@ import pytest
 from conftest import low_rank
 
 from dasknmf import NMF, save_matrix
-from dasknmf.panels import choose_layout
+from dasknmf.cuts import choose_layout
 
 WIDE = low_rank(40, 3000, 3)
 SMALL_BUDGET = 64 * 2**10  # a one-row task needs (3k + 1)·n·8 = 240 KiB: too much
