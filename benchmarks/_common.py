@@ -16,6 +16,11 @@ from pathlib import Path
 import psutil
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+#: The benchmarks measure the dasknmf beside them, not an installed copy: the README's commands
+#: install the package (not editable), which leaves the copy of that commit in site-packages.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 class PeakMemory:
