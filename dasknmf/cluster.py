@@ -206,7 +206,7 @@ def connect(
     if len(given) > 1:
         raise ValueError(f"Give one of address, scheduler_file and spec, not {given}.")
     if spec is not None:
-        with from_spec(spec) as cluster, Client(cluster) as client:
+        with from_spec(spec) as cluster, Client(cluster) as client, _quiet_close(client):
             yield client
     elif address is not None:
         with Client(address) as client:
@@ -217,5 +217,26 @@ def connect(
         with Client(scheduler_file=os.fspath(scheduler_file)) as client:
             yield client
     else:
-        with local_cluster(**local_kwargs) as cluster, Client(cluster) as client:
+        with (
+            local_cluster(**local_kwargs) as cluster,
+            Client(cluster) as client,
+            _quiet_close(client),
+        ):
             yield client
+
+
+@contextlib.contextmanager
+def _quiet_close(client: Client) -> Iterator[None]:
+    """Stop the heartbeats of the workers of a cluster made here before it is shut down. A
+    heartbeat in flight while the scheduler removes its worker fails, and distributed logs
+    that with a traceback at ERROR level (``Worker.heartbeat``) — on the stderr of a command
+    that had only its own one-line error to say. The block's own errors pass through."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            client.run(_stop_heartbeat, on_error="ignore")
+
+
+def _stop_heartbeat(dask_worker) -> None:
+    dask_worker.periodic_callbacks["heartbeat"].stop()

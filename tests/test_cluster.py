@@ -28,6 +28,21 @@ def test_local_cluster_divides_memory_among_workers():
         local_cluster(n_workers=-1)
 
 
+def test_a_cluster_made_here_closes_without_heartbeat_tracebacks(monkeypatch, capfd):
+    """A worker's heartbeat in flight while the scheduler removes it fails, and distributed
+    logs a traceback on stderr (CI saw one after a CLI error). ``connect`` stops the heartbeats
+    of a cluster it made before closing it. Heartbeats every 2 ms make the race certain:
+    without the stop, each of these closes logged one."""
+    import distributed.scheduler
+
+    monkeypatch.setattr(distributed.scheduler, "heartbeat_interval", lambda n: 0.002)
+    for _ in range(3):
+        with connect(n_workers=2, heartbeat_interval="2ms", dashboard_address=None) as client:
+            assert client.submit(sum, [1, 2]).result() == 3
+    err = capfd.readouterr().err
+    assert "heartbeat" not in err and "Traceback" not in err, err
+
+
 def test_connect_to_an_address_and_a_scheduler_file(tmp_path):
     from distributed import Client
 
