@@ -154,3 +154,26 @@ def test_the_dense_residual_is_formed_in_blocks_of_rows(monkeypatch):
     assert peak < 3 * kernels.RESIDUAL_BLOCK_BYTES + 2**20, f"peak {peak / 2**20:.0f} MiB"
     monkeypatch.setattr(kernels, "RESIDUAL_BLOCK_BYTES", 7 * 2000 * 8)  # blocks of 7 rows
     assert kernels.residual_sq(x, wt, h) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_the_dense_residual_in_reused_buffers_is_the_plain_formula_bit_for_bit(dtype, order):
+    """``residual_sq`` forms its row blocks in two buffers made once (a worker's allocator maps
+    every large array afresh); the sum is, bit for bit, that of a new array per block, for
+    either dtype, a Fortran-ordered W and a last block shorter than the others. Mixed dtypes
+    take the plain formula."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(700, 2000)).astype(dtype)  # 256-row blocks: 256, 256, 188
+    wt = np.asarray(rng.uniform(size=(7, 700)).astype(dtype), order=order)
+    h = rng.uniform(size=(7, 2000)).astype(dtype)
+    rows = kernels.RESIDUAL_BLOCK_BYTES // (8 * 2000)
+    assert 700 % rows
+    plain = 0.0
+    for start in range(0, 700, rows):
+        block = (x[start : start + rows] - wt[:, start : start + rows].T @ h).astype(np.float64)
+        plain += float(np.dot(block.ravel(), block.ravel()))
+    assert kernels.residual_sq(x, wt, h) == plain
+    other = np.float64 if dtype == np.float32 else np.float32
+    mixed = kernels.residual_sq(x, wt, h.astype(other))
+    assert mixed == pytest.approx(plain, rel=1e-5)
