@@ -168,7 +168,7 @@ def _(x: np.ndarray, wt: np.ndarray, h: np.ndarray) -> float:
     # are formed in two buffers made once: a Dask worker process runs with glibc's
     # MALLOC_TRIM_THRESHOLD_ set (distributed's default), which maps every large array afresh,
     # and a new array per block made this pass 10x slower there than in the driver (stacked
-    # fits run it once per fit: 22 s against 2.3 s for 90 fits on a 64 MB panel).
+    # fits run it once per fit: 22 s against 2.4 s for 90 fits on a 64 MB panel).
     rows = max(1, RESIDUAL_BLOCK_BYTES // max(1, 8 * x.shape[1]))
     if not x.dtype == wt.dtype == h.dtype:
         return _residual_sq_mixed(x, wt, h, rows)
