@@ -16,6 +16,7 @@ Nothing here knows scikit-learn; ``dasknmf.streaming`` is the estimator.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -31,7 +32,7 @@ import scipy.sparse as sp
 from dasknmf import engine, init, kernels, online, panels, passes, pipeline
 from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint
-from dasknmf.online import Online
+from dasknmf.online import Convergence, Online
 from dasknmf.ops import EagerOps
 from dasknmf.storage import distributed_client
 
@@ -133,14 +134,33 @@ def _validated(parts: panels.Panels, whom: str, beta: float):
 # ---- one step ----------------------------------------------------------------------------------
 
 
-def step_update(spec: Online, rho: float, h, A, B, *outputs) -> tuple:
+class StepOut(tuple):
+    """A step task's output ``(H, A, B, summary)``. While small (``engine.SMALL_H_BYTES``), the
+    next step's tasks and the driver take it whole and pick what they use (``part``): a task
+    picking each item would cost the scheduler more than moving them."""
+
+    __slots__ = ()
+
+
+def part(value, index: int):
+    """Item ``index`` of a ``StepOut``; any other value is that item itself."""
+    return value[index] if isinstance(value, StepOut) else value
+
+
+def step_update(spec: Online, rho: float, h, A, B, *outputs) -> StepOut:
     """H, A and B after a step, and its summary ``(mean batch cost, relative change of H,
     rows)``, from the batch tasks' outputs (``online.batch_task``), summed in order."""
+    h, A, B = part(h, 0), part(A, 1), part(B, 2)
     total = online.add_statistics(*(out[1] for out in outputs))
     new_h, A, B = online.update_h(spec, h, A, B, rho, total)
     norm = np.linalg.norm(new_h)
     change = float(np.linalg.norm(new_h - h) / norm) if norm else 0.0
-    return new_h, A, B, (online.batch_cost(spec, total, h), change, total[-1])
+    return StepOut((new_h, A, B, (online.batch_cost(spec, total, h), change, total[-1])))
+
+
+def batch_task(spec: Online, fresh_max_iter: int, h, x, wt, norm_x_sq: float):
+    """``online.batch_task`` with H as the step before left it (see ``StepOut``)."""
+    return online.batch_task(spec, fresh_max_iter, part(h, 0), x, wt, norm_x_sq)
 
 
 def _first(out):
@@ -169,13 +189,16 @@ def run_step(
         (parts.items[b], None if fresh_max_iter else state.wt[b], norms[b]) for b in batches
     ]  # fmt: skip
     workers = None if parts.locations is None else [parts.locations[b] for b in batches]
-    outputs = ops.map(online.batch_task, items, spec, fresh_max_iter or 0, state.h, workers=workers)
+    outputs = ops.map(batch_task, items, spec, fresh_max_iter or 0, state.h, workers=workers)
     for b, out in zip(batches, outputs, strict=True):
         state.wt[b] = ops.call(_first, out) if ops.is_lazy else out[0]
     new = ops.call(step_update, spec, rho, state.h, state.A, state.B, *outputs)
     if not ops.is_lazy:
         state.h, state.A, state.B, summary = new
         return summary
+    if ops.is_async and 3 * parts.shape[1] * spec.n_components * 8 <= engine.SMALL_H_BYTES:
+        state.h = state.A = state.B = new  # see ``StepOut``
+        return new
     state.h, state.A, state.B, summary = (ops.item(new, i) for i in range(4))
     if not ops.is_async:  # dask.delayed: run the step now, keep its results
         persisted = ops.persist(*(state.wt[b] for b in batches), state.h, state.A, state.B)
@@ -189,61 +212,15 @@ def _detach(parts: panels.Panels, state: State) -> None:
     ops = parts.ops
     if not ops.is_async:
         return
-    values = ops.detach([*state.wt, state.h, state.A, state.B])
+    values = ops.detach([*state.wt, *_factors(ops, state)])
     state.wt, (state.h, state.A, state.B) = values[:-3], values[-3:]
 
 
-# ---- the stopping rule -----------------------------------------------------------------------
-
-
-class Convergence:
-    """scikit-learn's ``_minibatch_convergence``: an exponentially weighted average of the mean
-    batch cost; stop when H changes by at most ``tol`` or the average has not improved for
-    ``max_no_improvement`` steps. The first step is not judged (H was not updated yet)."""
-
-    def __init__(self, tol: float, max_no_improvement: int | None, n_samples: int, verbose=0):
-        self.tol = tol
-        self.max_no_improvement = max_no_improvement
-        self.n_samples = n_samples
-        self.verbose = verbose
-        self.ewa = self.ewa_min = None
-        self.no_improvement = 0
-        self.n_batches = 0  # processed so far
-
-    def as_dict(self) -> dict:
-        """The state a checkpoint keeps (``restore`` takes it back)."""
-        names = ("ewa", "ewa_min", "no_improvement", "n_batches")
-        return {name: getattr(self, name) for name in names}
-
-    def restore(self, state: dict) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
-
-    def __call__(self, step: int, n_steps: int, cost: float, change: float, rows: int) -> bool:
-        if step == 1:
-            if self.verbose:
-                print(f"Minibatch step {step}/{n_steps}: mean batch cost: {cost}")
-            return False
-        alpha = min(rows / (self.n_samples + 1), 1)
-        self.ewa = cost if self.ewa is None else self.ewa * (1 - alpha) + cost * alpha
-        if self.verbose:
-            print(f"Minibatch step {step}/{n_steps}: mean batch cost: {cost}, ewa cost: {self.ewa}")
-        if self.tol > 0 and change <= self.tol:
-            if self.verbose:
-                print(f"Converged (small H change) at step {step}/{n_steps}")
-            return True
-        if self.ewa_min is None or self.ewa < self.ewa_min:
-            self.no_improvement, self.ewa_min = 0, self.ewa
-        else:
-            self.no_improvement += 1
-        if self.max_no_improvement is not None and self.no_improvement >= self.max_no_improvement:
-            if self.verbose:
-                print(
-                    "Converged (lack of improvement in objective function) "
-                    f"at step {step}/{n_steps}"
-                )
-            return True
-        return False
+def _factors(ops, state: State) -> list:
+    """H, A and B of ``state`` as ``ops`` holds arrays (see ``StepOut``)."""
+    if state.h is state.A is state.B:
+        return [ops.call(part, state.h, i) for i in range(3)]
+    return [state.h, state.A, state.B]
 
 
 # ---- the fit -----------------------------------------------------------------------------------
@@ -303,23 +280,40 @@ def _fit(parts: panels.Panels, schedule: Schedule) -> Fitted:
 
     def attempt() -> tuple:
         state, start, converged = point.pop("start")
-        step = start
-        for step in range(start + 1, total_steps + 1):
+        ahead: collections.deque = collections.deque()  # (summary, batches, state after)
+
+        def submit(step: int) -> None:
             batches = epoch[(step - 1) % len(epoch)]
-            summary = ops.fetch(run_step(parts, state, batches, spec, rho, fresh, norms))
-            converged.n_batches += len(batches)
-            if converged(step, total_steps, *summary):
+            summary = run_step(parts, state, batches, spec, rho, fresh, norms)
+            ahead.append((summary, len(batches), State(list(state.wt), state.h, state.A, state.B)))
+
+        step, after = start, state
+        if start < total_steps:
+            submit(start + 1)
+        for step in range(start + 1, total_steps + 1):
+            # On a cluster the next step is submitted before this one's summary is read, so
+            # that the workers never wait for this process; dropped if the rule says stop.
+            if ops.is_async and step < total_steps:
+                submit(step + 1)
+            summary, n_batches, after = ahead.popleft()
+            converged.n_batches += n_batches
+            if converged(step, total_steps, *part(ops.fetch(summary), 3)):
                 break
             if ckpt is not None and ckpt.due(step):
-                h_blocks = [state.h, state.A, state.B]
-                ckpt.save(parts, step, parts.bundle(state.wt), h_blocks, converged, None)
+                h_blocks = _factors(ops, after)
+                ckpt.save(parts, step, parts.bundle(after.wt), h_blocks, converged, None)
             if step % LINEAGE_EVERY == 0:
-                _detach(parts, state)
+                _detach(parts, state)  # the newest steps' state
+            if not ops.is_async and step < total_steps:
+                submit(step + 1)
+        ahead.clear()  # a step submitted ahead, if any: releasing it cancels it
+        state = after
+        h, A, B = _factors(ops, state)
         if schedule.fresh_restarts:
-            state.wt = _solve_all(parts, spec, state.h, schedule.transform_max_iter)
+            state.wt = _solve_all(parts, spec, h, schedule.transform_max_iter)
         items = [(x, w) for x, w in zip(parts.items, state.wt, strict=True)]
-        final = parts.map(online.final_divergence, items, spec.beta, state.h)
-        return state, step, converged, sum(ops.fetch(final)), ops.fetch([state.h, state.A, state.B])
+        final = parts.map(online.final_divergence, items, spec.beta, h)
+        return state, step, converged, sum(ops.fetch(final)), ops.fetch([h, A, B])
 
     def restart(from_checkpoint: bool) -> int:
         panels.relocate(parts)
@@ -483,7 +477,7 @@ def partial_fit(
             )
             batches = list(range(len(parts.items)))
             run_step(parts, state, batches, spec, model.rho, fresh_max_iter, norms)
-            h, A, B = ops.fetch([state.h, state.A, state.B])
+            h, A, B = ops.fetch(_factors(ops, state))
     finally:
         parts.close()
     return Model(np.asarray(h), np.asarray(A), np.asarray(B), model.rho)

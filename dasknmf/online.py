@@ -10,6 +10,7 @@ A ← ρ·A + numerator ∘ H^(1/γ), B ← ρ·B + denominator, H ← (A / B)^�
 ``_multiplicative_update_h`` with ``A``, ``B`` and ``rho``, guards included.
 
 Factors are component-major, as everywhere in dasknmf: ``wt`` is (k, m_b), ``h`` is (k, n).
+``Convergence`` is scikit-learn's stopping rule over the steps' summaries.
 """
 
 from __future__ import annotations
@@ -208,3 +209,53 @@ def final_divergence(beta: float, h: np.ndarray, x, wt: np.ndarray) -> float:
     if divergence.fused(x, beta):
         return divergence.kl_divergence(x, wt, h)
     return divergence.divergence(x, divergence.sampled_product(x, wt, h), wt, h, beta)
+
+
+class Convergence:
+    """scikit-learn's ``_minibatch_convergence``: an exponentially weighted average of the mean
+    batch cost; stop when H changes by at most ``tol`` or the average has not improved for
+    ``max_no_improvement`` steps. The first step is not judged (H was not updated yet)."""
+
+    def __init__(self, tol: float, max_no_improvement: int | None, n_samples: int, verbose=0):
+        self.tol = tol
+        self.max_no_improvement = max_no_improvement
+        self.n_samples = n_samples
+        self.verbose = verbose
+        self.ewa = self.ewa_min = None
+        self.no_improvement = 0
+        self.n_batches = 0  # processed so far
+
+    def as_dict(self) -> dict:
+        """The state a checkpoint keeps (``restore`` takes it back)."""
+        names = ("ewa", "ewa_min", "no_improvement", "n_batches")
+        return {name: getattr(self, name) for name in names}
+
+    def restore(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def __call__(self, step: int, n_steps: int, cost: float, change: float, rows: int) -> bool:
+        if step == 1:
+            if self.verbose:
+                print(f"Minibatch step {step}/{n_steps}: mean batch cost: {cost}")
+            return False
+        alpha = min(rows / (self.n_samples + 1), 1)
+        self.ewa = cost if self.ewa is None else self.ewa * (1 - alpha) + cost * alpha
+        if self.verbose:
+            print(f"Minibatch step {step}/{n_steps}: mean batch cost: {cost}, ewa cost: {self.ewa}")
+        if self.tol > 0 and change <= self.tol:
+            if self.verbose:
+                print(f"Converged (small H change) at step {step}/{n_steps}")
+            return True
+        if self.ewa_min is None or self.ewa < self.ewa_min:
+            self.no_improvement, self.ewa_min = 0, self.ewa
+        else:
+            self.no_improvement += 1
+        if self.max_no_improvement is not None and self.no_improvement >= self.max_no_improvement:
+            if self.verbose:
+                print(
+                    "Converged (lack of improvement in objective function) "
+                    f"at step {step}/{n_steps}"
+                )
+            return True
+        return False

@@ -167,6 +167,32 @@ def test_on_a_cluster(cluster):
     np.testing.assert_allclose(lazy.components_, memory.components_, rtol=1e-6)
 
 
+def test_a_step_on_a_cluster_is_a_task_per_batch_and_one_for_h(cluster):
+    """On a cluster a step runs a task per batch, one taking its W out, and one step task for
+    H, A and B, whose output the next step and the driver take whole (``StepOut``): no task
+    picks them apart. The next step is submitted before the summary is read and dropped when
+    the rule stops the fit, which stops where the fit in memory stops, with its bits."""
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
+    X = low_rank(230, 30, K, seed=8)
+    settings = {"max_no_improvement": 3, "tol": 1e-3, "max_iter": 200, "parallel_batches": 1}
+    expected, w_expected = _fit(X, **settings)
+    assert expected.n_iter_ < 200  # stopped by its rule
+    with get_task_stream(cluster) as stream:
+        got, w_got = _fit(da.from_array(X, chunks=(40, 30)), **settings)
+    assert (got.n_iter_, got.n_steps_) == (expected.n_iter_, expected.n_steps_)
+    assert np.array_equal(got.components_, expected.components_)
+    assert np.array_equal(w_got, w_expected)
+    prefixes = [key_split(task["key"]) for task in stream.data]
+    steps = got.n_steps_  # one batch per step
+    # Each step's tasks ran (those of the step submitted ahead may have run too); a task
+    # picking an item of a step's output would be a 'getitem' per step.
+    assert steps <= prefixes.count("step_update") <= steps + 1
+    assert steps <= prefixes.count("batch_task") <= steps + 1
+    assert prefixes.count("getitem") < 4
+
+
 # ---- saved models and updates -------------------------------------------------------------
 
 
