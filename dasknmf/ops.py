@@ -22,6 +22,7 @@ from typing import Any
 
 import dask
 
+from dasknmf._workers_code import check_workers_code
 from dasknmf.shards import combine_picked, sum_in_order
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ class FutureOps:
 
     def __init__(self, client):
         self.client = client
+        check_workers_code(client)
         try:
             client.register_plugin(_loose_restrictions_plugin(), name="dasknmf-loose-restrictions")
         except Exception as error:  # e.g. a remote scheduler without dasknmf installed

@@ -237,3 +237,47 @@ def test_typos_are_caught_behind_kwargs(tmp_path, module, name, kwargs, typo):
     pytest.importorskip(module)
     with pytest.raises(ValueError, match=f"{name} takes no keyword '{typo}'"):
         load_spec(_spec(tmp_path, module, name, **kwargs))
+
+
+@pytest.mark.timeout(180)
+def test_workers_with_another_dasknmf_are_refused_before_any_task(tmp_path):
+    """A worker that imports another copy of dasknmf (here this one with a file changed, put
+    first on the workers' path) failed the first task it was sent in its connection to the
+    scheduler and left; the fit then waited for ever. Now the fit is refused at once, naming
+    the worker and both versions; a worker without dasknmf's ``code_digest`` (an older
+    dasknmf, or none) is refused as well."""
+    import shutil
+
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    import dasknmf
+    from dasknmf import NMF
+    from dasknmf._workers_code import WorkerCodeError, code_digest
+    from tests.conftest import low_rank
+
+    other = tmp_path / "other"
+    source = pathlib.Path(dasknmf.__file__).parent
+    shutil.copytree(source, other / "dasknmf", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(other / "dasknmf" / "kernels.py", "a") as file:
+        file.write("\n# another dasknmf\n")
+    preload = tmp_path / "other_dasknmf_first.py"
+    preload.write_text(f"import sys\nsys.path.insert(0, {str(other)!r})\n")
+    X = da.from_array(low_rank(40, 10, 2), chunks=(20, 10))
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, dashboard_address=None, preload=[str(preload)]
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        theirs = client.run(code_digest)
+        assert list(theirs.values()) != [code_digest()]  # the workers' copy is the other one
+        with pytest.raises(WorkerCodeError, match="Workers run another dasknmf") as error:
+            NMF(2, init="random", random_state=0, max_iter=2).fit(X)
+        assert code_digest() in str(error.value) and next(iter(theirs)) in str(error.value)
+        # A copy without ``code_digest`` (as every dasknmf before it): refused too.
+        ops_py = other / "dasknmf" / "_workers_code.py"
+        ops_py.write_text(ops_py.read_text().replace("def code_digest", "def _old_digest"))
+        client.restart()
+        with pytest.raises(WorkerCodeError, match="Workers cannot import this process's dasknmf"):
+            NMF(2, init="random", random_state=0, max_iter=2).fit(X)
