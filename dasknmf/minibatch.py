@@ -196,6 +196,7 @@ def run_step(
     if not ops.is_lazy:
         state.h, state.A, state.B, summary = new
         return summary
+    # H, A and B: k × n each, at most 8 bytes an entry.
     if ops.is_async and 3 * parts.shape[1] * spec.n_components * 8 <= engine.SMALL_H_BYTES:
         state.h = state.A = state.B = new  # see ``StepOut``
         return new
