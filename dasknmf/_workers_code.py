@@ -24,6 +24,11 @@ def code_digest() -> str:
     return f"{_version.__version__} ({digest.hexdigest()[:12]})"
 
 
+#: How each refusal ends.
+_INSTALL = (
+    "Install the same dasknmf on the workers (tasks are dasknmf's functions, imported there)."
+)
+
 #: Per scheduler address, the workers whose dasknmf was found to be this one.
 _SAME_CODE: dict[str, set[str]] = {}
 
@@ -44,16 +49,14 @@ def check_workers_code(client) -> None:
     if failed:  # no dasknmf there, or one without ``code_digest``
         listed = "; ".join(f"{worker}: {error!r}" for worker, error in sorted(failed.items()))
         raise WorkerCodeError(
-            f"Workers cannot import this process's dasknmf {mine}: {listed}. Install the "
-            "same dasknmf on the workers (tasks are dasknmf's functions, imported there)."
+            f"Workers cannot import this process's dasknmf {mine}: {listed}. {_INSTALL}"
         )
     found = {worker: code for worker, code in found.items() if isinstance(code, str)}
     other = {worker: code for worker, code in found.items() if code != mine}
     if other:
         listed = "; ".join(f"{worker}: {code}" for worker, code in sorted(other.items()))
         raise WorkerCodeError(
-            f"Workers run another dasknmf than this process ({mine}): {listed}. Install the "
-            "same dasknmf on the workers (tasks are dasknmf's functions, imported there)."
+            f"Workers run another dasknmf than this process ({mine}): {listed}. {_INSTALL}"
         )
     known.update(found)
 
