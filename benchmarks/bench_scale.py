@@ -351,10 +351,21 @@ def predicted(m, n, k, n_panels, n_workers, itemsize=4, split_every=8, extrapola
     remote = 1 - 1 / n_workers
     node = (k * n + k * k) * itemsize
     moved = (n_workers - 1) * k * n * itemsize + remote * (nodes + continuing) * node
+    if whole and small_h and nodes <= split_every:  # folded (``dasknmf.fold``)
+        # each shard task forms H itself from every shard's whole output, which carries the
+        # H it formed (and the H before, with extrapolation); one task reads the summary
+        tasks = shards + 1
+        out = copies * -(-m // shards) * k * itemsize + (nodes / shards) * node
+        out += copies * k * n * itemsize
+        return tasks, (shards - 1) * shards * out, held_by(m, n, k, n_workers, copies, itemsize)
     if whole:  # the shards' outputs go whole, W included, to the tasks summing their nodes
         moved += remote * copies * m * k * itemsize
-    held = (2 * m * n + 2 * copies * m * k) * itemsize / n_workers  # W: this state and the next
-    return tasks, moved, held
+    return tasks, moved, held_by(m, n, k, n_workers, copies, itemsize)
+
+
+def held_by(m, n, k, n_workers, copies, itemsize) -> float:
+    """Bytes a worker holds: X twice (see ``predicted``), W's state and the next one."""
+    return (2 * m * n + 2 * copies * m * k) * itemsize / n_workers
 
 
 def _task_counter():

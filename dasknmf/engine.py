@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dasknmf import fold as folding
 from dasknmf import kernels, passes, shards, steps
 from dasknmf.ops import EagerOps, StateLostError, continue_tree, tree_reduce
 from dasknmf.panels import Panels
@@ -121,20 +122,17 @@ def iterate(
     The critical path is shard_step → h_step (which also runs the last level of its
     reduction) → the next shard_step; the summary is off it. With extrapolation the next
     control is on it: formed by the ``h_step`` itself when H is one block, else one small task.
+    A fit on a cluster with H one small block and few shards folds the ``h_step`` into the
+    next iteration's shard tasks instead (``fold.Fold``).
     """
     ops = panels.ops
     order_w, order_h = orders
-    if momentum is None:
-        shard_step, h_step = steps.shard_step, steps.h_step
-        items, extra_common = [(state,) for state in wt], ()
+    outs = folding.shard_tasks(panels, objective, wt, h, col_bounds, order_w, momentum)
+    if momentum is not None:
+        h_step = steps.extrapolated_h_step
+        _, h_previous, control = momentum
     else:
-        shard_step, h_step = steps.extrapolated_shard_step, steps.extrapolated_h_step
-        wt_plain, h_previous, control = momentum
-        items = list(zip(wt, wt_plain, strict=True))
-        extra_common = (h_previous, control)
-    outs = panels.shard_map(
-        shard_step, items, objective, order_w, col_bounds, panels.tree, h, *extra_common
-    )
+        h_step = steps.h_step
     # Small shards go whole to the tasks that sum their nodes (moving a few MiB costs less
     # than a task); else their ``ShardOut.nodes`` are split off where they ran: W stays there.
     nodes = outs if whole else [ops.item(out, 1) for out in outs]
@@ -284,8 +282,9 @@ def fit(
     are the initialization, as ``panels.ops`` holds them; the result holds W as one state per
     shard (``steps.shard_blocks``). After each iteration the new blocks
     are persisted and only the k×k summary comes back to this process. On a distributed
-    cluster the next iteration is submitted before the summary is read, so the cluster never
-    waits for this process; if the rule then says stop, that speculative iteration is dropped.
+    cluster the next iteration is submitted before the summary is read (the next two when the
+    H updates are folded into the shard tasks, ``fold``), so the cluster never waits for this
+    process; if the rule then says stop, those speculative iterations are dropped.
 
     ``checkpoint`` (a ``dasknmf.checkpoint.Checkpoint``) is written after every
     ``checkpoint.every``-th iteration. A resumed fit passes the checkpoint's factors as ``wt``
@@ -308,6 +307,10 @@ def fit(
     shared = ops.share(objective), ops.share(col_bounds)
     whole = small_states(panels, objective)
     fetch_h = small_h(objective, col_bounds, panels.dtype)
+    counts = _node_counts(panels)
+    fold = None
+    if folding.applies(panels, whole, fetch_h, counts):
+        fold = folding.Fold(panels, objective, shared, norm_x_sq, counts)
 
     # The shuffling generator's state before each submitted iteration's draws: a checkpoint
     # after iteration t keeps the state for t + 1, whether or not t + 1 is already in flight.
@@ -317,11 +320,19 @@ def fit(
     def submit() -> None:
         nonlocal latest, next_iter
         if ops.is_async and next_iter > start + 1 and (next_iter - 1) % LINEAGE_EVERY == 0:
+            if fold is not None and fold.pending is not None:
+                close()
             latest = _detached(ops, *latest)[:3]
         orders = (None, None)
         if shuffle_rng is not None:
             rng_before[next_iter] = shuffle_rng.get_state()
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
+        next_iter += 1
+        if fold is not None:  # builds next_iter - 1, completes the one before it
+            done = fold.step(latest, orders)
+            if done is not None:
+                in_flight.append(done)
+            return
         wt, h, momentum = latest
         step = ops.persist(
             *iterate(
@@ -330,18 +341,29 @@ def fit(
         )
         latest = (step[0], step[1], step[3])
         in_flight.append(step)
-        next_iter += 1
+
+    def close() -> None:
+        """The newest iteration's H by a task of its own (``fold.Fold.close``)."""
+        nonlocal latest
+        done = fold.close()
+        in_flight.append(done)
+        latest = (done[0], done[1], done[3])
 
     history = history if history is not None else History()
     # The factors of the last two iterations. Those of ``start`` are arrays; later H blocks
     # are whole ``h_step`` output tuples (see ``steps.h_array``).
     recent: dict[int, tuple] = {start: (wt, h, momentum, None)}
     n_iter, stop = start, 0
+    # Iterations submitted ahead of the one read: a folded iteration's summary comes with the
+    # next one's shard tasks.
+    ahead = 1 if fold is None else 2
     if start < max_iter:
         submit()
     for n_iter in range(start + 1, max_iter + 1):
-        if ops.is_async and n_iter < max_iter:
+        while ops.is_async and next_iter <= min(n_iter + ahead, max_iter):
             submit()
+        if not in_flight:  # folded: the last iteration
+            close()
         wt, h, summary, momentum = in_flight.popleft()
         summary = steps.summary_of(ops.fetch(summary))
         recent[n_iter] = (wt, h, momentum, summary[1])
@@ -362,6 +384,8 @@ def fit(
         if not ops.is_async and n_iter < max_iter:
             submit()
     in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
+    if fold is not None:
+        fold.pending = None
     n_iter = stop or n_iter
     wt, h, _, h_stats = recent[n_iter]
     if not ops.is_lazy:

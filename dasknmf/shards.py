@@ -27,12 +27,14 @@ class ShardOut(NamedTuple):
     reduction tree of the H partials that its panels make (see ``Subtrees``) and, with
     extrapolation, the plain blocks of Wᵀ. With ``sizes``, the shard's panels were updated in
     stacked groups (``groups``) and ``wt`` and ``plain`` hold a block per group, as the next
-    iteration takes them; ``sizes`` holds each group's panels' numbers of rows."""
+    iteration takes them; ``sizes`` holds each group's panels' numbers of rows. ``h``: the H
+    update of the iteration before, when the task ran it (``fold.folded_shard_step``)."""
 
     wt: tuple
     nodes: tuple
     plain: tuple | None = None
     sizes: tuple | None = None
+    h: tuple | None = None
 
 
 def shard_blocks(state, plain: bool = False) -> tuple:
@@ -63,8 +65,8 @@ def group_sizes(tree: tuple, sizes: list) -> tuple | None:
 
 
 def resumable(state):
-    """What the next iteration needs of a shard's state: its nodes dropped."""
-    return state._replace(nodes=()) if isinstance(state, ShardOut) else state
+    """What the next iteration needs of a shard's state: its nodes (and H) dropped."""
+    return state._replace(nodes=(), h=None) if isinstance(state, ShardOut) else state
 
 
 def shard_panels(data: tuple) -> tuple:

@@ -38,12 +38,13 @@ def test_cluster_fit_is_bit_identical_to_in_memory(cluster, X, in_memory, cache)
 
 
 @pytest.mark.parametrize("extrapolate", [True, False])
-def test_an_iteration_runs_a_task_per_shard_and_one_for_h(cluster, X, extrapolate):
-    """With H in one small block, an iteration is the shards' tasks and one H task, which
-    also forms the next extrapolation control; the driver takes the summary from that task's
-    output (``steps.summary_of``): no task forms the summary or the control (each task costs
-    the scheduler several ms of CPU, and a control task was a round trip on the critical
-    path). The factors are still those of the in-memory fit."""
+def test_an_iteration_runs_a_task_per_shard_folding_the_h_update(cluster, X, extrapolate):
+    """With H in one small block and few shards, an iteration is its shards' tasks alone: each
+    first forms the H of the iteration before from all the shards' outputs (``fold``), so no
+    H task waits between two iterations (a scheduler round trip each) — only the first
+    iteration's shards run the plain shard step, and only the last iteration's H runs as a task
+    of its own. The driver reads each summary through one small task (``h_of``); no task forms
+    a summary or a control. The factors are still those of the in-memory fit, bit for bit."""
     from dask.utils import key_split
     from distributed import get_task_stream
 
@@ -52,13 +53,34 @@ def test_an_iteration_runs_a_task_per_shard_and_one_for_h(cluster, X, extrapolat
     with get_task_stream() as stream:
         model = NMF(**kwargs).fit(da.from_array(X, chunks=(50, 30)))
     names = [key_split(task["key"]) for task in stream.data]
-    h_task = "extrapolated_whole_h_step" if extrapolate else "h_step"
     shard_task = "extrapolated_shard_step" if extrapolate else "shard_step"
-    assert names.count(shard_task) in (2 * 12, 2 * 13)  # and maybe a speculative iteration
-    assert names.count(h_task) in (12, 13)
+    assert names.count(shard_task) == 2  # the first iteration's, from the initialization
+    assert names.count("folded_shard_step") == 2 * 11
+    assert names.count("h_of") == 11 and names.count("h_update") == 1  # the 12th iteration's H
+    assert {"h_step", "extrapolated_whole_h_step"}.isdisjoint(names)
     assert {"_h_summary", "control_after", "advance_control"}.isdisjoint(names)
     np.testing.assert_array_equal(model.components_, reference.components_)
     assert model.loss_history_ == reference.loss_history_
+
+
+@pytest.mark.parametrize("extrapolate", [True, False])
+def test_many_shards_keep_an_h_task_per_iteration(cluster, extrapolate):
+    """With more shards' nodes than one task sums (``split_every``), the H update stays a task
+    of its own after a level of the reduction tree (each shard task would otherwise take every
+    shard's output): the iteration folds nothing, and the factors are the in-memory fit's."""
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
+    X = low_rank(800, 30, 4)
+    kwargs = {**KWARGS, "extrapolate": extrapolate, "max_iter": 6, "panel_bytes": 25 * 30 * 8}
+    with dask.config.set({"dasknmf.split-every": 2}):  # the shape of the sums: both fits
+        reference = NMF(**kwargs).fit(X)
+        with get_task_stream() as stream:
+            model = NMF(**kwargs).fit(da.from_array(X, chunks=(25, 30)))
+    names = [key_split(task["key"]) for task in stream.data]
+    h_task = "extrapolated_whole_h_step" if extrapolate else "h_step"
+    assert names.count(h_task) in (6, 7) and "folded_shard_step" not in names
+    np.testing.assert_array_equal(model.components_, reference.components_)
 
 
 def test_fit_from_a_zarr_path_streams_it(cluster, X, in_memory, tmp_path):
@@ -152,7 +174,11 @@ def test_placed_tasks_are_never_stolen_and_the_memory_manager_is_restored(cluste
     def never_stolen(dask_scheduler):
         from distributed import stealing
 
-        return {"extrapolated_shard_step", "pick_up"} <= stealing.fast_tasks  # key prefixes
+        return {
+            "extrapolated_shard_step",
+            "folded_shard_step",
+            "pick_up",
+        } <= stealing.fast_tasks  # key prefixes
 
     assert cluster.run_on_scheduler(never_stolen)
 
@@ -311,7 +337,7 @@ def test_the_scheduler_holds_no_more_tasks_after_500_iterations_than_after_50(cl
     with monkeypatch.context() as uncut:
         uncut.setattr(engine, "LINEAGE_EVERY", 10**9)
         NMF(max_iter=60, **kwargs).fit(Xd)
-    assert counts[60] > counts[10] + 100  # 3-7 tasks kept per iteration
+    assert counts[60] > counts[10] + 50  # 2-7 tasks kept per iteration (2: folded)
     counts.clear()
     monkeypatch.setattr(engine, "LINEAGE_EVERY", 5)
     NMF(max_iter=200, **kwargs).fit(Xd)

@@ -1,0 +1,138 @@
+"""The shard tasks of an iteration, and folding each H update into the next iteration's.
+
+An iteration on a cluster is one task per shard of row panels, then the H task that sums the
+shards' nodes and updates H, then the next shard tasks: two hops through the scheduler on the
+critical path (the last shard done → the H task running → the next shards running: 6–14 ms
+each, measured, against 45–75 ms of shard work). When H is one small block (``engine.small_h``)
+and the shards' outputs go whole to the H task (``engine.small_states``) with no level of the
+reduction tree between them (at most ``split_every`` nodes), ``Fold`` drops the H task: each
+shard task of iteration t + 1 first forms H(t) itself from all the shards' outputs of
+iteration t (``h_update``: the H task's function on the same values in the same order, so the
+same bits on every worker and as in memory), then its W update, and returns H(t) with its
+``ShardOut`` (``ShardOut.h``). One hop per iteration. The driver reads iteration t's summary
+from shard 0's output of iteration t + 1 (``h_of``: a small task off the critical path), so it
+keeps two iterations in flight; the H of the iteration a fit stops at, cuts its lineage at or
+runs out of iterations at is formed by an H task of its own (``Fold.close``).
+"""
+
+from __future__ import annotations
+
+from dasknmf import steps
+from dasknmf.ops import continue_tree
+from dasknmf.panels import Panels
+
+
+def shard_tasks(panels: Panels, objective, wt: list, h: list, col_bounds, order, momentum):
+    """One iteration's shard tasks (``steps.shard_step`` or, with ``momentum``,
+    ``steps.extrapolated_shard_step``) from the shards' states ``wt`` and the H blocks ``h``
+    (see ``engine.iterate``). ``objective`` and ``col_bounds`` may be ``ops.share``d."""
+    if momentum is None:
+        items, step, extra = [(state,) for state in wt], steps.shard_step, ()
+    else:
+        wt_plain, h_previous, control = momentum
+        items = list(zip(wt, wt_plain, strict=True))
+        step, extra = steps.extrapolated_shard_step, (h_previous, control)
+    return panels.shard_map(step, items, objective, order, col_bounds, panels.tree, h, *extra)
+
+
+def applies(panels: Panels, whole: bool, fetch_h: bool, counts: list[int]) -> bool:
+    """Whether a fit on ``panels`` folds its H updates into its shard tasks: on a cluster,
+    with the shards' outputs moved whole, H one small block and the shards' nodes summed by
+    the H task itself (each shard task then takes every shard's output: few shards)."""
+    return panels.ops.is_async and whole and fetch_h and sum(counts) <= panels.split_every
+
+
+def h_update(objective, order, picks, norm_x_sq, h, h_previous, control, *outs):
+    """H(t) from the shards' outputs ``outs`` of iteration t: what the H task of
+    ``engine.iterate`` computes (``steps.h_step``, or ``steps.extrapolated_whole_h_step``
+    with the next control as its last item). ``h``, ``h_previous`` and ``control`` are those
+    iteration t started from; ``h`` None: carried in the outputs (``ShardOut.h``)."""
+    if h is None:
+        h, h_previous = outs[0].h[0], outs[0].h[1]
+        control = h  # the control of iteration t is the last item of H(t - 1)'s output
+    if objective.extrapolate:
+        return steps.extrapolated_whole_h_step(
+            objective, order, picks, h, h_previous, control, norm_x_sq, *outs
+        )
+    return steps.h_step(objective, order, 0, picks, h, *outs)
+
+
+def folded_shard_step(
+    objective, orders, col_bounds, tree, picks, norm_x_sq, h, h_previous, control, count, own,
+    *outs_and_data,
+):  # fmt: skip
+    """The task of shard ``own`` in iteration t + 1: H(t) from the ``count`` shard outputs of
+    iteration t (``h_update``), then the shard's update from its own output of iteration t
+    and its panels (the rest of the arguments). ``orders``: H(t)'s order of components, then
+    W(t + 1)'s. Returns the ``ShardOut`` with ``h`` = (H(t)'s output, H(t − 1) with
+    extrapolation): what the next iteration's ``h_update`` starts from."""
+    outs, data = outs_and_data[:count], outs_and_data[count:]
+    order_h, order_w = orders
+    h_out = h_update(objective, order_h, picks, norm_x_sq, h, h_previous, control, *outs)
+    state = outs[own]
+    if not objective.extrapolate:
+        out = steps.shard_step(objective, order_w, col_bounds, tree, [h_out], state, *data)
+        return out._replace(h=(h_out, None))
+    before = outs[0].h[0] if h is None else h  # H(t - 1)
+    out = steps.extrapolated_shard_step(
+        objective, order_w, col_bounds, tree, [h_out], [before], h_out, state, state, *data
+    )
+    return out._replace(h=(h_out, steps.h_array(before)))
+
+
+def h_of(out):
+    """The output of the H update that a folded shard task ran (``folded_shard_step``)."""
+    return out.h[0]
+
+
+class Fold:
+    """The iterations of a fit whose H updates run in the next iteration's shard tasks.
+
+    ``step`` submits an iteration and returns the entry ``(wt, h, summary, momentum)`` of the
+    one before it (as ``engine.iterate`` returns them) once that one's H is known; ``close``
+    forms the newest iteration's H by a task of its own and returns its entry."""
+
+    def __init__(self, panels: Panels, objective, shared, norm_x_sq, counts: list[int]):
+        self.panels, self.objective, self.shared = panels, objective, shared
+        self.norm_x_sq, self.counts = norm_x_sq, counts
+        # The newest iteration, whose H is not formed yet: (its shard outputs, its order of
+        # H's components, what it started from (H, H before, control: None when carried),
+        # its H blocks before)
+        self.pending = None
+
+    def step(self, latest: tuple, orders: tuple):
+        ops, (objective, col_bounds) = self.panels.ops, self.shared
+        order_w, order_h = orders
+        if self.pending is None:  # from ``latest`` (the start, or factors detached)
+            wt, h, momentum = latest
+            outs = shard_tasks(self.panels, objective, wt, h, col_bounds, order_w, momentum)
+            source = (h[0], None, None) if momentum is None else (h[0], momentum[1][0], momentum[2])
+            self.pending = (outs, order_h, source, h)
+            return None
+        outs, before_order, source, h_before = self.pending
+        containers, picks = self._tree(outs)
+        new = self.panels.shard_map(
+            folded_shard_step,
+            [(own, *containers) for own in range(len(outs))],
+            *(objective, (before_order, order_w), col_bounds, self.panels.tree, picks),
+            *(self.norm_x_sq, *source, len(containers)),
+        )
+        h_t = ops.call(h_of, new[0])
+        self.pending = (new, order_h, (None, None, None), [h_t])
+        return self._entry(outs, h_t, h_before)
+
+    def close(self) -> tuple:
+        outs, order_h, source, h_before = self.pending
+        containers, picks = self._tree(outs)
+        h_t = self.panels.ops.call(
+            h_update, self.shared[0], order_h, picks, self.norm_x_sq, *source, *containers
+        )
+        self.pending = None
+        return self._entry(outs, h_t, h_before)
+
+    def _tree(self, outs: list) -> tuple:
+        return continue_tree(self.panels.ops, outs, self.counts, 0, self.panels.split_every)
+
+    def _entry(self, outs: list, h_t, h_before: list) -> tuple:
+        momentum = (outs, h_before, h_t) if self.objective.extrapolate else None
+        return outs, [h_t], h_t, momentum
