@@ -175,13 +175,15 @@ def main() -> None:
                 rows[inner].append(run_child(me, "--child", "dasknmf", str(n), "0", inner))
         rows["auto-own-stop"].append(run_child(me, "--child", "dasknmf", "1000", "1e-4", "auto"))
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
-    per_iter = {
-        where: statistics.median(
-            run_child(me, "--child", "per-iteration", where, "30")["per_iter"]
-            for _ in range(args.rounds)
-        )
-        for where in ("memory", "processes", "threads")
-    }
+    # Interleaved by round, so that a noisy spell of the machine hits all three alike.
+    places = ("memory", "processes", "threads")
+    samples = {where: [] for where in places}
+    for _ in range(args.rounds):
+        for where in places:
+            samples[where].append(
+                run_child(me, "--child", "per-iteration", where, "30")["per_iter"]
+            )
+    per_iter = {where: statistics.median(values) for where, values in samples.items()}
 
     def med(name, key):
         return statistics.median(r[key] for r in rows[name])

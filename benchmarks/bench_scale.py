@@ -332,6 +332,7 @@ def predicted(m, n, k, n_panels, n_workers, itemsize=4, split_every=8, extrapola
     caller's chunks and dasknmf's aligned panels): (tasks, bytes moved between workers, bytes
     held by a worker)."""
     from dasknmf.engine import SMALL_H_BYTES, SMALL_STATE_BLOCKS, SMALL_STATE_BYTES
+    from dasknmf.fold import MAX_SHARDS
     from dasknmf.ops import shard_level
 
     shards = min(n_workers, n_panels)
@@ -351,9 +352,10 @@ def predicted(m, n, k, n_panels, n_workers, itemsize=4, split_every=8, extrapola
     remote = 1 - 1 / n_workers
     node = (k * n + k * k) * itemsize
     moved = (n_workers - 1) * k * n * itemsize + remote * (nodes + continuing) * node
-    if whole and small_h and nodes <= split_every:  # folded (``dasknmf.fold``)
-        # each shard task forms H itself from every shard's whole output, which carries the
-        # H it formed (and the H before, with extrapolation); one task reads the summary
+    if whole and small_h and shards <= MAX_SHARDS:  # folded (``dasknmf.fold``)
+        # each shard task forms H itself (and the levels of the tree above the shards) from
+        # every shard's whole output, which carries the H it formed (and the H before, with
+        # extrapolation); one task reads the summary
         tasks = shards + 1
         out = copies * -(-m // shards) * k * itemsize + (nodes / shards) * node
         out += copies * k * n * itemsize

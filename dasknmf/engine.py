@@ -309,7 +309,7 @@ def fit(
     fetch_h = small_h(objective, col_bounds, panels.dtype)
     counts = _node_counts(panels)
     fold = None
-    if folding.applies(panels, whole, fetch_h, counts):
+    if folding.applies(panels, whole, fetch_h):
         fold = folding.Fold(panels, objective, shared, norm_x_sq, counts)
 
     # The shuffling generator's state before each submitted iteration's draws: a checkpoint

@@ -64,10 +64,10 @@ def test_an_iteration_runs_a_task_per_shard_folding_the_h_update(cluster, X, ext
 
 
 @pytest.mark.parametrize("extrapolate", [True, False])
-def test_many_shards_keep_an_h_task_per_iteration(cluster, extrapolate):
-    """With more shards' nodes than one task sums (``split_every``), the H update stays a task
-    of its own after a level of the reduction tree (each shard task would otherwise take every
-    shard's output): the iteration folds nothing, and the factors are the in-memory fit's."""
+def test_a_folded_iteration_sums_the_levels_above_the_shards_itself(cluster, extrapolate):
+    """With more shards' nodes than one task sums (``split_every``), a level of the reduction
+    tree runs between the shards and the H update; folded, each shard task runs it itself, in
+    the same order (``fold.h_update``): no task of its own, and the in-memory fit's bits."""
     from dask.utils import key_split
     from distributed import get_task_stream
 
@@ -78,8 +78,27 @@ def test_many_shards_keep_an_h_task_per_iteration(cluster, extrapolate):
         with get_task_stream() as stream:
             model = NMF(**kwargs).fit(da.from_array(X, chunks=(25, 30)))
     names = [key_split(task["key"]) for task in stream.data]
-    h_task = "extrapolated_whole_h_step" if extrapolate else "h_step"
-    assert names.count(h_task) in (6, 7) and "folded_shard_step" not in names
+    assert names.count("folded_shard_step") == 2 * 5
+    assert "combine_picked" not in names[: names.index("shard_final_stats")]
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    assert model.loss_history_ == reference.loss_history_
+
+
+def test_more_shards_than_fold_keep_an_h_task_per_iteration(cluster, X, monkeypatch):
+    """More shards than ``fold.MAX_SHARDS`` (each shard task would take every other shard's
+    output): an H task per iteration, and the in-memory fit's bits."""
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
+    from dasknmf import fold
+
+    monkeypatch.setattr(fold, "MAX_SHARDS", 1)
+    kwargs = {**KWARGS, "max_iter": 6}
+    reference = NMF(**kwargs).fit(X)
+    with get_task_stream() as stream:
+        model = NMF(**kwargs).fit(da.from_array(X, chunks=(50, 30)))
+    names = [key_split(task["key"]) for task in stream.data]
+    assert names.count("extrapolated_whole_h_step") in (6, 7) and "folded_shard_step" not in names
     np.testing.assert_array_equal(model.components_, reference.components_)
 
 
