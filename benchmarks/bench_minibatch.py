@@ -21,12 +21,13 @@ returns, evaluated in float64 by scikit-learn's ``_beta_divergence`` for every c
 the peak resident memory above the start (workers included).
 
 ``--out-of-core`` measures instead, on the out-of-core benchmark's 2 GB store (250,000 × 2,000,
-written by ``bench_out_of_core.py``) and a LocalCluster of 2 workers × 1 thread with 1 GiB
-each: the error of ``NMF`` with its defaults, and how many epochs (passes over X) and seconds
-``MiniBatchNMF`` needs to reach it.
+written by ``bench_out_of_core.py``; ``--rows 1000000``: its 8 GB store) and a LocalCluster
+of 2 workers × 1 thread with 1 GiB each: the error of ``NMF`` with its defaults, and how many
+epochs (passes over X) and seconds ``MiniBatchNMF`` needs to reach it.
 
     python benchmarks/bench_minibatch.py --write
     python benchmarks/bench_minibatch.py --out-of-core --write
+    python benchmarks/bench_minibatch.py --out-of-core --rows 1000000 --epochs 1,2,4,8 --write
 """
 
 from __future__ import annotations
@@ -133,15 +134,20 @@ def child(contender: str, case: str) -> dict:
     )
 
 
-def child_out_of_core() -> dict:
-    """NMF's defaults on the 2 GB store, then MiniBatchNMF epoch by epoch until its error is
-    NMF's (each epoch count a fresh fit from the same seed)."""
+#: The out-of-core benchmark's stores (written once): 2 GB, and its 8 GB one.
+STORE_ROWS = {250_000: "2 GB", 1_000_000: "8 GB"}
+
+
+def child_out_of_core(n_rows: int, epoch_counts: list[int]) -> dict:
+    """NMF's defaults on the out-of-core benchmark's store of ``n_rows`` rows, then
+    MiniBatchNMF for each of ``epoch_counts`` until its error is NMF's (each a fresh fit from
+    the same seed)."""
     import bench_out_of_core as ooc
     from distributed import Client, LocalCluster
 
     from dasknmf import NMF, MiniBatchNMF
 
-    path = ooc.make_store(250_000)  # the out-of-core benchmark's 2 GB store (written once)
+    path = ooc.make_store(n_rows)
     out = {}
     with (
         LocalCluster(
@@ -161,7 +167,7 @@ def child_out_of_core() -> dict:
         )
         print(json.dumps(out["nmf"]), file=sys.stderr, flush=True)
         out["minibatch"] = []
-        for epochs in (1, 2, 4, 8, 16):
+        for epochs in epoch_counts:
             begin = time.perf_counter()
             model = MiniBatchNMF(
                 K, init="random", random_state=0, max_iter=epochs, tol=0, max_no_improvement=None
@@ -181,19 +187,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--out-of-core", action="store_true")
+    parser.add_argument(
+        "--rows", type=int, default=250_000, choices=sorted(STORE_ROWS), help="--out-of-core store"
+    )
+    parser.add_argument("--epochs", default="1,2,4,8,16", help="--out-of-core: epochs to try")
     parser.add_argument("--write", action="store_true", help="store in benchmarks/RESULTS.md")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        result = child_out_of_core() if args.child == ["ooc"] else child(*args.child)
+        if args.child[0] == "ooc":
+            result = child_out_of_core(int(args.child[1]), [int(e) for e in args.child[2:]])
+        else:
+            result = child(*args.child)
         print(json.dumps(result))
         return
     stamp = f"Run {datetime.date.today()} on {machine()}."
     if args.out_of_core:
-        text = out_of_core_section(run_child(__file__, "--child", "ooc"), stamp)
+        epochs = args.epochs.split(",")
+        out = run_child(__file__, "--child", "ooc", str(args.rows), *epochs)
+        text = out_of_core_section(out, stamp, args.rows)
         print(text)
         if args.write:
-            write_section("minibatch-out-of-core", text)
+            suffix = "" if args.rows == 250_000 else "-8gb"
+            write_section("minibatch-out-of-core" + suffix, text)
         return
     runs = {(case, c): [] for case in args.cases for c in CONTENDERS}
     for r in range(args.rounds):
@@ -241,12 +257,14 @@ def section(runs: dict, cases: list, rounds: int, stamp: str) -> str:
     return "\n".join(lines)
 
 
-def out_of_core_section(out: dict, stamp: str) -> str:
-    nmf = out["nmf"]
+def out_of_core_section(out: dict, stamp: str, n_rows: int) -> str:
+    nmf, size = out["nmf"], STORE_ROWS[n_rows]
+    option = "" if n_rows == 250_000 else f" --rows {n_rows}"
     lines = [
-        "## MiniBatchNMF out of core (`benchmarks/bench_minibatch.py --out-of-core`)",
+        f"## MiniBatchNMF out of core, {size} "
+        f"(`benchmarks/bench_minibatch.py --out-of-core{option}`)",
         "",
-        f"{stamp} X is the out-of-core benchmark's 2 GB store (250,000 × 2,000 float32, "
+        f"{stamp} X is the out-of-core benchmark's {size} store ({n_rows:,} × 2,000 float32, "
         "rank 20 plus noise); LocalCluster of 2 workers × 1 thread with 1 GiB each; k = 20, "
         "random init, batches of 1,024 rows, two batches per step (`parallel_batches=2`).",
         "",
