@@ -78,6 +78,48 @@ def test_resume_on_a_cluster_from_zarr(cluster, X, tmp_path):
     assert resumed.loss_history_ == reference.loss_history_
 
 
+@pytest.mark.parametrize("settings", [{}, {"shuffle": True}, {"extrapolate": False}])
+def test_a_checkpoint_between_folded_iterations_resumes_on_a_cluster(
+    cluster, X, tmp_path, settings
+):
+    """On a cluster the H of iteration t is formed by iteration t + 1's shard tasks (``fold``):
+    a checkpoint after t, while t + 1 and t + 2 are in flight, saves that H, the extrapolation
+    state and the shuffling generator's state of t + 1; the resumed fit equals the uninterrupted
+    one and the in-memory one, bit for bit."""
+    import dask.array as da
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
+    from dasknmf import engine
+
+    kwargs = {**BASE, **settings}
+    reference = NMF(max_iter=10, **kwargs).fit(X)
+    Xd = da.from_array(X, chunks=(50, 30))
+    checkpoint = tmp_path / "ckpt"
+
+    class StopError(Exception):
+        pass
+
+    record = engine._record
+
+    def stop_after_seven(history, objective, norm_x_sq, n_iter, summary):
+        if n_iter == 8:  # iteration 7 is checkpointed, 8 and 9 were submitted
+            raise StopError
+        return record(history, objective, norm_x_sq, n_iter, summary)
+
+    engine._record = stop_after_seven
+    try:
+        with pytest.raises(StopError), get_task_stream() as stream:
+            NMF(max_iter=10, checkpoint=checkpoint, checkpoint_every=7, **kwargs).fit(Xd)
+    finally:
+        engine._record = record
+    assert "folded_shard_step" in {key_split(task["key"]) for task in stream.data}
+    assert _generations(checkpoint) == ["iter-00000007"]
+    resumed = NMF(max_iter=10, checkpoint=checkpoint, resume=True, **kwargs).fit(Xd)
+    np.testing.assert_array_equal(resumed.components_, reference.components_)
+    assert resumed.loss_history_ == reference.loss_history_
+
+
 def test_resume_with_nothing_left_to_do_returns_the_checkpoint(X, tmp_path):
     done = NMF(max_iter=6, checkpoint=tmp_path, checkpoint_every=3, **BASE).fit(X)
     again = NMF(max_iter=6, checkpoint=tmp_path, checkpoint_every=3, resume=True, **BASE).fit(X)
