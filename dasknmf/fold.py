@@ -2,18 +2,17 @@
 
 An iteration on a cluster is one task per shard of row panels, then the H task that sums the
 shards' nodes and updates H, then the next shard tasks: two hops through the scheduler on the
-critical path (the last shard done → the H task running → the next shards running: 6–14 ms
+critical path (the last shard done → the H task running → the next shards running: 5–14 ms
 each, measured, against 45–75 ms of shard work). When H is one small block (``engine.small_h``),
 the shards' outputs go whole to the H task (``engine.small_states``) and the shards are few
-(``MAX_SHARDS``), ``Fold`` drops the H task: each shard task of iteration t + 1 first forms H(t)
-itself from all the shards' outputs of
-iteration t (``h_update``: the levels of the reduction tree above the shards and the H task's
-function on the same values in the same order, so the same bits on every worker and as in
-memory), then its W update, and returns H(t) with its
-``ShardOut`` (``ShardOut.h``). One hop per iteration. The driver reads iteration t's summary
-from shard 0's output of iteration t + 1 (``h_of``: a small task off the critical path), so it
-keeps two iterations in flight; the H of the iteration a fit stops at, cuts its lineage at or
-runs out of iterations at is formed by an H task of its own (``Fold.close``).
+(``MAX_SHARDS``), ``Fold`` drops the H task: each shard task of iteration t + 1 first forms
+H(t) itself from all the shards' outputs of iteration t (``h_update``: the levels of the
+reduction tree above the shards and the H task's function, on the same values in the same
+order, so the same bits on every worker and as in memory), then its W update, and returns
+H(t) with its ``ShardOut`` (``ShardOut.h``). One hop per iteration. The driver reads iteration
+t's summary from shard 0's output of iteration t + 1 (``h_of``: a small task off the critical
+path), so it keeps two iterations in flight; the H of the iteration a fit stops at, cuts its
+lineage at or runs out of iterations at is formed by an H task of its own (``Fold.close``).
 """
 
 from __future__ import annotations
