@@ -307,10 +307,9 @@ def fit(
     shared = ops.share(objective), ops.share(col_bounds)
     whole = small_states(panels, objective)
     fetch_h = small_h(objective, col_bounds, panels.dtype)
-    counts = _node_counts(panels)
     fold = None
     if folding.applies(panels, whole, fetch_h):
-        fold = folding.Fold(panels, objective, shared, norm_x_sq, counts)
+        fold = folding.Fold(panels, objective, shared, norm_x_sq, _node_counts(panels))
 
     # The shuffling generator's state before each submitted iteration's draws: a checkpoint
     # after iteration t keeps the state for t + 1, whether or not t + 1 is already in flight.

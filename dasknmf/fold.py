@@ -55,9 +55,7 @@ def h_update(objective, order, tree, norm_x_sq, h, h_previous, control, *outs):
     numbers of nodes and the fan-in), run here in the same order. ``h``, ``h_previous`` and
     ``control`` are those iteration t started from; ``h`` None: carried in the outputs
     (``ShardOut.h``)."""
-    if h is None:
-        h, h_previous = outs[0].h
-        control = h  # the control of iteration t is the last item of H(t - 1)'s output
+    h, h_previous, control = _started_from(h, h_previous, control, outs)
     counts, split_every = tree
     sums, picks = continue_tree(EagerOps(), list(outs), counts, 0, split_every)
     if objective.extrapolate:
@@ -65,6 +63,16 @@ def h_update(objective, order, tree, norm_x_sq, h, h_previous, control, *outs):
             objective, order, picks, h, h_previous, control, norm_x_sq, *sums
         )
     return steps.h_step(objective, order, 0, picks, h, *sums)
+
+
+def _started_from(h, h_previous, control, outs) -> tuple:
+    """(H, H before, control) that iteration t started from: as given, or, ``h`` None, as
+    carried in its shards' outputs ``outs`` (``ShardOut.h``; the control is the last item of
+    H(t − 1)'s output)."""
+    if h is None:
+        h, h_previous = outs[0].h
+        control = h
+    return h, h_previous, control
 
 
 def folded_shard_step(
@@ -78,16 +86,16 @@ def folded_shard_step(
     H(t − 1) with extrapolation): what the next iteration's ``h_update`` starts from."""
     outs, data = outs_and_data[:count], outs_and_data[count:]
     order_h, order_w = orders
+    h, h_previous, control = _started_from(h, h_previous, control, outs)
     h_out = h_update(objective, order_h, nodes, norm_x_sq, h, h_previous, control, *outs)
     state = outs[own]
     if not objective.extrapolate:
         out = steps.shard_step(objective, order_w, col_bounds, tree, [h_out], state, *data)
         return out._replace(h=(h_out, None))
-    before = outs[0].h[0] if h is None else h  # H(t - 1)
     out = steps.extrapolated_shard_step(
-        objective, order_w, col_bounds, tree, [h_out], [before], h_out, state, state, *data
+        objective, order_w, col_bounds, tree, [h_out], [h], h_out, state, state, *data
     )
-    return out._replace(h=(h_out, steps.h_array(before)))
+    return out._replace(h=(h_out, steps.h_array(h)))  # H(t) and H(t - 1)
 
 
 def h_of(out):
