@@ -57,6 +57,45 @@ def test_hals_leaves_a_component_with_zero_curvature_alone():
     np.testing.assert_array_equal(F[1], W0.T[1])
 
 
+def _hals_by_component(F, gram, cross, n_sweeps, order):
+    """HALS as written component by component, its violation summed as each is met."""
+    diag = np.diag(gram).copy()
+    violation = 0.0
+    for sweep in range(n_sweeps):
+        for t in order:
+            if diag[t] == 0:
+                grad = gram[t] @ F - cross[t]
+            else:
+                unclipped = F[t] + (cross[t] - gram[t] @ F) / diag[t]
+                grad = diag[t] * (F[t] - unclipped)
+            if sweep == 0:
+                projected = np.where(F[t] == 0, np.minimum(grad, 0), grad)
+                violation += float(np.abs(projected).sum(dtype=np.float64))
+            if diag[t] != 0:
+                F[t] = np.maximum(unclipped, 0)
+    return F, violation
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_hals_violation_is_the_first_sweeps_projected_gradient_met_component_by_component(dtype):
+    """The violation is formed after the first sweep from all components at once: the same
+    value as summing each component's projected gradient when its update is met (zeros in F,
+    a flat component, an order of visits), and the same factor."""
+    gram, cross = H @ H.T, H @ X.T
+    gram[2, :] = gram[:, 2] = 0
+    F0 = W0.T.astype(dtype)
+    F0[:, ::3] = 0
+    order = [3, 1, 2, 0]
+    F, violation = hals.update(F0.copy(), gram, cross, n_sweeps=3, order=order)
+    F_ref, violation_ref = _hals_by_component(F0.copy(), gram, cross, 3, order)
+    np.testing.assert_allclose(F, F_ref, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    assert violation == pytest.approx(violation_ref, rel=1e-5 if dtype == np.float32 else 1e-12)
+    assert violation > 0
+    F, violation = hals.update(F0.copy(), gram, cross, n_sweeps=0)
+    np.testing.assert_array_equal(F, F0)
+    assert violation == 0.0
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("l2", [0.0, 0.2])

@@ -64,24 +64,38 @@ def update(
     # With D = diag(gram), the update of component t is
     #   F[t] <- max(F[t] + (cross[t] - gram[t] @ F) / D[t], 0) = max(c[t] - M[t] @ F, 0)
     # for c = cross / D and M = gram / D with a zero diagonal: three numpy calls per
-    # component instead of five (sweeps are many, and hold the GIL between calls).
+    # component instead of five (sweeps are many, and hold the GIL between calls), into
+    # buffers made once.
     diag = np.diag(gram).copy()
     curved = diag != 0
     safe = np.where(curved, diag, 1)
     scaled_cross = cross / safe[:, None]
     coupling = gram / safe[:, None]
     np.fill_diagonal(coupling, 0)
-    violation = 0.0
+    # The first sweep's violation is formed at its end, in a few calls over all components
+    # rather than several per component, from each one's value before its update (``before``)
+    # and its unclipped update; a flat component's gradient is taken when it is met (it
+    # depends on the components updated before it). The buffers have the dtypes of numpy's
+    # own temporaries: the same bits as the expressions written out.
+    product = np.empty(F.shape[1], np.result_type(coupling, F))
+    unclipped = np.zeros(F.shape, np.result_type(scaled_cross, product))
+    before, later, flat = F.copy(), unclipped[0].copy(), {}
     for sweep in range(n_sweeps):
         for t in order:
             if not curved[t]:
                 if sweep == 0:  # no update, but scikit-learn counts its gradient
-                    violation += _violation(F[t], gram[t] @ F - cross[t])
+                    flat[t] = _violation(F[t], gram[t] @ F - cross[t])
                 continue
-            unclipped = scaled_cross[t] - coupling[t] @ F
-            if sweep == 0:
-                violation += _violation(F[t], diag[t] * (F[t] - unclipped))
-            np.maximum(unclipped, 0, out=F[t])
+            np.matmul(coupling[t], F, out=product)
+            u = unclipped[t] if sweep == 0 else later
+            np.subtract(scaled_cross[t], product, out=u)
+            np.maximum(u, 0, out=F[t])
+        if sweep == 0:
+            per_component = _violations(before, unclipped, diag)
+    violation = 0.0
+    if n_sweeps:
+        for t in order:
+            violation += flat[t] if t in flat else float(per_component[t])
     return F, violation
 
 
@@ -123,6 +137,15 @@ def _update_stacked(F, gram, cross, l1, l2, n_sweeps, order) -> tuple[np.ndarray
                 violation += _violation(F[:, t], grad)
             F[:, t] = np.where(bent, np.maximum(unclipped, 0), F[:, t])
     return F, violation
+
+
+def _violations(before: np.ndarray, unclipped: np.ndarray, diag: np.ndarray) -> np.ndarray:
+    """``_violation`` of each component (row) from its value before its update and its
+    unclipped update, the gradient being diag·(before − unclipped): the same sums, by row."""
+    grad = np.subtract(before, unclipped, out=unclipped)
+    grad *= diag[:, None]
+    np.minimum(grad, 0, out=grad, where=before == 0)
+    return np.add.reduce(np.abs(grad, out=grad), axis=1, dtype=np.float64)
 
 
 def _violation(f: np.ndarray, grad: np.ndarray) -> float:
