@@ -99,9 +99,12 @@ def kl_update(x, wt: np.ndarray, h: np.ndarray, denominator: np.ndarray, l2: flo
     return np.ascontiguousarray(w.T), np.ascontiguousarray(out.T), divergence, total
 
 
-def hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps: int) -> float:
+def hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps: int) -> np.ndarray:
     """HALS sweeps on the stacked problems F (R, k, r) in place (see
-    ``_numba_kernels.hals_stacked``); returns the first sweep's violation."""
+    ``_numba_kernels.hals_stacked``); returns each problem's violation of the first sweep."""
     tmp = np.empty(F.shape[2], dtype=F.dtype)
+    violations = np.zeros(F.shape[0])
     order = np.asarray(order, dtype=np.int64)
-    return _kernels().hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps, tmp)
+    kernels = _kernels()
+    kernels.hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps, tmp, violations)
+    return violations

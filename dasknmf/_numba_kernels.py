@@ -112,15 +112,17 @@ def kl_update_rows(indptr, indices, data, w, ht, den, l2, eps, out):  # pragma: 
 
 
 @numba.njit(nogil=True, cache=True)
-def hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps, tmp):  # pragma: no cover
+def hals_stacked(
+    F, coupling, scaled_cross, diag, order, n_sweeps, tmp, violations
+):  # pragma: no cover
     """HALS sweeps on independent problems (``solvers.hals``'s stacked replicates), one
     problem after the other, so that its factor (k × rows) stays in cache through its sweeps:
     F (R, k, rows) in place, ``coupling`` (R, k, k) the Gram matrices over their diagonals
     ``diag`` (R, k) with a zero diagonal, ``scaled_cross`` (R, k, rows) the cross products over
-    the diagonals, ``tmp`` a buffer of ``rows``. Returns the projected-gradient violation of the
-    first sweep. The arithmetic is numpy's (``hals.update``) without its temporaries."""
+    the diagonals, ``tmp`` a buffer of ``rows``. Adds each problem's projected-gradient
+    violation of the first sweep to ``violations`` (R,). The arithmetic is numpy's
+    (``hals.update``) without its temporaries."""
     n_problems, _, rows = F.shape
-    violation = 0.0
     for r in range(n_problems):
         for sweep in range(n_sweeps):
             for t in order:
@@ -128,11 +130,10 @@ def hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps, tmp):  # prag
                 d = diag[r, t]
                 f = F[r, t]
                 if sweep == 0:
-                    violation += _violation(f, tmp, d)
+                    violations[r] += _violation(f, tmp, d)
                 if d != 0:
                     for i in range(rows):
                         f[i] = tmp[i] if tmp[i] > 0 else 0
-    return violation
 
 
 @numba.njit(inline="always")

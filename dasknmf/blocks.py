@@ -43,7 +43,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import block_steps, engine, kernels, masked, passes, steps
+from dasknmf import block_steps, engine, kernels, masked, passes, stacked, steps
 from dasknmf.grid import Grid, count_stored
 from dasknmf.grid import grid as grid  # the blocks of X, as ``blocks.grid``
 from dasknmf.grid import grid_bounds as grid_bounds
@@ -200,7 +200,7 @@ def fit(
         h_stats = numbers[1]  # the masked loss's H penalty needs them (``final_pass``)
         if callback is not None and known:
             callback(known, history)
-        if tol > 0 and known and rule.converged(known, tol, history.as_dict()):
+        if tol > 0 and known and stacked.stopped(objective, rule, known, tol, history.as_dict()):
             break
         if checkpoint is not None and checkpoint.due(n_iter):
             state = None if shuffle_rng is None else shuffle_rng.get_state()

@@ -153,7 +153,11 @@ def fingerprint(plan, parts, stats, objective, col_bounds, layout: str | None = 
     layout_entry = {} if layout is None else {"settings.layout": layout}
     return {
         **layout_entry,
-        **{f"settings.{key}": value for key, value in dataclasses.asdict(objective).items()},
+        **{
+            f"settings.{key}": value
+            for key, value in dataclasses.asdict(objective).items()
+            if key != "frozen"  # stacked fits stopped so far: state, kept in the history
+        },
         "settings.init": plan.init,
         "settings.random_state": seed
         if seed is None or _is_int(seed)

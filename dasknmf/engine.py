@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dasknmf import fold as folding
-from dasknmf import kernels, passes, shards, steps
+from dasknmf import kernels, passes, shards, stacked, steps
 from dasknmf.ops import EagerOps, StateLostError, continue_tree, tree_reduce
 from dasknmf.panels import Panels
 from dasknmf.solvers import extrapolation
@@ -228,9 +228,12 @@ class History:
     loss: list[float] = field(default_factory=list)  # the penalized objective
     error: list[float] = field(default_factory=list)  # ‖X − WH‖_F
     violation: list[float] = field(default_factory=list)  # from iteration 1 on
+    fits: list[dict] = field(default_factory=list)  # each stacked fit's own (``stacked.record``)
 
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "error": self.error, "violation": self.violation}
+        return {"loss": self.loss, "error": self.error, "violation": self.violation} | (
+            {"fits": self.fits} if self.fits else {}
+        )
 
     def record(
         self,
@@ -371,7 +374,7 @@ def fit(
         if callback is not None and known:
             callback(known, history)
         rule = extrapolation if objective.extrapolate else objective.rule
-        if tol > 0 and known and rule.converged(known, tol, history.as_dict()):
+        if tol > 0 and known and stacked.stopped(objective, rule, known, tol, history.as_dict()):
             stop = known
             break
         if checkpoint is not None and checkpoint.due(n_iter):
@@ -456,6 +459,8 @@ def _record(history: History, objective: Objective, norm_x_sq: float, n_iter: in
         history.record(objective, 0.5 * (norm_x_sq - 2 * cross + wgw), *old_sums)
     history.record(objective, *steps.frobenius_terms(norm_x_sq, summary))
     history.violation.append(float(panel_stats[steps.P_VIOLATION] + h_stats[steps.H_VIOLATION]))
+    if objective.stacked:
+        stacked.record(history.fits, objective, norm_x_sq, n_iter, summary)
     return n_iter
 
 

@@ -36,6 +36,9 @@ class Objective:
     # their sum); the components of each fit interact only among themselves (block-diagonal
     # Gram matrices). Empty for one fit.
     ranks: tuple[int, ...] = ()
+    # Stacked fits that have met their stopping rule (indices into ``ranks``): their components
+    # are no longer updated, so that each keeps the factors of the iteration it stopped at.
+    frozen: frozenset[int] = frozenset()
 
     @property
     def rule(self):
@@ -58,15 +61,18 @@ class Objective:
     def update(
         self, f: np.ndarray, gram: np.ndarray, cross: np.ndarray, *, l1, l2, n_sweeps, order
     ):
-        """The update rule on ``f`` in place (``solvers.*.update``), fit by fit: the sum of the
-        fits' violations. ``n_sweeps``: an int, or for stacked fits one per fit."""
+        """The update rule on ``f`` in place (``solvers.*.update``) and its violation; for
+        stacked fits fit by fit, the frozen ones left as they are, and each one's violation
+        (n_fits,) (0 for a frozen fit). ``n_sweeps``: an int, or for stacked fits one per fit."""
         if not self.stacked:
             return self.rule.update(f, gram, cross, l1=l1, l2=l2, n_sweeps=n_sweeps, order=order)
         sweeps = n_sweeps if isinstance(n_sweeps, tuple) else (n_sweeps,) * len(self.ranks)
-        violation = 0.0
+        violations = np.zeros(len(self.ranks))
         # The fits of a run of equal rank and sweeps at once, as (R, k, r) problems with their
         # (R, k, k) Gram matrices: views of f (splitting its first axis), updated in place.
-        for (k, n), part, count in self._runs(sweeps):
+        for (k, n, frozen), part, count, first in self._runs(sweeps):
+            if frozen:
+                continue
             grams = np.stack([gram[s, s] for s in self._slices(part.start, k, count)])
             _, found = self.rule.update(
                 f[part].reshape(count, k, -1),
@@ -77,8 +83,8 @@ class Objective:
                 n_sweeps=n,
                 order=order,
             )
-            violation += found
-        return f, violation
+            violations[first : first + count] = found
+        return f, violations
 
     @classmethod
     def stack(cls, alone: dict, ranks: tuple[int, ...], init: str, shuffle: bool) -> Objective:
@@ -120,13 +126,20 @@ class Objective:
         return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
     def _runs(self, sweeps: tuple[int, ...]):
-        """((k, sweeps), components, fits) of each run of consecutive fits of equal rank and
-        sweeps."""
-        start = 0
-        for key, run in itertools.groupby(zip(self.ranks, sweeps, strict=True)):
+        """((k, sweeps, frozen), components, number of fits, first fit) of each run of
+        consecutive fits of equal rank, sweeps and freezing."""
+        start = first = 0
+        frozen = [i in self.frozen for i in range(len(self.ranks))]
+        for key, run in itertools.groupby(zip(self.ranks, sweeps, frozen, strict=True)):
             count = len(list(run))
-            yield key, slice(start, start + key[0] * count), count
+            yield key, slice(start, start + key[0] * count), count, first
             start += key[0] * count
+            first += count
+
+    def fit_sums(self, per_component: np.ndarray) -> np.ndarray:
+        """Σ over each stacked fit's components of a per-component vector, (n_fits,)."""
+        starts = np.cumsum((0, *self.ranks[:-1]))
+        return np.add.reduceat(per_component, starts)
 
     @staticmethod
     def _slices(start: int, k: int, count: int) -> list[slice]:

@@ -21,7 +21,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from dasknmf import blocks, cuts, engine, init, masked, panels, passes, shards
+from dasknmf import blocks, cuts, engine, init, masked, panels, passes, shards, stacked
 from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint, fingerprint
 from dasknmf.progress import Reporter
@@ -88,6 +88,7 @@ class Fitted:
     reconstruction_err: float
     layout: dict  # how X was cut: {"scheme": "rows" or "columns" (Xᵀ), "panels", "cached"}
     replicate_errors: list[float] | None = None  # stacked fits: each one's ‖X − WH‖
+    replicate_n_iter: list[int] | None = None  # and the iterations each ran (``stacked``)
     norm_x: float | None = None  # ‖X‖ (over the observed entries for the masked loss)
 
 
@@ -171,12 +172,14 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
 
     def attempt():
         *factors, start, history, shuffle_rng, momentum = point.pop("start")
-        result = engine.fit(
+        result = stacked.each_to_its_stop(  # engine.fit, again as stacked fits stop
+            engine.fit,
             parts,
             objective,
             *_handed_over(factors),
             stats.sum_sq * plan.fits,  # the loss is the stacked fits' sum
             col_bounds,
+            restate=shards.ShardStates,
             max_iter=plan.max_iter,
             tol=plan.tol,
             shuffle_rng=shuffle_rng,
@@ -225,7 +228,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             "cached": bool(parts.cached or not parts.ops.is_lazy),
             **({"stacked": parts.stacked} if parts.stacked > 1 else {}),
         },
-        **_errors(result, stats),
+        **stacked.outcome(result, stats.sum_sq),
     )
 
 
@@ -241,12 +244,6 @@ def _objective(plan: Plan, shape, stored: int) -> Objective:
         )
     alone = {k: plan.objective(*shape, k, stored) for k in set(plan.ranks)}
     return Objective.stack(alone, plan.ranks, plan.init, plan.shuffle)
-
-
-def _errors(result: engine.FitResult, stats: engine.Moments) -> dict:
-    """``Fitted``'s stacked replicates' errors ‖X − W·H‖ and ‖X‖."""
-    errors = [float(np.sqrt(2 * max(v, 0.0))) for v in result.replicate_values]
-    return dict(replicate_errors=errors or None, norm_x=float(np.sqrt(stats.sum_sq)))
 
 
 def _checkpoint(plan: Plan, layout, settings: dict) -> Checkpoint | None:
@@ -405,11 +402,13 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
 
     def attempt():
         *factors, start, history, shuffle_rng, momentum = point.pop("start")
-        result = blocks.fit(
+        result = stacked.each_to_its_stop(  # blocks.fit, again as stacked fits stop
+            blocks.fit,
             grid,
             objective,
             *_handed_over(factors),
             stats.sum_sq * plan.fits,  # the loss is the stacked fits' sum
+            restate=grid.unbundle,
             max_iter=plan.max_iter,
             tol=plan.tol,
             shuffle_rng=shuffle_rng,
@@ -444,7 +443,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
             "cached": bool(grid.cached),
             "extrapolated": bool(objective.extrapolate),  # 'auto' may give way (memory)
         },
-        **_errors(result, stats),
+        **stacked.outcome(result, stats.sum_sq),
     )
 
 

@@ -7,9 +7,8 @@ that each panel task reads X_i once per iteration for all of them and forms H·X
 as one product each, while the updates stay each fit's own (with its own sweeps). The ks are
 stacked into as few fits as keep the factors of each within ``STACK_BYTES``. Replicate r of k
 has the factors of ``NMF(n_components=k, init='random', random_state=seed_r,
-extrapolate=False)`` run alone, up to rounding, as long as no stopping rule intervenes: the
-fits stacked together stop together, when the rule holds for their sums (with ``tol=0`` each
-runs ``max_iter`` iterations, like its fit alone).
+extrapolate=False)`` run alone, up to rounding, and stops at the iteration that fit stops at:
+each stacked fit stops by its own rule (``dasknmf.stacked``).
 
 Per k it reports each replicate's error ‖X − W·H‖, the stability of the clustering of the
 samples (the argmax of each row of W) across replicates — cophenetic correlation (Brunet et al.
@@ -59,7 +58,7 @@ class RankSelection:
     n_replicates: int
     seeds: list[int]
     errors: dict[int, np.ndarray]  # each replicate's ‖X − W·H‖ (Frobenius)
-    n_iter: dict[int, int]
+    n_iter: dict[int, int]  # the most iterations a replicate ran (each stops by its own rule)
     cophenetic: dict[int, float]
     dispersion: dict[int, float]
     silhouette: dict[int, float]
@@ -296,7 +295,7 @@ def select_rank(
             found["errors"][k] = np.array(
                 fitted.replicate_errors[g * n_replicates :][:n_replicates]
             )
-            found["n_iter"][k] = fitted.n_iter
+            found["n_iter"][k] = max(fitted.replicate_n_iter[g * n_replicates :][:n_replicates])
             found["cophenetic"][k] = consensus.cophenetic_correlation(matrix)
             found["dispersion"][k] = consensus.dispersion(matrix)
             found["silhouette"][k] = consensus.silhouette_and_clusters(components, k)[0]

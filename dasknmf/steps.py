@@ -43,6 +43,10 @@ P_CROSS_OLD, P_WGW_OLD, P_SUM_W_OLD, P_SQ_W_OLD, P_SUM_W, P_VIOLATION, P_DIV_OLD
 # Layout of the statistics vector of an H block task (H_SQ_H: Σ n_j·‖h_j‖² of the new block,
 # for the masked loss only).
 H_CROSS, H_SUM_H_OLD, H_SQ_H_OLD, H_SUM_H, H_VIOLATION, H_SQ_H = range(6)
+# Stacked fits (``Objective.ranks``, R fits) append each fit's own after these: a panel task's
+# violation, Σ W∘C and ⟨W·Wᵀ, H·Hᵀ⟩ at the old W; an H block task's violation and Σ A∘H (R
+# each). Summed over the panels and blocks like the rest.
+P_FITS, H_FITS = 7, 6
 
 #: Factors below this are set to zero after a β < 1 (W) or β ≤ 1 (H) update, as scikit-learn
 #: does "for stability".
@@ -210,7 +214,7 @@ def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
     x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
     if objective.masked:
         return _panel_step_masked(objective, order, col_bounds, h, x, wt)
-    stats = _old_w_stats(wt)
+    stats = _old_w_stats(wt, len(objective.ranks))
     if not objective.frobenius:
         return _panel_step_divergence(objective, col_bounds, h, x, wt, stats)
     wt = wt.copy()  # updated in place; the input may be a block that other tasks still read
@@ -253,9 +257,10 @@ def _masked_stats(terms: dict, wt, n_rows) -> np.ndarray:
     return stats
 
 
-def _old_w_stats(wt) -> np.ndarray:
-    """``P_*`` statistics with ΣW_i and ‖W_i‖² of the W_i an update starts from."""
-    stats = np.zeros(7)
+def _old_w_stats(wt, n_fits: int = 0) -> np.ndarray:
+    """``P_*`` statistics with ΣW_i and ‖W_i‖² of the W_i an update starts from (and room for
+    ``n_fits`` stacked fits' own, ``P_FITS``)."""
+    stats = np.zeros(P_FITS + 3 * n_fits)
     stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
     stats[P_SQ_W_OLD] = _dot64(wt, wt)
     return stats
@@ -264,9 +269,12 @@ def _old_w_stats(wt) -> np.ndarray:
 def _w_update(objective: Objective, order, gram_h, cross, wt, stats) -> np.ndarray:
     """The Frobenius update of W_i in place from (H·Hᵀ, C_i = H·X_iᵀ), with the statistics
     of the W_i it starts from and the violation written into ``stats``."""
+    gram_w = objective.gram(wt)
     stats[P_CROSS_OLD] = _dot64(wt, cross)
-    stats[P_WGW_OLD] = _dot64(objective.gram(wt), gram_h)
-    wt, stats[P_VIOLATION] = objective.update(
+    stats[P_WGW_OLD] = _dot64(gram_w, gram_h)
+    if objective.stacked:
+        _per_fit(objective, stats, P_FITS, None, (wt, cross), (gram_w, gram_h))
+    wt, violation = objective.update(
         wt,
         gram_h,
         cross,
@@ -275,7 +283,24 @@ def _w_update(objective: Objective, order, gram_h, cross, wt, stats) -> np.ndarr
         n_sweeps=objective.sweeps_w,
         order=order,
     )
+    stats[P_VIOLATION] = _per_fit(objective, stats, P_FITS, violation)
     return wt
+
+
+def _per_fit(objective: Objective, stats: np.ndarray, at: int, violations, *pairs) -> float:
+    """Write the stacked fits' own statistics into ``stats`` from ``at`` on (``P_FITS``,
+    ``H_FITS``): their ``violations`` (if not None), then Σ a∘b per fit of each pair; return
+    the violation of them all (``violations`` itself for one fit)."""
+    if not objective.stacked:
+        return violations
+    n = len(objective.ranks)
+    for i, (a, b) in enumerate(pairs, start=1):
+        per_component = np.einsum("ij,ij->i", a, b, dtype=np.float64)
+        stats[at + i * n : at + (i + 1) * n] = objective.fit_sums(per_component)
+    if violations is None:
+        return 0.0
+    stats[at : at + n] = violations
+    return float(violations.sum())
 
 
 def w_update(objective: Objective, order, gram_h, cross, wt) -> tuple[np.ndarray, np.ndarray]:
@@ -295,7 +320,7 @@ def w_update(objective: Objective, order, gram_h, cross, wt) -> tuple[np.ndarray
                 cross, wt, n_sweeps=n_sweeps, order=order, **penalties
             )
         return new, _masked_stats(terms, new, cross[-1])
-    stats = _old_w_stats(wt)
+    stats = _old_w_stats(wt, len(objective.ranks))
     if objective.frobenius:
         wt = _w_update(objective, order, gram_h, cross, wt.copy(), stats)
     else:
@@ -353,7 +378,7 @@ def h_step(objective: Objective, order, block: int, picks, h, *containers):
     pin_worker_blas()
     second, panel_stats, a = sum_in_order(*picked(block, picks, containers))
     h = kernels.aligned(h_array(h))
-    stats = np.zeros(6)
+    stats = np.zeros(H_FITS + 2 * len(objective.ranks))
     h = h.copy()
     if objective.masked:
         grams, counts = second  # for 'mu', the denominator in place of the Gram matrices
@@ -380,7 +405,7 @@ def h_step(objective: Objective, order, block: int, picks, h, *containers):
             order=order,
         )
         stats[H_CROSS] = _dot64(a, h)
-        stats[H_VIOLATION] = violation
+        stats[H_VIOLATION] = _per_fit(objective, stats, H_FITS, violation, (a, h))
     else:
         h = _h_step_divergence(objective, h, a, second)
         second = None

@@ -358,3 +358,81 @@ def test_stacked_replicates_on_2d_blocks_are_the_fits_run_alone(sparse):
         np.testing.assert_allclose(fitted.W[:, mine], W, rtol=1e-8, atol=1e-12)
         assert fitted.replicate_errors[r] == pytest.approx(model.reconstruction_err_, rel=1e-9)
     assert fitted.norm_x == pytest.approx(np.linalg.norm(X))
+
+
+def _stacked_until_each_stops(data, ranks, seeds, solver, **options):
+    plan = pipeline.Plan(
+        n_components=max(ranks),
+        init="random",
+        objective=NMF(n_components=max(ranks), solver=solver, extrapolate=False)._objective,
+        **{"max_iter": 400, **options},
+        tol=STOP_TOL,
+        random_state=seeds,
+        ranks=ranks,
+    )
+    return pipeline.fit(data, plan)
+
+
+#: A tolerance that stops the fits below of the same rank at different iterations.
+STOP_TOL = 1e-3
+
+
+def _each_is_its_fit_alone(fitted, X, ranks, seeds, solver, rtol):
+    starts = np.cumsum((0, *ranks))
+    alone_iters = []
+    for r, (k, seed) in enumerate(zip(ranks, seeds, strict=True)):
+        model = NMF(k, init="random", random_state=seed, solver=solver, extrapolate=False)
+        W = model.set_params(max_iter=400, tol=STOP_TOL).fit_transform(X)
+        mine = slice(starts[r], starts[r + 1])
+        alone_iters.append(model.n_iter_)
+        np.testing.assert_allclose(fitted.components[mine], model.components_, rtol=rtol)
+        np.testing.assert_allclose(np.asarray(fitted.W)[:, mine], W, rtol=rtol, atol=rtol * 1e-3)
+        assert fitted.replicate_errors[r] == pytest.approx(model.reconstruction_err_, rel=rtol)
+    assert fitted.replicate_n_iter == alone_iters
+    assert len(set(alone_iters)) > 2  # the fits do stop at iterations of their own
+    assert fitted.n_iter == max(alone_iters)
+
+
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+@pytest.mark.parametrize("layout", ["rows", "blocks"])
+def test_stacked_fits_stop_each_by_its_own_rule(solver, layout):
+    """With tol > 0 each stacked fit stops by its own stopping rule, at the iteration its fit
+    alone stops at: the stacked fit stops there, goes on with that fit frozen, and every fit
+    ends with the factors, error and iterations of its fit alone — on row panels and on 2-D
+    blocks."""
+    X = low_rank(300, 60, 4, seed=1) + 0.05 * np.random.default_rng(0).random((300, 60))
+    ranks, seeds = (3, 3, 3, 4, 4), (5, 6, 7, 8, 9)
+    budget = 60 * 30 * 8 if layout == "blocks" else 100 * 60 * 8
+    fitted = _stacked_until_each_stops(X, ranks, seeds, solver, layout=layout, panel_bytes=budget)
+    assert fitted.layout["scheme"] == layout
+    _each_is_its_fit_alone(fitted, X, ranks, seeds, solver, rtol=1e-8)
+
+
+def test_stacked_fits_stop_each_by_its_own_rule_on_a_cluster(tmp_path, cluster):
+    """The same from a Zarr store on a LocalCluster, whose iterations are submitted ahead of
+    the driver (and fold their H updates into the shard tasks): the iterations in flight when
+    a fit stops are dropped, and each fit equals its in-memory fit alone."""
+    X = low_rank(300, 60, 4, seed=1) + 0.05 * np.random.default_rng(0).random((300, 60))
+    path = tmp_path / "X.zarr"
+    io.save_matrix(path, X, chunks=(100, 60))
+    data = io.open_matrix(path, panel_bytes=100 * 60 * 8)
+    ranks, seeds = (3, 3, 3, 4, 4), (5, 6, 7, 8, 9)
+    fitted = _stacked_until_each_stops(data, ranks, seeds, "cd", panel_bytes=100 * 60 * 8)
+    assert fitted.layout["panels"] == 3
+    _each_is_its_fit_alone(fitted, X, ranks, seeds, "cd", rtol=1e-8)
+
+
+def test_stacked_fits_resume_from_a_checkpoint_with_those_stopped_frozen(tmp_path):
+    """A checkpoint of stacked fits keeps which fits have stopped (in each fit's history): a
+    fit cut at iteration 45, when two of five had stopped, resumes to the same bits as the
+    fit never cut."""
+    X = low_rank(300, 60, 4, seed=1) + 0.05 * np.random.default_rng(0).random((300, 60))
+    ranks, seeds, budget = (3, 3, 3, 4, 4), (5, 6, 7, 8, 9), 100 * 60 * 8
+    whole = _stacked_until_each_stops(X, ranks, seeds, "cd", panel_bytes=budget)
+    saved = dict(checkpoint=tmp_path / "ckpt", checkpoint_every=5, panel_bytes=budget)
+    cut = _stacked_until_each_stops(X, ranks, seeds, "cd", max_iter=45, **saved)
+    assert cut.replicate_n_iter == [*whole.replicate_n_iter[:2], 45, 45, 45]
+    resumed = _stacked_until_each_stops(X, ranks, seeds, "cd", resume=True, **saved)
+    assert resumed.replicate_n_iter == whole.replicate_n_iter
+    np.testing.assert_array_equal(resumed.components, whole.components)
+    np.testing.assert_array_equal(resumed.W, whole.W)

@@ -1,5 +1,7 @@
 """Update rules against scikit-learn's own implementation of the same step."""
 
+import dataclasses
+
 import dask
 import numpy as np
 import pytest
@@ -101,7 +103,8 @@ def test_hals_violation_is_the_first_sweeps_projected_gradient_met_component_by_
 @pytest.mark.parametrize("l2", [0.0, 0.2])
 def test_stacked_hals_problems_are_each_solved_alone(compiled, dtype, l2):
     """``hals.update`` on (R, k, r) problems (stacked replicates, compiled or numpy) is the
-    update of each problem alone, penalties, component order and a flat component included."""
+    update of each problem alone, penalties, component order and a flat component included;
+    its violation is each problem's."""
     rng = np.random.default_rng(2)
     F0 = rng.uniform(size=(3, 4, 50)).astype(dtype)
     Hs = rng.uniform(size=(3, 4, 20))
@@ -117,7 +120,8 @@ def test_stacked_hals_problems_are_each_solved_alone(compiled, dtype, l2):
         np.testing.assert_allclose(F[r], F_r, rtol=rtol, atol=rtol)
     if not l2:  # (an L2 penalty gives the flat component a curvature)
         np.testing.assert_array_equal(F[1, 2], F0[1, 2])
-    assert violation == pytest.approx(sum(v for _, v in alone), rel=rtol)
+    assert violation.shape == (3,)
+    np.testing.assert_allclose(violation, [v for _, v in alone], rtol=rtol)
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
@@ -125,7 +129,7 @@ def test_stacked_hals_problems_are_each_solved_alone(compiled, dtype, l2):
 def test_stacked_fits_of_several_ranks_are_each_updated_alone(solver, contiguous):
     """``Objective.update`` on stacked fits of ranks (2, 2, 3, 1) with their own sweeps: each
     fit's block of F is its update alone (with its diagonal block of the Gram matrix), in
-    place; the violation is their sum."""
+    place; the violation is each fit's. A frozen fit is left as it is, its violation 0."""
     ranks, sweeps = (2, 2, 3, 1), (3, 3, 2, 4)
     objective = Objective(sum(ranks), solver=solver, ranks=ranks)
     rng = np.random.default_rng(5)
@@ -136,16 +140,25 @@ def test_stacked_fits_of_several_ranks_are_each_updated_alone(solver, contiguous
     F = F0.copy() if contiguous else np.asfortranarray(F0)
     out, violation = objective.update(F, gram, cross, l1=0.1, l2=0.2, n_sweeps=sweeps, order=None)
     assert out is F
-    total = 0.0
+    alone = []
     for part, n in zip(objective.fit_slices(), sweeps, strict=True):
         assert not gram[part, : part.start].any() and not gram[part, part.stop :].any()
-        alone, v = get_solver(solver).update(
+        f, v = get_solver(solver).update(
             F0[part].copy(), gram[part, part], cross[part], l1=0.1, l2=0.2, n_sweeps=n
         )
-        np.testing.assert_allclose(F[part], alone, rtol=1e-12, atol=1e-14)
-        total += v
-    if solver == "hals":
-        assert violation == pytest.approx(total, rel=1e-12)
+        np.testing.assert_allclose(F[part], f, rtol=1e-12, atol=1e-14)
+        alone.append(v)
+    np.testing.assert_allclose(violation, alone, rtol=1e-12)  # NaN for 'mu'
+    objective = dataclasses.replace(objective, frozen=frozenset({0, 2}))
+    F = F0.copy()
+    _, violation = objective.update(F, gram, cross, l1=0.1, l2=0.2, n_sweeps=sweeps, order=None)
+    parts = objective.fit_slices()
+    for i in (0, 2):
+        np.testing.assert_array_equal(F[parts[i]], F0[parts[i]])
+        assert violation[i] == 0
+    for i in (1, 3):
+        assert not np.array_equal(F[parts[i]], F0[parts[i]])
+    np.testing.assert_allclose(violation[[1, 3]], np.array(alone)[[1, 3]], rtol=1e-12)
 
 
 @pytest.mark.parametrize("l1, l2", [(0.0, 0.0), (0.3, 0.7)])

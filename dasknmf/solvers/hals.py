@@ -50,7 +50,7 @@ def update(
     F : ndarray of shape (n_components, r)
     violation : float
         L1 norm of the projected gradient met during the first sweep, scikit-learn's
-        convergence measure.
+        convergence measure; for stacked problems (F of shape (R, k, r)) each one's, (R,).
     """
     if F.ndim == 3:
         return _update_stacked(F, gram, cross, l1, l2, n_sweeps, order)
@@ -99,10 +99,10 @@ def update(
     return F, violation
 
 
-def _update_stacked(F, gram, cross, l1, l2, n_sweeps, order) -> tuple[np.ndarray, float]:
+def _update_stacked(F, gram, cross, l1, l2, n_sweeps, order) -> tuple[np.ndarray, np.ndarray]:
     """``update`` of independent problems at once (stacked replicates): F (R, k, r), gram
     (R, k, k), cross (R, k, r). Component t of every problem is updated by one batched product,
-    so the numpy calls per sweep are k, not R·k."""
+    so the numpy calls per sweep are k, not R·k. The violation is each problem's, (R,)."""
     n_components = F.shape[1]
     if l2:
         gram = gram + l2 * np.eye(n_components, dtype=gram.dtype)
@@ -118,7 +118,7 @@ def _update_stacked(F, gram, cross, l1, l2, n_sweeps, order) -> tuple[np.ndarray
     coupling[:, np.arange(n_components), np.arange(n_components)] = 0
     if _compiled.enabled() and F.flags.c_contiguous:
         dtype = F.dtype
-        violation = _compiled.hals_stacked(
+        violations = _compiled.hals_stacked(
             F,
             coupling.astype(dtype, copy=False),
             scaled_cross.astype(dtype, copy=False),
@@ -126,17 +126,18 @@ def _update_stacked(F, gram, cross, l1, l2, n_sweeps, order) -> tuple[np.ndarray
             order,
             n_sweeps,
         )
-        return F, float(violation)
-    violation = 0.0
+        return F, violations
+    violations = np.zeros(F.shape[0])
     for sweep in range(n_sweeps):
         for t in order:
             unclipped = scaled_cross[:, t] - np.matmul(coupling[:, t : t + 1], F)[:, 0]
             bent = curved[:, t, None]
             if sweep == 0:  # a flat component is not updated, but its gradient counts
                 grad = np.where(bent, diag[:, t, None] * (F[:, t] - unclipped), -unclipped)
-                violation += _violation(F[:, t], grad)
+                projected = np.where(F[:, t] == 0, np.minimum(grad, 0), grad)
+                violations += np.add.reduce(np.abs(projected), axis=1, dtype=np.float64)
             F[:, t] = np.where(bent, np.maximum(unclipped, 0), F[:, t])
-    return F, violation
+    return F, violations
 
 
 def _violations(before: np.ndarray, unclipped: np.ndarray, diag: np.ndarray) -> np.ndarray:
