@@ -269,11 +269,8 @@ def _old_w_stats(wt, n_fits: int = 0) -> np.ndarray:
 def _w_update(objective: Objective, order, gram_h, cross, wt, stats) -> np.ndarray:
     """The Frobenius update of W_i in place from (H·Hᵀ, C_i = H·X_iᵀ), with the statistics
     of the W_i it starts from and the violation written into ``stats``."""
-    gram_w = objective.gram(wt)
-    stats[P_CROSS_OLD] = _dot64(wt, cross)
-    stats[P_WGW_OLD] = _dot64(gram_w, gram_h)
-    if objective.stacked:
-        _per_fit(objective, stats, P_FITS, None, (wt, cross), (gram_w, gram_h))
+    pairs = (wt, cross), (objective.gram(wt), gram_h)
+    _, stats[P_CROSS_OLD], stats[P_WGW_OLD] = _fit_terms(objective, stats, P_FITS, None, *pairs)
     wt, violation = objective.update(
         wt,
         gram_h,
@@ -283,24 +280,25 @@ def _w_update(objective: Objective, order, gram_h, cross, wt, stats) -> np.ndarr
         n_sweeps=objective.sweeps_w,
         order=order,
     )
-    stats[P_VIOLATION] = _per_fit(objective, stats, P_FITS, violation)
+    stats[P_VIOLATION] = _fit_terms(objective, stats, P_FITS, violation)[0]
     return wt
 
 
-def _per_fit(objective: Objective, stats: np.ndarray, at: int, violations, *pairs) -> float:
-    """Write the stacked fits' own statistics into ``stats`` from ``at`` on (``P_FITS``,
-    ``H_FITS``): their ``violations`` (if not None), then Σ a∘b per fit of each pair; return
-    the violation of them all (``violations`` itself for one fit)."""
+def _fit_terms(objective: Objective, stats: np.ndarray, at: int, violations, *pairs) -> tuple:
+    """(the violation, Σ a∘b in float64 of each pair) of all the fits together; for stacked
+    fits also each one's own, written into ``stats`` from ``at`` on (``P_FITS``, ``H_FITS``):
+    the ``violations`` (if not None), then each pair's (the totals are their sums)."""
     if not objective.stacked:
-        return violations
-    n = len(objective.ranks)
+        return (violations, *(_dot64(a, b) for a, b in pairs))
+    n, totals = len(objective.ranks), []
     for i, (a, b) in enumerate(pairs, start=1):
-        per_component = np.einsum("ij,ij->i", a, b, dtype=np.float64)
-        stats[at + i * n : at + (i + 1) * n] = objective.fit_sums(per_component)
-    if violations is None:
-        return 0.0
-    stats[at : at + n] = violations
-    return float(violations.sum())
+        per_fit = objective.fit_sums(np.einsum("ij,ij->i", a, b, dtype=np.float64))
+        stats[at + i * n : at + (i + 1) * n] = per_fit
+        totals.append(float(per_fit.sum()))
+    if violations is not None:
+        stats[at : at + n] = violations
+        violations = float(violations.sum())
+    return (violations, *totals)
 
 
 def w_update(objective: Objective, order, gram_h, cross, wt) -> tuple[np.ndarray, np.ndarray]:
@@ -404,8 +402,7 @@ def h_step(objective: Objective, order, block: int, picks, h, *containers):
             n_sweeps=objective.sweeps_h,
             order=order,
         )
-        stats[H_CROSS] = _dot64(a, h)
-        stats[H_VIOLATION] = _per_fit(objective, stats, H_FITS, violation, (a, h))
+        stats[H_VIOLATION], stats[H_CROSS] = _fit_terms(objective, stats, H_FITS, violation, (a, h))
     else:
         h = _h_step_divergence(objective, h, a, second)
         second = None
