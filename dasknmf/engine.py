@@ -310,8 +310,8 @@ def fit(
     shared = ops.share(objective), ops.share(col_bounds)
     whole = small_states(panels, objective)
     fetch_h = small_h(objective, col_bounds, panels.dtype)
-    fold = None
-    if folding.applies(panels, whole, fetch_h):
+    fold, speculate = None, stacked.speculates(objective, tol)
+    if folding.applies(panels, whole, fetch_h) and speculate:
         fold = folding.Fold(panels, objective, shared, norm_x_sq, _node_counts(panels))
 
     # The shuffling generator's state before each submitted iteration's draws: a checkpoint
@@ -358,7 +358,7 @@ def fit(
     n_iter, stop = start, 0
     # Iterations submitted ahead of the one read: a folded iteration's summary comes with the
     # next one's shard tasks.
-    ahead = 1 if fold is None else 2
+    ahead = (1 if fold is None else 2) if speculate else 0
     if start < max_iter:
         submit()
     for n_iter in range(start + 1, max_iter + 1):

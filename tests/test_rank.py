@@ -436,3 +436,14 @@ def test_stacked_fits_resume_from_a_checkpoint_with_those_stopped_frozen(tmp_pat
     assert resumed.replicate_n_iter == whole.replicate_n_iter
     np.testing.assert_array_equal(resumed.components, whole.components)
     np.testing.assert_array_equal(resumed.W, whole.W)
+
+
+def test_only_stacked_fits_that_stop_one_by_one_wait_for_each_summary():
+    """On a cluster a fit submits iterations ahead of the summaries it has read, except stacked
+    fits with a stopping rule: each of their stops would drop the iterations in flight."""
+    from dasknmf import stacked
+    from dasknmf.objective import Objective
+
+    alone, both = Objective(3), Objective(5, ranks=(2, 3))
+    assert stacked.speculates(alone, 1e-4) and stacked.speculates(both, 0)
+    assert not stacked.speculates(both, 1e-4)
