@@ -334,7 +334,8 @@ def check_fits_workers(
     smallest worker; for 2-D blocks, W and H (twice: the next iteration's are made from them)
     in the memory of all workers below the point where they pause — what any 2-D fit needs
     (while a band's rows are updated, their sums H·X_iᵀ take as much again as their W
-    blocks)."""
+    blocks) — and H twice in the largest worker's: its column blocks are all made on the
+    worker where the column chains end (``blocks._on_h``)."""
     client = distributed_client()
     limit = worker_memory()
     if limit is None:
@@ -344,6 +345,11 @@ def check_fits_workers(
         need, have = factors_memory(client, shape, n_components, itemsize, 2)
         what = "W and H (twice, while an iteration makes the next ones from them)"
         where = "the workers have together, below the point where they pause,"
+        largest = max(_room(w) for w in client.scheduler_info(n_workers=-1)["workers"].values())
+        if need <= have and 2 * n_components * n_cols * itemsize > largest:
+            need, have = 2 * n_components * n_cols * itemsize, largest
+            what = "H (twice, all its column blocks on the worker where the column chains end)"
+            where = "the largest worker has below the point where it pauses"
     else:
         need = min(
             task_memory(n_cols * itemsize, n_cols, n_components, itemsize),
@@ -368,9 +374,15 @@ def factors_memory(client, shape, n_components: int, itemsize: int, copies: int)
     the point where they pause): what a 2-D fit, whose factors are what the workers hold,
     must fit in."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    pause = dask.config.get("distributed.worker.memory.pause") or 0.8
-    have = sum(pause * w["memory_limit"] - WORKER_BASELINE for w in workers)
+    have = sum(_room(w) for w in workers)
     return copies * n_components * sum(shape) * itemsize, have
+
+
+def _room(worker: dict) -> float:
+    """Bytes a worker (as ``scheduler_info`` describes it) holds below the point where it
+    pauses, beyond what it holds before any task."""
+    pause = dask.config.get("distributed.worker.memory.pause") or 0.8
+    return pause * worker["memory_limit"] - WORKER_BASELINE
 
 
 def relocate(panels: Panels) -> None:

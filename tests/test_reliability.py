@@ -326,6 +326,37 @@ def test_a_problem_no_worker_can_hold_fails_before_any_work():
             assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
 
 
+def test_2d_blocks_whose_h_no_single_worker_can_hold_fail_before_any_work():
+    """2-D blocks make all of H's column blocks on one worker (where the column chains end):
+    W and H fit the two workers together, but H twice does not fit one of them — an error
+    naming both before any task runs, where before the fit started and its H tasks would have
+    paused or killed that worker."""
+    import dask.array as da
+
+    from dasknmf.panels import WORKER_BASELINE
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, memory_limit="400MiB", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        X = da.random.random((200_000, 1_000_000), chunks=(20_000, 100_000))  # never computed
+        h_twice = 2 * 16 * 1_000_000 * 8 / 2**20
+        room = (0.8 * 400 * 2**20 - WORKER_BASELINE) / 2**20
+        assert 2 * 16 * 1_200_000 * 8 / 2**20 <= 2 * room < 2 * h_twice  # W and H fit in all
+        model = NMF(16, init="random", layout="blocks")
+        match = (
+            rf"H \(twice, all its column blocks on the worker where the column chains end\) "
+            rf"needs about {h_twice:,.0f} MiB and the largest worker has below the point where "
+            rf"it pauses {room:,.0f} MiB"
+        )
+        with pytest.raises(ValueError, match=match):
+            model.fit(X)
+        assert not hasattr(model, "components_")
+        assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
+
+
 def test_workers_that_keep_dying_fail_the_fit_naming_the_task(tmp_path):
     """A panel whose second read kills the worker reading it (as running out of memory would):
     distributed gives up on the task after four dead workers, and the fit fails with an error
