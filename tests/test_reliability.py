@@ -319,11 +319,7 @@ def test_a_problem_no_worker_can_hold_fails_before_any_work():
             ("auto", rf"W and H .* needs about {factors:,.0f} MiB and the workers have "
              rf"together, below the point where they pause, {room:,.0f} MiB"),
         ):  # fmt: skip
-            model = NMF(500, init="random", layout=layout)
-            with pytest.raises(ValueError, match=match):
-                model.fit(X)
-            assert not hasattr(model, "components_")
-            assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
+            _refused_before_any_work(client, NMF(500, init="random", layout=layout), X, match)
 
 
 def test_2d_blocks_whose_h_no_single_worker_can_hold_fail_before_any_work():
@@ -345,16 +341,20 @@ def test_2d_blocks_whose_h_no_single_worker_can_hold_fail_before_any_work():
         h_twice = 2 * 16 * 1_000_000 * 8 / 2**20
         room = (0.8 * 400 * 2**20 - WORKER_BASELINE) / 2**20
         assert 2 * 16 * 1_200_000 * 8 / 2**20 <= 2 * room < 2 * h_twice  # W and H fit in all
-        model = NMF(16, init="random", layout="blocks")
         match = (
             rf"H \(twice, all its column blocks on the worker where the column chains end\) "
             rf"needs about {h_twice:,.0f} MiB and the largest worker has below the point where "
             rf"it pauses {room:,.0f} MiB"
         )
-        with pytest.raises(ValueError, match=match):
-            model.fit(X)
-        assert not hasattr(model, "components_")
-        assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
+        _refused_before_any_work(client, NMF(16, init="random", layout="blocks"), X, match)
+
+
+def _refused_before_any_work(client, model, X, match: str) -> None:
+    """``model.fit(X)`` raises a ValueError matching ``match``, and no task was submitted."""
+    with pytest.raises(ValueError, match=match):
+        model.fit(X)
+    assert not hasattr(model, "components_")
+    assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
 
 
 def test_workers_that_keep_dying_fail_the_fit_naming_the_task(tmp_path):
