@@ -412,9 +412,9 @@ def test_stacked_fits_stop_each_by_its_own_rule(solver, layout):
 
 
 def test_stacked_fits_stop_each_by_its_own_rule_on_a_cluster(tmp_path, cluster):
-    """The same from a Zarr store on a LocalCluster, whose iterations are submitted ahead of
-    the driver (and fold their H updates into the shard tasks): the iterations in flight when
-    a fit stops are dropped, and each fit equals its in-memory fit alone."""
+    """The same from a Zarr store on a LocalCluster (where such a fit submits no iteration
+    ahead of the summaries it has read, ``stacked.speculates``): each fit equals its
+    in-memory fit alone."""
     X = low_rank(300, 60, 4, seed=1) + 0.05 * np.random.default_rng(0).random((300, 60))
     path = tmp_path / "X.zarr"
     io.save_matrix(path, X, chunks=(100, 60))
