@@ -87,9 +87,11 @@ class Fitted:
 
 def batch_panels(X, rows: int, cache: bool | str = "auto") -> panels.Panels:
     """X cut into batches of at most ``rows`` rows: scikit-learn's ``gen_batches`` in memory,
-    row panels of whole stored chunks for a Dask array."""
+    row panels of whole stored chunks for a Dask array, consecutive ones on the worker threads
+    in turn (a step's batches then run at once)."""
     if isinstance(X, da.Array):
-        return panels.dask_panels(X, rows * X.shape[1] * X.dtype.itemsize, cache)
+        budget = rows * X.shape[1] * X.dtype.itemsize
+        return panels.dask_panels(X, budget, cache, interleaved=True)
     if sp.issparse(X):
         X = X.tocsr()
     bounds = [*range(0, X.shape[0], rows), X.shape[0]]

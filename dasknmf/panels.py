@@ -41,6 +41,9 @@ class Panels:
     cached: bool = False
     sparse: bool = False  # panels are scipy.sparse
     locations: list[str] | None = None  # the worker of each panel (cached: the one holding it)
+    # Consecutive panels on the worker threads in turn rather than in runs (``_place``): the
+    # batches of a mini-batch step, consecutive, then run at once.
+    interleaved: bool = False
     # Shards: runs of consecutive panels, one task each per iteration (see ``shard_layout``).
     shard_bounds: list[int] = field(default_factory=list)
     level: int = 0  # shards start at multiples of split_every**level panels
@@ -187,14 +190,18 @@ def should_cache(nbytes: int, cache: bool | str) -> bool:
 
 
 def dask_panels(
-    X: da.Array, panel_bytes: int | None = None, cache: bool | str = "auto", lazy: bool = False
+    X: da.Array,
+    panel_bytes: int | None = None,
+    cache: bool | str = "auto",
+    lazy: bool = False,
+    interleaved: bool = False,
 ) -> Panels:
     """Full-width row panels of a Dask array: consecutive row chunks are grouped up to
     ``panel_bytes``, all column chunks of a band of rows merge into one panel; X is persisted
     when ``should_cache`` says so, otherwise every iteration reads it again.
 
     With a distributed Client, work is submitted as futures (``FutureOps``) unless ``lazy``
-    asks for ``dask.delayed`` results.
+    asks for ``dask.delayed`` results; ``interleaved``: see ``Panels.interleaved``.
     """
     budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
     n_rows, n_cols = X.shape
@@ -214,6 +221,7 @@ def dask_panels(
         shape=(n_rows, n_cols),
         dtype=X.dtype,
         sparse=sparse,
+        interleaved=interleaved,
     )
     with closed_on_error(panels.ops):
         _place(panels, client)
@@ -238,6 +246,8 @@ def _place(panels: Panels, client) -> None:
         return
     slots = thread_slots(client)
     panels.shard(len(slots), slots)
+    if panels.interleaved:
+        panels.locations = [slots[i % len(slots)] for i in range(len(panels.items))]
 
 
 def cache_panels(panels: Panels) -> None:

@@ -193,6 +193,28 @@ def test_a_step_on_a_cluster_is_a_task_per_batch_and_one_for_h(cluster):
     assert prefixes.count("getitem") < 4
 
 
+def test_the_batches_of_a_step_run_on_different_workers(cluster):
+    """Consecutive batches are placed on the worker threads in turn (``Panels.interleaved``),
+    so that the batches of a step — consecutive — run at once, one per worker, cached or read
+    from the store (before, a step's batches lay in one worker's run of panels and ran one
+    after the other there); the bits are those of the fit in memory."""
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
+    X = low_rank(400, 30, K, seed=8)
+    settings = {"tol": 0, "max_no_improvement": None, "max_iter": 2, "parallel_batches": 2}
+    expected, _ = _fit(X, **settings)
+    for cache in (True, False):
+        with get_task_stream(cluster) as stream:
+            got, _ = _fit(da.from_array(X, chunks=(40, 30)), cache=cache, **settings)
+        assert np.array_equal(got.components_, expected.components_)
+        batches = [t for t in stream.data if key_split(t["key"]) == "batch_task"]
+        batches.sort(key=lambda t: t["startstops"][0]["start"])
+        assert len(batches) == 20  # 10 batches of 40 rows, 2 epochs
+        pairs = [batches[i : i + 2] for i in range(0, len(batches), 2)]
+        assert all(a["worker"] != b["worker"] for a, b in pairs), cache
+
+
 # ---- saved models and updates -------------------------------------------------------------
 
 
