@@ -1,5 +1,6 @@
 """Faults a cluster has: a worker process killed mid-fit, workers with less memory than X."""
 
+import contextlib
 import logging
 import os
 import signal
@@ -51,6 +52,22 @@ def _kill(client, how_many: int) -> list:
         assert time.monotonic() < deadline, "no nanny restarted its worker in 90 s"
         time.sleep(0.05)
     return victims
+
+
+@contextlib.contextmanager
+def _workers(n_workers: int, memory_limit):
+    """A Client of a LocalCluster of ``n_workers`` worker processes of one thread and
+    ``memory_limit`` each."""
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            memory_limit=memory_limit,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
 
 
 @pytest.fixture
@@ -273,13 +290,8 @@ def test_a_task_pinned_to_a_gone_worker_runs_when_a_worker_turns_running():
     runs again, ``ops.LooseRestrictions`` sends the task to it (distributed alone would
     leave it waiting: the worker does not meet its restriction)."""
 
-    with (
-        # No memory limit: else the worker's memory monitor resumes the paused worker itself.
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, memory_limit=0, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    # No memory limit: else the worker's memory monitor resumes the paused worker itself.
+    with _workers(1, 0) as client:
         FutureOps(client)  # registers the plugin
         client.run(_set_status("paused"))
         _scheduler_sees(client, "paused")
@@ -304,12 +316,7 @@ def test_a_problem_no_worker_can_hold_fails_before_any_work():
 
     from dasknmf.panels import WORKER_BASELINE, task_memory
 
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, memory_limit="300MiB", dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with _workers(1, "300MiB") as client:
         X = da.random.random((200_000, 100_000), chunks=(1_000, 100_000))  # never computed
         row = task_memory(100_000 * 8, 100_000, 500, 8) / 2**20
         factors = 2 * 500 * 300_000 * 8 / 2**20
@@ -331,12 +338,7 @@ def test_2d_blocks_whose_h_no_single_worker_can_hold_fail_before_any_work():
 
     from dasknmf.panels import WORKER_BASELINE
 
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, memory_limit="400MiB", dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with _workers(2, "400MiB") as client:
         X = da.random.random((200_000, 1_000_000), chunks=(20_000, 100_000))  # never computed
         h_twice = 2 * 16 * 1_000_000 * 8 / 2**20
         room = (0.8 * 400 * 2**20 - WORKER_BASELINE) / 2**20
@@ -447,12 +449,7 @@ def test_a_task_stays_within_its_memory_estimate(tmp_path):
             lambda: save_matrix(tmp_path / f"{name}-W.zarr", model.transform(str(path))),
         )
 
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with _workers(1, "2GiB") as client:
         for _, run in job(NMF(k, max_iter=1, **kwargs), "warm"):  # the worker loads its code
             run()
         client.run(lambda: __import__("gc").collect())
