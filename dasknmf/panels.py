@@ -352,12 +352,13 @@ def check_fits_workers(
         return
     n_rows, n_cols = shape
     if layout == "blocks":
-        need, have = factors_memory(client, shape, n_components, itemsize, 2)
+        rooms = _rooms(client)
+        need, have = 2 * n_components * sum(shape) * itemsize, sum(rooms)
         what = "W and H (twice, while an iteration makes the next ones from them)"
         where = "the workers have together, below the point where they pause,"
-        largest = max(_room(w) for w in client.scheduler_info(n_workers=-1)["workers"].values())
-        if need <= have and 2 * n_components * n_cols * itemsize > largest:
-            need, have = 2 * n_components * n_cols * itemsize, largest
+        h_twice = 2 * n_components * n_cols * itemsize
+        if need <= have and h_twice > max(rooms):
+            need, have = h_twice, max(rooms)
             what = "H (twice, all its column blocks on the worker where the column chains end)"
             where = "the largest worker has below the point where it pauses"
     else:
@@ -383,16 +384,15 @@ def factors_memory(client, shape, n_components: int, itemsize: int, copies: int)
     """(bytes of ``copies`` of W and H, bytes the workers of ``client`` have together below
     the point where they pause): what a 2-D fit, whose factors are what the workers hold,
     must fit in."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    have = sum(_room(w) for w in workers)
-    return copies * n_components * sum(shape) * itemsize, have
+    return copies * n_components * sum(shape) * itemsize, sum(_rooms(client))
 
 
-def _room(worker: dict) -> float:
-    """Bytes a worker (as ``scheduler_info`` describes it) holds below the point where it
-    pauses, beyond what it holds before any task."""
+def _rooms(client) -> list[float]:
+    """Bytes each worker of ``client`` holds below the point where it pauses, beyond what it
+    holds before any task."""
     pause = dask.config.get("distributed.worker.memory.pause") or 0.8
-    return pause * worker["memory_limit"] - WORKER_BASELINE
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return [pause * w["memory_limit"] - WORKER_BASELINE for w in workers]
 
 
 def relocate(panels: Panels) -> None:
