@@ -38,6 +38,7 @@ import scipy.sparse as sp
 from dasknmf import divergence, kernels
 from dasknmf.divergence import EPSILON
 from dasknmf.solvers import mu
+from dasknmf.solvers.hals import violation_of
 
 #: Factors below this are set to zero after a β < 1 (W) or β ≤ 1 (H) update (scikit-learn).
 TINY = np.finfo(np.float64).eps
@@ -134,8 +135,7 @@ def hals(
             grad = np.einsum("rk,kr->r", grams[:, t, :], F) - cross[t] + l1 + l2 * F[t]
             diag = grams[:, t, t] + l2
             if sweep == 0:
-                projected = np.where(F[t] == 0, np.minimum(grad, 0), grad)
-                violation += float(np.abs(projected).sum(dtype=np.float64))
+                violation += float(violation_of(F[t], grad))
             curved = diag > 0
             step = grad / np.where(curved, diag, dtype(1))
             F[t] = np.where(curved, np.maximum(F[t] - step, dtype(0)), F[t])

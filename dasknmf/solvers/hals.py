@@ -84,7 +84,7 @@ def update(
         for t in order:
             if not curved[t]:
                 if sweep == 0:  # no update, but scikit-learn counts its gradient
-                    flat[t] = _violation(F[t], gram[t] @ F - cross[t])
+                    flat[t] = float(violation_of(F[t], gram[t] @ F - cross[t], in_place=True))
                 continue
             np.matmul(coupling[t], F, out=product)
             u = unclipped[t] if sweep == 0 else later
@@ -134,25 +134,26 @@ def _update_stacked(F, gram, cross, l1, l2, n_sweeps, order) -> tuple[np.ndarray
             bent = curved[:, t, None]
             if sweep == 0:  # a flat component is not updated, but its gradient counts
                 grad = np.where(bent, diag[:, t, None] * (F[:, t] - unclipped), -unclipped)
-                projected = np.where(F[:, t] == 0, np.minimum(grad, 0), grad)
-                violations += np.add.reduce(np.abs(projected), axis=1, dtype=np.float64)
+                violations += violation_of(F[:, t], grad, in_place=True)
             F[:, t] = np.where(bent, np.maximum(unclipped, 0), F[:, t])
     return F, violations
 
 
 def _violations(before: np.ndarray, unclipped: np.ndarray, diag: np.ndarray) -> np.ndarray:
-    """``_violation`` of each component (row) from its value before its update and its
-    unclipped update, the gradient being diag·(before − unclipped): the same sums, by row."""
+    """``violation_of`` each component (row) from its value before its update and its
+    unclipped update (overwritten), the gradient being diag·(before − unclipped)."""
     grad = np.subtract(before, unclipped, out=unclipped)
     grad *= diag[:, None]
-    np.minimum(grad, 0, out=grad, where=before == 0)
-    return np.add.reduce(np.abs(grad, out=grad), axis=1, dtype=np.float64)
+    return violation_of(before, grad, in_place=True)
 
 
-def _violation(f: np.ndarray, grad: np.ndarray) -> float:
-    """L1 norm of the projected gradient: where f is 0 only a negative gradient counts."""
-    projected = np.where(f == 0, np.minimum(grad, 0), grad)
-    return float(np.abs(projected).sum(dtype=np.float64))
+def violation_of(f: np.ndarray, grad: np.ndarray, in_place: bool = False):
+    """L1 norm of the projected gradient, in float64: where f is 0 only a negative gradient
+    counts. Along the last axis: one value for a component, one per row of a 2-D ``f``.
+    ``in_place``: ``grad`` is a buffer of the caller's, overwritten."""
+    projected = grad if in_place else grad.copy()
+    np.minimum(projected, 0, out=projected, where=f == 0)
+    return np.add.reduce(np.abs(projected, out=projected), axis=-1, dtype=np.float64)
 
 
 def converged(n_iter: int, tol: float, history: dict, window: int = 1) -> bool:
