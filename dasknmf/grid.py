@@ -230,6 +230,7 @@ def relocate(g: Grid) -> None:
     from distributed import wait
 
     client = g.ops.client
+    g.ops.forget_detached()
     wait_for_workers(client, len(set(g.locations)))
     firsts = [row[0] for row in g.items]
     wait(firsts)

@@ -214,6 +214,10 @@ def _steal_none_of(names: list[str], dask_scheduler=None) -> None:
     stealing.fast_tasks.update(names)
 
 
+#: Seconds a fetch waits before it asks the scheduler whether a worker holding detached
+#: factors has left (``FutureOps._wait_unless_lost``): an iteration's fetch is faster.
+LOSS_CHECK_EVERY = 1.0
+
 #: ``FutureOps.map`` submits more tasks than this as one graph (building it costs the driver
 #: more than a few submissions).
 ONE_GRAPH_ABOVE = 64
@@ -242,6 +246,8 @@ class FutureOps:
         # The prefixes this scheduler already never steals (once told, it keeps them); None:
         # it cannot be told.
         self._pinned = _NEVER_STOLEN.setdefault(client.scheduler.address, set())
+        # The workers that hold the factors last detached (see ``_wait_unless_lost``).
+        self._detached_on: frozenset[str] = frozenset()
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
         """One task per item; ``workers[i]``, if given, is where item i's task should run.
@@ -279,7 +285,40 @@ class FutureOps:
         return objs
 
     def fetch(self, obj):
+        if self._detached_on:
+            self._wait_unless_lost(obj)
         return self.client.gather(obj)
+
+    def _wait_unless_lost(self, obj) -> None:
+        """Wait for the futures in ``obj``; ``StateLostError`` as soon as a worker that holds
+        the factors last detached (``detach``) has left the cluster.
+
+        The values made since then cannot be made again (``_pick_up`` ran once), and left
+        to the scheduler their loss did not always come back as an error: ``_pick_up``
+        failed, and in the cascade of errors over the released tasks between it and the
+        awaited one, distributed (2026.8) set one of them waiting again on its erred input —
+        the fetch hung for ever (or its gather failed with an ``AttributeError``), in about
+        half the runs of the test that kills a worker in a 2-D fit."""
+        from distributed import futures_of, wait
+
+        futures = futures_of(obj)
+        while True:
+            try:
+                wait(futures, timeout=LOSS_CHECK_EVERY)
+                return
+            except TimeoutError:
+                workers = self.client.scheduler_info(n_workers=-1)["workers"]
+                gone = sorted(self._detached_on - workers.keys())
+                if gone:
+                    self._detached_on = frozenset()  # the fit restarts without them
+                    raise StateLostError(
+                        f"The worker(s) {', '.join(gone)} left the cluster with factor blocks "
+                        "put aside on them; the fit must start again."
+                    ) from None
+
+    def forget_detached(self) -> None:
+        """The fit starts again (after a loss): the factors detached before are not its own."""
+        self._detached_on = frozenset()
 
     def detach(self, futures: list) -> list:
         """The values of ``futures`` as new futures without lineage, on the same workers.
@@ -304,6 +343,7 @@ class FutureOps:
             if future.status == "error":
                 future.result()  # the error of the value's own task
         holders = self.client.who_has(parked)
+        self._detached_on = frozenset(w for f in parked for w in holders[f.key])
         # A task with no inputs is the first that work stealing moves to an idle worker, where
         # the value is not: it would fail as if the value's worker had died.
         self._never_steal(_pick_up)

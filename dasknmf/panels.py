@@ -404,6 +404,7 @@ def relocate(panels: Panels) -> None:
     from distributed import wait
 
     client = panels.ops.client
+    panels.ops.forget_detached()
     wait_for_workers(client, len(set(panels.locations)))
     _place(panels, client)
     if panels.cached:  # recomputed where the scheduler put them

@@ -237,6 +237,42 @@ def test_data_the_cluster_cannot_recompute_restarts_the_fit(
     assert model.loss_history_ == reference.loss_history_
 
 
+def test_a_fetch_fails_when_a_worker_with_detached_factors_leaves(nanny_cluster):
+    """A worker that held factors put aside (``FutureOps.detach``) dies: the next fetch
+    raises ``StateLostError`` (the fit restarts) instead of waiting on tasks that could only
+    be made from them — here one that never ends; before, a 2-D fit hung in about half the
+    runs of the test above. After ``forget_detached`` (the restarted fit) a fetch waits."""
+    import threading
+
+    from distributed import Event
+
+    from dasknmf import ops as ops_module
+    from dasknmf.ops import StateLostError
+
+    client = nanny_cluster
+    ops = FutureOps(client)
+    pids = dict(sorted(client.run(os.getpid).items()))
+    holder, other = list(pids)
+    [detached] = ops.detach([client.submit(np.ones, 3, workers=[holder], pure=False)])
+    np.testing.assert_array_equal(ops.fetch(detached), np.ones(3))  # fast: no check needed
+    never = Event("never-set", client=client)
+    stuck = client.submit(never.wait, workers=[other], allow_other_workers=False, pure=False)
+    os.kill(pids[holder], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(StateLostError, match=holder):
+        ops.fetch(stuck)
+    assert time.monotonic() - start < 30
+    ops.forget_detached()
+    result = []
+    waiting = threading.Thread(target=lambda: result.append(ops.fetch(stuck)), daemon=True)
+    waiting.start()
+    waiting.join(3 * ops_module.LOSS_CHECK_EVERY)
+    assert waiting.is_alive() and not result  # no loss to report: it waits for the task
+    never.set()
+    waiting.join(30)
+    assert result == [True]
+
+
 def test_workers_with_less_memory_than_x_equal_the_in_memory_fit(tmp_path):
     """X of 192 MiB streamed through two workers of 160 MiB each (about 90 of them taken by
     the interpreter and libraries): no worker is terminated, and the factors are the in-memory
