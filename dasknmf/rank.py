@@ -262,8 +262,9 @@ def select_rank(
         panel_bytes=panel_bytes,
         storage_options=storage_options,
     )
+    _params.check("select_rank", {**settings, "random_state": random_state, "verbose": verbose})
     checker = NMF(n_components=max(ks), random_state=random_state, **settings)
-    checker._validate_params()
+    checker._validate_params()  # the combinations (e.g. the solver's and the penalties')
     source = os.fspath(X) if isinstance(X, str | os.PathLike) else None
     X = checker._check_input(X, reset=True)
     check_ks(ks, X.shape)

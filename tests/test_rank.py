@@ -170,8 +170,10 @@ def test_without_heldout_the_cophenetic_rule_is_stated():
         (5, {}, TypeError, "iterable"),
         ([2], {"n_replicates": 1}, ValueError, "n_replicates must be an integer of at least 2"),
         ([2], {"consensus_samples": 1}, ValueError, "consensus_samples"),
-        ([2], {"solver": "als"}, ValueError, "solver"),
-        ([2], {"max_iter": -1}, ValueError, "max_iter"),
+        ([2], {"solver": "als"}, ValueError, "'solver' parameter of select_rank"),
+        ([2], {"max_iter": -1}, ValueError, "'max_iter' parameter of select_rank"),
+        ([2], {"tol": -1}, ValueError, "'tol' parameter of select_rank"),
+        ([2], {"alpha_W": "a"}, TypeError, "'alpha_W' parameter of select_rank"),
         ([2], {"random_state": 2**32 - 1}, ValueError, "below 2\\*\\*32"),
     ],
 )
