@@ -298,7 +298,9 @@ class FutureOps:
         failed, and in the cascade of errors over the released tasks between it and the
         awaited one, distributed (2026.8) set one of them waiting again on its erred input —
         the fetch hung for ever (or its gather failed with an ``AttributeError``), in about
-        half the runs of the test that kills a worker in a 2-D fit."""
+        half the runs of the test that kills a worker in a 2-D fit. A worker retired
+        gracefully (its data moved elsewhere) while a fetch waits counts as lost too: the fit
+        restarts — the same factors, at the cost of the iterations since the checkpoint."""
         from distributed import futures_of, wait
 
         futures = futures_of(obj)
