@@ -291,7 +291,8 @@ class FutureOps:
 
     def _wait_unless_lost(self, obj) -> None:
         """Wait for the futures in ``obj``; ``StateLostError`` as soon as a worker that holds
-        the factors last detached (``detach``) has left the cluster.
+        the factors last detached (``detach``) has left the cluster with results that must be
+        made again.
 
         The values made since then cannot be made again (``_pick_up`` ran once), and left
         to the scheduler their loss did not always come back as an error: ``_pick_up``
@@ -299,8 +300,7 @@ class FutureOps:
         awaited one, distributed (2026.8) set one of them waiting again on its erred input —
         the fetch hung for ever (or its gather failed with an ``AttributeError``), in about
         half the runs of the test that kills a worker in a 2-D fit. A worker retired
-        gracefully (its data moved elsewhere) while a fetch waits counts as lost too: the fit
-        restarts — the same factors, at the cost of the iterations since the checkpoint."""
+        gracefully copies its results elsewhere first (``_lost``): the fetch waits on."""
         from distributed import futures_of, wait
 
         futures = futures_of(obj)
@@ -310,13 +310,28 @@ class FutureOps:
                 return
             except TimeoutError:
                 workers = self.client.scheduler_info(n_workers=-1)["workers"]
-                gone = sorted(self._detached_on - workers.keys())
+                left = self._detached_on - workers.keys()
+                gone = sorted(address for address in left if self._lost(address))
+                self._detached_on -= left  # retired ones moved their results elsewhere
                 if gone:
                     self._detached_on = frozenset()  # the fit restarts without them
                     raise StateLostError(
                         f"The worker(s) {', '.join(gone)} left the cluster with factor blocks "
                         "put aside on them; the fit must start again."
                     ) from None
+
+    def _lost(self, address: str) -> bool:
+        """Whether the worker at ``address`` left without handing its results over: not
+        retired (the scheduler's 'remove-worker' event of a retirement is ``expected``, and
+        comes only after every result it alone held was copied elsewhere). Its event's
+        'lost-computed-tasks' does not tell: a killed worker's results that nothing needed at
+        that moment are not listed, and are made again later (through ``_pick_up``)."""
+        try:
+            events = self.client.get_events(address)
+        except Exception:  # a scheduler that keeps no events: say lost
+            return True
+        removals = [msg for _, msg in events if msg.get("action") == "remove-worker"]
+        return not any(msg.get("expected") for msg in removals)
 
     def forget_detached(self) -> None:
         """The fit starts again (after a loss): the factors detached before are not its own."""

@@ -273,6 +273,42 @@ def test_a_fetch_fails_when_a_worker_with_detached_factors_leaves(nanny_cluster)
     assert result == [True]
 
 
+def test_a_fetch_waits_on_when_a_worker_with_detached_factors_retires(nanny_cluster):
+    """A worker retired gracefully moves its results elsewhere before it leaves: nothing is
+    lost, so a fetch waiting while it retires neither fails nor restarts the fit, and the
+    detached value is still there."""
+    import threading
+
+    from distributed import Event
+
+    from dasknmf import ops as ops_module
+
+    client = nanny_cluster
+    ops = FutureOps(client)
+    holder, other = sorted(client.scheduler_info()["workers"])
+    [detached] = ops.detach([client.submit(np.ones, 3, workers=[holder], pure=False)])
+    never = Event("never-set-retire", client=client)
+    stuck = client.submit(never.wait, workers=[other], allow_other_workers=False, pure=False)
+    result, errors = [], []
+
+    def fetch():
+        try:
+            result.append(ops.fetch(stuck))
+        except Exception as error:
+            errors.append(error)
+
+    waiting = threading.Thread(target=fetch, daemon=True)
+    waiting.start()
+    client.retire_workers([holder], close_workers=True)
+    assert holder not in client.scheduler_info()["workers"]
+    waiting.join(3 * ops_module.LOSS_CHECK_EVERY)
+    assert waiting.is_alive() and not errors and not result
+    never.set()
+    waiting.join(30)
+    assert result == [True] and not errors
+    np.testing.assert_array_equal(ops.fetch(detached), np.ones(3))
+
+
 def test_workers_with_less_memory_than_x_equal_the_in_memory_fit(tmp_path):
     """X of 192 MiB streamed through two workers of 160 MiB each (about 90 of them taken by
     the interpreter and libraries): no worker is terminated, and the factors are the in-memory
