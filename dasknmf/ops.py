@@ -214,8 +214,7 @@ def _steal_none_of(names: list[str], dask_scheduler=None) -> None:
     stealing.fast_tasks.update(names)
 
 
-#: Seconds a fetch waits before it asks the scheduler whether a worker holding detached
-#: factors has left (``FutureOps._wait_unless_lost``): an iteration's fetch is faster.
+#: Seconds between a waiting fetch's checks for lost detached factors (``_wait_unless_lost``).
 LOSS_CHECK_EVERY = 1.0
 
 #: ``FutureOps.map`` submits more tasks than this as one graph (building it costs the driver
@@ -246,8 +245,7 @@ class FutureOps:
         # The prefixes this scheduler already never steals (once told, it keeps them); None:
         # it cannot be told.
         self._pinned = _NEVER_STOLEN.setdefault(client.scheduler.address, set())
-        # The workers that hold the factors last detached (see ``_wait_unless_lost``).
-        self._detached_on: frozenset[str] = frozenset()
+        self._detached_on: frozenset[str] = frozenset()  # holders (``_wait_unless_lost``)
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
         """One task per item; ``workers[i]``, if given, is where item i's task should run.
@@ -307,25 +305,31 @@ class FutureOps:
         while True:
             try:
                 wait(futures, timeout=LOSS_CHECK_EVERY)
-                return
             except TimeoutError:
-                workers = self.client.scheduler_info(n_workers=-1)["workers"]
-                left = self._detached_on - workers.keys()
-                gone = sorted(address for address in left if self._lost(address))
-                self._detached_on -= left  # retired ones moved their results elsewhere
-                if gone:
-                    self._detached_on = frozenset()  # the fit restarts without them
-                    raise StateLostError(
-                        f"The worker(s) {', '.join(gone)} left the cluster with factor blocks "
-                        "put aside on them; the fit must start again."
-                    ) from None
+                pass
+            else:  # raised here: the cascade can set an erred future pending again
+                failed = [f._state for f in futures if f.status == "error"]
+                if not failed:
+                    return
+                if failed[0].exception is None:  # its failing task released again
+                    raise StateLostError("A task failed after detached factors were lost.")
+                raise failed[0].exception.with_traceback(failed[0].traceback)
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            left = self._detached_on - workers.keys()
+            gone = sorted(address for address in left if self._lost(address))
+            self._detached_on -= left  # retired ones moved their results elsewhere
+            if gone:
+                self._detached_on = frozenset()  # the fit restarts without them
+                raise StateLostError(
+                    f"The worker(s) {', '.join(gone)} left the cluster with factor blocks "
+                    "put aside on them; the fit must start again."
+                )
 
     def _lost(self, address: str) -> bool:
         """Whether the worker at ``address`` left without handing its results over: not
-        retired (the scheduler's 'remove-worker' event of a retirement is ``expected``, and
-        comes only after every result it alone held was copied elsewhere). Its event's
-        'lost-computed-tasks' does not tell: a killed worker's results that nothing needed at
-        that moment are not listed, and are made again later (through ``_pick_up``)."""
+        retired (a retirement's 'remove-worker' event is ``expected``, after its results were
+        copied elsewhere; 'lost-computed-tasks' does not tell: a killed worker's results that
+        nothing needed then are not listed, and are made again later)."""
         try:
             events = self.client.get_events(address)
         except Exception:  # a scheduler that keeps no events: say lost
