@@ -353,7 +353,7 @@ def check_fits_workers(
     n_rows, n_cols = shape
     if layout == "blocks":
         rooms = _rooms(client)
-        need, have = 2 * n_components * sum(shape) * itemsize, sum(rooms)
+        need, have = factors_memory(client, shape, n_components, itemsize, 2, rooms)
         what = "W and H (twice, while an iteration makes the next ones from them)"
         where = "the workers have together, below the point where they pause,"
         h_twice = 2 * n_components * n_cols * itemsize
@@ -380,11 +380,12 @@ def check_fits_workers(
         )
 
 
-def factors_memory(client, shape, n_components: int, itemsize: int, copies: int):
+def factors_memory(client, shape, n_components: int, itemsize: int, copies: int, rooms=None):
     """(bytes of ``copies`` of W and H, bytes the workers of ``client`` have together below
     the point where they pause): what a 2-D fit, whose factors are what the workers hold,
-    must fit in."""
-    return copies * n_components * sum(shape) * itemsize, sum(_rooms(client))
+    must fit in. ``rooms``: the workers' ``_rooms``, if the caller has asked for them."""
+    rooms = _rooms(client) if rooms is None else rooms
+    return copies * n_components * sum(shape) * itemsize, sum(rooms)
 
 
 def _rooms(client) -> list[float]:
