@@ -279,7 +279,7 @@ def test_a_fetch_waits_on_when_a_worker_with_detached_factors_retires(nanny_clus
     detached value is still there."""
     import threading
 
-    from distributed import Event
+    from distributed import Event, wait
 
     from dasknmf import ops as ops_module
 
@@ -287,6 +287,9 @@ def test_a_fetch_waits_on_when_a_worker_with_detached_factors_retires(nanny_clus
     ops = FutureOps(client)
     holder, other = sorted(client.scheduler_info()["workers"])
     [detached] = ops.detach([client.submit(np.ones, 3, workers=[holder], pure=False)])
+    # Taken back (``_pick_up`` ran): a result, which a retirement copies elsewhere. A value
+    # still put aside, not taken back yet, leaves with its worker.
+    wait(detached)
     never = Event("never-set-retire", client=client)
     stuck = client.submit(never.wait, workers=[other], allow_other_workers=False, pure=False)
     result, errors = [], []
