@@ -28,7 +28,8 @@ import numpy as np
 
 from dasknmf import fold as folding
 from dasknmf import kernels, passes, shards, stacked, steps
-from dasknmf.ops import EagerOps, StateLostError, continue_tree, tree_reduce
+from dasknmf.detached import StateLostError
+from dasknmf.ops import EagerOps, continue_tree, tree_reduce
 from dasknmf.panels import Panels
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective

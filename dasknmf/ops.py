@@ -23,6 +23,7 @@ from typing import Any
 import dask
 
 from dasknmf._workers_code import check_workers_code
+from dasknmf.detached import Holders, _park, _pick_up
 from dasknmf.shards import combine_picked, sum_in_order
 
 logger = logging.getLogger(__name__)
@@ -214,9 +215,6 @@ def _steal_none_of(names: list[str], dask_scheduler=None) -> None:
     stealing.fast_tasks.update(names)
 
 
-#: Seconds between a waiting fetch's checks for lost detached factors (``_wait_unless_lost``).
-LOSS_CHECK_EVERY = 1.0
-
 #: ``FutureOps.map`` submits more tasks than this as one graph (building it costs the driver
 #: more than a few submissions).
 ONE_GRAPH_ABOVE = 64
@@ -245,7 +243,7 @@ class FutureOps:
         # The prefixes this scheduler already never steals (once told, it keeps them); None:
         # it cannot be told.
         self._pinned = _NEVER_STOLEN.setdefault(client.scheduler.address, set())
-        self._detached_on: frozenset[str] = frozenset()  # holders (``_wait_unless_lost``)
+        self._holders = Holders(client)  # of the factors last detached
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
         """One task per item; ``workers[i]``, if given, is where item i's task should run.
@@ -283,63 +281,11 @@ class FutureOps:
         return objs
 
     def fetch(self, obj):
-        if self._detached_on:
-            self._wait_unless_lost(obj)
-        return self.client.gather(obj)
-
-    def _wait_unless_lost(self, obj) -> None:
-        """Wait for the futures in ``obj``; ``StateLostError`` as soon as a worker that holds
-        the factors last detached (``detach``) has left the cluster with results that must be
-        made again.
-
-        The values made since then cannot be made again (``_pick_up`` ran once), and left
-        to the scheduler their loss did not always come back as an error: ``_pick_up``
-        failed, and in the cascade of errors over the released tasks between it and the
-        awaited one, distributed (2026.8) set one of them waiting again on its erred input —
-        the fetch hung for ever (or its gather failed with an ``AttributeError``), in about
-        half the runs of the test that kills a worker in a 2-D fit. A worker retired
-        gracefully copies its results elsewhere first (``_lost``): the fetch waits on."""
-        from distributed import futures_of, wait
-
-        futures = futures_of(obj)
-        while True:
-            try:
-                wait(futures, timeout=LOSS_CHECK_EVERY)
-            except TimeoutError:
-                pass
-            else:  # raised here: the cascade can set an erred future pending again
-                failed = [f._state for f in futures if f.status == "error"]
-                if not failed:
-                    return
-                if failed[0].exception is None:  # its failing task released again
-                    raise StateLostError("A task failed after detached factors were lost.")
-                raise failed[0].exception.with_traceback(failed[0].traceback)
-            workers = self.client.scheduler_info(n_workers=-1)["workers"]
-            left = self._detached_on - workers.keys()
-            gone = sorted(address for address in left if self._lost(address))
-            self._detached_on -= left  # retired ones moved their results elsewhere
-            if gone:
-                self._detached_on = frozenset()  # the fit restarts without them
-                raise StateLostError(
-                    f"The worker(s) {', '.join(gone)} left the cluster with factor blocks "
-                    "put aside on them; the fit must start again."
-                )
-
-    def _lost(self, address: str) -> bool:
-        """Whether the worker at ``address`` left without handing its results over: not
-        retired (a retirement's 'remove-worker' event is ``expected``, after its results were
-        copied elsewhere; 'lost-computed-tasks' does not tell: a killed worker's results that
-        nothing needed then are not listed, and are made again later)."""
-        try:
-            events = self.client.get_events(address)
-        except Exception:  # a scheduler that keeps no events: say lost
-            return True
-        removals = [msg for _, msg in events if msg.get("action") == "remove-worker"]
-        return not any(msg.get("expected") for msg in removals)
+        return self._holders.fetch(obj)
 
     def forget_detached(self) -> None:
         """The fit starts again (after a loss): the factors detached before are not its own."""
-        self._detached_on = frozenset()
+        self._holders.on = frozenset()
 
     def detach(self, futures: list) -> list:
         """The values of ``futures`` as new futures without lineage, on the same workers.
@@ -364,7 +310,7 @@ class FutureOps:
             if future.status == "error":
                 future.result()  # the error of the value's own task
         holders = self.client.who_has(parked)
-        self._detached_on = frozenset(w for f in parked for w in holders[f.key])
+        self._holders.on = frozenset(w for f in parked for w in holders[f.key])
         # A task with no inputs is the first that work stealing moves to an idle worker, where
         # the value is not: it would fail as if the value's worker had died.
         self._never_steal(_pick_up)
@@ -410,27 +356,6 @@ def closed_on_error(ops):
     except BaseException:
         ops.close()
         raise
-
-
-class StateLostError(RuntimeError):
-    """A value put aside on a worker (``FutureOps.detach``) is gone with its worker."""
-
-
-#: Values put aside by ``_park`` in this (worker) process, until ``_pick_up`` takes them.
-_PARKED: dict[str, Any] = {}
-
-
-def _park(token: str, value) -> None:
-    _PARKED[token] = value
-
-
-def _pick_up(token: str):
-    try:
-        return _PARKED.pop(token)
-    except KeyError:
-        raise StateLostError(
-            f"A factor block put aside on a worker ({token}) is gone; its worker was lost."
-        ) from None
 
 
 def tree_reduce(

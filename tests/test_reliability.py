@@ -246,8 +246,7 @@ def test_a_fetch_fails_when_a_worker_with_detached_factors_leaves(nanny_cluster)
 
     from distributed import Event
 
-    from dasknmf import ops as ops_module
-    from dasknmf.ops import StateLostError
+    from dasknmf.detached import LOSS_CHECK_EVERY, StateLostError
 
     client = nanny_cluster
     ops = FutureOps(client)
@@ -266,7 +265,7 @@ def test_a_fetch_fails_when_a_worker_with_detached_factors_leaves(nanny_cluster)
     result = []
     waiting = threading.Thread(target=lambda: result.append(ops.fetch(stuck)), daemon=True)
     waiting.start()
-    waiting.join(3 * ops_module.LOSS_CHECK_EVERY)
+    waiting.join(3 * LOSS_CHECK_EVERY)
     assert waiting.is_alive() and not result  # no loss to report: it waits for the task
     never.set()
     waiting.join(30)
@@ -281,7 +280,7 @@ def test_a_fetch_waits_on_when_a_worker_with_detached_factors_retires(nanny_clus
 
     from distributed import Event, wait
 
-    from dasknmf import ops as ops_module
+    from dasknmf.detached import LOSS_CHECK_EVERY
 
     client = nanny_cluster
     ops = FutureOps(client)
@@ -304,7 +303,7 @@ def test_a_fetch_waits_on_when_a_worker_with_detached_factors_retires(nanny_clus
     waiting.start()
     client.retire_workers([holder], close_workers=True)
     assert holder not in client.scheduler_info()["workers"]
-    waiting.join(3 * ops_module.LOSS_CHECK_EVERY)
+    waiting.join(3 * LOSS_CHECK_EVERY)
     assert waiting.is_alive() and not errors and not result
     never.set()
     waiting.join(30)
