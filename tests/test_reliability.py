@@ -272,6 +272,54 @@ def test_a_fetch_fails_when_a_worker_with_detached_factors_leaves(nanny_cluster)
     assert result == [True]
 
 
+def test_a_gather_fails_when_its_result_is_lost_with_a_holder_meanwhile(
+    nanny_cluster, tmp_path, monkeypatch
+):
+    """The awaited result was finished when the wait ended, and is lost with a holder of
+    detached factors before the gather takes it: the scheduler sets it pending again, and its
+    remaking may never end (in a 2-D fit it waited on the cascade of errors after the failed
+    ``_pick_up``; here a task that blocks when made again). The fetch raises
+    ``StateLostError`` within seconds instead of gathering for ever (fails with a plain
+    ``client.gather``: the test times out)."""
+    from distributed import wait
+
+    from dasknmf.detached import StateLostError
+
+    client = nanny_cluster
+    ops = FutureOps(client)
+    pids = dict(sorted(client.run(os.getpid).items()))
+    holder, _ = list(pids)
+    ops.detach([client.submit(np.ones, 3, workers=[holder], pure=False)])
+    again, release = tmp_path / "again", tmp_path / "release"
+
+    def blocks_when_made_again(again: str, release: str) -> int:
+        while os.path.exists(again) and not os.path.exists(release):
+            time.sleep(0.05)
+        return 1
+
+    result = client.submit(
+        blocks_when_made_again, str(again), str(release), workers=[holder], pure=False
+    )
+    wait(result)
+    again.touch()
+    waited = ops._holders._wait
+
+    def then_lose_the_result(obj):
+        waited(obj)
+        os.kill(pids[holder], signal.SIGKILL)
+        while holder in client.scheduler_info()["workers"]:
+            time.sleep(0.05)
+
+    monkeypatch.setattr(ops._holders, "_wait", then_lose_the_result)
+    start = time.monotonic()
+    try:
+        with pytest.raises(StateLostError, match=holder):
+            ops.fetch(result)
+        assert time.monotonic() - start < 30
+    finally:
+        release.touch()
+
+
 def test_a_fetch_waits_on_when_a_worker_with_detached_factors_retires(nanny_cluster):
     """A worker retired gracefully moves its results elsewhere before it leaves: nothing is
     lost, so a fetch waiting while it retires neither fails nor restarts the fit, and the
