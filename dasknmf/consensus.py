@@ -94,13 +94,16 @@ def consensus_matrix(labels: np.ndarray) -> np.ndarray:
         if not np.array_equal(as_float, np.round(as_float)):
             raise ValueError("labels must be integer cluster indices")
     n_replicates, n_samples = labels.shape
-    C = np.zeros((n_samples, n_samples))
-    rows = np.arange(n_samples)
+    # All replicates' one-hot memberships side by side: one product counts, for each pair,
+    # the replicates that put them together (exact: small integers in float64).
+    onehots = []
     for replicate in labels:
         _, cluster = np.unique(replicate, return_inverse=True)
         onehot = np.zeros((n_samples, cluster.max(initial=-1) + 1))
-        onehot[rows, cluster] = 1.0
-        C += onehot @ onehot.T
+        onehot[np.arange(n_samples), cluster] = 1.0
+        onehots.append(onehot)
+    memberships = np.hstack(onehots)
+    C = memberships @ memberships.T
     return C / n_replicates
 
 

@@ -55,6 +55,8 @@ def test_consensus_matrix_matches_a_double_loop():
 def test_consensus_matrix_of_random_labels_is_symmetric_in_unit_range():
     labels = np.random.default_rng(1).integers(0, 4, size=(20, 30))
     C = consensus_matrix(labels)
+    together = (labels[:, :, None] == labels[:, None, :]).sum(axis=0)
+    np.testing.assert_array_equal(C, together / 20)  # counts, exact
     np.testing.assert_array_equal(C, C.T)
     np.testing.assert_array_equal(np.diag(C), 1.0)
     assert 0.0 <= C.min() and C.max() <= 1.0
