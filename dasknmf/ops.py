@@ -251,7 +251,7 @@ class FutureOps:
         and thousands of them (a pass over 10,000 panels) kept its event loop so busy that the
         client's connection timed out."""
         if workers is not None:
-            self._never_steal(fn)
+            self.never_steal(fn)
         if len(items) > ONE_GRAPH_ABOVE:
             tasks = DaskOps().map(fn, items, *common, workers=workers)
             return self.client.compute(tasks, optimize_graph=False)
@@ -313,7 +313,7 @@ class FutureOps:
         self._holders.on = frozenset(w for f in parked for w in holders[f.key])
         # A task with no inputs is the first that work stealing moves to an idle worker, where
         # the value is not: it would fail as if the value's worker had died.
-        self._never_steal(_pick_up)
+        self.never_steal(_pick_up)
         return [
             self.client.submit(
                 _pick_up,
@@ -327,7 +327,7 @@ class FutureOps:
             for token, f in zip(tokens, parked, strict=True)
         ]
 
-    def _never_steal(self, fn: Callable) -> None:
+    def never_steal(self, fn: Callable) -> None:
         """Tell the scheduler never to steal the tasks of ``fn``, which run where their data
         is (``_steal_none_of``)."""
         name = dask.utils.key_split(dask.utils.funcname(fn))  # the prefix of its tasks' keys

@@ -454,6 +454,9 @@ def _persist_panels(items: list, panels: Panels) -> list:
     from distributed import wait
 
     client = panels.ops.client
+    # Stolen by an idle worker, a copy would put its panel there, not where it was placed:
+    # consecutive panels on one worker (MiniBatchNMF's batches of a step then ran in turn).
+    panels.ops.never_steal(_aligned_copy)
     copies = DaskOps().map(_aligned_copy, [(item,) for item in items], workers=panels.locations)
     futures = client.compute(copies, optimize_graph=False)  # one graph: see ``FutureOps.map``
     wait(futures)
