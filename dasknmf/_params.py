@@ -334,15 +334,16 @@ def _jsonable(value):
     return value
 
 
-def as_dask_matrix(X, budget, storage_options=None) -> da.Array:
+def as_dask_matrix(X, budget, storage_options=None, rows: int | None = None) -> da.Array:
     """A Dask array, zarr.Array or Zarr path (or URL) as a 2-D floating Dask array; a store is
-    opened in panels of ``budget(shape, itemsize)`` bytes."""
+    opened in panels of ``budget(shape, itemsize)`` bytes and at most ``rows`` rows."""
     if not isinstance(X, da.Array):
         source = X
-        X = io.open_matrix(source, panel_bytes=budget(), storage_options=storage_options)
+        options = dict(panel_rows=rows, storage_options=storage_options)
+        X = io.open_matrix(source, panel_bytes=budget(), **options)
         panel_bytes = budget(X.shape, X.dtype.itemsize)
         if panel_bytes < budget():  # small workers: group the stored chunks in smaller panels
-            X = io.open_matrix(source, panel_bytes=panel_bytes, storage_options=storage_options)
+            X = io.open_matrix(source, panel_bytes=panel_bytes, **options)
     io.check_matrix_shape(X.shape, "X")
     io.check_matrix_dtype(X.dtype, "X")
     if X.dtype not in (np.float32, np.float64):

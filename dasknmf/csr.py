@@ -124,15 +124,20 @@ def read_rows(
 
 
 def open_group(
-    group: zarr.Group, where: str, panel_bytes: int, digest: str | None = None
+    group: zarr.Group,
+    where: str,
+    panel_bytes: int,
+    digest: str | None = None,
+    most_rows: int | None = None,
 ) -> da.Array:
-    """A CSR group as a Dask array of CSR row panels of about ``panel_bytes`` of stored data;
-    the tasks reading them check the group against ``digest`` (``storage.fingerprint``)."""
+    """A CSR group as a Dask array of CSR row panels of about ``panel_bytes`` of stored data
+    and at most ``most_rows`` rows; the tasks reading them check the group against ``digest``
+    (``storage.fingerprint``)."""
     (n_rows, n_cols), nnz = check_group(group, where)
     dtype = group["data"].dtype
     entry_bytes = dtype.itemsize + group["indices"].dtype.itemsize
     row_bytes = max(1.0, (nnz * entry_bytes + n_rows * 8) / max(n_rows, 1))
-    rows = max(1, min(n_rows, int(panel_bytes // row_bytes)))
+    rows = max(1, min(n_rows, int(panel_bytes // row_bytes), most_rows or n_rows))
     meta = sp.csr_matrix((0, 0), dtype=dtype)
     read = dask.delayed(read_rows, pure=True)
     blocks = [

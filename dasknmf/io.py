@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import pathlib
 from collections.abc import Iterator
@@ -104,9 +105,14 @@ def check_matrix_shape(shape: tuple, whom: str) -> None:
             )
 
 
-def _panel_rows(n_rows: int, row_bytes: int, chunk_rows: int, budget: int) -> int:
-    """Rows per Dask chunk: a whole number of stored chunks, about ``budget`` bytes."""
+def _panel_rows(
+    n_rows: int, row_bytes: int, chunk_rows: int, budget: int, most: int | None = None
+) -> int:
+    """Rows per Dask chunk: a whole number of stored chunks, about ``budget`` bytes, and no
+    more than ``most`` rows unless one stored chunk is taller."""
     per_chunk = max(1, budget // max(1, row_bytes * chunk_rows))
+    if most is not None:
+        per_chunk = max(1, min(per_chunk, most // chunk_rows))
     return min(n_rows, per_chunk * chunk_rows)
 
 
@@ -115,6 +121,7 @@ def open_matrix(
     component: str | None = None,
     *,
     panel_bytes: int | str | None = None,
+    panel_rows: int | None = None,
     storage_options: dict | None = None,
 ) -> da.Array:
     """Open a matrix stored in Zarr as a Dask array of full-width row panels.
@@ -132,7 +139,11 @@ def open_matrix(
     panel_bytes : int or str, optional
         Target bytes of a row panel (``"64MiB"`` or bytes); default ``dasknmf.panel-bytes``.
         Panels are a whole number of stored chunks (or shards), so no two tasks read the
-        same chunk.
+        same chunk. The panels of a CSR group are this many bytes of stored entries.
+    panel_rows : int, optional
+        At most this many rows per panel (a dense store's stored chunk taller than that is a
+        panel of its own); for a CSR group, whose rows are read at any bound, exactly this
+        many but for the last. ``MiniBatchNMF`` opens a store in panels of ``batch_size``.
     storage_options : dict, optional
         fsspec options for a URL (``endpoint_url``, ``key``, ``secret``, ``anon``, ...).
 
@@ -143,11 +154,19 @@ def open_matrix(
         and keep the stored column chunking. A task reading a panel first checks that its
         worker sees the store this process opened (else ``StoreNotSharedError``).
     """
+    if panel_rows is not None and (
+        isinstance(panel_rows, bool)
+        or not isinstance(panel_rows, numbers.Integral)
+        or panel_rows < 1
+    ):
+        raise ValueError(f"panel_rows must be an integer >= 1 or None, got {panel_rows!r}.")
     node, where = _open_node(source, storage_options)
-    return _node_as_dask(node, where, component, panel_bytes)
+    return _node_as_dask(node, where, component, panel_bytes, panel_rows)
 
 
-def _node_as_dask(node, where: str, component: str | None, panel_bytes: int | None) -> da.Array:
+def _node_as_dask(
+    node, where: str, component: str | None, panel_bytes: int | None, panel_rows=None
+) -> da.Array:
     """``open_matrix`` of an open Zarr node that ``where`` names."""
     if component is not None:
         if not isinstance(node, zarr.Group):
@@ -170,7 +189,7 @@ def _node_as_dask(node, where: str, component: str | None, panel_bytes: int | No
             ) from None
     budget = panel_bytes or get_bytes("dasknmf.panel-bytes")
     if csr.is_sparse_group(node):
-        return csr.open_group(node, where, budget, storage.fingerprint(node))
+        return csr.open_group(node, where, budget, storage.fingerprint(node), panel_rows)
     if isinstance(node, zarr.Group):
         raise ValueError(
             f"{where} is a Zarr group, not a matrix; pass component= to name the array "
@@ -180,7 +199,7 @@ def _node_as_dask(node, where: str, component: str | None, panel_bytes: int | No
     check_matrix_dtype(node.dtype, where)
     stored = node.shards or node.chunks
     n_rows, n_cols = node.shape
-    rows = _panel_rows(n_rows, n_cols * node.dtype.itemsize, stored[0], budget)
+    rows = _panel_rows(n_rows, n_cols * node.dtype.itemsize, stored[0], budget, panel_rows)
     chunks = (rows, stored[1])
     reader = CheckedReader(where, storage.fingerprint(node))
     name = "from-zarr-" + dask.base.tokenize(node, chunks, reader)

@@ -50,7 +50,9 @@ class MiniBatchNMF(BaseNMF):
     batch_size : int, default=1024
         Rows per mini-batch. For Dask input the batches are row panels of whole stored chunks
         of at most this many rows (a chunk taller than it is a batch of its own): chunk X
-        along rows in ``batch_size`` rows to have scikit-learn's batches.
+        along rows in ``batch_size`` rows to have scikit-learn's batches. A CSR store is read
+        in batches of ``batch_size`` rows (fewer only where the workers' memory calls for
+        smaller panels).
     beta_loss : float or {'frobenius', 'kullback-leibler', 'itakura-saito'}, default='frobenius'
         β-divergence to minimize; β <= 0 needs X without zeros.
     tol : float, default=1e-4
@@ -196,13 +198,12 @@ class MiniBatchNMF(BaseNMF):
             W, H = _params.check_custom_init(W, H, (X.shape[0], k), (k, X.shape[1]), X.dtype)
         return method, k, W, H
 
-    def _read_budget(self, shape=None, itemsize=8) -> int:
-        """A store is opened in its stored chunks grouped up to ``batch_size`` rows, the
-        batches of a fit (``transform`` and ``partial_fit`` group them further)."""
-        budget = self._panel_budget(shape, itemsize)
-        if shape is None or not _params.is_int(self.batch_size):
-            return budget
-        return min(budget, max(1, self.batch_size) * shape[1] * itemsize)
+    def _read_rows(self) -> int | None:
+        """A store is opened in panels of at most ``batch_size`` rows, the batches of a fit
+        (``transform`` and ``partial_fit`` group them further): whole stored chunks of a dense
+        store; a CSR store, whose bytes of stored entries would put far more rows in a panel,
+        in ``batch_size`` rows."""
+        return self.batch_size if _params.is_int(self.batch_size) else None
 
     # ---- fitting -------------------------------------------------------------------------
 

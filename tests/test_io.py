@@ -127,3 +127,23 @@ def test_open_with_a_panel_size_that_is_not_a_size(tmp_path):
     with pytest.raises(ValueError, match="panel_bytes must be a size such as '64MiB'.*'abc'"):
         open_matrix(tmp_path / "x.zarr", panel_bytes="abc")
     assert open_matrix(tmp_path / "x.zarr", panel_bytes="1KiB").chunks[0][0] < X.shape[0]
+
+
+def test_open_in_panels_of_at_most_some_rows(tmp_path):
+    """``panel_rows`` caps the rows of a panel: a CSR group is read at any row bound (its
+    bytes of stored entries alone put all 100 rows in one panel here), a dense store in whole
+    stored chunks (a chunk taller than the cap is a panel of its own)."""
+    import scipy.sparse as sp
+
+    sparse = sp.csr_matrix(np.where(X % 7 == 0, X, 0))
+    save_matrix(tmp_path / "s.zarr", sparse)
+    assert open_matrix(tmp_path / "s.zarr").chunks[0] == (100,)
+    opened = open_matrix(tmp_path / "s.zarr", panel_rows=30)
+    assert opened.chunks[0] == (30, 30, 30, 10)
+    assert (opened.compute() != sparse).nnz == 0
+    save_matrix(tmp_path / "d.zarr", X, chunks=(16, 6))
+    assert open_matrix(tmp_path / "d.zarr", panel_rows=40).chunks[0] == (32, 32, 32, 4)
+    assert open_matrix(tmp_path / "d.zarr", panel_rows=10).chunks[0] == (16,) * 6 + (4,)
+    for bad in (0, -3, 2.5, True, "30"):
+        with pytest.raises(ValueError, match="panel_rows must be an integer >= 1"):
+            open_matrix(tmp_path / "s.zarr", panel_rows=bad)

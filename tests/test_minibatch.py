@@ -142,6 +142,19 @@ def test_dask_and_zarr_batches_are_the_in_memory_ones(tmp_path):
     np.testing.assert_allclose(W.compute(), expected.transform(X), rtol=1e-6)
 
 
+def test_a_csr_store_is_read_in_batches_of_batch_size_rows(tmp_path):
+    """A CSR store's panels are opened at batch_size rows: the in-memory batches, steps and
+    factors bit for bit. Its stored bytes alone made one panel of all rows — one batch an
+    epoch, whatever batch_size said."""
+    X = sp.csr_matrix(np.where(low_rank(230, 30, K) > 0.6, low_rank(230, 30, K), 0))
+    expected, w_expected = _fit(X)
+    path = dasknmf.save_matrix(tmp_path / "X.zarr", X)
+    model, W = _fit(str(path), X.shape)
+    assert model.layout_["panels"] == 6 and model.n_steps_ == expected.n_steps_
+    assert np.array_equal(model.components_, expected.components_)
+    assert np.array_equal(W, w_expected)
+
+
 def test_a_chunk_taller_than_batch_size_is_one_batch():
     X = low_rank(230, 30, K)
     model, _ = _fit(da.from_array(X, chunks=(100, 30)))
@@ -212,7 +225,7 @@ def test_the_batches_of_a_step_run_on_different_workers(cluster):
         batches.sort(key=lambda t: t["startstops"][0]["start"])
         assert len(batches) == 20  # 10 batches of 40 rows, 2 epochs
         pairs = [batches[i : i + 2] for i in range(0, len(batches), 2)]
-        assert all(a["worker"] != b["worker"] for a, b in pairs), cache
+        assert all(a["worker"] != b["worker"] for a, b in pairs), (cache, pairs)
 
 
 # ---- saved models and updates -------------------------------------------------------------
