@@ -251,6 +251,7 @@ def _fit(parts: panels.Panels, schedule: Schedule) -> Fitted:
     n_samples, n_features = parts.shape
     k = spec.n_components
     stats, norms = _validated(parts, "MiniBatchNMF (input X)", spec.beta)
+    panels.cache_if_small(parts, stats.nnz, schedule.cache)
     ops = parts.ops
     epoch = steps_of_epoch(len(parts.items), _per_step(parts, schedule.parallel_batches))
     step_rows = min(len(epoch[0]) * max(parts.row_sizes), n_samples)

@@ -260,6 +260,15 @@ def cache_panels(panels: Panels) -> None:
     panels.cached = True
 
 
+def cache_if_small(panels: Panels, nnz: int, cache: bool | str) -> None:
+    """Sparse panels, whose stored entries the validation pass has just counted (``nnz``),
+    kept in memory when ``cache`` is 'auto' and they fit (``should_cache``)."""
+    if panels.sparse and cache == "auto":
+        stored_bytes = nnz * (panels.dtype.itemsize + 8) + (panels.shape[0] + 1) * 8
+        if should_cache(stored_bytes, "auto"):
+            cache_panels(panels)
+
+
 #: Seconds ``relocate`` waits for as many workers as before a loss (and then for one).
 RELOCATE_WAIT = 60
 #: A task holds at most this many times its panel above what the worker held before (the

@@ -135,10 +135,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     objective = _objective(plan, shape, stored)
     if transposed:
         objective = objective.transposed()
-    if parts.sparse and plan.cache == "auto":
-        stored_bytes = stats.nnz * (parts.dtype.itemsize + 8) + (n_rows + 1) * 8
-        if panels.should_cache(stored_bytes, "auto"):
-            panels.cache_panels(parts)
+    panels.cache_if_small(parts, stats.nnz, plan.cache)
     if stats.min == 0 and objective.beta <= 0:
         raise ValueError(
             "When beta_loss <= 0 and X contains zeros, the solver may diverge. Please add "
