@@ -35,13 +35,10 @@ class BaseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """Bytes of the panels a store is opened in (whole stored chunks grouped up to it)."""
         return self._panel_budget(shape, itemsize)
 
-    def _read_rows(self) -> int | None:
-        """Rows a store's panels are opened in at most (None: as many as the bytes allow)."""
-        return None
-
-    def _check_input(self, X, reset: bool):
+    def _check_input(self, X, reset: bool, rows: int | None = None):
         """X validated: numpy or scipy.sparse through scikit-learn's ``validate_data``, or a
-        floating Dask array for Dask, Zarr and path input."""
+        floating Dask array for Dask, Zarr and path input; a store opened in panels of at
+        most ``rows`` rows."""
         missing = getattr(self, "missing", None)
         if not is_lazy_input(X):
             X = validate_data(
@@ -55,7 +52,7 @@ class BaseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
             _params.check_missing_input(missing, X)
             return X
-        X = _params.as_dask_matrix(X, self._read_budget, self.storage_options, self._read_rows())
+        X = _params.as_dask_matrix(X, self._read_budget, self.storage_options, rows)
         _params.check_missing_input(missing, X)
         if reset:
             self.n_features_in_ = X.shape[1]

@@ -198,13 +198,6 @@ class MiniBatchNMF(BaseNMF):
             W, H = _params.check_custom_init(W, H, (X.shape[0], k), (k, X.shape[1]), X.dtype)
         return method, k, W, H
 
-    def _read_rows(self) -> int | None:
-        """A store is opened in panels of at most ``batch_size`` rows, the batches of a fit
-        (``transform`` and ``partial_fit`` group them further): whole stored chunks of a dense
-        store; a CSR store, whose bytes of stored entries would put far more rows in a panel,
-        in ``batch_size`` rows."""
-        return self.batch_size if _params.is_int(self.batch_size) else None
-
     # ---- fitting -------------------------------------------------------------------------
 
     def fit_transform(self, X, y=None, W=None, H=None):
@@ -227,7 +220,11 @@ class MiniBatchNMF(BaseNMF):
         _params.check("MiniBatchNMF", self.get_params())
         if self.resume and self.checkpoint is None:
             raise ValueError("resume=True needs checkpoint, the folder to resume from.")
-        X = self._check_input(X, reset=True)
+        # A store opened in panels of at most batch_size rows, the batches: whole stored
+        # chunks of a dense store; a CSR store, whose bytes of stored entries would put far
+        # more rows in a panel, in batch_size rows (transform and partial_fit read it in
+        # bigger panels: a CSR read decompresses whole stored chunks).
+        X = self._check_input(X, reset=True, rows=self.batch_size)
         method, k, W, H = self._resolve(X, W, H)
         schedule = minibatch.Schedule(
             online=self._online(k, X.shape[1]),

@@ -146,6 +146,8 @@ def test_a_csr_store_is_read_in_batches_of_batch_size_rows(tmp_path):
     """A CSR store's panels are opened at batch_size rows: the in-memory batches, steps and
     factors bit for bit. Its stored bytes alone made one panel of all rows — one batch an
     epoch, whatever batch_size said."""
+    from dask.utils import key_split
+
     dense = low_rank(230, 30, K)
     X = sp.csr_matrix(np.where(dense > 0.6, dense, 0))
     expected, w_expected = _fit(X)
@@ -154,6 +156,10 @@ def test_a_csr_store_is_read_in_batches_of_batch_size_rows(tmp_path):
     assert model.layout_["panels"] == 6 and model.n_steps_ == expected.n_steps_
     assert np.array_equal(model.components_, expected.components_)
     assert np.array_equal(W, w_expected)
+    # transform reads the store in panels of its own: one read here, not one per batch (a
+    # CSR read decompresses whole stored chunks, whatever rows it wants)
+    graph = dict(model.transform(str(path)).__dask_graph__())
+    assert sum(key_split(key) == "read_rows-from-value" for key in graph) == 1
 
 
 def test_a_chunk_taller_than_batch_size_is_one_batch():
