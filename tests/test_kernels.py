@@ -39,7 +39,7 @@ def test_dot_w_is_wt_times_x(panel):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_wide_sparse_products_run_in_blocks_bit_for_bit(dtype):
-    """With more than 128 components a sparse panel's products run over blocks of 64
+    """With more than 128 components a sparse panel's products run over blocks of 16
     components (in cache); each entry is the one product's, bit for bit."""
     x = sp.random(40, 300, density=0.1, random_state=1, format="csr", dtype=np.float32)
     h = rng.uniform(size=(200, 300)).astype(dtype)
