@@ -99,12 +99,15 @@ def kl_update(x, wt: np.ndarray, h: np.ndarray, denominator: np.ndarray, l2: flo
     return np.ascontiguousarray(w.T), np.ascontiguousarray(out.T), divergence, total
 
 
-def hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps: int) -> np.ndarray:
-    """HALS sweeps on the stacked problems F (R, k, r) in place (see
-    ``_numba_kernels.hals_stacked``); returns each problem's violation of the first sweep."""
-    tmp = np.empty(F.shape[2], dtype=F.dtype)
+def hals_stacked(
+    F, coupling, scaled_cross, diag, order, n_sweeps: int, block: int | None = None
+) -> np.ndarray:
+    """HALS sweeps on the stacked problems F (R, k, r) in place, ``block`` rows at a time
+    (default ``_numba_kernels.HALS_ROW_BLOCK``; see ``_numba_kernels.hals_stacked``); returns
+    each problem's violation of the first sweep."""
     violations = np.zeros(F.shape[0])
     order = np.asarray(order, dtype=np.int64)
     kernels = _kernels()
-    kernels.hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps, tmp, violations)
+    block = kernels.HALS_ROW_BLOCK if block is None else block
+    kernels.hals_stacked(F, coupling, scaled_cross, diag, order, n_sweeps, block, violations)
     return violations

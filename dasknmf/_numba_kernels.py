@@ -111,29 +111,56 @@ def kl_update_rows(indptr, indices, data, w, ht, den, l2, eps, out):  # pragma: 
     return divergence, total
 
 
+#: Rows of a problem that ``hals_stacked`` sweeps at a time, copied into a contiguous scratch
+#: (k × 1024 values: in L2). Measured on 20 problems of k = 20 and 25,000 rows, 10 sweeps
+#: (Intel Xeon): float32 0.27 → 0.18–0.19 s, float64 0.61 → 0.29–0.32 s against whole rows;
+#: 128 rows 0.31 / 0.40 s, 256–2,048 within the noise of 1,024.
+HALS_ROW_BLOCK = 1024
+
+
 @numba.njit(nogil=True, cache=True)
 def hals_stacked(
-    F, coupling, scaled_cross, diag, order, n_sweeps, tmp, violations
+    F, coupling, scaled_cross, diag, order, n_sweeps, block, violations
 ):  # pragma: no cover
     """HALS sweeps on independent problems (``solvers.hals``'s stacked replicates), one
-    problem after the other, so that its factor (k × rows) stays in cache through its sweeps:
-    F (R, k, rows) in place, ``coupling`` (R, k, k) the Gram matrices over their diagonals
-    ``diag`` (R, k) with a zero diagonal, ``scaled_cross`` (R, k, rows) the cross products over
-    the diagonals, ``tmp`` a buffer of ``rows``. Adds each problem's projected-gradient
-    violation of the first sweep to ``violations`` (R,). The arithmetic is numpy's
-    (``hals.update``) without its temporaries."""
-    n_problems, _, rows = F.shape
+    problem after the other, and each in blocks of ``block`` rows, all its sweeps on a block
+    before the next, in a contiguous copy that stays in cache: F (R, k, rows) in place,
+    ``coupling`` (R, k, k) the Gram matrices over their diagonals ``diag`` (R, k) with a zero
+    diagonal, ``scaled_cross`` (R, k, rows) the cross products over the diagonals. Adds each
+    problem's projected-gradient violation of the first sweep to ``violations`` (R,). The
+    arithmetic is numpy's (``hals.update``) without its temporaries. The rows are independent
+    problems, and each component's violation is summed over the rows in order across the
+    blocks: the bits are those of whole rows at once (``block`` ≥ rows)."""
+    n_problems, k, rows = F.shape
+    block = max(1, min(block, rows))
+    own = np.empty(k * block, F.dtype)  # the block's rows of F
+    cross = np.empty(k * block, F.dtype)  # and of scaled_cross
+    tmp = np.empty(block, F.dtype)
+    per_component = np.zeros(k)
     for r in range(n_problems):
-        for sweep in range(n_sweeps):
-            for t in order:
-                _coupled(F[r], coupling[r, t], scaled_cross[r, t], tmp)
-                d = diag[r, t]
-                f = F[r, t]
-                if sweep == 0:
-                    violations[r] += _violation(f, tmp, d)
-                if d != 0:
-                    for i in range(rows):
-                        f[i] = tmp[i] if tmp[i] > 0 else 0
+        per_component[:] = 0.0
+        for start in range(0, rows, block):
+            n = min(block, rows - start)
+            f_block = own[: k * n].reshape((k, n))
+            c_block = cross[: k * n].reshape((k, n))
+            for j in range(k):
+                f_block[j] = F[r, j, start : start + n]
+                c_block[j] = scaled_cross[r, j, start : start + n]
+            unclipped = tmp[:n]
+            for sweep in range(n_sweeps):
+                for t in order:
+                    _coupled(f_block, coupling[r, t], c_block[t], unclipped)
+                    d = diag[r, t]
+                    f = f_block[t]
+                    if sweep == 0:
+                        per_component[t] = _violation(per_component[t], f, unclipped, d)
+                    if d != 0:
+                        for i in range(n):
+                            f[i] = unclipped[i] if unclipped[i] > 0 else 0
+            for j in range(k):
+                F[r, j, start : start + n] = f_block[j]
+        for t in order:
+            violations[r] += per_component[t]
 
 
 @numba.njit(inline="always")
@@ -149,10 +176,9 @@ def _coupled(F, coupling, scaled_cross, out):  # pragma: no cover
 
 
 @numba.njit(inline="always")
-def _violation(f, unclipped, d):  # pragma: no cover
-    """Σ|projected gradient| of one component (``hals._violation``; the gradient of a flat
-    component, d = 0, is −unclipped)."""
-    total = 0.0
+def _violation(total, f, unclipped, d):  # pragma: no cover
+    """``total`` + Σ|projected gradient| of one component's rows (``hals._violation``; the
+    gradient of a flat component, d = 0, is −unclipped), added one row after the other."""
     for i in range(f.size):
         grad = d * (f[i] - unclipped[i]) if d != 0 else -unclipped[i]
         if f[i] == 0 and grad > 0:

@@ -179,3 +179,30 @@ def test_a_cache_directory_of_another_user_is_not_used(tmp_path, monkeypatch):
     assert _numba_kernels._source_directory() == tmp_path / "dasknmf" / "kernels"
     monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
     assert _numba_kernels._source_directory() is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stacked_hals_sweeps_in_blocks_of_rows_are_those_of_whole_rows(dtype):
+    """``hals_stacked`` sweeps each problem ``block`` rows at a time (all sweeps on a block
+    before the next): the rows are independent and each component's violation is summed over
+    them in order, so any block — here blocks of 7 and the default, over 2,500 rows with a
+    partial last block — gives the bits of whole rows at once, flat component included."""
+    rng = np.random.default_rng(3)
+    R, k, rows = 3, 6, 2500
+    F = rng.random((R, k, rows)).astype(dtype)
+    grams = rng.random((R, k, k))
+    grams = grams @ grams.transpose(0, 2, 1) + np.eye(k)
+    diag = np.diagonal(grams, axis1=1, axis2=2).copy()
+    coupling = grams / diag[:, :, None]
+    coupling[:, np.arange(k), np.arange(k)] = 0
+    diag[1, 2], coupling[1, 2] = 0, 0  # problem 1's component 2 is flat
+    scaled = rng.random((R, k, rows)) * 3 / diag.clip(1)[:, :, None]
+    args = (coupling.astype(dtype), scaled.astype(dtype), diag.astype(dtype), [4, 0, 2, 5, 1, 3])
+    whole = F.copy()
+    expected = _compiled.hals_stacked(whole, *args, 5, block=rows)
+    assert not np.array_equal(whole, F)
+    for block in (7, None):
+        got = F.copy()
+        violations = _compiled.hals_stacked(got, *args, 5, block=block)
+        assert np.array_equal(got, whole) and np.array_equal(violations, expected), block
+    assert _numba_kernels.HALS_ROW_BLOCK < rows
