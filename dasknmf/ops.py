@@ -200,8 +200,9 @@ def _pause_memory_manager(client) -> bool:
     return True
 
 
-#: Per scheduler address, the task prefixes it has been told never to steal (``_steal_none_of``):
-#: a round trip per name and scheduler, not per fit.
+#: Per scheduler (its id: a new scheduler at the address of an old one has been told nothing),
+#: the task prefixes it has been told never to steal (``_steal_none_of``): a round trip per
+#: name and scheduler, not per fit.
 _NEVER_STOLEN: dict[str, set[str] | None] = {}
 
 
@@ -242,7 +243,8 @@ class FutureOps:
         self._amm_paused = _pause_memory_manager(client)
         # The prefixes this scheduler already never steals (once told, it keeps them); None:
         # it cannot be told.
-        self._pinned = _NEVER_STOLEN.setdefault(client.scheduler.address, set())
+        self._scheduler = client.scheduler_info(n_workers=0).get("id", client.scheduler.address)
+        self._pinned = _NEVER_STOLEN.setdefault(self._scheduler, set())
         self._holders = Holders(client)  # of the factors last detached
 
     def map(self, fn: Callable, items: Sequence[tuple], *common: Any, workers=None) -> list:
@@ -337,7 +339,7 @@ class FutureOps:
             self.client.run_on_scheduler(_steal_none_of, [name])
         except Exception as error:  # e.g. a remote scheduler without dasknmf installed
             logger.info("Could not keep the scheduler from stealing placed tasks: %s", error)
-            _NEVER_STOLEN[self.client.scheduler.address] = self._pinned = None
+            _NEVER_STOLEN[self._scheduler] = self._pinned = None
             return
         self._pinned.add(name)
 

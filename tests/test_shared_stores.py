@@ -33,11 +33,11 @@ def _dask_command(name: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def scheduler_and_workers(tmp_path, n_workers=2, hidden=None, cwd=None):
-    """A scheduler and ``n_workers`` worker processes started with ``dask scheduler`` and
-    ``dask worker --scheduler-file`` from ``cwd`` (a folder of their own by default). The
-    last worker does not see the folder ``hidden`` (an empty tmpfs over it). Yields the
-    scheduler file."""
+def scheduler_and_workers(tmp_path, n_workers=2, hidden=None, cwd=None, port=0):
+    """A scheduler (on ``port``; 0: any) and ``n_workers`` worker processes started with
+    ``dask scheduler`` and ``dask worker --scheduler-file`` from ``cwd`` (a folder of their
+    own by default). The last worker does not see the folder ``hidden`` (an empty tmpfs over
+    it). Yields the scheduler file."""
     cwd = cwd or tmp_path / "cluster-home"
     cwd.mkdir(exist_ok=True)
     scheduler_file = tmp_path / "scheduler.json"
@@ -51,7 +51,7 @@ def scheduler_and_workers(tmp_path, n_workers=2, hidden=None, cwd=None):
                     "--scheduler-file",
                     str(scheduler_file),
                     "--port",
-                    "0",
+                    str(port),
                     "--host",
                     "127.0.0.1",
                     *options,
@@ -310,3 +310,36 @@ def test_a_missing_chunk_of_a_saved_model_is_named(tmp_path):
     shutil.rmtree(tmp_path / "model.zarr" / "H" / "c")
     with pytest.raises(CorruptStoreError, match="model.zarr/H: .*chunk H/c/0/0 is missing"):
         load(tmp_path / "model.zarr")
+
+
+def test_a_new_scheduler_at_an_old_address_is_told_what_never_to_steal(tmp_path):
+    """The task prefixes a scheduler was told never to steal (``FutureOps.never_steal``) are
+    remembered per scheduler, not per address: a scheduler restarted on the same host and
+    port knows none of them, and is told again (before, the driver skipped it, and placed
+    tasks could be stolen away from their data)."""
+    import socket
+
+    from distributed import Client
+
+    from dasknmf.minibatch import batch_task
+    from dasknmf.ops import FutureOps
+
+    def told() -> bool:
+        from distributed import stealing
+
+        return "batch_task" in stealing.fast_tasks
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for run in ("first", "restarted"):
+        folder = tmp_path / run
+        folder.mkdir()
+        with (
+            scheduler_and_workers(folder, n_workers=1, port=port) as scheduler_file,
+            Client(scheduler_file=str(scheduler_file)) as client,
+        ):
+            assert client.scheduler.address.endswith(f":{port}")
+            assert not client.run_on_scheduler(told)
+            FutureOps(client).never_steal(batch_task)
+            assert client.run_on_scheduler(told), run
