@@ -149,7 +149,20 @@ def open_group(
         )
         for start in range(0, n_rows, rows)
     ]
-    return da.concatenate(blocks, axis=0)
+    X = da.concatenate(blocks, axis=0)
+    # What the panels take in memory, known here from indptr: a fit can decide to cache them
+    # before its validation pass reads them (``stored_bytes``; gone from any array made of it).
+    setattr(X, _STORED_BYTES, nnz * (dtype.itemsize + 8) + (n_rows + 1) * 8)
+    return X
+
+
+_STORED_BYTES = "dasknmf_stored_bytes"
+
+
+def stored_bytes(X: da.Array) -> int | None:
+    """Bytes that the CSR panels of ``X`` take in memory, if ``X`` is a CSR store as
+    ``open_group`` opened it (None for any other array, or one made from it)."""
+    return X.__dict__.get(_STORED_BYTES)
 
 
 class Writer:

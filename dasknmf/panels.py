@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from dasknmf import kernels, shards
+from dasknmf import csr, kernels, shards
 from dasknmf._config import get_bytes
 from dasknmf.cuts import coalesce_bounds, even_bounds, group_level, shard_layout
 from dasknmf.ops import DaskOps, EagerOps, FutureOps, closed_on_error
@@ -208,11 +208,14 @@ def dask_panels(
     row_nbytes = n_cols * X.dtype.itemsize
     bounds = coalesce_bounds(X.chunks[0], [rows * row_nbytes for rows in X.chunks[0]], budget)
     panel_rows = tuple(b - a for a, b in itertools.pairwise(bounds))
+    sparse = sp.issparse(X._meta)
+    # Sparse data: its size is known from a CSR store's indptr (then cached at once, and the
+    # validation pass reads the cached panels), else after the validation pass has counted
+    # the entries (``cache_if_small``).
+    nbytes = csr.stored_bytes(X) if sparse else X.nbytes
+    cached = cache is True if nbytes is None else should_cache(nbytes, cache)
     X = X.rechunk((panel_rows, n_cols))
     client = None if lazy else distributed_client()
-    sparse = sp.issparse(X._meta)
-    # The size of sparse data is known after the validation pass: see ``cache_panels``.
-    cached = cache is True if sparse else should_cache(X.nbytes, cache)
     items = blocks_as_delayed(X)
     panels = Panels(
         ops=DaskOps() if client is None else FutureOps(client),

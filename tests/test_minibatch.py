@@ -189,17 +189,34 @@ def test_on_a_cluster(cluster):
 
 @pytest.mark.parametrize("cache", ["auto", False])
 def test_a_csr_store_on_a_cluster_is_cached_when_it_fits(cluster, tmp_path, cache):
-    """With cache='auto' a CSR store's batches are kept on the workers once the validation
-    pass has counted its entries, as ``NMF`` does (before, each batch was read from the store
-    in every epoch — a whole stored chunk of entries for each). The bits are the in-memory
-    fit's either way."""
+    """With cache='auto' a CSR store's batches are kept on the workers when they fit (before,
+    each batch was read from the store in every epoch — a whole stored chunk of entries for
+    each). Their size is known from the store's indptr, so they are cached first and the
+    validation pass reads them from memory: the store is read once, not twice. The bits are
+    the in-memory fit's either way."""
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
     dense = low_rank(400, 30, K, seed=3)
     X = sp.csr_matrix(np.where(dense > 0.6, dense, 0))
     settings = {"parallel_batches": 1}
     expected, w_expected = _fit(X, **settings)
     path = dasknmf.save_matrix(tmp_path / "X.zarr", X)
-    model, W = _fit(str(path), X.shape, cache=cache, **settings)
+    with get_task_stream(cluster) as stream:
+        model, W = _fit(str(path), X.shape, cache=cache, **settings)
     assert model.layout_["panels"] == 10 and model.layout_["cached"] == (cache == "auto")
+    ends = {}
+    for task in stream.data:
+        name = key_split(task["key"])
+        span = (task["startstops"][0]["start"], task["startstops"][-1]["stop"])
+        ends.setdefault(name, []).append(span)
+    if cache == "auto":  # the copies into memory, then the validation pass on them
+        assert len(ends["aligned_copy"]) == 10 and len(ends["moments_task"]) == 10
+        assert max(stop for _, stop in ends["aligned_copy"]) <= min(
+            start for start, _ in ends["moments_task"]
+        )
+    else:
+        assert "aligned_copy" not in ends
     assert np.array_equal(model.components_, expected.components_)
     assert np.array_equal(W, w_expected)
 
