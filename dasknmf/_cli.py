@@ -172,7 +172,9 @@ def _announce(client, wait_for_workers: float | None) -> None:
             raise click.ClickException(
                 f"No Dask worker joined {client.scheduler.address} within {wait_for_workers:g} s."
             ) from None
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    from dasknmf._workers_code import workers_now
+
+    workers = workers_now(client)
     logger.info("Dask cluster: %d workers, dashboard %s", len(workers), client.dashboard_link)
 
 

@@ -40,13 +40,11 @@ def run(
     import dask.array as da
 
     from dasknmf import NMF, save_matrix
+    from dasknmf._workers_code import workers_now
     from dasknmf.cluster import connect
 
     with connect(n_workers=workers) as client:
-        echo(
-            f"LocalCluster: {len(client.scheduler_info()['workers'])} workers; "
-            f"dashboard {client.dashboard_link}"
-        )
+        echo(f"LocalCluster: {len(workers_now(client))} workers; dashboard {client.dashboard_link}")
         path = workdir / "example.zarr"
         echo(f"Writing a {rows} x {cols} float32 matrix of rank {rank} plus noise to {path} ...")
         rng = da.random.default_rng(0)

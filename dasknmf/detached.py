@@ -14,6 +14,8 @@ import asyncio
 from concurrent.futures import TimeoutError as _Pending
 from typing import Any
 
+from dasknmf._workers_code import workers_now
+
 #: Seconds between a waiting fetch's checks for lost detached factors (``Holders.fetch``).
 LOSS_CHECK_EVERY = 1.0
 
@@ -108,8 +110,7 @@ class Holders:
 
     def check(self) -> None:
         """``StateLostError`` when a holder left without handing its results over."""
-        workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        left = self.on - workers.keys()
+        left = self.on - workers_now(self.client).keys()
         gone = sorted(address for address in left if self._lost(address))
         self.on -= left  # retired ones moved their results elsewhere
         if gone:

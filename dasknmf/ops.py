@@ -22,7 +22,7 @@ from typing import Any
 
 import dask
 
-from dasknmf._workers_code import check_workers_code
+from dasknmf._workers_code import check_workers_code, scheduler_id
 from dasknmf.detached import Holders, _park, _pick_up
 from dasknmf.shards import combine_picked, sum_in_order
 
@@ -243,7 +243,7 @@ class FutureOps:
         self._amm_paused = _pause_memory_manager(client)
         # The prefixes this scheduler already never steals (once told, it keeps them); None:
         # it cannot be told.
-        self._scheduler = client.scheduler_info(n_workers=0).get("id", client.scheduler.address)
+        self._scheduler = scheduler_id(client)
         self._pinned = _NEVER_STOLEN.setdefault(self._scheduler, set())
         self._holders = Holders(client)  # of the factors last detached
 

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from dasknmf import csr, kernels, shards
 from dasknmf._config import get_bytes
+from dasknmf._workers_code import workers_now
 from dasknmf.cuts import coalesce_bounds, even_bounds, group_level, shard_layout
 from dasknmf.ops import DaskOps, EagerOps, FutureOps, closed_on_error
 from dasknmf.steps import StreamedPanel
@@ -177,7 +178,7 @@ def _cluster_memory() -> int:
     client = distributed_client()
     if client is None:
         return int(MEMORY_LIMIT)
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    workers = workers_now(client).values()
     return int(sum(w.get("memory_limit") or MEMORY_LIMIT for w in workers))
 
 
@@ -238,7 +239,7 @@ def dask_panels(
 
 def thread_slots(client) -> list[str]:
     """A worker's address for each of its threads, in the order of the addresses."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = workers_now(client)
     return [w for w in sorted(workers) for _ in range(max(1, workers[w].get("nthreads") or 1))]
 
 
@@ -326,7 +327,7 @@ def cluster_panel_bytes(shape: tuple[int, int], n_components: int, itemsize: int
     factor = 3 * n_components * min(shape) * itemsize
     per_task = [
         (pause * w["memory_limit"] - WORKER_BASELINE) / max(1, w.get("nthreads") or 1)
-        for w in client.scheduler_info(n_workers=-1)["workers"].values()
+        for w in workers_now(client).values()
         if w.get("memory_limit")
     ]
     if not per_task:
@@ -341,9 +342,7 @@ def worker_memory() -> int | None:
     client = distributed_client()
     if client is None:
         return None
-    limits = [
-        w.get("memory_limit") for w in client.scheduler_info(n_workers=-1)["workers"].values()
-    ]
+    limits = [w.get("memory_limit") for w in workers_now(client).values()]
     limits = [limit for limit in limits if limit]
     return min(limits) if limits else None
 
@@ -404,7 +403,7 @@ def _rooms(client) -> list[float]:
     """Bytes each worker of ``client`` holds below the point where it pauses, beyond what it
     holds before any task."""
     pause = dask.config.get("distributed.worker.memory.pause") or 0.8
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    workers = workers_now(client).values()
     return [pause * w["memory_limit"] - WORKER_BASELINE for w in workers]
 
 
