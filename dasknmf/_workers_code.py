@@ -20,12 +20,18 @@ def workers_now(client) -> dict:
     between the query and the read — an empty view in 290 of 22,127 calls with a 10 ms
     interval. A fit that watched its workers through it saw them all gone: on the 8 GB
     benchmark store a fit restarted from its initialization."""
-    return dict(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+    return dict(_identity(client, n_workers=-1)["workers"])
 
 
 def scheduler_id(client) -> str:
     """The scheduler's id (a restarted scheduler at the same address has another)."""
-    return str(client.sync(client.scheduler.identity, n_workers=0)["id"])
+    return str(_identity(client, n_workers=0)["id"])
+
+
+def _identity(client, n_workers: int) -> dict:
+    """The scheduler's identity (its id, and ``n_workers`` of its workers; -1: all), asked of
+    the scheduler itself (see ``workers_now``)."""
+    return client.sync(client.scheduler.identity, n_workers=n_workers)
 
 
 class WorkerCodeError(ValueError):
@@ -47,7 +53,9 @@ _INSTALL = (
     "Install the same dasknmf on the workers (tasks are dasknmf's functions, imported there)."
 )
 
-#: Per scheduler address, the workers whose dasknmf was found to be this one.
+#: Per scheduler (its id, as ``ops._NEVER_STOLEN``: a restarted scheduler at the same address
+#: whose workers come back at the old addresses has checked none of them), the workers whose
+#: dasknmf was found to be this one.
 _SAME_CODE: dict[str, set[str]] = {}
 
 
@@ -57,8 +65,9 @@ def check_workers_code(client) -> None:
     another one, the first task it was sent failed in its connection to the scheduler, the
     worker left, and the fit waited for ever (seen with an older checkout on the workers'
     path). Each worker is asked once per scheduler; workers that join later are not."""
-    known = _SAME_CODE.setdefault(client.scheduler.address, set())
-    workers = set(workers_now(client))
+    identity = _identity(client, n_workers=-1)
+    known = _SAME_CODE.setdefault(identity["id"], set())
+    workers = set(identity["workers"])
     if workers <= known:
         return
     mine = code_digest()

@@ -152,11 +152,16 @@ def open_group(
     X = da.concatenate(blocks, axis=0)
     # What the panels take in memory, known here from indptr: a fit can decide to cache them
     # before its validation pass reads them (``stored_bytes``; gone from any array made of it).
-    setattr(X, _STORED_BYTES, nnz * (dtype.itemsize + 8) + (n_rows + 1) * 8)
+    setattr(X, _STORED_BYTES, in_memory_bytes(nnz, n_rows, dtype.itemsize))
     return X
 
 
 _STORED_BYTES = "dasknmf_stored_bytes"
+
+
+def in_memory_bytes(nnz: int, n_rows: int, itemsize: int) -> int:
+    """Bytes of a CSR matrix in memory: its values, int64 column indices and row pointers."""
+    return nnz * (itemsize + 8) + (n_rows + 1) * 8
 
 
 def stored_bytes(X: da.Array) -> int | None:

@@ -267,10 +267,10 @@ def cache_panels(panels: Panels) -> None:
 def cache_if_small(panels: Panels, nnz: int, cache: bool | str) -> None:
     """Sparse panels, whose stored entries the validation pass has just counted (``nnz``),
     kept in memory when ``cache`` is 'auto' and they fit (``should_cache``)."""
-    if panels.sparse and cache == "auto":
-        stored_bytes = nnz * (panels.dtype.itemsize + 8) + (panels.shape[0] + 1) * 8
-        if should_cache(stored_bytes, "auto"):
-            cache_panels(panels)
+    if not panels.sparse or cache != "auto":
+        return
+    if should_cache(csr.in_memory_bytes(nnz, panels.shape[0], panels.dtype.itemsize), "auto"):
+        cache_panels(panels)
 
 
 #: Seconds ``relocate`` waits for as many workers as before a loss (and then for one).
