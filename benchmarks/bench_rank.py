@@ -24,6 +24,15 @@ and streamed from its store in every iteration on a LocalCluster of 2 worker pro
 differences of a replicate's error and of a held-out error between the two ways (the same fits
 up to rounding).
 
+``--stops``: ``select_rank`` of ks 2…10, 10 replicates each, on the planted matrices (below),
+each replicate stopping by its own rule (``tol=1e-4``, ``max_iter=200``, no held-out error):
+the panel tasks forming the products of the replicates still running only, against forming
+them for the stopped (frozen) ones too (``Objective.live_product`` replaced by the whole
+product: the only way before 2026-12-05); in memory, each in a fresh process, the two ways
+alternating, medians. Also the share of the products the frozen replicates made before (Σ over
+replicates of k × iterations after its stop, over k × iterations of the stacked fit) and
+the largest relative difference of a replicate's error between the two ways.
+
 ``--planted``: ``select_rank`` on matrices of a known rank — dense (1,000 × 300, rank 8, W and
 H from Γ(1, 1), Gaussian noise of 0.1 × the std of W·H, clipped at 0) and sparse counts
 (Poisson draws of W·H with W, H from Γ(0.3, 1), scaled to a mean of 1: 55% zeros, CSR) —
@@ -34,6 +43,7 @@ measures per k, written to RESULTS.md and drawn to ``docs/guide/rank-digits.png`
 
     python benchmarks/bench_rank.py --write
     python benchmarks/bench_rank.py --several-ks --write
+    python benchmarks/bench_rank.py --stops --write
     python benchmarks/bench_rank.py --planted --write
     python benchmarks/bench_rank.py --digits --write
     python -m pip install ".[bench-rank]" && python benchmarks/bench_rank.py --cnmf --write
@@ -233,6 +243,88 @@ def several_ks_part(rounds: int) -> str:
     return "\n".join(lines)
 
 
+#: ``--stops``: ks, replicates and iteration limit.
+STOPS_KS, STOPS_REPLICATES, STOPS_ITER = tuple(range(2, 11)), 10, 200
+
+
+def stops_child(kind: str, skip: bool) -> dict:
+    """``select_rank`` of ``STOPS_KS`` on the planted ``kind`` matrix, replicates stopping by
+    their own rule; ``skip`` False: the frozen replicates' products formed too."""
+    warnings.simplefilter("ignore")
+    from dasknmf import select_rank
+    from dasknmf.objective import Objective
+
+    if not skip:
+        Objective.live_product = lambda self, product, x, f: product(x, f)
+    X = planted(kind)
+    start = time.perf_counter()
+    found = select_rank(X, STOPS_KS, STOPS_REPLICATES, max_iter=STOPS_ITER, heldout=False,
+                        random_state=0)  # fmt: skip
+    seconds = time.perf_counter() - start
+    errors = {k: found.errors[k].tolist() for k in STOPS_KS}
+    return dict(seconds=seconds, errors=errors)
+
+
+def stops_part(rounds: int) -> str:
+    lines = [
+        f"Machine: {machine()}. {datetime.date.today()}. `select_rank` of ks "
+        f"{STOPS_KS[0]}…{STOPS_KS[-1]}, {STOPS_REPLICATES} replicates each, `tol=1e-4`, "
+        f"`max_iter={STOPS_ITER}`, no held-out error, in memory, on the planted matrices of "
+        "`--planted` (1,000 × 300); medians of "
+        f"{rounds} rounds, each in a fresh process, the two ways alternating.",
+        "",
+        "| matrix | iterations, first and last stop | products of stopped replicates | "
+        "frozen products formed (s) | not formed (s) | speed-up | "
+        "largest relative difference of a replicate's error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("dense", "sparse"):
+        runs: dict[bool, list] = {False: [], True: []}
+        for _ in range(rounds):
+            for skip in runs:
+                runs[skip].append(run_child(__file__, "--stops-child", kind, str(int(skip))))
+        before, now = (statistics.median(x["seconds"] for x in runs[s]) for s in runs)
+        stops = _replicate_stops(kind)
+        first, last = min(map(min, stops.values())), max(map(max, stops.values()))
+        total = last * sum(STOPS_KS) * STOPS_REPLICATES
+        used = sum(k * sum(n) for k, n in stops.items())
+        now_errors, before_errors = runs[True][0]["errors"], runs[False][0]["errors"]
+        worst = max(
+            abs(a - b) / b
+            for k in now_errors
+            for a, b in zip(now_errors[k], before_errors[k], strict=True)
+        )
+        lines.append(
+            f"| {kind} | {first}, {last} | "
+            f"{1 - used / total:.0%} | {before:.1f} | {now:.1f} | {before / now:.2f}× | "
+            f"{worst:.1e} |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def _replicate_stops(kind: str) -> dict:
+    """The iterations each replicate of each k ran (``stops_child``'s fit), in this process."""
+    from dasknmf import rank
+
+    stops: dict = {}
+    fit = rank.stacked_fit
+
+    def recording(X, ranks, *args, **kwargs):
+        fitted, other = fit(X, ranks, *args, **kwargs)
+        for k, n in zip(ranks, fitted.replicate_n_iter, strict=True):
+            stops.setdefault(k, []).append(n)
+        return fitted, other
+
+    rank.stacked_fit = recording
+    try:
+        rank.select_rank(planted(kind), STOPS_KS, STOPS_REPLICATES, max_iter=STOPS_ITER,
+                         heldout=False, random_state=0)  # fmt: skip
+    finally:
+        rank.stacked_fit = fit
+    return {k: stops[k] for k in STOPS_KS}
+
+
 def planted(kind: str, seed: int = 0):
     import scipy.sparse as sp
 
@@ -402,6 +494,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("CASE", "REPLICATES"))
     parser.add_argument("--ks-child", nargs=2, metavar=("CASE", "TOGETHER"))
     parser.add_argument("--several-ks", action="store_true")
+    parser.add_argument("--stops", action="store_true")
+    parser.add_argument("--stops-child", nargs=2, metavar=("KIND", "SKIP"))
     parser.add_argument("--planted", action="store_true")
     parser.add_argument("--digits", action="store_true")
     parser.add_argument("--cnmf", action="store_true")
@@ -415,6 +509,9 @@ def main() -> None:
     if args.ks_child:
         print(json.dumps(ks_child(args.ks_child[0], bool(int(args.ks_child[1])))))
         return
+    if args.stops_child:
+        print(json.dumps(stops_child(args.stops_child[0], bool(int(args.stops_child[1])))))
+        return
     if args.cnmf_child:
         print(json.dumps(cnmf_child(args.cnmf_child)))
         return
@@ -422,6 +519,8 @@ def main() -> None:
         name, text = "rank-cnmf", cnmf_part(args.rounds)
     elif args.several_ks:
         name, text = "rank-ks", several_ks_part(args.rounds)
+    elif args.stops:
+        name, text = "rank-stops", stops_part(args.rounds)
     elif args.planted:
         name, text = "rank-planted", planted_part()
     elif args.digits:

@@ -458,10 +458,13 @@ def _record(history: History, objective: Objective, norm_x_sq: float, n_iter: in
     if n_iter == 1:
         cross, wgw = panel_stats[steps.P_CROSS_OLD], panel_stats[steps.P_WGW_OLD]
         history.record(objective, 0.5 * (norm_x_sq - 2 * cross + wgw), *old_sums)
-    history.record(objective, *steps.frobenius_terms(norm_x_sq, summary))
-    history.violation.append(float(panel_stats[steps.P_VIOLATION] + h_stats[steps.H_VIOLATION]))
+    terms = steps.frobenius_terms(norm_x_sq, summary)
     if objective.stacked:
         stacked.record(history.fits, objective, norm_x_sq, n_iter, summary)
+        if objective.frozen:  # whose products were not formed: their errors where they stopped
+            terms = (stacked.half_sq_error(history.fits), *terms[1:])
+    history.record(objective, *terms)
+    history.violation.append(float(panel_stats[steps.P_VIOLATION] + h_stats[steps.H_VIOLATION]))
     return n_iter
 
 

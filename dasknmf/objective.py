@@ -120,6 +120,21 @@ class Objective:
         if unsupported:
             raise ValueError(f"Stacked fits do not support {', '.join(unsupported)}.")
 
+    def live_product(self, product, x, f: np.ndarray) -> np.ndarray:
+        """``product(x, f)`` (a row per component of ``f``), formed only for the components
+        of the stacked fits not frozen; a frozen fit's rows are zeros: its factors are no
+        longer updated, nor its own terms recorded (``stacked.record``). Fits stop at very
+        different iterations (a planted sparse matrix, ks 2…10: 21 to 200), and the products
+        are most of an iteration's work."""
+        if not self.frozen:
+            return product(x, f)
+        live = [part for i, part in enumerate(self.fit_slices()) if i not in self.frozen]
+        rows = np.concatenate([np.arange(part.start, part.stop) for part in live])
+        formed = product(x, f[rows])
+        out = np.zeros((f.shape[0], formed.shape[1]), dtype=formed.dtype)
+        out[rows] = formed
+        return out
+
     def fit_slices(self) -> list[slice]:
         """The components of each stacked fit."""
         bounds = np.cumsum((0, *self.ranks))

@@ -6,11 +6,11 @@ and the terms of its own error to their statistics (``steps.P_FITS``, ``steps.H_
 driver keeps each fit's history (``record``) and asks each one's stopping rule after every
 iteration (``stopped``). When one or more fits meet theirs, the stacked fit stops at that
 iteration (as a fit alone does) and goes on from there with those fits frozen
-(``Objective.frozen``: their components are no longer updated), until every fit has stopped
-or ``max_iter`` (``each_to_its_stop``). A frozen fit's components still take part in the
-products of the panel tasks, so each keeps the factors of the iteration it stopped at, and
-the final pass measures its error there. On a cluster such a fit submits no iteration ahead
-of the summaries it has read (``speculates``).
+(``Objective.frozen``: their components are no longer updated, and the panel tasks no longer
+form their products, ``Objective.live_product``), until every fit has stopped or ``max_iter``
+(``each_to_its_stop``). Each keeps the factors of the iteration it stopped at, its record
+ends there, and the final pass measures its error there. On a cluster such a fit submits no
+iteration ahead of the summaries it has read (``speculates``).
 """
 
 from __future__ import annotations
@@ -44,9 +44,17 @@ def record(fits: list, objective: Objective, norm_x_sq: float, n_iter: int, summ
     wgw = objective.fit_sums(np.einsum("ij,ij->i", gram_w, gram_h, dtype=np.float64))
     violations = panel_stats[p : p + n] + h_stats[q : q + n]
     now = zip(h_stats[q + n : q + 2 * n], wgw, violations, strict=True)
-    for fit, (cross, wgw_fit, violation) in zip(fits, now, strict=True):
+    for i, (fit, (cross, wgw_fit, violation)) in enumerate(zip(fits, now, strict=True)):
+        if i in objective.frozen:  # its products are no longer formed (``live_product``)
+            continue
         fit["error"].append(_error(norm, cross, wgw_fit))
         fit["violation"].append(float(violation))
+
+
+def half_sq_error(fits: list) -> float:
+    """½ Σ ‖X − W·H‖² of the stacked fits, each at its newest record (a frozen fit's at the
+    iteration it stopped at, where its factors stay)."""
+    return 0.5 * sum(fit["error"][-1] ** 2 for fit in fits)
 
 
 def _error(norm_x_sq: float, cross: float, wgw: float) -> float:

@@ -218,12 +218,14 @@ def _panel_step(objective: Objective, order, col_bounds, h, x, wt, push=None):
     if not objective.frobenius:
         return _panel_step_divergence(objective, col_bounds, h, x, wt, stats)
     wt = wt.copy()  # updated in place; the input may be a block that other tasks still read
-    wt = _w_update(objective, order, objective.gram(h), kernels.dot_h(x, h), wt, stats)
+    cross = objective.live_product(kernels.dot_h, x, h)
+    wt = _w_update(objective, order, objective.gram(h), cross, wt, stats)
     if push is not None:
         plain = wt
         wt = extrapolation.extrapolate(plain, kernels.aligned(push[0]), push[1])
     stats[P_SUM_W] = wt.sum(dtype=np.float64)
-    out = (wt, objective.gram(wt), stats, *_split(kernels.dot_w(x, wt), col_bounds))
+    partials = _split(objective.live_product(kernels.dot_w, x, wt), col_bounds)
+    out = (wt, objective.gram(wt), stats, *partials)
     return out if push is None else (*out, plain)
 
 

@@ -3,6 +3,7 @@ stability and held-out measures, the suggested rank on planted data, bad input."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
@@ -411,6 +412,55 @@ def test_stacked_fits_stop_each_by_its_own_rule(solver, layout):
     assert fitted.layout["scheme"] == layout
     alone = "columns" if layout == "columns" else "auto"  # Xᵀ updates H first: not the same
     _each_is_its_fit_alone(fitted, X, ranks, seeds, solver, rtol=1e-8, layout=alone)
+
+
+def test_the_products_of_stacked_fits_that_stopped_are_no_longer_formed(monkeypatch):
+    """Once a stacked fit has stopped, the panel tasks form the products (X_i·Hᵀ, W_iᵀ·X_i)
+    of the fits still running only — a fit that stops early costs nothing after — and each
+    fit is still its fit alone, and the stacked fit's objective is that of all of them (the
+    stopped ones where they stopped)."""
+    from dasknmf import kernels
+
+    formed = []
+    dot_h = kernels.dot_h
+
+    def counting(x, h):
+        formed.append(h.shape[0])
+        return dot_h(x, h)
+
+    monkeypatch.setattr(kernels, "dot_h", counting)
+    X = low_rank(300, 60, 4, seed=1) + 0.05 * np.random.default_rng(0).random((300, 60))
+    ranks, seeds = (3, 3, 3, 4, 4), (5, 6, 7, 8, 9)
+    fitted = _stacked_until_each_stops(X, ranks, seeds, "cd", panel_bytes=100 * 60 * 8)
+    stops = fitted.replicate_n_iter
+    assert len(set(stops)) > 2  # the fits stop at different iterations
+    # Per iteration, one product per panel (3) of the fits not stopped before it.
+    running = [
+        sum(k for k, stop in zip(ranks, stops, strict=True) if stop >= t)
+        for t in range(1, max(stops) + 1)
+    ]
+    assert formed == [rows for rows in running for _ in range(3)]
+    _each_is_its_fit_alone(fitted, X, ranks, seeds, "cd", rtol=1e-8)
+    assert len(fitted.loss_history) == max(stops) + 1
+    half_sq = 0.5 * np.sum(np.square(fitted.replicate_errors))
+    np.testing.assert_allclose(fitted.loss_history[-1], half_sq, rtol=1e-6)
+
+
+def test_a_frozen_fits_rows_of_a_live_product_are_zeros():
+    """``Objective.live_product``: the rows of the fits not frozen as the product of all of
+    them, the frozen fits' zeros; with none frozen, the product itself."""
+    from dasknmf import kernels
+    from dasknmf.objective import Objective
+
+    rng = np.random.default_rng(2)
+    x, h = rng.random((40, 30)), rng.random((7, 30))
+    objective = Objective(7, ranks=(2, 3, 2))
+    whole = kernels.dot_h(x, h)
+    np.testing.assert_array_equal(objective.live_product(kernels.dot_h, x, h), whole)
+    frozen = dataclasses.replace(objective, frozen=frozenset({1}))
+    got = frozen.live_product(kernels.dot_h, x, h)
+    np.testing.assert_allclose(got[[0, 1, 5, 6]], whole[[0, 1, 5, 6]], rtol=1e-14)
+    assert not got[2:5].any() and got.shape == whole.shape
 
 
 def test_stacked_fits_stop_each_by_its_own_rule_on_a_cluster(tmp_path, cluster):
