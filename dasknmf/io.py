@@ -315,7 +315,8 @@ def save_matrix(
     X : ndarray, scipy.sparse matrix or dask.array.Array of shape (n_samples, n_features)
     chunks : (int, int), optional
         Stored chunk shape of a dense matrix; default about 16 MiB of whole rows (2-D tiles
-        for very wide rows). Sparse data is stored in runs of 4 Mi entries.
+        for very wide rows). Sparse data is stored in shards of 4 Mi entries (a file each)
+        made of chunks of 256 Ki entries, so that a read of a few rows decodes little.
     overwrite : bool
         Replace an existing store at ``path``.
     storage_options : dict, optional

@@ -361,7 +361,7 @@ def missing_chunks(array: zarr.Array, region: tuple[slice, ...]) -> list[str]:
 
     from zarr.core.sync import sync
 
-    grid = array.chunks
+    grid = array.shards or array.chunks  # what is stored: a shard of inner chunks, or a chunk
     ranges = []
     for part, size, chunk in zip(region, array.shape, grid, strict=True):
         start, stop, _ = part.indices(size)

@@ -301,6 +301,17 @@ def test_a_missing_chunk_of_a_csr_store_is_named(tmp_path):
     os.remove(tmp_path / "T.zarr" / "indices" / "c" / "2")
     with pytest.raises(CorruptStoreError, match=r"cannot read indices of rows .*chunk indices/c/2"):
         open_matrix(tmp_path / "T.zarr").compute()
+    # Shards of inner chunks: a missing shard (a file) is named the same way.
+    monkey.setattr(csr, "ENTRIES_PER_CHUNK", 10_000)
+    monkey.setattr(csr, "INNER_ENTRIES", 2_000)
+    try:
+        save_matrix(tmp_path / "U.zarr", S)
+    finally:
+        monkey.undo()
+    assert zarr.open_group(str(tmp_path / "U.zarr"), mode="r")["indices"].shards == (10_000,)
+    os.remove(tmp_path / "U.zarr" / "indices" / "c" / "2")
+    with pytest.raises(CorruptStoreError, match=r"cannot read indices of rows .*chunk indices/c/2"):
+        open_matrix(tmp_path / "U.zarr").compute()
 
 
 def test_a_missing_chunk_of_a_saved_model_is_named(tmp_path):

@@ -1,5 +1,6 @@
 """Sparse data: CSR in Zarr (anndata's encoding), sparse Dask arrays, sparse fits."""
 
+import os
 import warnings
 
 import dask.array as da
@@ -41,8 +42,30 @@ def test_a_sparse_dask_array_is_written_block_by_block(tmp_path, sync_scheduler)
     source = da.from_array(X, chunks=(100, 60), asarray=False)  # 2-D blocks of CSR
     path = save_matrix(tmp_path / "x.zarr", source)
     assert abs(open_matrix(path).compute() - X).max() == 0
-    # Its size is not known before it is written: chunks of the default size.
-    assert zarr.open_group(str(path), mode="r")["data"].chunks == (csr.ENTRIES_PER_CHUNK,)
+    # Its size is not known before it is written: shards of the default size, of inner chunks.
+    data = zarr.open_group(str(path), mode="r")["data"]
+    assert data.shards == (csr.ENTRIES_PER_CHUNK,) and data.chunks == (csr.INNER_ENTRIES,)
+
+
+def test_csr_entries_are_stored_in_shards_of_inner_chunks(tmp_path, monkeypatch):
+    """Beyond ``INNER_ENTRIES`` the entries are stored in shards (a file each) of inner
+    chunks, so that reading a few rows decodes an inner chunk or two (a batch of
+    ``MiniBatchNMF``), not a whole stored chunk; what is read back is the matrix, panels of
+    few rows included."""
+    monkeypatch.setattr(csr, "INNER_ENTRIES", 500)
+    monkeypatch.setattr(csr, "ENTRIES_PER_CHUNK", 2_000)
+    assert csr.entry_layout(400) == {"chunks": (400,)}
+    assert csr.entry_layout(1_200) == {"shards": (1_500,), "chunks": (500,)}
+    assert csr.entry_layout(None) == {"shards": (2_000,), "chunks": (500,)}
+    assert X.nnz > 4_000
+    path = save_matrix(tmp_path / "x.zarr", X)
+    group = zarr.open_group(str(path), mode="r")
+    assert group["data"].shards == (2_000,) and group["data"].chunks == (500,)
+    shards = -(-X.nnz // 2_000)
+    assert group["data"].attrs["dasknmf.chunks"] == shards  # the stored files
+    assert sorted(os.listdir(path / "data" / "c")) == [str(i) for i in range(shards)]
+    opened = open_matrix(path, panel_rows=7)
+    assert abs(opened.compute() - X).max() == 0
 
 
 def test_anndata_reads_what_we_write_and_we_read_what_anndata_writes(tmp_path):
