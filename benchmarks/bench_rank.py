@@ -219,18 +219,11 @@ def several_ks_part(rounds: int) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for case in ("dense", "streamed"):
-        runs: dict[bool, list] = {False: [], True: []}
-        for _ in range(rounds):
-            for together in runs:
-                runs[together].append(run_child(__file__, "--ks-child", case, str(int(together))))
+        runs = _alternating(rounds, "--ks-child", case)
         apart, joint = (statistics.median(x["seconds"] for x in runs[t]) for t in runs)
         mem = [statistics.median(x["peak_extra"] for x in runs[t]) / 2**20 for t in runs]
         joint_run, apart_run = runs[True][0], runs[False][0]
-        worst = max(
-            abs(a - b) / b
-            for k in map(str, KS)
-            for a, b in zip(joint_run["errors"][k], apart_run["errors"][k], strict=True)
-        )
+        worst = _worst_difference(joint_run["errors"], apart_run["errors"])
         worst_heldout = max(
             abs(joint_run["heldout"][k] - apart_run["heldout"][k]) / apart_run["heldout"][k]
             for k in map(str, KS)
@@ -249,20 +242,31 @@ STOPS_KS, STOPS_REPLICATES, STOPS_ITER = tuple(range(2, 11)), 10, 200
 
 def stops_child(kind: str, skip: bool) -> dict:
     """``select_rank`` of ``STOPS_KS`` on the planted ``kind`` matrix, replicates stopping by
-    their own rule; ``skip`` False: the frozen replicates' products formed too."""
+    their own rule; ``skip`` False: the frozen replicates' products formed too. Also the
+    iterations each replicate of each k ran (read off its stacked fit)."""
     warnings.simplefilter("ignore")
-    from dasknmf import select_rank
+    from dasknmf import rank
     from dasknmf.objective import Objective
 
     if not skip:
         Objective.live_product = lambda self, product, x, f: product(x, f)
+    stops: dict = {}
+    fit = rank.stacked_fit
+
+    def recording(X, ranks, *args, **kwargs):
+        fitted, other = fit(X, ranks, *args, **kwargs)
+        for k, n in zip(ranks, fitted.replicate_n_iter, strict=True):
+            stops.setdefault(k, []).append(n)
+        return fitted, other
+
+    rank.stacked_fit = recording
     X = planted(kind)
     start = time.perf_counter()
-    found = select_rank(X, STOPS_KS, STOPS_REPLICATES, max_iter=STOPS_ITER, heldout=False,
-                        random_state=0)  # fmt: skip
+    found = rank.select_rank(X, STOPS_KS, STOPS_REPLICATES, max_iter=STOPS_ITER, heldout=False,
+                             random_state=0)  # fmt: skip
     seconds = time.perf_counter() - start
     errors = {k: found.errors[k].tolist() for k in STOPS_KS}
-    return dict(seconds=seconds, errors=errors)
+    return dict(seconds=seconds, errors=errors, stops=stops)
 
 
 def stops_part(rounds: int) -> str:
@@ -279,21 +283,13 @@ def stops_part(rounds: int) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for kind in ("dense", "sparse"):
-        runs: dict[bool, list] = {False: [], True: []}
-        for _ in range(rounds):
-            for skip in runs:
-                runs[skip].append(run_child(__file__, "--stops-child", kind, str(int(skip))))
+        runs = _alternating(rounds, "--stops-child", kind)
         before, now = (statistics.median(x["seconds"] for x in runs[s]) for s in runs)
-        stops = _replicate_stops(kind)
+        stops = {int(k): n for k, n in runs[True][0]["stops"].items()}
         first, last = min(map(min, stops.values())), max(map(max, stops.values()))
         total = last * sum(STOPS_KS) * STOPS_REPLICATES
         used = sum(k * sum(n) for k, n in stops.items())
-        now_errors, before_errors = runs[True][0]["errors"], runs[False][0]["errors"]
-        worst = max(
-            abs(a - b) / b
-            for k in now_errors
-            for a, b in zip(now_errors[k], before_errors[k], strict=True)
-        )
+        worst = _worst_difference(runs[True][0]["errors"], runs[False][0]["errors"])
         lines.append(
             f"| {kind} | {first}, {last} | "
             f"{1 - used / total:.0%} | {before:.1f} | {now:.1f} | {before / now:.2f}× | "
@@ -303,26 +299,21 @@ def stops_part(rounds: int) -> str:
     return "\n".join(lines)
 
 
-def _replicate_stops(kind: str) -> dict:
-    """The iterations each replicate of each k ran (``stops_child``'s fit), in this process."""
-    from dasknmf import rank
+def _alternating(rounds: int, flag: str, case: str) -> dict[bool, list]:
+    """``rounds`` rounds of the child ``flag`` on ``case`` both ways (0, then 1), each in a
+    fresh process, the ways alternating: the children's results by way."""
+    runs: dict[bool, list] = {False: [], True: []}
+    for _ in range(rounds):
+        for way in runs:
+            runs[way].append(run_child(__file__, flag, case, str(int(way))))
+    return runs
 
-    stops: dict = {}
-    fit = rank.stacked_fit
 
-    def recording(X, ranks, *args, **kwargs):
-        fitted, other = fit(X, ranks, *args, **kwargs)
-        for k, n in zip(ranks, fitted.replicate_n_iter, strict=True):
-            stops.setdefault(k, []).append(n)
-        return fitted, other
-
-    rank.stacked_fit = recording
-    try:
-        rank.select_rank(planted(kind), STOPS_KS, STOPS_REPLICATES, max_iter=STOPS_ITER,
-                         heldout=False, random_state=0)  # fmt: skip
-    finally:
-        rank.stacked_fit = fit
-    return {k: stops[k] for k in STOPS_KS}
+def _worst_difference(errors: dict, reference: dict) -> float:
+    """The largest relative difference of a replicate's error from its ``reference`` (per k)."""
+    return max(
+        abs(a - b) / b for k in reference for a, b in zip(errors[k], reference[k], strict=True)
+    )
 
 
 def planted(kind: str, seed: int = 0):

@@ -48,8 +48,7 @@ def entry_layout(entries: int | None) -> dict:
     size = chunk_entries(entries)
     if size <= INNER_ENTRIES:
         return {"chunks": (size,)}
-    inner = min(INNER_ENTRIES, size)
-    return {"shards": (-(-size // inner) * inner,), "chunks": (inner,)}
+    return {"shards": (-(-size // INNER_ENTRIES) * INNER_ENTRIES,), "chunks": (INNER_ENTRIES,)}
 
 
 def is_csr_group(node) -> bool:
@@ -235,7 +234,7 @@ class Writer:
     def close(self) -> zarr.Group:
         for name in ("data", "indices", "indptr"):
             array = self.group[name]
-            stored = array.shards or array.chunks
+            stored = storage.stored_chunks(array)
             array.attrs[storage.CHUNKS_ATTRIBUTE] = storage.chunk_count(array.shape, stored)
         self.group.attrs.update({**ENCODING, "shape": [self.n_rows, self.n_cols]})
         return self.group

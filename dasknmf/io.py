@@ -197,7 +197,7 @@ def _node_as_dask(
         )
     check_matrix_shape(node.shape, where)
     check_matrix_dtype(node.dtype, where)
-    stored = node.shards or node.chunks
+    stored = storage.stored_chunks(node)
     n_rows, n_cols = node.shape
     rows = _panel_rows(n_rows, n_cols * node.dtype.itemsize, stored[0], budget, panel_rows)
     chunks = (rows, stored[1])

@@ -326,6 +326,12 @@ def verify(node, digest: str, where: str) -> None:
 # ---- chunks ------------------------------------------------------------------------------
 
 
+def stored_chunks(array: zarr.Array) -> tuple[int, ...]:
+    """The shape of what an array stores as one object (a file): its shards when sharded
+    (each of inner chunks), else its chunks."""
+    return array.shards or array.chunks
+
+
 def chunk_count(shape, chunks) -> int:
     count = 1
     for size, chunk in zip(shape, chunks, strict=True):
@@ -361,7 +367,7 @@ def missing_chunks(array: zarr.Array, region: tuple[slice, ...]) -> list[str]:
 
     from zarr.core.sync import sync
 
-    grid = array.shards or array.chunks  # what is stored: a shard of inner chunks, or a chunk
+    grid = stored_chunks(array)
     ranges = []
     for part, size, chunk in zip(region, array.shape, grid, strict=True):
         start, stop, _ = part.indices(size)
