@@ -238,3 +238,36 @@ def solve_rows(objective: Objective, gram_h, max_iter: int, tol: float, sums) ->
     pin_worker_blas()
     penalties = dict(l1=objective.l1_w, l2=objective.l2_w)
     return masked.solve_rows_from(sums, max_iter=max_iter, tol=tol, **penalties)
+
+
+def row_moments(objective: Objective, x, total=None) -> np.ndarray:
+    """For ``transform``: the moments of a row of blocks so far, plus block (i, j)'s, after
+    its own check for negative or non-finite values (``passes.checked_moments``)."""
+    part = passes.checked_moments(objective.masked, x)
+    return part if total is None else kernels.combine_moments(total, part)
+
+
+def mu_sums(objective: Objective, tol: float, n_iter: int, state, h, x, total=None):
+    """For a β-divergence ``transform`` (or the masked loss by multiplicative updates): the
+    statistics of update ``n_iter`` of row i's W so far (see ``passes.mu_step``), plus block
+    (i, j)'s at the W where ``state`` stands; None once the row's updates stopped."""
+    if state.done:
+        return None
+    pin_worker_blas()
+    x, h, wt = panel_data(x), kernels.aligned(h), kernels.aligned(state.wt)
+    check = passes.mu_checks(n_iter, tol)
+    if objective.masked:
+        values, pattern = masked.observed(x)
+        stats = masked.mu_w_statistics(values, pattern, wt, h, objective.beta, check)
+        part = (*stats, masked.counts(pattern, axis=1))
+    else:
+        part = (*divergence.w_statistics(x, wt, h, objective.beta, check), None)
+    if total is None:
+        return part
+    return tuple(None if a is None else a + b for a, b in zip(total, part, strict=True))
+
+
+def mu_row_step(objective: Objective, max_iter: int, tol: float, n_iter: int, state, sums):
+    """Update ``n_iter`` of a row's W from the statistics summed along its row of blocks
+    (``passes.mu_step``); ``state`` itself once the row's updates stopped."""
+    return state if state.done else passes.mu_step(objective, max_iter, tol, n_iter, state, *sums)

@@ -36,12 +36,15 @@ Initialization 'random' or 'custom', or NNDSVD from the randomized SVD over the 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 
 from dasknmf import block_steps, engine, kernels, masked, passes, stacked, steps
 from dasknmf.grid import Grid, count_stored
@@ -251,38 +254,107 @@ def _rows_of(w_out) -> np.ndarray:
 
 
 def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int, tol: float):
-    """W for X under the fixed H over 2-D blocks of about ``budget`` bytes (the Frobenius loss,
-    over all of X or, masked, over its observed entries): numpy for in-memory X, a lazy Dask
-    array for Dask X (each block read once when computed). A sparse Dask X is read once here
-    to count its entries, which size the blocks."""
+    """W for X under the fixed H over 2-D blocks of about ``budget`` bytes: numpy for
+    in-memory X, a lazy Dask array for Dask X (each block read once when computed). A sparse
+    Dask X is read once here to count its entries, which size the blocks.
+
+    A least-squares transform (the Frobenius loss over all of X, or the masked loss by HALS
+    over its observed entries) sums each row's problem along its row of blocks and solves it
+    (``_least_squares_row``); a multiplicative one (another β, or the masked loss by MU)
+    iterates each row's W, every update summing its statistics along the row
+    (``_multiplicative_row``)."""
     k = h.shape[0]
-    width = masked.sums_width(k) if objective.masked else k
-    gram_h = objective.gram(h)
-    if not isinstance(X, da.Array):
+    least_squares = objective.solver == "hals" if objective.masked else objective.frobenius
+    width = 3 * k + 1  # multiplicative: W, the numerator and the denominator, the row's count
+    if least_squares:
+        width = masked.sums_width(k) if objective.masked else k
+    lazy = isinstance(X, da.Array)
+    if not lazy:
         X = X.tocsr() if sp.issparse(X) else X
-        stored = X.nnz if sp.issparse(X) else None
-        rows, cols = grid_bounds(X.shape, width, X.dtype.itemsize, budget, stored, 2)
-        h_blocks = [h[:, c:d] for c, d in itertools.pairwise(cols)]
-        W = np.empty((X.shape[0], k), dtype=X.dtype)
-        for a, b in itertools.pairwise(rows):
-            cross = None
-            for h_j, (c, d) in zip(h_blocks, itertools.pairwise(cols), strict=True):
-                cross = block_steps.checked_cross(objective, h_j, X[a:b, c:d], cross)
-            W[a:b] = block_steps.solve_rows(objective, gram_h, max_iter, tol, cross)
-        return W
-    rows, cols = grid_bounds(X.shape, width, X.dtype.itemsize, budget, count_stored(X), 2)
-    X = X.rechunk((tuple(np.diff(rows)), tuple(np.diff(cols))))
-    blocks_ = X.to_delayed(optimize_graph=False)
-    h_blocks = [dask.delayed(h[:, c:d]) for c, d in itertools.pairwise(cols)]
-    cross_task, solve = (
-        dask.delayed(block_steps.checked_cross, pure=True),
-        dask.delayed(block_steps.solve_rows, pure=True),
-    )
-    parts = []
-    for (a, b), row in zip(itertools.pairwise(rows), blocks_, strict=True):
-        cross = None
+    stored = count_stored(X) if lazy else (X.nnz if sp.issparse(X) else None)
+    rows, cols = grid_bounds(X.shape, width, X.dtype.itemsize, budget, stored, 2)
+    col_ranges = list(itertools.pairwise(cols))
+    if lazy:
+        X = X.rechunk((tuple(np.diff(rows)), tuple(np.diff(cols))))
+        items, tasks = X.__dask_keys__(), _Later(tokenize(X, h, objective, max_iter, tol))
+    else:
+        items = [[X[a:b, c:d] for c, d in col_ranges] for a, b in itertools.pairwise(rows)]
+        tasks = _Now()
+    h_blocks = [tasks.value(h[:, c:d]) for c, d in col_ranges]
+    if least_squares:
+        solve = functools.partial(_least_squares_row, gram_h=tasks.value(objective.gram(h)))
+    else:
+        solve = functools.partial(_multiplicative_row, k=k, dtype=h.dtype)
+    common = (tasks, tasks.value(objective), h_blocks, max_iter, tol)
+    parts = [
+        solve(*common, row, b - a)
+        for row, (a, b) in zip(items, itertools.pairwise(rows), strict=True)
+    ]
+    if not lazy:
+        return np.concatenate(parts)
+    return tasks.array(X, parts, (tuple(np.diff(rows)), (k,)))
+
+
+class _Now:
+    """Runs a transform's tasks as they are made (in-memory X)."""
+
+    def value(self, v):
+        return v
+
+    def __call__(self, fn, *args):
+        return fn(*args)
+
+
+class _Later:
+    """Makes a lazy transform's tasks into one graph: keyed by the transform's token and
+    their order of making (the same transform, the same keys), their arguments the keys of
+    earlier tasks, of X's blocks and of the values they share (each in the graph once)."""
+
+    def __init__(self, token: str):
+        self.token, self.made, self.graph = token, itertools.count(), {}
+
+    def value(self, v):
+        key = (f"transform-value-{self.token}", next(self.made))
+        self.graph[key] = v
+        return key
+
+    def __call__(self, fn, *args):
+        key = (f"{fn.__name__.strip('_')}-{self.token}", next(self.made))
+        self.graph[key] = (fn, *args)
+        return key
+
+    def array(self, X: da.Array, rows: list, chunks) -> da.Array:
+        """The Dask array of W whose row blocks are the tasks ``rows``."""
+        name = f"transform-{self.token}"
+        for i, key in enumerate(rows):
+            self.graph[(name, i, 0)] = key
+        graph = HighLevelGraph.from_collections(name, self.graph, dependencies=[X])
+        return da.Array(graph, name, chunks, meta=np.empty((0, 0), dtype=X.dtype))
+
+
+def _least_squares_row(tasks, objective, h_blocks, max_iter, tol, row, n_rows, *, gram_h):
+    """W_i of a row of blocks from its problem, summed along the row (one read of it)."""
+    cross = None
+    for h_j, x in zip(h_blocks, row, strict=True):
+        cross = tasks(block_steps.checked_cross, objective, h_j, x, cross)
+    return tasks(block_steps.solve_rows, objective, gram_h, max_iter, tol, cross)
+
+
+def _multiplicative_row(tasks, objective, h_blocks, max_iter, tol, row, n_rows, *, k, dtype):
+    """W_i of a row of blocks by the multiplicative updates of ``passes.transform_panel``:
+    a pass along the row for the moments that start them, then one per update (in memory
+    until the row's updates stop; a lazy graph has every update's tasks, those after the
+    stop passing the state on). Dask keeps the row's blocks from the first pass to the last,
+    so each is read once."""
+    moments = None
+    for x in row:
+        moments = tasks(block_steps.row_moments, objective, x, moments)
+    state = tasks(passes.mu_start, k, n_rows, dtype, moments)
+    for n_iter in range(max_iter + 1):
+        sums = None
         for h_j, x in zip(h_blocks, row, strict=True):
-            cross = cross_task(objective, h_j, x, cross)
-        w = solve(objective, gram_h, max_iter, tol, cross)
-        parts.append(da.from_delayed(w, shape=(b - a, k), dtype=X.dtype))
-    return da.concatenate(parts)
+            sums = tasks(block_steps.mu_sums, objective, tol, n_iter, state, h_j, x, sums)
+        state = tasks(block_steps.mu_row_step, objective, max_iter, tol, n_iter, state, sums)
+        if isinstance(state, passes.MuSolve) and state.done:
+            break
+    return tasks(passes.mu_rows, state)

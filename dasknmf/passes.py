@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from dasknmf import divergence, kernels, masked
@@ -105,8 +107,7 @@ def transform_panel(
             values, pattern, h, l1=objective.l1_w, l2=objective.l2_w, max_iter=max_iter, tol=tol
         )
     if not objective.frobenius or objective.masked:
-        mean = moments[kernels.MOMENT_SUM] / moments[kernels.MOMENT_SIZE]
-        return _transform_divergence(objective, h, max_iter, tol, x, mean)
+        return _transform_divergence(objective, h, max_iter, tol, x, moments)
     return solve_frobenius(objective, gram_h, max_iter, tol, kernels.dot_h(x, h))
 
 
@@ -146,35 +147,77 @@ def nnls(gram: np.ndarray, cross: np.ndarray, max_iter: int, tol: float, l1=0.0,
     return wt
 
 
-def _transform_divergence(objective, h, max_iter, tol, x, mean) -> np.ndarray:
-    beta, gamma = objective.beta, divergence.mm_exponent(objective.beta)
-    k = h.shape[0]
-    wt = np.full((k, x.shape[0]), np.sqrt(mean / k), dtype=h.dtype)
-    first = previous = None
+def _transform_divergence(objective, h, max_iter, tol, x, moments) -> np.ndarray:
+    state = mu_start(h.shape[0], x.shape[0], h.dtype, moments)
+    penalty = None
     if objective.masked:  # over the observed entries, each row's penalty by its count
         values, pattern = masked.observed(x)
         penalty = masked.counts(pattern, axis=1)
     for n_iter in range(max_iter + 1):
-        check = n_iter == 0 or (tol > 0 and n_iter % mu.CHECK_EVERY == 0)
+        check = mu_checks(n_iter, tol)
         if objective.masked:
-            statistics = masked.mu_w_statistics(values, pattern, wt, h, beta, check)
-            numerator, denominator, value = statistics
-            denominator = denominator + penalty * (objective.l1_w + objective.l2_w * wt)
-            objective_w = dict(l1=0.0, l2=0.0)
+            stats = masked.mu_w_statistics(values, pattern, state.wt, h, objective.beta, check)
         else:
-            numerator, denominator, value = divergence.w_statistics(x, wt, h, beta, check)
-            objective_w = dict(l1=objective.l1_w, l2=objective.l2_w)
-        if check:
-            current = np.sqrt(2 * max(value, 0.0))
-            if first is None:
-                first = previous = current
-            elif first == 0 or (previous - current) / first < tol:
-                break
-            else:
-                previous = current
-        if n_iter == max_iter:
+            stats = divergence.w_statistics(x, state.wt, h, objective.beta, check)
+        state = mu_step(objective, max_iter, tol, n_iter, state, *stats, penalty)
+        if state.done:
             break
-        wt = mu.step(wt, numerator, denominator, gamma=gamma, **objective_w)
-        if beta < 1:
-            wt[wt < _TINY] = 0
-    return np.ascontiguousarray(wt.T)
+    return mu_rows(state)
+
+
+class MuSolve(NamedTuple):
+    """Where ``transform``'s multiplicative W updates under a fixed H stand, for one panel
+    or one row of 2-D blocks: Wᵀ (k, rows), the first and the last checked error, whether
+    they stopped."""
+
+    wt: np.ndarray
+    first: float | None = None
+    previous: float | None = None
+    done: bool = False
+
+
+def mu_start(k: int, rows: int, dtype, moments) -> MuSolve:
+    """scikit-learn's start of the W-only updates: every entry sqrt(mean(X_i) / k), the mean
+    from the rows' ``moments_task`` (over the observed entries for the masked loss)."""
+    mean = moments[kernels.MOMENT_SUM] / moments[kernels.MOMENT_SIZE]
+    return MuSolve(np.full((k, rows), np.sqrt(mean / k), dtype=dtype))
+
+
+def mu_checks(n_iter: int, tol: float) -> bool:
+    """Whether update ``n_iter`` checks the error (the first, then every ``CHECK_EVERY``)."""
+    return n_iter == 0 or (tol > 0 and n_iter % mu.CHECK_EVERY == 0)
+
+
+def mu_step(
+    objective: Objective, max_iter: int, tol: float, n_iter, state: MuSolve, *stats
+) -> MuSolve:
+    """Update ``n_iter`` of the rows of ``state`` from their statistics ``(numerator,
+    denominator, D_β when checked, observed entries per row for the masked loss, else
+    None)``: done when the error fell by less than ``tol`` × its first value since the last
+    check, or after ``max_iter`` updates. ``state`` is not modified."""
+    numerator, denominator, value, penalty = stats
+    wt, first, previous = state.wt, state.first, state.previous
+    objective_w = dict(l1=objective.l1_w, l2=objective.l2_w)
+    if penalty is not None:  # masked: each row's penalty by its count
+        denominator = denominator + penalty * (objective.l1_w + objective.l2_w * wt)
+        objective_w = dict(l1=0.0, l2=0.0)
+    if mu_checks(n_iter, tol):
+        current = np.sqrt(2 * max(value, 0.0))
+        if first is None:
+            first = previous = current
+        elif first == 0 or (previous - current) / first < tol:
+            return state._replace(done=True)
+        else:
+            previous = current
+    if n_iter == max_iter:
+        return MuSolve(wt, first, previous, True)
+    gamma = divergence.mm_exponent(objective.beta)
+    wt = mu.step(wt.copy(), numerator, denominator, gamma=gamma, **objective_w)
+    if objective.beta < 1:
+        wt[wt < _TINY] = 0
+    return MuSolve(wt, first, previous, False)
+
+
+def mu_rows(state: MuSolve) -> np.ndarray:
+    """The (rows, k) block of W where ``state`` stands."""
+    return np.ascontiguousarray(state.wt.T)

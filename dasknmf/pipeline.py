@@ -462,12 +462,10 @@ def transform(
     """W for X under the fixed H (non-negative least squares, ``objective``'s update rule):
     numpy for in-memory X, a lazy Dask array for Dask X (each row panel read once when it is
     computed). Over 2-D blocks (``blocks.transform``) where a row with H does not fit
-    ``panel_bytes`` (``layout`` 'auto', as a fit chooses) or ``layout`` is 'blocks', for the
-    Frobenius loss (over all of X, or masked)."""
+    ``panel_bytes`` (``layout`` 'auto', as a fit chooses) or ``layout`` is 'blocks'."""
     itemsize = X.dtype.itemsize
     chosen = cuts.choose_layout(X.shape, H.shape[0], itemsize, panel_bytes, layout)
-    by_blocks = not objective.masked or objective.solver == "hals"  # a least-squares transform
-    if chosen == "blocks" and objective.frobenius and by_blocks:
+    if chosen == "blocks":
         return blocks.transform(X, H, objective, panel_bytes, max_iter, tol)
     common = (objective, H, objective.gram(H), max_iter, tol)
     return map_rows(X, panel_bytes, passes.transform_panel, *common, k=H.shape[0])

@@ -445,8 +445,66 @@ def test_a_masked_transform_runs_over_blocks(X, missing, monkeypatch):
         model.transform(hidden if missing == "nan" else sp.csr_array(hidden))
 
 
-def test_transform_over_blocks_refuses_bad_values(X):
-    model = NMF(**dict(KWARGS, layout="blocks", panel_bytes=FEW_BLOCKS)).fit(X)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(solver="mu", beta_loss="kullback-leibler", alpha_W=0.01, l1_ratio=0.5),
+        dict(solver="mu", beta_loss=0.5),
+        dict(solver="mu", beta_loss="kullback-leibler", missing="nan"),
+        dict(solver="mu", missing="unstored", alpha_W=0.01),
+    ],
+    ids=["kl", "beta-0.5", "masked-kl", "masked-frobenius-mu"],
+)
+def test_a_multiplicative_transform_runs_over_blocks(X, settings, monkeypatch):
+    """A β-divergence model (or a masked one fitted by MU), whose transform iterates
+    multiplicative updates, iterates each row of blocks with its statistics summed along the
+    row, no task holding the whole of H: the W of row panels of the same rows up to rounding,
+    stopping where they stop; lazily from a Dask X with the same bits, blocks of the row read
+    once."""
+    missing = settings.get("missing")
+    data = X + 0.05 if missing is None else _with_missing(X, missing)
+    model = NMF(**dict(KWARGS, layout="blocks", panel_bytes=FEW_BLOCKS, **settings)).fit(data)
+    model.max_iter, model.tol = 60, 1e-3
+    rows, _ = blocks.grid_bounds(X.shape, 3 * 4 + 1, 8, FEW_BLOCKS, None, 2)
+    calls = []
+    transform = blocks.transform
+    monkeypatch.setattr(blocks, "transform", lambda *a: calls.append(1) or transform(*a))
+    W = model.transform(data)
+    assert len(calls) == 1
+    by_rows = NMF(**dict(KWARGS, layout="rows", panel_bytes=rows[1] * 90 * 8, **settings))
+    by_rows.fit(data).components_ = model.components_
+    by_rows.max_iter, by_rows.tol = model.max_iter, model.tol
+    np.testing.assert_allclose(W, by_rows.transform(data), rtol=1e-10, atol=1e-12)
+    assert len(calls) == 1
+    model.tol = 0  # the updates stopped before max_iter above
+    assert not np.allclose(model.transform(data), W, rtol=1e-6)
+    model.tol = 1e-3
+    if missing != "unstored":
+        reads = []
+        source = da.from_array(data, chunks=(50, 40))
+        read = da.map_blocks(lambda b: reads.append(1) or b, source, meta=np.empty((0, 0)))
+        lazy = model.transform(read)
+        graph = dict(lazy.__dask_graph__())
+        whole_h = [v for v in graph.values() if getattr(v, "shape", None) == (4, 90)]
+        assert not whole_h
+        np.testing.assert_array_equal(lazy.compute(scheduler="sync"), W)
+        assert len(reads) == source.npartitions
+
+
+def test_a_multiplicative_transform_over_blocks_on_a_cluster(X, cluster):
+    """The lazy row chains of a β-divergence transform, run by a cluster of worker
+    processes: the bits of the in-memory transform."""
+    settings = dict(layout="blocks", panel_bytes=FEW_BLOCKS, solver="mu", beta_loss=1, tol=1e-3)
+    model = NMF(**dict(KWARGS, **settings)).fit(X)
+    lazy = model.transform(da.from_array(X, chunks=(50, 40)))
+    np.testing.assert_array_equal(cluster.compute(lazy).result(), model.transform(X))
+
+
+@pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
+def test_transform_over_blocks_refuses_bad_values(X, beta_loss):
+    solver = "cd" if beta_loss == "frobenius" else "mu"
+    settings = dict(layout="blocks", panel_bytes=FEW_BLOCKS, beta_loss=beta_loss, solver=solver)
+    model = NMF(**dict(KWARGS, **settings)).fit(X)
     bad = X.copy()
     bad[-1, -1] = -1.0  # in the last block
     with pytest.raises(ValueError, match="Negative values in data passed to .*NMF"):
