@@ -210,6 +210,16 @@ def block_final_stats(objective: Objective, with_w: bool, h, w_out, x) -> np.nda
     return stats
 
 
+def column_h_step(objective: Objective, order, needs_h: bool, states: list, h, column: list):
+    """In memory, a column's chain and its H update in one task: ``band_partial`` down the
+    bands' ``states`` and blocks of ``column`` in order, then ``steps.h_step`` of H_j (as the
+    chain's tasks on a cluster compute them, with the same bits)."""
+    total = None
+    for state, xs in zip(states, column, strict=True):
+        total = band_partial(objective, h if needs_h else None, state, total, xs)
+    return steps.h_step(objective, order, None, ((0, None),), h, total)
+
+
 def gram_of(objective: Objective, h_block) -> np.ndarray:
     """H_j·H_jᵀ, (k, k), of a column block of H (aligned: see ``w_step``; for stacked
     replicates only each one's own block, ``Objective.gram``)."""

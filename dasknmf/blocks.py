@@ -56,6 +56,9 @@ from dasknmf.ops import tree_reduce
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective
 
+#: ``steps.h_step``'s columns of H_j: all of it.
+_WHOLE = ((0, None),)
+
 
 def first_summary(g: Grid, objective: Objective, h: list):
     """H·Hᵀ of the H an iteration starts from, summed over the column blocks by the tree
@@ -123,16 +126,20 @@ def iterate(
         items = [(w, c, *e) for w, c, e in zip(w_outs, crosses, extra, strict=True)]
         common = (objective, order_w, summary, control, sweep > 0)
         w_outs = g.shard_map(block_steps.band_w_step, items, *common)
-    h_outs = []
-    for j, h_j in enumerate(h):
-        total, h_in = None, h_j if needs_h else None
-        for s, (w_out, xs) in enumerate(zip(w_outs, g.column(j), strict=True)):
-            total = g.on_row(
-                g.band_bounds[s], block_steps.band_partial, objective, h_in, w_out, total, xs
-            )
-        # Where the column's sums end: they do not move, and the H blocks and the summary
-        # tree over them are then on one worker, not spread at random.
-        h_outs.append(_on_h(g, steps.h_step, objective, order_h, None, ((0, None),), h_j, total))
+    if not ops.is_lazy:  # in memory: the columns' chains side by side on the threads
+        items = [(h_j, g.column(j)) for j, h_j in enumerate(h)]
+        h_outs = ops.map(block_steps.column_h_step, items, objective, order_h, needs_h, w_outs)
+    else:
+        h_outs = []
+        for j, h_j in enumerate(h):
+            total, h_in = None, h_j if needs_h else None
+            for s, (w_out, xs) in enumerate(zip(w_outs, g.column(j), strict=True)):
+                total = g.on_row(
+                    g.band_bounds[s], block_steps.band_partial, objective, h_in, w_out, total, xs
+                )
+            # Where the column's sums end: they do not move, and the H blocks and the summary
+            # tree over them are then on one worker, not spread at random.
+            h_outs.append(_on_h(g, steps.h_step, objective, order_h, None, _WHOLE, h_j, total))
     new_summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
     if momentum is not None:
         control = ops.call(steps.advance_control, control, objective, norm_x_sq, new_summary)

@@ -1,6 +1,7 @@
 """The 2-D block scheme (issue 11, point 3): the same factorization as the row panels, chosen
 when a task can hold neither a whole row with H nor a whole column with W, or forced."""
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from conftest import low_rank, run_cli
 
 from dasknmf import NMF, block_steps, blocks, init, load, save_matrix
 from dasknmf._params import InvalidParameterError
-from dasknmf.ops import EagerOps
+from dasknmf.ops import DaskOps
 from dasknmf.steps import Objective
 
 KWARGS = dict(n_components=4, init="random", random_state=0, tol=0, max_iter=15, extrapolate=False)
@@ -349,8 +350,8 @@ def test_a_block_fit_resumes_on_a_cluster_from_a_store(cluster, X, tmp_path):
     assert resumed.loss_history_ == reference.loss_history_
 
 
-class _CountingOps(EagerOps):
-    """Runs tasks at once, as in memory, counting them: a cluster runs the same tasks."""
+class _CountingOps(DaskOps):
+    """Builds the tasks that a cluster runs (here on the synchronous scheduler), counting them."""
 
     tasks = 0
 
@@ -368,12 +369,15 @@ def _fit_grid(X, band_bounds, n_iter):
     g = blocks.grid(X, 4, MANY_BLOCKS)
     g.ops = _CountingOps()
     g.band_bounds = band_bounds
-    stats = blocks.check_values(g)
-    wt, h = init.initialize(g, "random", 4, g.col_bounds, stats.mean, 0)
-    g.ops.tasks = 0
-    result = blocks.fit(g, Objective(4), wt, h, stats.sum_sq, max_iter=n_iter, tol=0)
-    W = blocks.w_blocks(g, result, 4)
-    return W, np.concatenate(result.h, axis=1), g.ops.tasks
+    with dask.config.set(scheduler="synchronous"):
+        stats = blocks.check_values(g)
+        wt, h = init.initialize(g, "random", 4, g.col_bounds, stats.mean, 0)
+        g.ops.tasks = 0
+        result = blocks.fit(g, Objective(4), wt, h, stats.sum_sq, max_iter=n_iter, tol=0)
+        tasks = g.ops.tasks
+        W = blocks.w_blocks(g, result, 4).compute()
+        H = np.concatenate(g.ops.fetch(result.h), axis=1)
+    return W, H, tasks
 
 
 def _per_iteration(X, band_bounds):
