@@ -247,6 +247,45 @@ def test_a_step_on_a_cluster_is_a_task_per_batch_and_one_for_h(cluster):
     assert prefixes.count("getitem") < 4
 
 
+def test_the_scheduler_holds_no_more_tasks_late_in_a_fit_than_early(cluster, monkeypatch):
+    """Issue 11's bound, for MiniBatchNMF: the lineage of H, A, B and of the W blocks that
+    steps made is cut every ``minibatch.LINEAGE_EVERY`` steps (5 here), so the task states
+    the scheduler holds late in a fit are no more than early on; without the cuts they grow
+    with every step (checked first). A cut parks the W blocks made since the last one only,
+    not every batch's (a task each: on 978 batches they cost more than the steps)."""
+    from dasknmf import minibatch
+    from dasknmf.ops import FutureOps
+
+    X = da.from_array(low_rank(400, 30, K, seed=4), chunks=(20, 30))  # 20 batches: 10 steps
+    counts, parked = {}, []
+    judge, detach = minibatch.Convergence.__call__, FutureOps.detach
+
+    def counting(self, step, *args):
+        counts[step] = cluster.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+        return judge(self, step, *args)
+
+    def counted_detach(self, futures):
+        parked.append(len(futures))
+        return detach(self, futures)
+
+    monkeypatch.setattr(minibatch.Convergence, "__call__", counting)
+    monkeypatch.setattr(FutureOps, "detach", counted_detach)
+    settings = dict(max_iter=12, tol=0, max_no_improvement=None, parallel_batches=2, batch_size=20)
+    with monkeypatch.context() as uncut:
+        uncut.setattr(minibatch, "LINEAGE_EVERY", 10**9)
+        _fit(X, **settings)
+    assert counts[120] > counts[20] + 50 and not parked
+    counts.clear()
+    monkeypatch.setattr(minibatch, "LINEAGE_EVERY", 5)
+    _fit(X, **settings)
+    early = max(counts[i] for i in range(20, 30))
+    late = max(counts[i] for i in range(110, 121))
+    assert late <= early + 10, (early, late)
+    # The W blocks of the 6 steps since the last cut at most (the one submitted ahead
+    # included), with H, A and B.
+    assert len(parked) == 23 and max(parked) == 2 * 6 + 3, parked
+
+
 def test_the_batches_of_a_step_run_on_different_workers(cluster):
     """Consecutive batches are placed on the worker threads in turn (``Panels.interleaved``),
     so that the batches of a step — consecutive — run at once, one per worker, cached or read
