@@ -266,7 +266,8 @@ def out_of_core_section(out: dict, stamp: str, n_rows: int) -> str:
         "",
         f"{stamp} X is the out-of-core benchmark's {size} store ({n_rows:,} × 2,000 float32, "
         "rank 20 plus noise); LocalCluster of 2 workers × 1 thread with 1 GiB each; k = 20, "
-        "random init, batches of 1,024 rows, two batches per step (`parallel_batches=2`).",
+        "random init, `batch_size=1024` — a batch is a stored chunk, 2,048 rows here (a dense "
+        "store is read in whole chunks) —, two batches per step (`parallel_batches=2`).",
         "",
         f"`NMF` with its defaults: {nmf['n_iter']} iterations (each one pass over X, plus the "
         f"validation and error passes) in {nmf['seconds']:.0f} s, error {nmf['error']:.6g}.",

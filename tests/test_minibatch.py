@@ -252,7 +252,7 @@ def test_the_scheduler_holds_no_more_tasks_late_in_a_fit_than_early(cluster, mon
     steps made is cut every ``minibatch.LINEAGE_EVERY`` steps (5 here), so the task states
     the scheduler holds late in a fit are no more than early on; without the cuts they grow
     with every step (checked first). A cut parks the W blocks made since the last one only,
-    not every batch's (a task each: on 978 batches they cost more than the steps)."""
+    not every batch's (a task each: on 489 batches a cut cost more than 20 steps' tasks)."""
     from dasknmf import minibatch
     from dasknmf.ops import FutureOps
 
