@@ -323,7 +323,7 @@ def fit(
     def submit() -> None:
         nonlocal latest, next_iter
         if ops.is_async and next_iter > start + 1 and (next_iter - 1) % LINEAGE_EVERY == 0:
-            if fold is not None and fold.pending is not None:
+            if fold is not None and fold.is_open:
                 close()
             latest = _detached(ops, *latest)[:3]
         orders = (None, None)
@@ -388,7 +388,7 @@ def fit(
             submit()
     in_flight.clear()  # a speculative iteration, if any: releasing it cancels it
     if fold is not None:
-        fold.pending = None
+        fold.drop()
     n_iter = stop or n_iter
     wt, h, _, h_stats = recent[n_iter]
     if not ops.is_lazy:

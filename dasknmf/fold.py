@@ -117,18 +117,27 @@ class Fold:
         # The newest iteration, whose H is not formed yet: (its shard outputs, its order of
         # H's components, what it started from (H, H before, control: None when carried),
         # its H blocks before)
-        self.pending = None
+        self._pending = None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether an iteration was submitted whose H is not formed yet."""
+        return self._pending is not None
+
+    def drop(self) -> None:
+        """Forget the newest iteration (submitted ahead: the fit stopped before it)."""
+        self._pending = None
 
     def step(self, latest: tuple, orders: tuple):
         ops, (objective, col_bounds) = self.panels.ops, self.shared
         order_w, order_h = orders
-        if self.pending is None:  # from ``latest`` (the start, or factors detached)
+        if self._pending is None:  # from ``latest`` (the start, or factors detached)
             wt, h, momentum = latest
             outs = shard_tasks(self.panels, objective, wt, h, col_bounds, order_w, momentum)
             source = (h[0], None, None) if momentum is None else (h[0], momentum[1][0], momentum[2])
-            self.pending = (outs, order_h, source, h)
+            self._pending = (outs, order_h, source, h)
             return None
-        outs, before_order, source, h_before = self.pending
+        outs, before_order, source, h_before = self._pending
         new = self.panels.shard_map(
             folded_shard_step,
             [(own, *outs) for own in range(len(outs))],
@@ -136,15 +145,15 @@ class Fold:
             *(self.norm_x_sq, *source, len(outs)),
         )
         h_t = ops.call(h_of, new[0])
-        self.pending = (new, order_h, (None, None, None), [h_t])
+        self._pending = (new, order_h, (None, None, None), [h_t])
         return self._entry(outs, h_t, h_before)
 
     def close(self) -> tuple:
-        outs, order_h, source, h_before = self.pending
+        outs, order_h, source, h_before = self._pending
         h_t = self.panels.ops.call(
             h_update, self.shared[0], order_h, self.tree, self.norm_x_sq, *source, *outs
         )
-        self.pending = None
+        self._pending = None
         return self._entry(outs, h_t, h_before)
 
     def _entry(self, outs: list, h_t, h_before: list) -> tuple:
