@@ -294,22 +294,37 @@ def test_the_batches_of_a_step_run_on_different_workers(cluster):
     from dask.utils import key_split
     from distributed import get_task_stream
 
+    from dasknmf import minibatch
+    from dasknmf.ops import FutureOps
+
     X = low_rank(400, 30, K, seed=8)
     settings = {"tol": 0, "max_no_improvement": None, "max_iter": 2, "parallel_batches": 2}
     expected, _ = _fit(X, **settings)
+    asked, submit = [], FutureOps.map
+
+    def recording(self, fn, items, *common, workers=None):
+        if fn is minibatch.batch_task:
+            asked.append(workers)
+        return submit(self, fn, items, *common, workers=workers)
+
     for cache in (True, False):
-        with get_task_stream(cluster) as stream:
+        asked.clear()
+        with get_task_stream(cluster) as stream, pytest.MonkeyPatch.context() as patch:
+            patch.setattr(FutureOps, "map", recording)
             got, _ = _fit(da.from_array(X, chunks=(40, 30)), cache=cache, **settings)
         assert np.array_equal(got.components_, expected.components_)
+        # Each step asks for its batches on different workers ...
+        assert len(asked) == 10 and all(len(set(w)) == 2 for w in asked), (cache, asked)
         batches = [t for t in stream.data if key_split(t["key"]) == "batch_task"]
         batches.sort(key=lambda t: t["startstops"][0]["start"])
         assert len(batches) == 20  # 10 batches of 40 rows, 2 epochs
         pairs = [batches[i : i + 2] for i in range(0, len(batches), 2)]
         workers = [(a["worker"][-5:], b["worker"][-5:]) for a, b in pairs]
-        # Placement with loose restrictions is the scheduler's to keep: in about 1 of 8 runs of
-        # the whole suite on 2 busy cores one step's batches still met on one worker (cause not
-        # found; stealing is off for them). Before the change every step's did.
-        assert sum(a != b for a, b in workers) >= len(workers) - 1, (cache, workers)
+        # ... and the scheduler keeps that with loose restrictions: in about 1 of 8 runs of
+        # the whole suite on 2 busy cores one or two steps' batches still met on one worker
+        # (cause not found; stealing is off for them; alone, 12 runs of the test or its
+        # module never showed it). Before the change every step's did.
+        assert sum(a != b for a, b in workers) >= len(workers) * 3 // 4, (cache, workers)
 
 
 # ---- saved models and updates -------------------------------------------------------------
