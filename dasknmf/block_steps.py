@@ -210,6 +210,10 @@ def block_final_stats(objective: Objective, with_w: bool, h, w_out, x) -> np.nda
     return stats
 
 
+#: ``steps.h_step``'s columns of an H block: all of it.
+WHOLE_H = ((0, None),)
+
+
 def column_h_step(objective: Objective, order, needs_h: bool, states: list, h, column: list):
     """In memory, a column's chain and its H update in one task: ``band_partial`` down the
     bands' ``states`` and blocks of ``column`` in order, then ``steps.h_step`` of H_j (as the
@@ -217,7 +221,7 @@ def column_h_step(objective: Objective, order, needs_h: bool, states: list, h, c
     total = None
     for state, xs in zip(states, column, strict=True):
         total = band_partial(objective, h if needs_h else None, state, total, xs)
-    return steps.h_step(objective, order, None, ((0, None),), h, total)
+    return steps.h_step(objective, order, None, WHOLE_H, h, total)
 
 
 def gram_of(objective: Objective, h_block) -> np.ndarray:

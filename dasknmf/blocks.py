@@ -56,9 +56,6 @@ from dasknmf.ops import tree_reduce
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective
 
-#: ``steps.h_step``'s columns of H_j: all of it.
-_WHOLE = ((0, None),)
-
 
 def first_summary(g: Grid, objective: Objective, h: list):
     """H·Hᵀ of the H an iteration starts from, summed over the column blocks by the tree
@@ -139,7 +136,9 @@ def iterate(
                 )
             # Where the column's sums end: they do not move, and the H blocks and the summary
             # tree over them are then on one worker, not spread at random.
-            h_outs.append(_on_h(g, steps.h_step, objective, order_h, None, _WHOLE, h_j, total))
+            h_outs.append(
+                _on_h(g, steps.h_step, objective, order_h, None, block_steps.WHOLE_H, h_j, total)
+            )
     new_summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
     if momentum is not None:
         control = ops.call(steps.advance_control, control, objective, norm_x_sq, new_summary)
@@ -271,7 +270,7 @@ def transform(X, h: np.ndarray, objective: Objective, budget: int, max_iter: int
     iterates each row's W, every update summing its statistics along the row
     (``_multiplicative_row``)."""
     k = h.shape[0]
-    least_squares = objective.solver == "hals" if objective.masked else objective.frobenius
+    least_squares = not passes.multiplicative_transform(objective)
     width = 3 * k + 1  # multiplicative: W, the numerator and the denominator, the row's count
     if least_squares:
         width = masked.sums_width(k) if objective.masked else k

@@ -217,13 +217,13 @@ def run_step(
 def _detach(parts: panels.Panels, state: State) -> None:
     """Cuts the lineage of H, A, B and of the Wᵀ that steps made since the last cut (the
     others have none left: a task per batch of an epoch, each time, cost the scheduler a
-    third of a second on 245 batches)."""
+    quarter to a third of a second on 123 batches)."""
     ops = parts.ops
     if not ops.is_async:
         return
     changed = sorted(state.changed)
     values = ops.detach([*(state.wt[b] for b in changed), *_factors(ops, state)])
-    for b, value in zip(changed, values, strict=False):
+    for b, value in zip(changed, values[: len(changed)], strict=True):
         state.wt[b] = value
     state.h, state.A, state.B = values[-3:]
     state.changed.clear()

@@ -106,9 +106,15 @@ def transform_panel(
         return masked.solve_rows(
             values, pattern, h, l1=objective.l1_w, l2=objective.l2_w, max_iter=max_iter, tol=tol
         )
-    if not objective.frobenius or objective.masked:
+    if multiplicative_transform(objective):
         return _transform_divergence(objective, h, max_iter, tol, x, moments)
     return solve_frobenius(objective, gram_h, max_iter, tol, kernels.dot_h(x, h))
+
+
+def multiplicative_transform(objective: Objective) -> bool:
+    """Whether ``transform`` iterates multiplicative W updates (another β, or the masked loss
+    by MU) rather than solving least squares (the Frobenius loss; masked, by HALS)."""
+    return objective.solver != "hals" if objective.masked else not objective.frobenius
 
 
 def checked_moments(masked_loss: bool, x) -> np.ndarray:
