@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import dask
 import dask.array as da
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 
 def low_rank(m: int, n: int, k: int, noise: float = 0.1, seed: int = 0, dtype=np.float64):
@@ -83,3 +85,38 @@ def last_json(result) -> dict:
     """The JSON object a successful ``--json`` run printed last."""
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class _SchedulerOrder(SchedulerPlugin):
+    """A scheduler plugin that keeps the transitions of tasks, in the order the scheduler made
+    them: ``(key, start, finish, worker)``; ``worker`` where a task finished."""
+
+    name = "tests-scheduler-order"
+
+    def __init__(self):
+        self.events = []
+
+    async def start(self, scheduler) -> None:
+        pass
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        self.events.append((key, start, finish, kwargs.get("worker")))
+
+
+@contextmanager
+def scheduler_order(client):
+    """The transitions the scheduler makes inside the block, in its order (a list filled on
+    leaving it). The task stream's times are each worker's clock shifted by an estimate of its
+    offset from the scheduler's, which under load erred by a quarter of a second: they cannot
+    order tasks of different workers, the scheduler's order can."""
+    client.register_plugin(_SchedulerOrder())
+    events = []
+    try:
+        yield events
+    finally:
+        events.extend(
+            client.run_on_scheduler(
+                lambda dask_scheduler: dask_scheduler.plugins[_SchedulerOrder.name].events
+            )
+        )
+        client.unregister_scheduler_plugin(_SchedulerOrder.name)
