@@ -63,6 +63,28 @@ def test_balance_equalizes_the_norms():
     assert extrapolation.rescaled(f, None) is f
 
 
+def test_balance_stays_finite_where_the_ratio_of_the_squares_leaves_the_floats():
+    """A component of W of 1e-161 against one of H of 1 (hypothesis found it: a fit of a
+    matrix holding 3e-161 and 1 ended in NaN): its square, 3e-322, overflows the ratio; and
+    the other way round it underflows to 0, a scale that made H infinite."""
+    sq_w = np.array([(1.6e-161) ** 2, 3.4, 1.0])
+    sq_h = np.array([3.4, (1.6e-161) ** 2, 5e-324])
+    scale = np.array(extrapolation.balance(sq_w, sq_h))
+    assert np.all(np.isfinite(scale)) and np.all(scale > 0)
+    # (3e-322 is subnormal: its few significant bits put the scales 0.4% off)
+    expected = [3.4**0.25 / 1.6e-161**0.5, 1.6e-161**0.5 / 3.4**0.25]
+    np.testing.assert_allclose(scale[:2], expected, rtol=1e-2)
+    w = np.array([1.6e-161, 3.4**0.5]) * scale[:2]
+    h = np.array([3.4**0.5, 1.6e-161]) / scale[:2]
+    np.testing.assert_allclose(w, h, rtol=1e-2)  # balanced
+    X = np.zeros((3, 7))
+    X[0, 0], X[2, 2] = 3.03883136e-161, 1.0
+    model = NMF(2, init="random", random_state=0, tol=0, max_iter=12, solver="cd")
+    W = model.fit_transform(X)
+    assert np.all(np.isfinite(W)) and np.all(np.isfinite(model.components_))
+    assert model.reconstruction_err_ < 1e-6
+
+
 X = low_rank(300, 40, 6, seed=3)
 SETTINGS = dict(n_components=6, init="random", random_state=0, tol=0, max_iter=60)
 

@@ -67,10 +67,22 @@ class Control:
 
 def balance(sq_norms_w: np.ndarray, sq_norms_h: np.ndarray) -> tuple[float, ...]:
     """Scales s_t of the components of W (1/s_t for H) after which ‖w_t‖ = ‖h_t‖; 1 for a
-    component that is zero in W or H."""
+    component that is zero in W or H.
+
+    Where the ratio of the squared norms leaves the floats (a component of W of 1e-161 against
+    one of H of 1: its square is 3e-322, the ratio overflows and the scale, ∞, turned both
+    factors into NaN), the fourth roots are taken apart: s_t = ⁴√‖h_t‖² / ⁴√‖w_t‖², finite
+    (1e80 there); a scale still not finite and positive is 1."""
+    sq_norms_w, sq_norms_h = np.asarray(sq_norms_w), np.asarray(sq_norms_h)
     usable = (sq_norms_w > 0) & (sq_norms_h > 0)
-    ratio = np.divide(sq_norms_h, sq_norms_w, out=np.ones_like(sq_norms_w), where=usable)
-    return tuple(float(v) for v in np.sqrt(np.sqrt(ratio)))
+    with np.errstate(over="ignore", under="ignore"):
+        ratio = np.divide(sq_norms_h, sq_norms_w, out=np.ones_like(sq_norms_w), where=usable)
+        scale = np.sqrt(np.sqrt(ratio))
+        out = ~np.isfinite(scale) | (scale == 0)
+        if out.any():
+            apart = np.sqrt(np.sqrt(sq_norms_h[out])) / np.sqrt(np.sqrt(sq_norms_w[out]))
+            scale[out] = np.where(np.isfinite(apart) & (apart > 0), apart, 1.0)
+    return tuple(float(v) for v in scale)
 
 
 def rescaled(factor: np.ndarray, scale: tuple[float, ...] | None, inverse: bool = False):
