@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import numpy as np
 
@@ -47,16 +48,38 @@ def _block_partials(block: int, *outs) -> tuple:
     return sum_in_order(*((out[1], out[2 + block]) for out in outs))
 
 
-def _block_sums(block: int, raw: bool, *parts):
+def _block_sums(block: int, raw: bool, scale: float, *parts):
     """The last level of the reduction for column block ``block``: (G, P_j, P_j·P_jᵀ)."""
-    return _with_ppt(_block_partials(block, *parts) if raw else sum_in_order(*parts))
+    return _with_ppt(scale, _block_partials(block, *parts) if raw else sum_in_order(*parts))
 
 
-def _with_ppt(sums: tuple) -> tuple:
-    """(G, P_j) → (G, P_j, P_j·P_jᵀ)."""
+def _with_ppt(scale: float, sums: tuple) -> tuple:
+    """(G, P_j) → (G, P_j, s²·P_j·P_jᵀ), s = ``scale`` (a power of two, 1 unless P·Pᵀ
+    overflows: ``_OverflowedPassError``)."""
     gram, p = sums
     p64 = p.astype(np.float64)
-    return gram, p, p64 @ p64.T
+    if scale != 1:
+        p64 *= scale
+    with np.errstate(over="ignore", invalid="ignore"):
+        ppt = p64 @ p64.T
+    if not np.all(np.isfinite(ppt)):  # overflowed: all ∞, which sums to ∞ without NaNs
+        ppt = np.full_like(ppt, np.inf)
+    return gram, p, ppt
+
+
+class _OverflowedPassError(Exception):
+    """P·Pᵀ overflowed: a pass to run again with P scaled by ``scale``."""
+
+    def __init__(self, scale: float):
+        super().__init__(scale)
+        self.scale = scale
+
+
+def _scale_for(gram: np.ndarray) -> float:
+    """A power of two s that brings s·P near 1: P = Yᵀ·X is of the order of G = Yᵀ·Y (σ² for
+    an orthonormal Z), and P·Pᵀ of its square, which overflows where σ exceeds ~1e77 (X of
+    entries near 1e80: scikit-learn's NNDSVD takes them)."""
+    return 2.0 ** -math.ceil(math.log2(float(np.max(np.abs(np.diag(gram))))))
 
 
 def _gram_summary(*block_sums) -> tuple:
@@ -106,8 +129,14 @@ def _randomized_svd(layout, k, n_iter, entropy, col_bounds, stream, one_pass):
     z = ops.map(
         _gaussian_block, list(itertools.pairwise(col_bounds)), entropy, stream, width, layout.dtype
     )
+    scale = 1.0  # P·Pᵀ unscaled unless it overflows (then each pass scales it)
     for _ in range(n_iter + 1):
-        yt, z, sigma, coef_u = one_pass(layout, z, col_bounds)
+        try:
+            yt, next_z, sigma, coef_u = one_pass(layout, z, col_bounds, scale)
+        except _OverflowedPassError as too_large:
+            scale = too_large.scale
+            yt, next_z, sigma, coef_u = one_pass(layout, z, col_bounds, scale)
+        z = next_z
         if not sigma.size:  # X is zero
             break
     kept = min(k, sigma.size)
@@ -118,27 +147,38 @@ def _randomized_svd(layout, k, n_iter, entropy, col_bounds, stream, one_pass):
     return ut, s, vt
 
 
-def _subspace_pass(panels: Panels, z: list, col_bounds: list[int]):
+def _subspace_pass(panels: Panels, z: list, col_bounds: list[int], scale: float):
     """One read of X: from Zᵀ blocks to (Y_iᵀ blocks, next Zᵀ blocks, Σ, coefficients that turn
-    Y_iᵀ into Uᵀ blocks)."""
+    Y_iᵀ into Uᵀ blocks); P·Pᵀ formed scaled by ``scale``² (``_with_ppt``)."""
     ops = panels.ops
     outs = panels.map(_sketch_panel, [(x,) for x in panels.items], col_bounds, z)
     sums = []
     for j in range(len(z)):
         parts, raw = reduce_to_fanin(ops, outs, functools.partial(_block_partials, j))
-        sums.append(ops.call(_block_sums, j, raw, *parts))
+        sums.append(ops.call(_block_sums, j, raw, scale, *parts))
     yt = [ops.item(out, 0) for out in outs]
     summary = tree_reduce(ops, sums, _gram_summary, first=_gram_summary)
-    return _next_subspace(ops, yt, sums, summary, panels.dtype)
+    return _next_subspace(ops, yt, sums, summary, panels.dtype, scale)
 
 
-def _next_subspace(ops, yt: list, sums: list, summary, dtype):
+def _next_subspace(ops, yt: list, sums: list, summary, dtype, scale: float):
     """The end of a pass, for either layout: from the Y_iᵀ blocks, the column blocks' sums
-    (``_block_sums``) and their summary to what ``_subspace_pass`` returns."""
+    (``_block_sums``) and their summary to what ``_subspace_pass`` returns; ``_OverflowedPassError``
+    when P·Pᵀ overflowed unscaled."""
     yt, sums, summary = ops.persist(yt, sums, summary)
     gram, ppt = ops.fetch(summary)
+    if not np.all(np.isfinite(gram)) or not np.all(np.isfinite(ppt)):
+        if scale == 1 and np.all(np.isfinite(gram)):
+            raise _OverflowedPassError(_scale_for(gram))
+        raise ValueError(
+            "X's values are too large for an NNDSVD start (its sketch overflowed float64: "
+            f"largest squared singular value estimate {np.max(np.diag(gram)):.3g}); scale X "
+            "down or use init='random'."
+        )
     t = _orthonormalizer(gram)
     values, u_small = np.linalg.eigh(t.T @ ppt @ t)
+    if scale != 1:
+        values = values / scale / scale  # s² would underflow
     values, u_small = values[::-1], u_small[:, ::-1]  # descending
     sigma = np.sqrt(np.maximum(values, 0))
     keep = sigma > sigma.max(initial=0) * np.sqrt(RANK_CUTOFF)
@@ -176,7 +216,7 @@ def _band_project(with_gram: bool, yts: tuple, total, xs: tuple) -> tuple:
     return total
 
 
-def _subspace_pass_blocks(g, z: list, col_bounds: list[int]):
+def _subspace_pass_blocks(g, z: list, col_bounds: list[int], scale: float):
     """``_subspace_pass`` over the blocks of a ``grid.Grid``, in the tasks of an iteration of
     ``dasknmf.blocks``: along each row of blocks (one task per band and column block) the
     chain of Y_iᵀ = Σ_j (X_ij·Z_j)ᵀ, then along each column the chain of Σ_i Y_iᵀ·X_ij (and,
@@ -190,9 +230,9 @@ def _subspace_pass_blocks(g, z: list, col_bounds: list[int]):
         total = None
         for s, (state, xs) in enumerate(zip(yt, g.column(j), strict=True)):
             total = g.on_row(g.band_bounds[s], _band_project, j == 0, state, total, xs)
-        sums.append(g.on_row(g.band_bounds[-2], _with_ppt, total))
+        sums.append(g.on_row(g.band_bounds[-2], _with_ppt, scale, total))
     summary = tree_reduce(g.ops, sums, _gram_summary, first=_gram_summary)
-    return _next_subspace(g.ops, g.unbundle(yt), sums, summary, g.dtype)
+    return _next_subspace(g.ops, g.unbundle(yt), sums, summary, g.dtype, scale)
 
 
 def _leading_rows(coef, n: int, dtype, block: np.ndarray) -> np.ndarray:

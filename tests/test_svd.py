@@ -115,3 +115,39 @@ def test_the_svd_over_2d_blocks_of_a_zero_or_low_rank_matrix():
     U, s, Vt, _ = _svd_blocks(X, 6, 1, 15 * 10 * 8)
     assert np.all(s[3:] == 0) and np.all(U[:, 3:] == 0) and np.all(Vt[3:] == 0)
     np.testing.assert_allclose((U * s) @ Vt, X, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "sparse", "dask", "blocks"])
+def test_a_matrix_of_huge_values_has_the_triplets_of_the_same_matrix_scaled(kind, sync_scheduler):
+    """P·Pᵀ (P = Yᵀ·X) goes as σ⁴ and overflowed float64 for σ above ~1e77: an NNDSVD start
+    failed with numpy's 'Eigenvalues did not converge' on a matrix of entries near 1e99 that
+    scikit-learn factorizes (found by hypothesis). Such a pass runs again with P scaled by a
+    power of two: the same vectors, the singular values scaled, up to rounding."""
+    X = _decaying()
+    big = X * 2.0**300  # ~2e90
+    if kind == "blocks":
+        U, s, Vt, _ = _svd_blocks(X, 5, 2, 40 * 20 * 8)
+        U_big, s_big, Vt_big, _ = _svd_blocks(big, 5, 2, 40 * 20 * 8)
+    else:
+        U, s, Vt = _svd(X, 5, n_iter=2, kind=kind)
+        U_big, s_big, Vt_big = _svd(big, 5, n_iter=2, kind=kind)
+    np.testing.assert_allclose(s_big, s * 2.0**300, rtol=1e-10)
+    np.testing.assert_allclose(U_big, U, atol=1e-10)
+    np.testing.assert_allclose(Vt_big, Vt, atol=1e-10)
+
+
+def test_an_nndsvd_start_takes_huge_values():
+    """A fit from an NNDSVD start of X·2³³⁰ (~2e99) is the fit of X, scaled, up to rounding
+    (before, numpy's LinAlgError); beyond what float64 can sketch, a clear error."""
+    from dasknmf import NMF
+
+    X = np.abs(_decaying(60, 12))
+    for init in ("nndsvd", "nndsvda"):
+        small = NMF(3, init=init, max_iter=30, tol=0).fit(X)
+        big = NMF(3, init=init, max_iter=30, tol=0).fit(X * 2.0**330)
+        assert np.all(np.isfinite(big.components_))
+        np.testing.assert_allclose(
+            big.reconstruction_err_, small.reconstruction_err_ * 2.0**330, rtol=1e-4
+        )
+    with pytest.raises(ValueError, match="too large for an NNDSVD start"):
+        NMF(3, init="nndsvd", max_iter=2).fit(X * 1e160)
