@@ -29,6 +29,7 @@ import numpy as np
 from dasknmf import fold as folding
 from dasknmf import kernels, passes, shards, stacked, steps
 from dasknmf.detached import StateLostError
+from dasknmf.objective import overflowed
 from dasknmf.ops import EagerOps, continue_tree, tree_reduce
 from dasknmf.panels import Panels
 from dasknmf.solvers import extrapolation
@@ -246,7 +247,11 @@ class History:
         sq_h: float,
     ) -> None:
         """Append the objective at a point, from D_β(X | WH) (½‖X − WH‖² for Frobenius) and
-        the sums the penalties need; the error is scikit-learn's sqrt(2·D_β)."""
+        the sums the penalties need; the error is scikit-learn's sqrt(2·D_β).
+
+        ``ValueError`` when it is NaN (``objective.overflowed``)."""
+        if math.isnan(value) or math.isnan(sum_w) or math.isnan(sum_h):
+            raise overflowed(f"The objective at iteration {len(self.loss)}")
         value = max(float(value), 0.0)
         self.error.append(math.sqrt(2 * value))
         self.loss.append(objective.penalized(value, sum_w, sq_w, sum_h, sq_h))

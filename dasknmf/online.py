@@ -21,6 +21,7 @@ import numpy as np
 
 from dasknmf import divergence, kernels
 from dasknmf._blas import pin_worker_blas
+from dasknmf.objective import overflowed
 from dasknmf.solvers import mu
 from dasknmf.steps import panel_data
 
@@ -235,6 +236,8 @@ class Convergence:
             setattr(self, name, value)
 
     def __call__(self, step: int, n_steps: int, cost: float, change: float, rows: int) -> bool:
+        if np.isnan(cost) or np.isnan(change):
+            raise overflowed(f"The mean batch cost at step {step}")
         if step == 1:
             if self.verbose:
                 print(f"Minibatch step {step}/{n_steps}: mean batch cost: {cost}")

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 from sklearn.exceptions import NotFittedError
 
-from dasknmf import NMF, InvalidParameterError, MatrixPathError
+from dasknmf import NMF, InvalidParameterError, MatrixPathError, MiniBatchNMF
 
 GOOD = np.abs(np.random.default_rng(0).normal(size=(20, 6))) + 0.1
 
@@ -63,6 +63,30 @@ def test_non_numeric_numpy(dtype):
 def test_non_numeric_dask():
     with pytest.raises(ValueError, match="is not numeric"):
         NMF(2, max_iter=5).fit(da.from_array(GOOD.astype(str), chunks=(10, 6)))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [(GOOD * 1e25).astype(np.float32), GOOD * 1e160],
+    ids=["float32-1e25", "float64-1e160"],
+)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: NMF(3, init="random", random_state=0, max_iter=5),
+        lambda: NMF(3, init="random", random_state=0, max_iter=5, solver="mu"),
+        lambda: NMF(3, init="random", random_state=0, max_iter=5, layout="blocks"),
+        lambda: MiniBatchNMF(3, init="random", random_state=0, max_iter=5, batch_size=7),
+    ],
+    ids=["cd", "mu", "blocks", "minibatch"],
+)
+def test_values_whose_arithmetic_overflows_the_dtype_are_named(values, make):
+    """Finite values whose products leave the dtype's range made NaN objectives, and the
+    fit went on to NaN factors (as scikit-learn's NMF does): now a ValueError at the first
+    NaN that says what to do. float32 values of 1e20 fit (as NMF) or fail so (MiniBatchNMF,
+    whose scikit-learn twin refuses them too)."""
+    with pytest.raises(ValueError, match="became NaN: the arithmetic overflowed"):
+        make().fit(values)
 
 
 def test_negative_sparse():
