@@ -59,6 +59,12 @@ class Moments:
     def mean(self) -> float:
         return self.sum / self.size
 
+    @property
+    def underflows(self) -> bool:
+        """Whether ‖X‖² of a nonzero X underflows float64 (values near 1e-160 and below): the
+        objective from the Gram identity is then zero or a few bits and cannot steer a fit."""
+        return self.nnz > 0 and self.sum_sq < np.finfo(np.float64).tiny
+
 
 def moments(panels: Panels, masked: bool = False) -> Moments:
     """One pass over X: min, non-finite count, Σx, Σx², nnz — over the observed entries

@@ -132,7 +132,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     stats = engine.check_values(parts, masked=plan.missing is not None)
     stored = _entries(stats, plan, parts.sparse, parts.shape)
     shape = (n_cols, n_rows) if transposed else (n_rows, n_cols)
-    objective = _objective(plan, shape, stored)
+    objective = _objective(plan, shape, stored, stats)
     if transposed:
         objective = objective.transposed()
     panels.cache_if_small(parts, stats.nnz, plan.cache)
@@ -229,18 +229,23 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     )
 
 
-def _objective(plan: Plan, shape, stored: int) -> Objective:
+def _objective(plan: Plan, shape, stored: int, stats: engine.Moments) -> Objective:
     """The plan's objective for X of ``shape`` (stacked fits: all their components, each with
-    the sweeps of its fit alone)."""
+    the sweeps of its fit alone). 'auto' extrapolation is off where ‖X‖² underflows: its
+    pushes then carried a fit of X·1e-200 to twice the error of X's (``Moments.underflows``)."""
     if not plan.ranks:
-        return plan.objective(*shape, plan.n_components, stored)
-    if not isinstance(plan.random_state, tuple) or len(plan.random_state) != len(plan.ranks):
+        objective = plan.objective(*shape, plan.n_components, stored)
+    elif isinstance(plan.random_state, tuple) and len(plan.random_state) == len(plan.ranks):
+        alone = {k: plan.objective(*shape, k, stored) for k in set(plan.ranks)}
+        objective = Objective.stack(alone, plan.ranks, plan.init, plan.shuffle)
+    else:
         raise ValueError(
             f"Stacked fits need one seed each: ranks {plan.ranks}, random_state "
             f"{plan.random_state!r}."
         )
-    alone = {k: plan.objective(*shape, k, stored) for k in set(plan.ranks)}
-    return Objective.stack(alone, plan.ranks, plan.init, plan.shuffle)
+    if stats.underflows and plan.extrapolate is not True:
+        objective = dataclasses.replace(objective, extrapolate=False)
+    return objective
 
 
 def _checkpoint(plan: Plan, layout, settings: dict) -> Checkpoint | None:
@@ -373,7 +378,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
     k = plan.width
     stats = blocks.check_values(grid, plan.missing is not None)
     stored = _entries(stats, plan, grid.sparse, grid.shape)
-    objective = _extrapolation_that_fits(_objective(plan, grid.shape, stored), plan, grid)
+    objective = _extrapolation_that_fits(_objective(plan, grid.shape, stored, stats), plan, grid)
     settings = fingerprint(plan, grid, stats, objective, grid.col_bounds, layout="blocks")
     ckpt = _checkpoint(plan, grid, settings)
 

@@ -161,3 +161,30 @@ def test_an_extrapolated_fit_stops_by_the_windowed_rule(monkeypatch, extrapolate
     model = NMF(**{**SETTINGS, "tol": 1e-3, "max_iter": 200, "extrapolate": extrapolate}).fit(X)
     assert bool(calls) == extrapolate
     assert model.n_iter_ < 200 and (model.n_iter_ >= extrapolation.STOP_WINDOW or not extrapolate)
+
+
+@pytest.mark.parametrize("layout", ["rows", "blocks"])
+def test_auto_gives_extrapolation_up_where_the_objective_underflows(layout):
+    """X·1e-200: ‖X‖² underflows float64, so the objective that controls the pushes is 0 at
+    every iteration; with them the fit ran its 200 iterations to twice the relative error of
+    X's own fit (hypothesis, against scikit-learn). 'auto' drops extrapolation there: the fit
+    of extrapolate=False, bit for bit, whose error is X's; at 1e-150 it extrapolates."""
+    X = np.random.default_rng(0).uniform(size=(4, 3))
+    settings = dict(init="random", random_state=0, max_iter=200, tol=1e-6, layout=layout)
+
+    def fit(scale, **more):
+        model = NMF(2, **settings, **more)
+        W = model.fit_transform(X * scale)
+        c = np.sqrt(scale)
+        error = np.linalg.norm(X - (W / c) @ (model.components_ / c)) / np.linalg.norm(X)
+        return model, error
+
+    auto, error = fit(1e-200)
+    plain, _ = fit(1e-200, extrapolate=False)
+    assert np.array_equal(auto.components_, plain.components_)
+    _, expected = fit(1.0, extrapolate=False)
+    np.testing.assert_allclose(error, expected, rtol=1e-6)
+    auto, error = fit(1e-150)
+    plain, _ = fit(1e-150, extrapolate=False)
+    assert not np.array_equal(auto.components_, plain.components_)  # extrapolated
+    np.testing.assert_allclose(error, expected, rtol=1e-3)
