@@ -65,7 +65,7 @@ def converged(n_iter: int, tol: float, history: dict) -> bool:
     if n_iter % CHECK_EVERY:
         return False
     errors = history["error"]  # errors[0] is at the initialization
-    if errors[0] == 0:  # X is zero, or its squares underflow: nothing to reduce
-        return True
+    if errors[0] == 0:  # X is zero, or its squares underflow: no measure; on to max_iter
+        return False  # (scikit-learn's rule, on NaN ratios, never stops there either)
     previous = errors[n_iter - CHECK_EVERY]
     return (previous - errors[n_iter]) / errors[0] < tol
