@@ -29,7 +29,8 @@ SOLVERS = [
 @st.composite
 def matrices(draw):
     """A small non-negative matrix with, at random, zero rows/columns, duplicated rows, or a
-    constant or all-zero value."""
+    constant or all-zero value, at times scaled far from 1 (1e-200 … 1e90: where squares
+    underflow or products approach float64's limits)."""
     m, n = draw(st.integers(2, 14)), draw(st.integers(2, 9))
     values = st.one_of(st.just(0.0), st.floats(0.0, 100.0, allow_subnormal=False))
     X = draw(arrays(np.float64, (m, n), elements=values))
@@ -43,7 +44,7 @@ def matrices(draw):
         X[:] = draw(st.floats(0.01, 10.0))
     elif kind == "zero":
         X[:] = 0
-    return X
+    return X * draw(st.sampled_from([1.0, 1.0, 1.0, 1e-200, 1e-100, 1e50, 1e90]))
 
 
 def _fit(X, solver, k, **kwargs):
@@ -69,7 +70,9 @@ def test_factors_are_non_negative_finite_and_the_objective_never_increases(X, so
         assert np.all(np.isfinite(factor)) and np.all(factor >= 0)
     loss = np.array(model.loss_history_)
     assert np.all(np.isfinite(loss)) and len(loss) == model.n_iter_ + 1
-    slack = 1e-9 * loss[0] + 1e-12
+    # rounding: the loss comes from the Gram identity, whose error scales with ‖X‖² (a fit
+    # that reaches X of 1e50 to rounding is at 0, then at 1e84)
+    slack = 1e-9 * loss[0] + 1e-13 * float(np.sum(X**2)) + 1e-12
     if model.solver == "cd" and model.extrapolate in ("auto", True):
         # A pushed point may raise the objective for an iteration (then the next restarts);
         # the fit still ends below where it started.
@@ -114,8 +117,8 @@ def test_the_result_does_not_depend_on_the_panels_or_chunks(X, solver, k, rows):
     where they are apart. Where a fit reaches X to rounding, the objective is computed at its
     floor, ‖X‖² − 2⟨X, W·H⟩ + ⟨WᵀW, HHᵀ⟩ ≈ ε·‖X‖², and extrapolation's restarts follow that
     noise: on an 11 × 3 matrix of ones with k = 2 one fit stopped at an error of 0 and another
-    mid-restart at 0.0012 (both near 1e-15 two iterations later), so there the objectives are
-    compared at the scale of ‖X‖².)"""
+    mid-restart at 0.0012 (both near 1e-15 two iterations later; at 1e-98 a 3-row X reached
+    1.9e-3 of ‖X‖), so there the errors are only held under 1% of ‖X‖.)"""
     one = _fit(X, solver, k)
     one_row_task = (3 * k + 1) * X.shape[1] * 8
     many = _fit(X, solver, k, panel_bytes=max(rows * X.shape[1] * 8, one_row_task))
@@ -130,7 +133,7 @@ def test_the_result_does_not_depend_on_the_panels_or_chunks(X, solver, k, rows):
         if not tied:
             _close(W @ model.components_, one[0] @ one[1].components_, scale)
         if exact:
-            assert model.reconstruction_err_**2 <= 1e-6 * sq_norm
+            assert model.reconstruction_err_**2 <= 1e-4 * sq_norm
         else:
             _close(model.reconstruction_err_, one[1].reconstruction_err_, scale)
 
