@@ -171,9 +171,9 @@ def _next_subspace(ops, yt: list, sums: list, summary, dtype, scale: float):
         if scale == 1 and np.all(np.isfinite(gram)):
             raise _OverflowedPassError(_scale_for(gram))
         raise ValueError(
-            "X's values are too large for an NNDSVD start (its sketch overflowed float64: "
+            f"X's values are too large for an NNDSVD start (its sketch overflowed {dtype}: "
             f"largest squared singular value estimate {np.max(np.diag(gram)):.3g}); scale X "
-            "down or use init='random'."
+            "down, fit it as float64 if it is float32, or use init='random'."
         )
     t = _orthonormalizer(gram)
     values, u_small = np.linalg.eigh(t.T @ ppt @ t)

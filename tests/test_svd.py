@@ -149,5 +149,8 @@ def test_an_nndsvd_start_takes_huge_values():
         np.testing.assert_allclose(
             big.reconstruction_err_, small.reconstruction_err_ * 2.0**330, rtol=1e-4
         )
-    with pytest.raises(ValueError, match="too large for an NNDSVD start"):
+    with pytest.raises(ValueError, match="too large for an NNDSVD start.*overflowed float64"):
         NMF(3, init="nndsvd", max_iter=2).fit(X * 1e160)
+    # float32: P itself leaves float32, which no scaling of it in float64 brings back
+    with pytest.raises(ValueError, match="too large for an NNDSVD start.*overflowed float32"):
+        NMF(3, init="nndsvd", max_iter=2).fit((X * 1e25).astype(np.float32))
