@@ -74,7 +74,7 @@ def block_row_sums(objective: Objective, wt, h, x, total=None) -> tuple:
     values, pattern = masked.observed(panel_data(x))
     h = kernels.aligned(steps.h_array(h))
     if objective.solver == "mu":
-        wt = kernels.aligned(_block_of(wt))
+        wt = kernels.aligned(block_of(wt))
         part = masked.mu_row_sums(values, pattern, wt, h, objective.beta)
     else:
         part = masked.row_sums(values, pattern, h)
@@ -101,8 +101,8 @@ def band_w_step(
         return out
     out = []
     for wt, plain, cross in zip(state, plains, crosses, strict=True):
-        wt = extrapolation.rescaled(kernels.aligned(_block_of(wt)), control.scale)
-        plain = extrapolation.rescaled(kernels.aligned(_block_of(plain, True)), control.scale)
+        wt = extrapolation.rescaled(kernels.aligned(block_of(wt)), control.scale)
+        plain = extrapolation.rescaled(kernels.aligned(block_of(plain, True)), control.scale)
         start = plain if control.restart else wt
         out.append(w_step(objective, order, summary, start, cross, (plain, control.beta)))
     return tuple(out)
@@ -114,7 +114,7 @@ def _first_stats(new: RowOut, first: RowOut) -> RowOut:
     return new._replace(stats=stats)
 
 
-def _block_of(w, plain: bool = False) -> np.ndarray:
+def block_of(w, plain: bool = False) -> np.ndarray:
     """The block of Wᵀ of a row: an array, or the (plain) block of a ``RowOut``."""
     if isinstance(w, RowOut):
         return w.plain if plain else w.wt
@@ -123,7 +123,7 @@ def _block_of(w, plain: bool = False) -> np.ndarray:
 
 def plain_rows(state) -> tuple:
     """The plain blocks of Wᵀ of a band (what a checkpoint of an extrapolated fit keeps)."""
-    return tuple(_block_of(w, True) for w in state)
+    return tuple(block_of(w, True) for w in state)
 
 
 def band_partial(objective: Objective, h, state, total, xs: tuple):

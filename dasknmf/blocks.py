@@ -242,7 +242,9 @@ def w_blocks(g: Grid, result: engine.FitResult, k: int):
     """W from the bands' states: numpy in memory, a Dask array otherwise."""
     w_outs = g.unbundle(result.wt)
     if not g.ops.is_lazy:
-        return np.ascontiguousarray(np.concatenate([w[0] for w in w_outs], axis=1).T)
+        return np.ascontiguousarray(
+            np.concatenate([block_steps.block_of(w) for w in w_outs], axis=1).T
+        )
     rows, _ = g.ranges
     return da.concatenate(
         [
@@ -253,7 +255,7 @@ def w_blocks(g: Grid, result: engine.FitResult, k: int):
 
 
 def _rows_of(w_out) -> np.ndarray:
-    return np.ascontiguousarray(w_out[0].T)
+    return np.ascontiguousarray(block_steps.block_of(w_out).T)
 
 
 # ---- transform -------------------------------------------------------------------------------

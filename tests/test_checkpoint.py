@@ -120,9 +120,13 @@ def test_a_checkpoint_between_folded_iterations_resumes_on_a_cluster(
     assert resumed.loss_history_ == reference.loss_history_
 
 
-def test_resume_with_nothing_left_to_do_returns_the_checkpoint(X, tmp_path):
-    done = NMF(max_iter=6, checkpoint=tmp_path, checkpoint_every=3, **BASE).fit(X)
-    again = NMF(max_iter=6, checkpoint=tmp_path, checkpoint_every=3, resume=True, **BASE).fit(X)
+@pytest.mark.parametrize("layout", ["rows", "blocks"])
+def test_resume_with_nothing_left_to_do_returns_the_checkpoint(X, tmp_path, layout):
+    """(2-D blocks: W was then taken from the bands' states as an iteration leaves them, and
+    the checkpoint's blocks failed with an AxisError.)"""
+    settings = dict(BASE, layout=layout, checkpoint=tmp_path, checkpoint_every=3, max_iter=6)
+    done = NMF(**settings).fit(X)
+    again = NMF(resume=True, **settings).fit(X)
     assert again.n_iter_ == 6
     np.testing.assert_array_equal(again.components_, done.components_)
     assert again.reconstruction_err_ == done.reconstruction_err_
