@@ -44,8 +44,11 @@ def _int_at_least(low: int) -> tuple[Callable, str]:
 
 
 def _size(value) -> bool:
+    """A positive number of bytes: an int (numpy's too) or a string such as '64MiB'."""
     try:
-        return (is_int(value) or isinstance(value, str)) and int(parse_bytes(value)) > 0
+        if isinstance(value, str):
+            return int(parse_bytes(value)) > 0
+        return is_int(value) and int(value) > 0
     except (ValueError, TypeError):
         return False
 

@@ -117,6 +117,8 @@ def test_negative_sparse():
         ({"cache": "sometimes"}, "'cache'"),
         ({"panel_bytes": "lots"}, "'panel_bytes'"),
         ({"panel_bytes": -5}, "'panel_bytes'"),
+        ({"panel_bytes": np.int64(0)}, "'panel_bytes'"),
+        ({"panel_bytes": 4.5}, "'panel_bytes'"),
         ({"shuffle": "yes"}, "'shuffle'"),
     ],
 )
@@ -124,6 +126,13 @@ def test_bad_parameters(params, match):
     with pytest.raises(InvalidParameterError, match=match) as info:
         NMF(**{"n_components": 2, **params}).fit(GOOD)
     assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+def test_a_numpy_integer_is_a_size():
+    """(``panel_bytes=np.int64(64)`` raised AttributeError from dask's parse_bytes.)"""
+    size = GOOD.shape[1] * GOOD.itemsize * 4
+    layout = NMF(2, panel_bytes=np.int64(size)).fit(GOOD).layout_
+    assert layout == NMF(2, panel_bytes=f"{size}B").fit(GOOD).layout_ != NMF(2).fit(GOOD).layout_
 
 
 @pytest.mark.parametrize("beta_loss", ["kullback-leibler", "itakura-saito", 1, 0.5])
