@@ -126,6 +126,11 @@ def plain_rows(state) -> tuple:
     return tuple(block_of(w, True) for w in state)
 
 
+def pushed_rows(state) -> tuple:
+    """The blocks of Wᵀ of a band (the pushed ones of an extrapolated fit: its result)."""
+    return tuple(block_of(w) for w in state)
+
+
 def band_partial(objective: Objective, h, state, total, xs: tuple):
     """``block_partial`` down the rows of a band: column j's sums so far plus the band's."""
     for w_out, x in zip(state, xs, strict=True):

@@ -52,6 +52,7 @@ from dasknmf.grid import grid as grid  # the blocks of X, as ``blocks.grid``
 from dasknmf.grid import grid_bounds as grid_bounds
 from dasknmf.grid import relocate as relocate
 from dasknmf.grid import task_memory as task_memory
+from dasknmf.history import Best, History
 from dasknmf.ops import tree_reduce
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective
@@ -170,8 +171,9 @@ def fit(
     callback=None,
     checkpoint=None,
     start: int = 0,
-    history: engine.History | None = None,
+    history: History | None = None,
     momentum: tuple | None = None,
+    kept: tuple | None = None,
 ) -> engine.FitResult:
     """Alternate the W and H updates over the blocks until the stopping rule or ``max_iter``
     (as ``engine.fit``; each iteration waits for the previous one's summary). The result holds
@@ -183,7 +185,8 @@ def fit(
 
     With ``objective.extrapolate`` the iterates are pushed along their last step
     (``solvers.extrapolation``, as ``engine.fit`` does); a resumed fit then also passes the
-    checkpoint's ``momentum`` (see ``iterate``)."""
+    checkpoint's ``momentum`` (see ``iterate``) and ``kept`` best iterate (as
+    ``engine.fit``)."""
     ops = g.ops
     k = objective.n_components
     wt = g.bundle(wt)  # one state per band from here on
@@ -192,10 +195,13 @@ def fit(
     elif momentum is not None:
         momentum = (g.bundle(momentum[0]), *momentum[1:])
     summary = None if momentum is not None else first_summary(g, objective, h)
-    history = history if history is not None else engine.History()
+    history = history if history is not None else History()
     shared = ops.share(objective)
     rule = extrapolation if objective.extrapolate else objective.rule
     n_iter, h_stats = start, None
+    best = Best(bool(objective.extrapolate), start if kept is None else kept[0])
+    best.see(history, start)  # a resumed fit: its history so far
+    kept = None if kept is None else (g.bundle(kept[1]), kept[2], None)
     for n_iter in range(start + 1, max_iter + 1):
         orders = (None, None)
         if shuffle_rng is not None:
@@ -203,10 +209,14 @@ def fit(
         if ops.is_async and n_iter % engine.LINEAGE_EVERY == 0:  # see ``engine._detached``
             wt, h, momentum, summary = engine._detached(ops, wt, h, momentum, summary)
         step = iterate(g, objective, wt, h, summary, orders, shared, momentum, norm_x_sq)
+        previous = (wt, h, h_stats)  # this iteration's inputs, until its summary is read
         wt, h, summary, momentum = ops.persist(*step)
         numbers = ops.fetch(summary)
         known = engine._record(history, objective, norm_x_sq, n_iter, numbers)
         h_stats = numbers[1]  # the masked loss's H penalty needs them (``final_pass``)
+        if best.see(history, n_iter):  # the best iterate is no longer the newest: keep it
+            kept = _kept(g, *previous)
+        del previous
         if callback is not None and known:
             callback(known, history)
         if tol > 0 and known and stacked.stopped(objective, rule, known, tol, history.as_dict()):
@@ -215,9 +225,21 @@ def fit(
             state = None if shuffle_rng is None else shuffle_rng.get_state()
             if momentum is not None:  # the plain W blocks, as the checkpoint writes them
                 momentum = (g.shard_map(block_steps.plain_rows, [(s,) for s in wt]), *momentum[1:])
-            checkpoint.save(g, n_iter, wt, h, history, state, momentum)
+            b = best.behind(n_iter)
+            older = None if b is None else (b, *kept[:2])
+            checkpoint.save(g, n_iter, wt, h, history, state, momentum, older)
+    if best.returned(n_iter) != n_iter:
+        wt, h, h_stats = kept
     h = [ops.call(steps.h_array, b) for b in h]
     return engine.FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history, h_stats=h_stats)
+
+
+def _kept(g: Grid, wt: list, h: list, h_stats) -> tuple:
+    """An iterate reduced to what its result needs (the bands' pushed W blocks and H's
+    arrays), so that keeping it past the next iterations holds nothing more
+    (``history.Best``)."""
+    wt = g.shard_map(block_steps.pushed_rows, [(s,) for s in wt])
+    return wt, [g.ops.call(steps.h_array, b) for b in h], h_stats
 
 
 def final_pass(g: Grid, objective: Objective, result: engine.FitResult) -> tuple[float, list]:

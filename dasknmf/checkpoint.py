@@ -3,7 +3,8 @@
 A checkpoint is a folder. Each save writes a complete generation ``iter-NNNNNNNN/`` — the blocks
 of Wᵀ and H as they are in the fit (one Zarr array per block, written by the task holding it,
 so W never passes through this process; for a fit with extrapolation also the plain blocks of
-Wᵀ and the previous blocks of H), and ``state.json`` with the iteration, the history, the
+Wᵀ, the previous blocks of H and, when older than the iteration, the factors of its best
+iterate, ``wtb-*`` and ``hb-*``), and ``state.json`` with the iteration, the history, the
 state of the shuffling generator (and of the extrapolation) and the fingerprint of the
 settings and the input — under a temporary name, and renames it into place when complete. A
 rename within a folder is atomic, so every ``iter-*`` generation is whole; older ones are
@@ -59,6 +60,8 @@ class State:
     wt: list
     h: list
     momentum: tuple | None = None  # of an extrapolated fit (see ``engine.iterate``)
+    # its best iterate when older than n_iter: (iteration, Wᵀ blocks, H blocks) (``history.Best``)
+    best: tuple | None = None
 
 
 def _write_block(where: Location, block) -> int:
@@ -229,6 +232,9 @@ class Checkpoint:
         if state.get("control") is not None:
             wt_plain, h_previous = _read_factors(panels, generation, ("wtp", "hp"), *counts)
             momentum = (wt_plain, h_previous, extrapolation.Control(**state["control"]))
+        best = None
+        if state.get("best") is not None:
+            best = (int(state["best"]), *_read_factors(panels, generation, ("wtb", "hb"), *counts))
         wt, h = _read_factors(panels, generation, ("wt", "h"), *counts)
         logger.info("Resuming from %s (iteration %d)", generation, state["n_iter"])
         return State(
@@ -238,6 +244,7 @@ class Checkpoint:
             wt=list(wt),
             h=list(h),
             momentum=momentum,
+            best=best,
         )
 
     def _check_fingerprint(self, stored: dict, generation: Location) -> None:
@@ -262,10 +269,21 @@ class Checkpoint:
     def due(self, n_iter: int) -> bool:
         return n_iter % self.every == 0
 
-    def save(self, panels, n_iter: int, wt: list, h: list, history, shuffle_state, momentum=None):
+    def save(
+        self,
+        panels,
+        n_iter: int,
+        wt: list,
+        h: list,
+        history,
+        shuffle_state,
+        momentum=None,
+        best=None,
+    ):
         """Write the factors after iteration ``n_iter`` (W as the shards' states, H's blocks as
-        ``panels.ops`` holds them)
-        and, for an extrapolated fit, its ``momentum``, as a new generation, atomically."""
+        ``panels.ops`` holds them) and, for an extrapolated fit, its ``momentum`` and its
+        ``best`` iterate when that is older, (iteration, W's states, H's blocks), as a new
+        generation, atomically."""
         ops = panels.ops
         self.path.makedirs()
         name = f"iter-{n_iter:08d}"
@@ -287,6 +305,8 @@ class Checkpoint:
                     panels, tmp, ("wtp", "hp"), wt_plain, h_previous, plain=True
                 )
                 control = control_of(ops.fetch(control)).as_dict()
+            if best is not None:
+                written += _write_factors(panels, tmp, ("wtb", "hb"), *best[1:])
             ops.fetch(written)
             state = {
                 "format": FORMAT,
@@ -296,6 +316,7 @@ class Checkpoint:
                 "history": history.as_dict(),
                 "shuffle_state": _rng_state_to_json(shuffle_state),
                 "control": control,
+                "best": None if best is None else int(best[0]),
                 "fingerprint": self.fingerprint,
             }
             tmp.child("state.json").write_text(json.dumps(state))

@@ -29,7 +29,7 @@ import numpy as np
 from dasknmf import fold as folding
 from dasknmf import kernels, passes, shards, stacked, steps
 from dasknmf.detached import StateLostError
-from dasknmf.objective import overflowed
+from dasknmf.history import Best, History
 from dasknmf.ops import EagerOps, continue_tree, tree_reduce
 from dasknmf.panels import Panels
 from dasknmf.solvers import extrapolation
@@ -230,40 +230,6 @@ KILLED_WORKER = LOST_DATA[1]
 
 
 @dataclass
-class History:
-    """Per-iteration record; index 0 is the initialization."""
-
-    loss: list[float] = field(default_factory=list)  # the penalized objective
-    error: list[float] = field(default_factory=list)  # ‖X − WH‖_F
-    violation: list[float] = field(default_factory=list)  # from iteration 1 on
-    fits: list[dict] = field(default_factory=list)  # each stacked fit's own (``stacked.record``)
-
-    def as_dict(self) -> dict:
-        return {"loss": self.loss, "error": self.error, "violation": self.violation} | (
-            {"fits": self.fits} if self.fits else {}
-        )
-
-    def record(
-        self,
-        objective: Objective,
-        value: float,
-        sum_w: float,
-        sq_w: float,
-        sum_h: float,
-        sq_h: float,
-    ) -> None:
-        """Append the objective at a point, from D_β(X | WH) (½‖X − WH‖² for Frobenius) and
-        the sums the penalties need; the error is scikit-learn's sqrt(2·D_β).
-
-        ``ValueError`` when it is NaN (``objective.overflowed``)."""
-        if math.isnan(value) or math.isnan(sum_w) or math.isnan(sum_h):
-            raise overflowed(f"The objective at iteration {len(self.loss)}")
-        value = max(float(value), 0.0)
-        self.error.append(math.sqrt(2 * value))
-        self.loss.append(objective.penalized(value, sum_w, sq_w, sum_h, sq_h))
-
-
-@dataclass
 class FitResult:
     wt: list
     h: list
@@ -290,6 +256,7 @@ def fit(
     start: int = 0,
     history: History | None = None,
     momentum: tuple | None = None,
+    kept: tuple | None = None,
 ) -> FitResult:
     """Alternate W and H updates until the solver's stopping rule or ``max_iter``.
 
@@ -308,7 +275,9 @@ def fit(
 
     With ``objective.extrapolate`` the iterates are pushed along their last step
     (``solvers.extrapolation``); a resumed fit then also passes the checkpoint's ``momentum``
-    (see ``iterate``).
+    (see ``iterate``), and its ``kept`` best iterate, (iteration, Wᵀ blocks, H blocks), when
+    the checkpoint holds one older than itself. An extrapolated fit returns the iterate of the
+    lowest objective (``history.Best``); ``n_iter`` and the history count all iterations run.
     """
     ops = panels.ops
     wt = panels.bundle(wt)  # one state per shard from here on
@@ -368,6 +337,11 @@ def fit(
     # are whole ``h_step`` output tuples (see ``steps.h_array``).
     recent: dict[int, tuple] = {start: (wt, h, momentum, None)}
     n_iter, stop = start, 0
+    # The best iterate, kept once a newer one is recorded (``history.Best``); a resumed fit's
+    # checkpoint may hold an older one.
+    best = Best(bool(objective.extrapolate), start if kept is None else kept[0])
+    best.see(history, start)  # a resumed fit: its history so far
+    kept = None if kept is None else (panels.bundle(kept[1]), kept[2], None, None)
     # Iterations submitted ahead of the one read: a folded iteration's summary comes with the
     # next one's shard tasks.
     ahead = (1 if fold is None else 2) if speculate else 0
@@ -383,6 +357,8 @@ def fit(
         recent[n_iter] = (wt, h, momentum, summary[1])
         recent.pop(n_iter - 2, None)
         known = _record(history, objective, norm_x_sq, n_iter, summary)
+        if best.see(history, n_iter):  # the best iterate is no longer the newest: keep it
+            kept = _kept(ops, recent[n_iter - 1])
         if callback is not None and known:
             callback(known, history)
         rule = extrapolation if objective.extrapolate else objective.rule
@@ -393,7 +369,9 @@ def fit(
             state = None
             if shuffle_rng is not None:
                 state = rng_before.get(n_iter + 1) or shuffle_rng.get_state()
-            checkpoint.save(panels, n_iter, wt, h, history, state, momentum)
+            b = best.behind(n_iter)
+            older = None if b is None else (b, *kept[:2])
+            checkpoint.save(panels, n_iter, wt, h, history, state, momentum, older)
         rng_before.pop(n_iter, None)
         if not ops.is_async and n_iter < max_iter:
             submit()
@@ -401,12 +379,26 @@ def fit(
     if fold is not None:
         fold.drop()
     n_iter = stop or n_iter
-    wt, h, _, h_stats = recent[n_iter]
+    returned = best.returned(n_iter)
+    wt, h, _, h_stats = recent[n_iter] if returned == n_iter else kept
     if not ops.is_lazy:
         h = [steps.h_array(b) for b in h]
     else:  # h_step output tuples, or arrays (from the start, or detached)
         h = [ops.call(steps.h_array, b) for b in h]
     return FitResult(wt=list(wt), h=h, n_iter=n_iter, history=history, h_stats=h_stats)
+
+
+def _kept(ops, iterate: tuple) -> tuple:
+    """An iterate (an entry of ``fit``'s ``recent``) reduced to what its result needs: the
+    shards' W blocks (``shards.resumable``) and H's arrays, so that keeping it past the next
+    iterations holds no sums of theirs."""
+    wt, h, _, h_stats = iterate
+    return (
+        [ops.call(shards.resumable, s) for s in wt],
+        [ops.call(steps.h_array, b) for b in h],
+        None,
+        h_stats,
+    )
 
 
 #: A fit on a distributed cluster cuts the lineage of its factors after every this many

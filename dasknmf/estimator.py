@@ -155,7 +155,9 @@ class NMF(RecommenderMixin, BaseNMF):
         H, the factorization matrix (always numpy).
     n_components_ : int
     reconstruction_err_ : float
-        ‖X − WH‖_F at the end of the fit (scikit-learn's definition).
+        ‖X − WH‖_F of the factors returned (scikit-learn's definition): those of the last
+        iteration, or with extrapolation those of the lowest objective in ``loss_history_``
+        (a push may raise the objective for an iteration).
     n_iter_ : int
         Number of iterations run.
     n_features_in_ : int

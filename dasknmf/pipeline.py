@@ -24,6 +24,7 @@ import numpy as np
 from dasknmf import blocks, cuts, engine, init, masked, panels, passes, shards, stacked
 from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint, fingerprint
+from dasknmf.history import History
 from dasknmf.progress import Reporter
 from dasknmf.steps import Objective
 from dasknmf.storage import distributed_client
@@ -168,7 +169,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     )
 
     def attempt():
-        *factors, start, history, shuffle_rng, momentum = point.pop("start")
+        *factors, start, history, shuffle_rng, momentum, kept = point.pop("start")
         result = stacked.each_to_its_stop(  # engine.fit, again as stacked fits stop
             engine.fit,
             parts,
@@ -185,6 +186,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
             start=start,
             history=history,
             momentum=momentum,
+            kept=kept,
         )
         return result, engine.final_pass(parts, objective, result)
 
@@ -260,15 +262,15 @@ def _checkpoint(plan: Plan, layout, settings: dict) -> Checkpoint | None:
 
 
 def _starting_point(from_checkpoint, plan, layout, ckpt, col_bounds, mean, W, H, **options):
-    """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) to start from:
-    the checkpoint's, or ``plan.init`` on ``layout`` (row panels or a grid of 2-D blocks)."""
+    """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum, best iterate)
+    to start from: the checkpoint's, or ``plan.init`` on ``layout`` (panels or 2-D blocks)."""
     if from_checkpoint:
         return _resumed(ckpt, layout, plan)
     k = plan.ranks or plan.width  # stacked fits: their ranks
     wt, h = init.initialize(
         layout, plan.init, k, col_bounds, mean, plan.random_state, W, H, **options
     )
-    return wt, h, 0, None, _shuffler(plan), None
+    return wt, h, 0, None, _shuffler(plan), None, None
 
 
 def _shuffler(plan: Plan) -> np.random.RandomState | None:
@@ -279,14 +281,14 @@ def _shuffler(plan: Plan) -> np.random.RandomState | None:
 
 
 def _resumed(ckpt: Checkpoint, layout, plan: Plan) -> tuple:
-    """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum) of the newest
-    checkpoint, read into ``layout`` (panels or 2-D blocks)."""
+    """(Wᵀ blocks, H blocks, iteration, history, shuffling generator, momentum, best iterate)
+    of the newest checkpoint, read into ``layout`` (panels or 2-D blocks)."""
     state = ckpt.load(layout)
     shuffle_rng = _shuffler(plan)
     if shuffle_rng is not None:
         shuffle_rng.set_state(state.shuffle_state)
-    history = engine.History(**state.history)
-    return state.wt, state.h, state.n_iter, history, shuffle_rng, state.momentum
+    history = History(**state.history)
+    return state.wt, state.h, state.n_iter, history, shuffle_rng, state.momentum, state.best
 
 
 def _recovering(attempt: Callable, restart: Callable, ckpt, report, dying: Callable):
@@ -353,17 +355,18 @@ def _block_width(plan: Plan) -> int:
 def _extrapolation_that_fits(objective: Objective, plan: Plan, grid: blocks.Grid) -> Objective:
     """``objective``, without extrapolation when ``plan.extrapolate`` is 'auto' and the
     cluster cannot hold its copies of the factors (the pushed and plain W, the H before and
-    the pushed H: twice a plain fit's); forced, that is an error."""
+    the pushed H, and the best iterate once a newer one is recorded: five against a plain
+    fit's two); forced, that is an error."""
     client = distributed_client() if grid.ops.is_lazy else None
     if not objective.extrapolate or client is None or panels.worker_memory() is None:
         return objective
     k, itemsize = objective.n_components, grid.dtype.itemsize
-    need, have = panels.factors_memory(client, grid.shape, k, itemsize, 4)
+    need, have = panels.factors_memory(client, grid.shape, k, itemsize, 5)
     if need <= have:
         return objective
     if plan.extrapolate is True:
         raise ValueError(
-            f"extrapolate=True on 2-D blocks keeps four copies of W and H, about "
+            f"extrapolate=True on 2-D blocks keeps five copies of W and H, about "
             f"{need / 2**20:,.0f} MiB, and the workers have {max(have, 0) / 2**20:,.0f} MiB "
             "below the point where they pause; use extrapolate='auto' or False."
         )
@@ -403,7 +406,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
     )
 
     def attempt():
-        *factors, start, history, shuffle_rng, momentum = point.pop("start")
+        *factors, start, history, shuffle_rng, momentum, kept = point.pop("start")
         result = stacked.each_to_its_stop(  # blocks.fit, again as stacked fits stop
             blocks.fit,
             grid,
@@ -419,6 +422,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
             start=start,
             history=history,
             momentum=momentum,
+            kept=kept,
         )
         value = blocks.final_pass(grid, objective, result)
         return result, value, blocks.w_blocks(grid, result, k)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dasknmf.engine import History
+from dasknmf.history import History
 from dasknmf.storage import distributed_client
 
 

@@ -88,7 +88,7 @@ def speculates(objective: Objective, tol: float) -> bool:
 
 def frozen(history) -> frozenset[int]:
     """The stacked fits that have stopped, by their records in ``history`` (an
-    ``engine.History``, or None)."""
+    ``history.History``, or None)."""
     fits = history.fits if history is not None else []
     return frozenset(i for i, fit in enumerate(fits) if "n_iter" in fit)
 

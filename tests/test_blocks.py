@@ -136,10 +136,10 @@ def test_data_crosses_between_workers_once_as_the_cost_model_says(cluster, X):
 
 
 def test_extrapolation_gives_way_where_its_copies_do_not_fit_the_workers(cluster, X, caplog):
-    """Extrapolation keeps four copies of W and H (pushed and plain W, H, the H before), a
-    plain fit two: on workers that hold two but not four, 'auto' fits without it (and says
-    so), True is an error before any work. The workers' room is set through the pause
-    fraction the check reads: between the two needs."""
+    """Extrapolation keeps five copies of W and H (pushed and plain W, H, the H before, the
+    best iterate), a plain fit two: on workers that hold two but not five, 'auto' fits
+    without it (and says so), True is an error before any work. The workers' room is set
+    through the pause fraction the check reads: between the two needs."""
     import dask
 
     from dasknmf import panels
@@ -155,11 +155,11 @@ def test_extrapolation_gives_way_where_its_copies_do_not_fit_the_workers(cluster
         caplog.set_level("INFO", logger="dasknmf")
         W, model = _fit(lazy, cache=True, **settings)
         assert "without extrapolation" in caplog.text
-        with pytest.raises(ValueError, match="extrapolate=True on 2-D blocks keeps four copies"):
+        with pytest.raises(ValueError, match="extrapolate=True on 2-D blocks keeps five copies"):
             _fit(lazy, cache=True, **dict(settings, extrapolate=True))
     np.testing.assert_array_equal(model.components_, plain.components_)
     np.testing.assert_array_equal(W.compute(), W_plain)
-    extrapolated = _fit(lazy, cache=True, **settings)[1]  # room for four copies
+    extrapolated = _fit(lazy, cache=True, **settings)[1]  # room for five copies
     assert extrapolated.loss_history_ != plain.loss_history_
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import low_rank
 
 from dasknmf import NMF, pipeline
-from dasknmf.engine import History
+from dasknmf.history import History
 
 
 def test_the_estimator_hands_the_pipeline_one_plan(monkeypatch):
