@@ -112,6 +112,12 @@ def _close(a, b, scale):
 @example(  # one fit at the objective's rounding floor, one mid-restart (found by hypothesis)
     X=np.ones((11, 3)), solver={"solver": "cd"}, k=2, rows=1
 )
+@example(  # extrapolation's paths part on a flat objective (found by hypothesis)
+    X=np.array([[0.0, 59], [0, 0], [0, 0], [62, 0], [0, 0], [2, 0.5], [0, 0]]),
+    solver={"solver": "cd"},
+    k=1,
+    rows=1,
+)
 @example(  # tied singular values: two factorizations with the same error (found by hypothesis)
     X=np.array([[1.0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 0]]),
     solver={"solver": "cd"},
@@ -131,7 +137,12 @@ def test_the_result_does_not_depend_on_the_panels_or_chunks(X, solver, k, rows):
     floor, ‖X‖² − 2⟨X, W·H⟩ + ⟨WᵀW, HHᵀ⟩ ≈ ε·‖X‖², and extrapolation's restarts follow that
     noise: on an 11 × 3 matrix of ones with k = 2 one fit stopped at an error of 0 and another
     mid-restart at 0.0012 (both near 1e-15 two iterations later; at 1e-98 a 3-row X reached
-    1.9e-3 of ‖X‖), so there the errors are only held under 1% of ‖X‖.)"""
+    1.9e-3 of ‖X‖), so there the errors are only held under 1% of ‖X‖. And extrapolation
+    pushes along Y − Y′, a difference of nearly equal iterates when the steps are small, which
+    multiplies the rounding of the sums: on a flat objective two layouts' paths part (a 7 × 2
+    X, k = 1: 7e-9 apart in the objective after 7 iterations, W·H 0.23 against 0.14 where X
+    has a 0 after 12, errors within 1e-7); where the objectives part, only the errors are
+    compared.)"""
     one = _fit(X, solver, k)
     one_row_task = (3 * k + 1) * X.shape[1] * 8
     many = _fit(X, solver, k, panel_bytes=max(rows * X.shape[1] * 8, one_row_task))
@@ -143,7 +154,10 @@ def test_the_result_does_not_depend_on_the_panels_or_chunks(X, solver, k, rows):
     sq_norm = float(np.sum(X**2))
     exact = one[1].reconstruction_err_ ** 2 <= 1e-10 * sq_norm
     for W, model in (many, chunked):
-        if not tied:
+        path = np.array(model.loss_history_)
+        parted = not np.allclose(path, one[1].loss_history_, rtol=1e-9, atol=1e-13 * sq_norm)
+        pushed = model.solver == "cd" and model.extrapolate in ("auto", True)
+        if not tied and not (parted and pushed):
             _close(W @ model.components_, one[0] @ one[1].components_, scale)
         if exact:
             assert model.reconstruction_err_**2 <= 1e-4 * sq_norm
