@@ -53,6 +53,7 @@ from dasknmf.grid import grid_bounds as grid_bounds
 from dasknmf.grid import relocate as relocate
 from dasknmf.grid import task_memory as task_memory
 from dasknmf.history import Best, History
+from dasknmf.objective import OverflowedError
 from dasknmf.ops import tree_reduce
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective
@@ -212,7 +213,14 @@ def fit(
         previous = (wt, h, h_stats)  # this iteration's inputs, until its summary is read
         wt, h, summary, momentum = ops.persist(*step)
         numbers = ops.fetch(summary)
-        known = engine._record(history, objective, norm_x_sq, n_iter, numbers)
+        try:
+            known = engine._record(history, objective, norm_x_sq, n_iter, numbers)
+        except OverflowedError as error:
+            best.overflowed(error, n_iter)  # raises, or the fit ends at its best iterate
+            if best.see(history, n_iter):
+                kept = _kept(g, *previous)
+            (wt, h, h_stats), n_iter = previous, n_iter - 1
+            break
         h_stats = numbers[1]  # the masked loss's H penalty needs them (``final_pass``)
         if best.see(history, n_iter):  # the best iterate is no longer the newest: keep it
             kept = _kept(g, *previous)

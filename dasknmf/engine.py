@@ -30,6 +30,7 @@ from dasknmf import fold as folding
 from dasknmf import kernels, passes, shards, stacked, steps
 from dasknmf.detached import StateLostError
 from dasknmf.history import Best, History
+from dasknmf.objective import OverflowedError
 from dasknmf.ops import EagerOps, continue_tree, tree_reduce
 from dasknmf.panels import Panels
 from dasknmf.solvers import extrapolation
@@ -356,7 +357,14 @@ def fit(
         summary = steps.summary_of(ops.fetch(summary))
         recent[n_iter] = (wt, h, momentum, summary[1])
         recent.pop(n_iter - 2, None)
-        known = _record(history, objective, norm_x_sq, n_iter, summary)
+        try:
+            known = _record(history, objective, norm_x_sq, n_iter, summary)
+        except OverflowedError as error:
+            best.overflowed(error, n_iter)  # raises, or the fit ends at its best iterate
+            if best.see(history, n_iter):
+                kept = _kept(ops, recent[n_iter - 1])
+            stop = n_iter - 1
+            break
         if best.see(history, n_iter):  # the best iterate is no longer the newest: keep it
             kept = _kept(ops, recent[n_iter - 1])
         if callback is not None and known:

@@ -4,9 +4,10 @@ extrapolated fit returns: the one of the lowest objective (``Best``)."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
-from dasknmf.objective import Objective, overflowed
+from dasknmf.objective import Objective, OverflowedError, overflowed
 
 
 @dataclass
@@ -36,11 +37,12 @@ class History:
         the sums the penalties need; the error is scikit-learn's sqrt(2·D_β).
 
         ``ValueError`` when it is NaN (``objective.overflowed``)."""
-        if math.isnan(value) or math.isnan(sum_w) or math.isnan(sum_h):
+        value = max(float(value), 0.0) if not math.isnan(value) else value
+        loss = objective.penalized(value, sum_w, sq_w, sum_h, sq_h)
+        if math.isnan(loss) or math.isnan(sum_w) or math.isnan(sum_h):
             raise overflowed(f"The objective at iteration {len(self.loss)}")
-        value = max(float(value), 0.0)
         self.error.append(math.sqrt(2 * value))
-        self.loss.append(objective.penalized(value, sum_w, sq_w, sum_h, sq_h))
+        self.loss.append(loss)
 
 
 @dataclass
@@ -83,6 +85,22 @@ class Best:
     def returned(self, n_iter: int) -> int:
         """The iteration whose factors a fit that ended at ``n_iter`` returns."""
         return self.n_iter if self.active and self.n_iter >= 0 else n_iter
+
+    def overflowed(self, error: OverflowedError, n_iter: int) -> None:
+        """An extrapolated fit whose objective became NaN at iteration ``n_iter`` > 1 ends at
+        its best iterate, with a warning (a push can leave a component of H near zero, and W's
+        update then leaves the floats: X of 1e50 with a background of 1e-128, found by
+        hypothesis); otherwise, or at the first iteration, where X's values are what overflows,
+        ``error`` is raised."""
+        if not self.active or n_iter <= 1:
+            raise error
+        warnings.warn(
+            f"The objective became NaN at iteration {n_iter}: an extrapolation push overflowed "
+            f"the arithmetic. The fit stops and returns its best iterate, iteration "
+            f"{self.n_iter}; extrapolate=False fits without pushes.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def behind(self, n_iter: int) -> int | None:
         """The best iteration when it is older than ``n_iter`` (a checkpoint there holds its

@@ -13,12 +13,16 @@ import numpy as np
 from dasknmf.solvers import get_solver
 
 
-def overflowed(what: str) -> ValueError:
+class OverflowedError(ValueError):
+    """An objective or a batch's cost became NaN (``overflowed``)."""
+
+
+def overflowed(what: str) -> OverflowedError:
     """The error for ``what`` (an objective, a batch's cost) that became NaN: X was checked
     finite, so the arithmetic overflowed — float32 values near 1e20–1e25, whose products leave
     float32, or float64 ones near 1e160 — where scikit-learn's ``NMF`` goes on and returns
     NaN factors."""
-    return ValueError(
+    return OverflowedError(
         f"{what} became NaN: the arithmetic overflowed the range of X's dtype (X's values are "
         "too large for it). Scale X down, or fit it as float64 if it is float32."
     )

@@ -246,3 +246,37 @@ def test_a_fit_returns_its_best_iterate(where, tmp_path, request):
             np.testing.assert_array_equal(np.asarray(W), np.asarray(reference.W_))
             assert resumed.loss_history_ == reference.loss_history_
             assert resumed.n_iter_ == reference.n_iter_
+
+
+def test_a_push_that_leaves_a_component_near_zero_does_not_overflow_the_fit():
+    """X of 1e50 with a background of 1e-128, k = 2 (found by hypothesis): a push left a
+    component of H at 1e-104 of the other, HALS divided by its curvature, W reached 1e130 and
+    the objective overflowed — a ValueError saying X's values were too large for float64. Such
+    a component is now left as it is for that update (``hals._curved``); the fit ends at the
+    plain fit's error."""
+    X = np.full((11, 6), 1.05258366e-128)
+    X[0, 1], X[0, 2], X[1, 1], X[10, 3] = 1.5e50, 1e50, 1e50, 1e50
+    settings = dict(init="random", random_state=0, tol=0, max_iter=12, solver="cd")
+    pushed = NMF(2, **settings).fit(X)
+    plain = NMF(2, extrapolate=False, **settings).fit(X)
+    assert pushed.reconstruction_err_ == pytest.approx(plain.reconstruction_err_, rel=1e-9)
+    assert np.all(np.isfinite(pushed.components_))
+
+
+@pytest.mark.parametrize("layout", ["rows", "blocks"])
+def test_a_fit_whose_pushes_overflow_stops_at_its_best_iterate(layout):
+    """The same X with 2e50 and 7e50: a push left all of H near zero, W's update left the
+    floats at iteration 8, and the NaN objective went into loss_history_. The fit now stops
+    there with a warning and returns its best iterate (X itself overflowing the dtype, at the
+    first iteration, is still an error: tests/test_bad_input.py)."""
+    X = np.full((11, 6), 1.05258366e-128)
+    X[0, 1], X[0, 2], X[1, 1], X[10, 3] = 2e50, 7e50, 1e50, 1e50
+    settings = dict(init="random", random_state=0, tol=0, max_iter=12, solver="cd", layout=layout)
+    settings["panel_bytes"] = 2 * 6 * 8 * 2 if layout == "blocks" else None
+    with pytest.warns(RuntimeWarning, match="became NaN at iteration 8: an extrapolation push"):
+        model = NMF(2, **settings).fit(X)
+    assert model.layout_["scheme"] == layout and model.n_iter_ == 7
+    loss = np.array(model.loss_history_)
+    assert len(loss) == 8 and np.all(np.isfinite(loss))
+    assert 0.5 * model.reconstruction_err_**2 == pytest.approx(loss.min(), rel=1e-9)
+    assert np.all(np.isfinite(model.components_)) and np.all(np.isfinite(model.W_))

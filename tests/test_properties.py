@@ -55,6 +55,13 @@ def _fit(X, solver, k, **kwargs):
     return (W.compute() if isinstance(W, da.Array) else W), model
 
 
+def _spiked(first: float, second: float) -> np.ndarray:
+    """Values of 1e50 on a background of 1e-128 (found by hypothesis)."""
+    X = np.full((11, 6), 1.05258366e-128)
+    X[[0, 0, 1, 10], [1, 2, 1, 3]] = [first, second, 1e50, 1e50]
+    return X
+
+
 @SETTINGS
 @given(X=matrices(), solver=st.sampled_from(SOLVERS), k=st.integers(1, 4), sparse=st.booleans())
 @example(  # balancing a component of 1e-161 overflowed: NaN factors (found by hypothesis)
@@ -75,6 +82,12 @@ def _fit(X, solver, k, **kwargs):
     solver={"solver": "cd"},
     k=1,
     sparse=False,
+)
+@example(  # a push left a component near zero; HALS divided by it and overflowed
+    X=_spiked(1.5e50, 1e50), solver={"solver": "cd"}, k=2, sparse=False
+)
+@example(  # a push left all of H near zero: the fit stops at its best iterate, with a warning
+    X=_spiked(2e50, 7e50), solver={"solver": "cd"}, k=2, sparse=False
 )
 def test_factors_are_non_negative_finite_and_the_objective_never_increases(X, solver, k, sparse):
     W, model = _fit(sp.csr_matrix(X) if sparse else X, solver, k)

@@ -59,6 +59,27 @@ def test_hals_leaves_a_component_with_zero_curvature_alone():
     np.testing.assert_array_equal(F[1], W0.T[1])
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_hals_leaves_a_component_with_curvature_below_rounding_alone(stacked):
+    """A component of the other factor at 1e-20 of the rest (curvature 1e-40 of the largest,
+    below ε²): the coupling's rounding divided by it would be the step (an extrapolated fit
+    turned such a component of W into 1e130 and overflowed). At 1e-10 it is updated."""
+    cross = H @ X.T
+    for factor, moved in ((1e-20, False), (1e-10, True)):
+        h = H.copy()
+        h[1] *= factor
+        gram, cross_1 = h @ h.T, cross.copy()
+        cross_1[1] *= factor
+        F0 = W0.T.copy()
+        if stacked:
+            F, _ = hals.update(F0[None].copy(), gram[None], cross_1[None])
+            F = F[0]
+        else:
+            F, _ = hals.update(F0.copy(), gram, cross_1)
+        assert np.array_equal(F[1], F0[1]) != moved
+        assert np.all(np.isfinite(F)) and not np.array_equal(F[0], F0[0])
+
+
 def _hals_by_component(F, gram, cross, n_sweeps, order):
     """HALS as written component by component, its violation summed as each is met."""
     diag = np.diag(gram).copy()

@@ -67,7 +67,8 @@ def update(
     # component instead of five (sweeps are many, and hold the GIL between calls), into
     # buffers made once.
     diag = np.diag(gram).copy()
-    curved = diag != 0
+    curved = _curved(diag)
+    diag[~curved] = 0
     safe = np.where(curved, diag, 1)
     scaled_cross = cross / safe[:, None]
     coupling = gram / safe[:, None]
@@ -99,6 +100,18 @@ def update(
     return F, violation
 
 
+def _curved(diag: np.ndarray) -> np.ndarray:
+    """The components an update divides by their curvature (the diagonal of the other
+    factor's Gram matrix, per problem along the last axis); the others are flat, left as they
+    are. A curvature below ε² of the largest is flat too: the rounding of the coupling terms
+    G_ts·F_s, up to ε·√(G_tt·G_ss)·|F_s|, divided by G_tt then exceeds the other components'
+    values, so the step is noise — and after an extrapolation push had left such a component
+    of H at 1e-104 of the others, its W came out at 1e130 and the objective overflowed (X of
+    1e50 and 1e-128, k = 2; found by hypothesis)."""
+    eps = np.finfo(diag.dtype).eps if diag.dtype.kind == "f" else np.finfo(float).eps
+    return diag > eps * eps * diag.max(axis=-1, keepdims=True, initial=0)
+
+
 def _update_stacked(F, gram, cross, l1, l2, n_sweeps, order) -> tuple[np.ndarray, np.ndarray]:
     """``update`` of independent problems at once (stacked replicates): F (R, k, r), gram
     (R, k, k), cross (R, k, r). Component t of every problem is updated by one batched product,
@@ -111,7 +124,8 @@ def _update_stacked(F, gram, cross, l1, l2, n_sweeps, order) -> tuple[np.ndarray
     if order is None:
         order = range(n_components)
     diag = np.diagonal(gram, axis1=1, axis2=2).copy()  # (R, k)
-    curved = diag != 0
+    curved = _curved(diag)
+    diag[~curved] = 0
     safe = np.where(curved, diag, 1)
     scaled_cross = cross / safe[:, :, None]
     coupling = gram / safe[:, :, None]
