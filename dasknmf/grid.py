@@ -192,7 +192,8 @@ def count_stored(X: da.Array) -> int | None:
     """The stored entries of a sparse Dask X (one read of it); None for a dense X."""
     if not sp.issparse(X._meta):
         return None
-    return int(X.map_blocks(_count, dtype=np.int64).sum().compute())
+    meta = np.empty((0, 0), dtype=np.int64)  # (without it, dask calls _count on X's meta)
+    return int(X.map_blocks(_count, dtype=np.int64, meta=meta).sum().compute())
 
 
 def _count(block) -> np.ndarray:

@@ -114,6 +114,7 @@ def top_n(W, H: np.ndarray, n: int, rows=None, X=None, missing=None):
         result = da.map_blocks(
             _top_dask_block, dask.delayed(H), n, missing, *blocks,
             dtype=np.float64, chunks=(parts.chunks[0], (2 * n,)),
+            meta=np.empty((0, 0), dtype=np.float64),
         ).compute()  # fmt: skip
     else:
         rows = np.arange(W.shape[0]) if rows is None else _indices(rows, W.shape[0], "rows", "rows")

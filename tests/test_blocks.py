@@ -386,6 +386,19 @@ def _per_iteration(X, band_bounds):
     return W, H, (tasks - _fit_grid(X, band_bounds, 1)[2]) / 4
 
 
+def test_the_stored_entries_are_counted_block_by_block(monkeypatch):
+    """(Without a meta, dask also called the counting function on X's empty meta.)"""
+    from dasknmf import grid
+
+    seen, count = [], grid._count
+    monkeypatch.setattr(grid, "_count", lambda block: seen.append(block.shape) or count(block))
+    S = sp.random(40, 30, density=0.1, format="csr", random_state=0)
+    X = da.from_array(S, chunks=(10, 30), asarray=False)
+    assert grid.count_stored(X) == S.nnz
+    assert seen == [(10, 30)] * 4
+    assert grid.count_stored(da.from_array(S.toarray())) is None  # dense: nothing to count
+
+
 def test_bands_group_tasks_not_sums(X):
     """An iteration runs one task per band (a worker thread's rows) and column block in each
     chain, not one per block: 2·S·Q + S + Q for S bands and Q column blocks, plus the small
