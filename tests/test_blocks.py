@@ -386,7 +386,7 @@ def _per_iteration(X, band_bounds):
     return W, H, (tasks - _fit_grid(X, band_bounds, 1)[2]) / 4
 
 
-def test_the_stored_entries_are_counted_block_by_block(monkeypatch):
+def test_the_stored_entries_are_counted_block_by_block(monkeypatch, sync_scheduler):
     """(Without a meta, dask also called the counting function on X's empty meta.)"""
     from dasknmf import grid
 
