@@ -233,9 +233,7 @@ def fit(
             state = None if shuffle_rng is None else shuffle_rng.get_state()
             if momentum is not None:  # the plain W blocks, as the checkpoint writes them
                 momentum = (g.shard_map(block_steps.plain_rows, [(s,) for s in wt]), *momentum[1:])
-            b = best.behind(n_iter)
-            older = None if b is None else (b, *kept[:2])
-            checkpoint.save(g, n_iter, wt, h, history, state, momentum, older)
+            checkpoint.save(g, n_iter, wt, h, history, state, momentum, best.older(n_iter, kept))
     if best.returned(n_iter) != n_iter:
         wt, h, h_stats = kept
     h = [ops.call(steps.h_array, b) for b in h]

@@ -377,9 +377,9 @@ def fit(
             state = None
             if shuffle_rng is not None:
                 state = rng_before.get(n_iter + 1) or shuffle_rng.get_state()
-            b = best.behind(n_iter)
-            older = None if b is None else (b, *kept[:2])
-            checkpoint.save(panels, n_iter, wt, h, history, state, momentum, older)
+            checkpoint.save(
+                panels, n_iter, wt, h, history, state, momentum, best.older(n_iter, kept)
+            )
         rng_before.pop(n_iter, None)
         if not ops.is_async and n_iter < max_iter:
             submit()

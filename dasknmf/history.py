@@ -102,7 +102,9 @@ class Best:
             stacklevel=2,
         )
 
-    def behind(self, n_iter: int) -> int | None:
-        """The best iteration when it is older than ``n_iter`` (a checkpoint there holds its
-        factors too), else None."""
-        return self.n_iter if self.active and 0 <= self.n_iter < n_iter else None
+    def older(self, n_iter: int, kept: tuple | None) -> tuple | None:
+        """What a checkpoint of iteration ``n_iter`` holds of the best iterate: (its iteration,
+        W, H) from the driver's ``kept`` when it is older, else None."""
+        if self.active and 0 <= self.n_iter < n_iter:
+            return (self.n_iter, *kept[:2])
+        return None
