@@ -40,8 +40,7 @@ from dasknmf.divergence import EPSILON
 from dasknmf.solvers import mu
 from dasknmf.solvers.hals import violation_of
 
-#: Factors below this are set to zero after a β < 1 (W) or β ≤ 1 (H) update (scikit-learn).
-TINY = np.finfo(np.float64).eps
+TINY = mu.TINY
 #: Bytes of the temporaries (unpacked Gram matrices, a float copy of a dense pattern) that the
 #: row and column updates form at a time.
 BLOCK_BYTES = 16 * 2**20
@@ -409,7 +408,7 @@ def mu_rows(values, pattern, h, wt, *, beta, l1, l2, n_sweeps) -> tuple[np.ndarr
         numerator, denominator, value = mu_w_statistics(values, pattern, wt, h, beta, sweep == 0)
         if sweep == 0:
             loss = value
-        wt = _mu_row_step(wt, numerator, denominator, n_rows, beta, l1, l2)
+        wt = mu_row_step(wt, numerator, denominator, n_rows, beta, l1, l2)
     wt[:, n_rows == 0] = 0
     return wt, {"loss": loss, "sum_w": sum_w, "sq_w": sq_w}
 
@@ -426,12 +425,12 @@ def mu_rows_from(sums: tuple, wt, *, beta, l1, l2) -> tuple[np.ndarray, dict]:
     """``mu_rows`` (one sweep) from its statistics summed over the column blocks."""
     numerator, denominator, value, n_rows = sums
     sum_w, sq_w = weighted_sums(wt, n_rows)
-    wt = _mu_row_step(wt.copy(), numerator, denominator, n_rows, beta, l1, l2)
+    wt = mu_row_step(wt.copy(), numerator, denominator, n_rows, beta, l1, l2)
     wt[:, n_rows == 0] = 0
     return wt, {"loss": float(value), "sum_w": sum_w, "sq_w": sq_w}
 
 
-def _mu_row_step(wt, numerator, denominator, n_rows, beta: float, l1, l2) -> np.ndarray:
+def mu_row_step(wt, numerator, denominator, n_rows, beta: float, l1, l2) -> np.ndarray:
     """One multiplicative update of rows of W in place, penalties scaled by each row's
     count."""
     denominator = denominator + l1 * n_rows + l2 * n_rows * wt

@@ -201,12 +201,8 @@ def mu_step(
     denominator, D_β when checked, observed entries per row for the masked loss, else
     None)``: done when the error fell by less than ``tol`` × its first value since the last
     check, or after ``max_iter`` updates. ``state`` is not modified."""
-    numerator, denominator, value, penalty = stats
+    numerator, denominator, value, n_rows = stats
     wt, first, previous = state.wt, state.first, state.previous
-    objective_w = dict(l1=objective.l1_w, l2=objective.l2_w)
-    if penalty is not None:  # masked: each row's penalty by its count
-        denominator = denominator + penalty * (objective.l1_w + objective.l2_w * wt)
-        objective_w = dict(l1=0.0, l2=0.0)
     if mu_checks(n_iter, tol):
         current = np.sqrt(2 * max(value, 0.0))
         if first is None:
@@ -217,10 +213,15 @@ def mu_step(
             previous = current
     if n_iter == max_iter:
         return MuSolve(wt, first, previous, True)
-    gamma = divergence.mm_exponent(objective.beta)
-    wt = mu.step(wt.copy(), numerator, denominator, gamma=gamma, **objective_w)
-    if objective.beta < 1:
-        wt[wt < _TINY] = 0
+    beta, l1, l2 = objective.beta, objective.l1_w, objective.l2_w
+    if n_rows is not None:  # masked: each row's penalties scaled by its count
+        wt = masked.mu_row_step(wt.copy(), numerator, denominator, n_rows, beta, l1, l2)
+    else:
+        wt = mu.step(
+            wt.copy(), numerator, denominator, gamma=divergence.mm_exponent(beta), l1=l1, l2=l2
+        )
+        if beta < 1:
+            wt[wt < _TINY] = 0
     return MuSolve(wt, first, previous, False)
 
 

@@ -48,9 +48,7 @@ H_CROSS, H_SUM_H_OLD, H_SQ_H_OLD, H_SUM_H, H_VIOLATION, H_SQ_H = range(6)
 # each). Summed over the panels and blocks like the rest.
 P_FITS, H_FITS = 7, 6
 
-#: Factors below this are set to zero after a β < 1 (W) or β ≤ 1 (H) update, as scikit-learn
-#: does "for stability".
-_TINY = np.finfo(np.float64).eps
+_TINY = mu.TINY
 
 
 # ---- panels and blocks -----------------------------------------------------------------------

@@ -8,6 +8,9 @@ import numpy as np
 
 # scikit-learn's guard against a zero denominator.
 EPSILON = np.finfo(np.float32).eps
+#: Factors below this are set to zero after a β < 1 (W) or β ≤ 1 (H) update, as scikit-learn
+#: does "for stability".
+TINY = np.finfo(np.float64).eps
 
 #: scikit-learn evaluates the 'mu' stopping rule every this many iterations.
 CHECK_EVERY = 10
