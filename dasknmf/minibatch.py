@@ -34,6 +34,7 @@ from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint
 from dasknmf.online import Convergence, Online
 from dasknmf.ops import EagerOps
+from dasknmf.recovery import recovering
 from dasknmf.storage import distributed_client
 
 logger = logging.getLogger(__name__)
@@ -334,12 +335,12 @@ def _fit(parts: panels.Panels, schedule: Schedule) -> Fitted:
         point["start"] = starting(from_checkpoint)
         return point["start"][1]
 
-    state, step, converged, value, (components, A, B) = pipeline._recovering(
+    state, step, converged, value, (components, A, B) = recovering(
         attempt,
         restart,
         ckpt,
         None,
-        lambda error: panels.workers_keep_dying(error, pipeline._panel_task_memory(parts, k)),
+        lambda error: panels.workers_keep_dying(error, panels.panel_task_memory(parts, k)),
     )
     n_batches = converged.n_batches
     n_iter = math.ceil(step / len(epoch))

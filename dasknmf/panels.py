@@ -407,6 +407,13 @@ def _rooms(client) -> list[float]:
     return [pause * w["memory_limit"] - WORKER_BASELINE for w in workers]
 
 
+def panel_task_memory(parts: Panels, k: int) -> int:
+    """The memory a task of ``parts``' largest panel needs (``task_memory``), k components."""
+    n_cols, itemsize = parts.shape[1], parts.dtype.itemsize
+    largest = max(parts.row_sizes) * n_cols * itemsize
+    return task_memory(largest, n_cols, k, itemsize)
+
+
 def relocate(panels: Panels) -> None:
     """After workers were lost: place the panels' tasks on the workers there are now (a task
     pinned to a worker that is gone would wait for it forever). Cached panels are recomputed

@@ -11,7 +11,6 @@ knows scikit-learn.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,13 +25,11 @@ from dasknmf._blas import single_blas_thread
 from dasknmf.checkpoint import Checkpoint, fingerprint
 from dasknmf.history import History
 from dasknmf.progress import Reporter
+from dasknmf.recovery import recovering
 from dasknmf.steps import Objective
 from dasknmf.storage import distributed_client
 
 logger = logging.getLogger(__name__)
-
-#: Restarts of a fit after a worker loss, before the error is raised.
-MAX_RECOVERIES = 3
 
 
 @dataclass(frozen=True)
@@ -196,12 +193,12 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
         return point["start"][2]
 
     with Reporter(plan.verbose, plan.progress, plan.max_iter, n_start) as report:
-        result, (value, h_blocks) = _recovering(
+        result, (value, h_blocks) = recovering(
             attempt,
             restart,
             ckpt,
             report,
-            lambda error: panels.workers_keep_dying(error, _panel_task_memory(parts, k)),
+            lambda error: panels.workers_keep_dying(error, panels.panel_task_memory(parts, k)),
         )
     reconstruction_err = float(np.sqrt(2 * max(value, 0.0)))
     logger.info(
@@ -289,34 +286,6 @@ def _resumed(ckpt: Checkpoint, layout, plan: Plan) -> tuple:
         shuffle_rng.set_state(state.shuffle_state)
     history = History(**state.history)
     return state.wt, state.h, state.n_iter, history, shuffle_rng, state.momentum, state.best
-
-
-def _recovering(attempt: Callable, restart: Callable, ckpt, report, dying: Callable):
-    """``attempt()``, again after each loss of data on the cluster (up to ``MAX_RECOVERIES``
-    times): a worker died with blocks of W or H that nothing can recompute (their inputs, the
-    previous iteration's blocks, are gone), so ``restart(from_checkpoint)`` sets the fit to
-    start again from the newest checkpoint, else from the initialization, and returns the
-    iteration it starts from (``report``, if any, is told). Either gives exactly the factors of
-    an undisturbed fit. A task that took down worker after worker (``KilledWorker``) would only
-    run again: ``dying(error)`` is raised instead."""
-    for n_attempt in itertools.count(1):
-        try:
-            return attempt()
-        except engine.KILLED_WORKER as error:
-            raise dying(error) from error
-        except engine.LOST_DATA as error:
-            if n_attempt > MAX_RECOVERIES:
-                raise
-            from_checkpoint = ckpt is not None and ckpt.latest() is not None
-            logger.warning(
-                "Data lost on the cluster (%s: %s); restarting the fit from %s",
-                type(error).__name__,
-                error,
-                "the checkpoint" if from_checkpoint else "the initialization",
-            )
-            n_start = restart(from_checkpoint)
-            if report is not None:
-                report.restart(n_start)
 
 
 def _entries(stats: engine.Moments, plan: Plan, sparse: bool, shape) -> int:
@@ -434,7 +403,7 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
 
     need = blocks.task_memory(grid, _block_width(plan), plan.panel_bytes)
     with Reporter(plan.verbose, plan.progress, plan.max_iter, n_start) as report:
-        result, (value, h_blocks), W = _recovering(
+        result, (value, h_blocks), W = recovering(
             attempt, restart, ckpt, report, lambda error: panels.workers_keep_dying(error, need)
         )
     return Fitted(
@@ -451,12 +420,6 @@ def _fit_grid(grid: blocks.Grid, plan: Plan) -> Fitted:
         },
         **stacked.outcome(result, stats.sum_sq),
     )
-
-
-def _panel_task_memory(parts: panels.Panels, k: int) -> int:
-    n_cols, itemsize = parts.shape[1], parts.dtype.itemsize
-    largest = max(parts.row_sizes) * n_cols * itemsize
-    return panels.task_memory(largest, n_cols, k, itemsize)
 
 
 def transform(
