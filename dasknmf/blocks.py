@@ -61,7 +61,7 @@ from dasknmf.steps import Objective
 
 def first_summary(g: Grid, objective: Objective, h: list):
     """H·Hᵀ of the H an iteration starts from, summed over the column blocks by the tree
-    that sums it in an iteration's summary (``steps._h_summary``): a fit resumed from the H of
+    that sums it in an iteration's summary (``steps.h_summary``): a fit resumed from the H of
     a checkpoint goes on with the bits the uninterrupted fit had. Each H_j·H_jᵀ is formed
     where the H blocks are made (``_on_h``)."""
     return tree_reduce(g.ops, [_on_h(g, block_steps.gram_of, objective, b) for b in h])
@@ -141,7 +141,7 @@ def iterate(
             h_outs.append(
                 _on_h(g, steps.h_step, objective, order_h, None, block_steps.WHOLE_H, h_j, total)
             )
-    new_summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
+    new_summary = tree_reduce(ops, h_outs, steps.h_summary, first=steps.h_summary)
     if momentum is not None:
         control = ops.call(steps.advance_control, control, objective, norm_x_sq, new_summary)
         momentum = (w_outs, h_start, control)
@@ -192,7 +192,7 @@ def fit(
     k = objective.n_components
     wt = g.bundle(wt)  # one state per band from here on
     if objective.extrapolate and momentum is None:
-        momentum = (list(wt), list(h), engine._first_control(g, objective, wt, h))
+        momentum = (list(wt), list(h), engine.first_control(g, objective, wt, h))
     elif momentum is not None:
         momentum = (g.bundle(momentum[0]), *momentum[1:])
     summary = None if momentum is not None else first_summary(g, objective, h)
@@ -207,14 +207,14 @@ def fit(
         orders = (None, None)
         if shuffle_rng is not None:
             orders = (shuffle_rng.permutation(k), shuffle_rng.permutation(k))
-        if ops.is_async and n_iter % engine.LINEAGE_EVERY == 0:  # see ``engine._detached``
-            wt, h, momentum, summary = engine._detached(ops, wt, h, momentum, summary)
+        if ops.is_async and n_iter % engine.LINEAGE_EVERY == 0:  # see ``engine.cut_lineage``
+            wt, h, momentum, summary = engine.cut_lineage(ops, wt, h, momentum, summary)
         step = iterate(g, objective, wt, h, summary, orders, shared, momentum, norm_x_sq)
         previous = (wt, h, h_stats)  # this iteration's inputs, until its summary is read
         wt, h, summary, momentum = ops.persist(*step)
         numbers = ops.fetch(summary)
         try:
-            known = engine._record(history, objective, norm_x_sq, n_iter, numbers)
+            known = engine.record_summary(history, objective, norm_x_sq, n_iter, numbers)
         except OverflowedError as error:
             best.overflowed(error, n_iter)  # raises, or the fit ends at its best iterate
             if best.see(history, n_iter):

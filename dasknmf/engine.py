@@ -167,7 +167,7 @@ def iterate(
     if fetch_h:  # one block (``small_h``)
         summary = h_outs[0]
     else:
-        summary = tree_reduce(ops, h_outs, steps._h_summary, first=steps._h_summary)
+        summary = tree_reduce(ops, h_outs, steps.h_summary, first=steps.h_summary)
     if momentum is not None and len(h) > 1:
         if len(h_outs) <= panels.split_every:  # the summary is one task: form it in this one
             control = ops.call(steps.control_after, control, objective, norm_x_sq, *h_outs)
@@ -283,7 +283,7 @@ def fit(
     ops = panels.ops
     wt = panels.bundle(wt)  # one state per shard from here on
     if objective.extrapolate and momentum is None:
-        momentum = (list(wt), list(h), _first_control(panels, objective, wt, h))
+        momentum = (list(wt), list(h), first_control(panels, objective, wt, h))
     elif momentum is not None:
         momentum = (panels.bundle(momentum[0]), *momentum[1:])
     k = objective.n_components
@@ -306,7 +306,7 @@ def fit(
         if ops.is_async and next_iter > start + 1 and (next_iter - 1) % LINEAGE_EVERY == 0:
             if fold is not None and fold.is_open:
                 close()
-            latest = _detached(ops, *latest)[:3]
+            latest = cut_lineage(ops, *latest)[:3]
         orders = (None, None)
         if shuffle_rng is not None:
             rng_before[next_iter] = shuffle_rng.get_state()
@@ -358,7 +358,7 @@ def fit(
         recent[n_iter] = (wt, h, momentum, summary[1])
         recent.pop(n_iter - 2, None)
         try:
-            known = _record(history, objective, norm_x_sq, n_iter, summary)
+            known = record_summary(history, objective, norm_x_sq, n_iter, summary)
         except OverflowedError as error:
             best.overflowed(error, n_iter)  # raises, or the fit ends at its best iterate
             if best.see(history, n_iter):
@@ -410,11 +410,11 @@ def _kept(ops, iterate: tuple) -> tuple:
 
 
 #: A fit on a distributed cluster cuts the lineage of its factors after every this many
-#: iterations (``_detached``), so that what the scheduler holds does not grow with iterations.
+#: iterations (``cut_lineage``), so that what the scheduler holds does not grow with iterations.
 LINEAGE_EVERY = 20
 
 
-def _detached(ops, wt: list, h: list, momentum, summary=None):
+def cut_lineage(ops, wt: list, h: list, momentum, summary=None):
     """The factors an iteration starts from, without the lineage that leads to them: the
     shards' (bands') states put aside and taken back on their workers (``FutureOps.detach``),
     the small H blocks, extrapolation control and ``summary`` (2-D blocks) through this
@@ -430,7 +430,7 @@ def _detached(ops, wt: list, h: list, momentum, summary=None):
     return wt, h, momentum, summary
 
 
-def _first_control(panels: Panels, objective: Objective, wt: list, h: list):
+def first_control(panels: Panels, objective: Objective, wt: list, h: list):
     """The extrapolation control of the first iteration: it balances the components of the
     initialization (see ``solvers.extrapolation``), so that the first violation, the
     reference of the stopping rule, is measured at the scales of the later ones. ``wt``: the
@@ -444,7 +444,9 @@ def _first_control(panels: Panels, objective: Objective, wt: list, h: list):
     return extrapolation.Control(scale=scale, scale_older=scale)
 
 
-def _record(history: History, objective: Objective, norm_x_sq: float, n_iter: int, summary) -> int:
+def record_summary(
+    history: History, objective: Objective, norm_x_sq: float, n_iter: int, summary
+) -> int:
     """Record what iteration ``n_iter``'s summary tells; return the last iteration whose
     objective is now known (0: only the initialization's).
 
@@ -504,10 +506,10 @@ def final_pass(panels: Panels, objective: Objective, result: FitResult) -> tuple
 
 def complete_history(objective: Objective, result: FitResult, value, sum_w, sq_w, h_blocks):
     """Record the final pass's objective when the history lacks the last iteration's (a
-    β-divergence's or the masked loss's, known one iteration late: see ``_record``)."""
+    β-divergence's or the masked loss's, known one iteration late: see ``record_summary``)."""
     if len(result.history.loss) == result.n_iter:
         sum_h = sum(float(b.sum(dtype=np.float64)) for b in h_blocks)
-        sq_h = sum(steps._dot64(b, b) for b in h_blocks)
+        sq_h = sum(steps.dot64(b, b) for b in h_blocks)
         if objective.masked and result.h_stats is not None:
             # Weighted by the columns' counts, which only the H tasks know. (None: a fit
             # resumed at its max_iter ran no iteration; its H penalty is then unweighted.)

@@ -17,7 +17,7 @@ from dasknmf.shards import (
     shard_panels,
 )
 from dasknmf.solvers import get_solver, mu
-from dasknmf.steps import _TINY, Objective, _dot64, panel_data, stacked_panels
+from dasknmf.steps import _TINY, Objective, dot64, panel_data, stacked_panels
 
 # Layout of the vector of ``final_stats``.
 F_DIV, F_SUM_W, F_SQ_W = range(3)
@@ -64,7 +64,7 @@ def final_stats(beta: float, h: np.ndarray, x, wt: np.ndarray, masked_loss=False
         value = 0.5 * kernels.residual_sq(x, wt, h)
     else:
         value = divergence.divergence(x, divergence.sampled_product(x, wt, h), wt, h, beta)
-    return np.array([value, wt.sum(dtype=np.float64), _dot64(wt, wt)])
+    return np.array([value, wt.sum(dtype=np.float64), dot64(wt, wt)])
 
 
 def shard_final_stats(objective: Objective, tree, h: np.ndarray, state, *data) -> tuple:
@@ -86,7 +86,7 @@ def replicate_final_stats(objective: Objective, h: np.ndarray, x, wt: np.ndarray
     pin_worker_blas()
     x, wt, h = panel_data(x), kernels.aligned(wt), kernels.aligned(h)
     values = [0.5 * kernels.residual_sq(x, wt[part], h[part]) for part in objective.fit_slices()]
-    return np.array([sum(values), wt.sum(dtype=np.float64), _dot64(wt, wt), *values])
+    return np.array([sum(values), wt.sum(dtype=np.float64), dot64(wt, wt), *values])
 
 
 def transform_panel(

@@ -99,7 +99,7 @@ def h_array(block) -> np.ndarray:
     return block[0] if isinstance(block, tuple) else block
 
 
-def _dot64(a: np.ndarray, b: np.ndarray) -> float:
+def dot64(a: np.ndarray, b: np.ndarray) -> float:
     """⟨a, b⟩ accumulated in float64 (einsum casts in buffered blocks: no float64 copies, 7×
     faster than casting both whole for a float32 block of W)."""
     return float(np.einsum("i,i->", a.ravel(), b.ravel(), dtype=np.float64))
@@ -262,7 +262,7 @@ def _old_w_stats(wt, n_fits: int = 0) -> np.ndarray:
     ``n_fits`` stacked fits' own, ``P_FITS``)."""
     stats = np.zeros(P_FITS + 3 * n_fits)
     stats[P_SUM_W_OLD] = wt.sum(dtype=np.float64)
-    stats[P_SQ_W_OLD] = _dot64(wt, wt)
+    stats[P_SQ_W_OLD] = dot64(wt, wt)
     return stats
 
 
@@ -289,7 +289,7 @@ def _fit_terms(objective: Objective, stats: np.ndarray, at: int, violations, *pa
     fits also each one's own, written into ``stats`` from ``at`` on (``P_FITS``, ``H_FITS``):
     the ``violations`` (if not None), then each pair's (the totals are their sums)."""
     if not objective.stacked:
-        return (violations, *(_dot64(a, b) for a, b in pairs))
+        return (violations, *(dot64(a, b) for a, b in pairs))
     n, totals = len(objective.ranks), []
     for i, (a, b) in enumerate(pairs, start=1):
         per_fit = objective.fit_sums(np.einsum("ij,ij->i", a, b, dtype=np.float64))
@@ -391,7 +391,7 @@ def h_step(objective: Objective, order, block: int, picks, h, *containers):
         stats[H_SUM_H], stats[H_SQ_H] = masked.weighted_sums(h, counts)
         return h, h @ h.T, stats, None, panel_stats
     stats[H_SUM_H_OLD] = h.sum(dtype=np.float64)
-    stats[H_SQ_H_OLD] = _dot64(h, h)
+    stats[H_SQ_H_OLD] = dot64(h, h)
     if objective.frobenius:
         h, violation = objective.update(
             h,
@@ -440,7 +440,7 @@ def summary_of(fetched) -> tuple:
     fetched: the summary itself, or the output tuple of the one ``h_step`` of an H held in one
     small block (``engine.iterate`` then fetches it whole instead of running a task to sum
     it)."""
-    return fetched if len(fetched) == 4 else _h_summary(fetched)
+    return fetched if len(fetched) == 4 else h_summary(fetched)
 
 
 def pushed_block(h, previous, control) -> np.ndarray:
@@ -471,8 +471,8 @@ def advance_control(control, objective: Objective, norm_x_sq: float, summary):
 
 def control_after(control, objective: Objective, norm_x_sq: float, *h_outs):
     """``advance_control`` from the ``h_step`` outputs themselves (their summary formed here,
-    as ``_h_summary`` forms it): one task fewer between an iteration and the next."""
-    return advance_control(control, objective, norm_x_sq, _h_summary(*h_outs))
+    as ``h_summary`` forms it): one task fewer between an iteration and the next."""
+    return advance_control(control, objective, norm_x_sq, h_summary(*h_outs))
 
 
 def frobenius_terms(norm_x_sq: float, summary) -> tuple[float, ...]:
@@ -480,7 +480,7 @@ def frobenius_terms(norm_x_sq: float, summary) -> tuple[float, ...]:
     from the iteration's summary ``(H·Hᵀ, H stats, B, panel stats)``."""
     gram_h, h_stats, gram_w, panel_stats = summary
     return (
-        0.5 * (norm_x_sq - 2 * h_stats[H_CROSS] + _dot64(gram_w, gram_h)),
+        0.5 * (norm_x_sq - 2 * h_stats[H_CROSS] + dot64(gram_w, gram_h)),
         panel_stats[P_SUM_W],
         float(np.trace(gram_w)),
         h_stats[H_SUM_H],
@@ -504,7 +504,7 @@ def _h_step_divergence(objective: Objective, h, numerator, denominator) -> np.nd
     return h
 
 
-def _h_summary(*outs) -> tuple:
+def h_summary(*outs) -> tuple:
     """Σ over ``h_step`` outputs (or over earlier results of this function) of
     (H_j·H_jᵀ, stats_j); B and the panel stats are the same in all and are taken from the first.
     Returns ``(H·Hᵀ, H stats, B, panel stats)``: all the driver needs of an iteration."""

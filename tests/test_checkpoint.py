@@ -100,19 +100,19 @@ def test_a_checkpoint_between_folded_iterations_resumes_on_a_cluster(
     class StopError(Exception):
         pass
 
-    record = engine._record
+    record = engine.record_summary
 
     def stop_after_seven(history, objective, norm_x_sq, n_iter, summary):
         if n_iter == 8:  # iteration 7 is checkpointed, 8 and 9 were submitted
             raise StopError
         return record(history, objective, norm_x_sq, n_iter, summary)
 
-    engine._record = stop_after_seven
+    engine.record_summary = stop_after_seven
     try:
         with pytest.raises(StopError), get_task_stream() as stream:
             NMF(max_iter=10, checkpoint=checkpoint, checkpoint_every=7, **kwargs).fit(Xd)
     finally:
-        engine._record = record
+        engine.record_summary = record
     assert "folded_shard_step" in {key_split(task["key"]) for task in stream.data}
     assert _generations(checkpoint) == ["iter-00000007"]
     resumed = NMF(max_iter=10, checkpoint=checkpoint, resume=True, **kwargs).fit(Xd)

@@ -58,7 +58,7 @@ def test_an_iteration_runs_a_task_per_shard_folding_the_h_update(cluster, X, ext
     assert names.count("folded_shard_step") == 2 * 11
     assert names.count("h_of") == 11 and names.count("h_update") == 1  # the 12th iteration's H
     assert {"h_step", "extrapolated_whole_h_step"}.isdisjoint(names)
-    assert {"_h_summary", "control_after", "advance_control"}.isdisjoint(names)
+    assert {"h_summary", "control_after", "advance_control"}.isdisjoint(names)
     np.testing.assert_array_equal(model.components_, reference.components_)
     assert model.loss_history_ == reference.loss_history_
 
@@ -344,13 +344,13 @@ def test_the_scheduler_holds_no_more_tasks_after_500_iterations_than_after_50(cl
     period over 500 iterations."""
     X = low_rank(400, 30, 4)
     counts: dict[int, int] = {}
-    record = engine._record
+    record = engine.record_summary
 
     def counting(history, objective, norm_x_sq, n_iter, summary):
         counts[n_iter] = cluster.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
         return record(history, objective, norm_x_sq, n_iter, summary)
 
-    monkeypatch.setattr(engine, "_record", counting)
+    monkeypatch.setattr(engine, "record_summary", counting)
     kwargs = dict(n_components=4, random_state=0, tol=0, panel_bytes=50 * 30 * 8)
     Xd = da.from_array(X, chunks=(50, 30))
     with monkeypatch.context() as uncut:
