@@ -148,13 +148,13 @@ def iterate(
     return w_outs, h_outs, new_summary, momentum
 
 
-def check_values(g: Grid, masked_loss: bool = False) -> engine.Moments:
+def check_values(g: Grid, masked_loss: bool = False) -> passes.Moments:
     """The validation pass over the blocks (see ``engine.check_values``); over the observed
     entries only for the masked loss."""
     ops = g.ops
     check = passes.moments_task
     parts = [g.on_row(i, check, masked_loss, x) for i, row in enumerate(g.items) for x in row]
-    stats = engine.as_moments(ops.fetch(tree_reduce(ops, parts, kernels.combine_moments)))
+    stats = passes.as_moments(ops.fetch(tree_reduce(ops, parts, kernels.combine_moments)))
     passes.reject_bad_values(stats.n_nonfinite, stats.min, "NMF (input X)")
     return stats
 

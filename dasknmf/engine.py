@@ -33,6 +33,7 @@ from dasknmf.history import Best, History
 from dasknmf.objective import OverflowedError
 from dasknmf.ops import EagerOps, continue_tree, tree_reduce
 from dasknmf.panels import Panels
+from dasknmf.passes import Moments, as_moments
 from dasknmf.solvers import extrapolation
 from dasknmf.steps import Objective
 
@@ -43,28 +44,6 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # Drivers
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Moments:
-    """What the validation pass learns about X."""
-
-    min: float
-    n_nonfinite: int
-    sum: float
-    sum_sq: float
-    nnz: int
-    size: int
-
-    @property
-    def mean(self) -> float:
-        return self.sum / self.size
-
-    @property
-    def underflows(self) -> bool:
-        """Whether ‖X‖² of a nonzero X underflows float64 (values near 1e-160 and below): the
-        objective from the Gram identity is then zero or a few bits and cannot steer a fit."""
-        return self.nnz > 0 and self.sum_sq < np.finfo(np.float64).tiny
 
 
 def moments(panels: Panels, masked: bool = False) -> Moments:
@@ -80,18 +59,6 @@ def _tree_here(ops, parts: list, combine: Callable = shards.sum_in_order):
     the panels would make, without a task per panel."""
     rows = [row for part in ops.fetch(parts) for row in part]
     return tree_reduce(EagerOps(), rows, combine)
-
-
-def as_moments(total) -> Moments:
-    """``Moments`` from the combined ``kernels.panel_moments`` vector."""
-    return Moments(
-        min=float(total[kernels.MOMENT_MIN]),
-        n_nonfinite=int(total[kernels.MOMENT_NONFINITE]),
-        sum=float(total[kernels.MOMENT_SUM]),
-        sum_sq=float(total[kernels.MOMENT_SUMSQ]),
-        nnz=int(total[kernels.MOMENT_NNZ]),
-        size=int(total[kernels.MOMENT_SIZE]),
-    )
 
 
 def check_values(panels: Panels, whom: str = "NMF (input X)", masked: bool = False) -> Moments:

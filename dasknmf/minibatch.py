@@ -124,7 +124,7 @@ def _validated(parts: panels.Panels, whom: str, beta: float):
     ops = parts.ops
     per_batch = ops.fetch(parts.map(passes.moments_task, [(x,) for x in parts.items], False))
     per_batch = [np.asarray(m) for m in per_batch]
-    stats = engine.as_moments(kernels.combine_moments(*per_batch))
+    stats = passes.as_moments(kernels.combine_moments(*per_batch))
     passes.reject_bad_values(stats.n_nonfinite, stats.min, whom)
     if stats.min == 0 and beta <= 0:
         raise ValueError(

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +22,40 @@ from dasknmf.steps import _TINY, Objective, dot64, panel_data, stacked_panels
 
 # Layout of the vector of ``final_stats``.
 F_DIV, F_SUM_W, F_SQ_W = range(3)
+
+
+@dataclass
+class Moments:
+    """What the validation pass learns about X."""
+
+    min: float
+    n_nonfinite: int
+    sum: float
+    sum_sq: float
+    nnz: int
+    size: int
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.size
+
+    @property
+    def underflows(self) -> bool:
+        """Whether ‖X‖² of a nonzero X underflows float64 (values near 1e-160 and below): the
+        objective from the Gram identity is then zero or a few bits and cannot steer a fit."""
+        return self.nnz > 0 and self.sum_sq < np.finfo(np.float64).tiny
+
+
+def as_moments(total) -> Moments:
+    """``Moments`` from the combined ``kernels.panel_moments`` vector."""
+    return Moments(
+        min=float(total[kernels.MOMENT_MIN]),
+        n_nonfinite=int(total[kernels.MOMENT_NONFINITE]),
+        sum=float(total[kernels.MOMENT_SUM]),
+        sum_sq=float(total[kernels.MOMENT_SUMSQ]),
+        nnz=int(total[kernels.MOMENT_NNZ]),
+        size=int(total[kernels.MOMENT_SIZE]),
+    )
 
 
 def moments_task(masked_loss: bool, x) -> np.ndarray:

@@ -228,7 +228,7 @@ def _fit_panels(parts: panels.Panels, plan: Plan, transposed: bool) -> Fitted:
     )
 
 
-def _objective(plan: Plan, shape, stored: int, stats: engine.Moments) -> Objective:
+def _objective(plan: Plan, shape, stored: int, stats: passes.Moments) -> Objective:
     """The plan's objective for X of ``shape`` (stacked fits: all their components, each with
     the sweeps of its fit alone). 'auto' extrapolation is off where ‖X‖² underflows: its
     pushes then carried a fit of X·1e-200 to twice the error of X's (``Moments.underflows``)."""
@@ -288,7 +288,7 @@ def _resumed(ckpt: Checkpoint, layout, plan: Plan) -> tuple:
     return state.wt, state.h, state.n_iter, history, shuffle_rng, state.momentum, state.best
 
 
-def _entries(stats: engine.Moments, plan: Plan, sparse: bool, shape) -> int:
+def _entries(stats: passes.Moments, plan: Plan, sparse: bool, shape) -> int:
     """The entries of X the loss runs over — the observed ones for the masked loss (none is
     an error), the stored ones of sparse X, else all — from the validation pass."""
     if plan.missing is None:
