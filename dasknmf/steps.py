@@ -466,7 +466,9 @@ def advance_control(control, objective: Objective, norm_x_sq: float, summary):
     scale = None
     if not objective.has_penalties:  # else rescaling would change the objective
         scale = extrapolation.balance(np.diag(gram_w), np.diag(gram_h))
-    return control.advance(objective.penalized(*frobenius_terms(norm_x_sq, summary)), scale)
+    loss = objective.penalized(*frobenius_terms(norm_x_sq, summary))
+    rounding = extrapolation.ROUNDING * np.finfo(np.float64).eps * norm_x_sq
+    return control.advance(loss, scale, rounding)
 
 
 def control_after(control, objective: Objective, norm_x_sq: float, *h_outs):

@@ -37,6 +37,22 @@ def test_an_increase_restarts_with_a_smaller_beta_and_ceiling():
     assert after.ceiling == pytest.approx(control.beta * CEILING_GROWTH)
 
 
+def test_a_rise_within_the_objectives_rounding_is_no_rise():
+    """On a plateau the objective of two layouts of one fit rounded to either side of the
+    last one (2384.5000000000005 and …4999999999995 after 2384.5): one restarted, the other
+    did not, and the fits parted. A rise within ``rounding`` is no rise."""
+    control = Control().advance(10.0)
+    assert not control.advance(10.0 + 1e-12, rounding=1e-11).restart
+    assert control.advance(10.0 + 1e-10, rounding=1e-11).restart
+    assert control.advance(10.0 + 1e-12).restart  # without it, any rise restarts
+    X = np.zeros((12, 7))
+    X[[0, 1, 8, 8, 10], [5, 5, 5, 6, 6]] = [1, 85, 2, 54, 43]
+    settings = dict(init="random", random_state=0, tol=0, max_iter=12)
+    one = NMF(1, **settings).fit(X)
+    panels = NMF(1, panel_bytes=4 * 7 * 8, **settings).fit(X)  # 3 panels of 4 rows
+    np.testing.assert_allclose(panels.loss_history_, one.loss_history_, rtol=1e-12)
+
+
 def test_scales_accumulate_for_the_older_h():
     control = Control(scale=(2.0, 1.0), scale_older=(2.0, 1.0))
     nxt = control.advance(1.0, (3.0, 0.5))

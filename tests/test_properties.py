@@ -125,6 +125,19 @@ def _close(a, b, scale):
 @example(  # one fit at the objective's rounding floor, one mid-restart (found by hypothesis)
     X=np.ones((11, 3)), solver={"solver": "cd"}, k=2, rows=1
 )
+@example(  # a restart decided by rounding on a plateau parted the paths (found by hypothesis)
+    X=np.array(
+        [[0.0] * 5 + [1, 0], [0.0] * 5 + [85, 0]]
+        + [[0.0] * 7] * 6
+        + [[0.0] * 5 + [2, 54]]
+        + [[0.0] * 7]
+        + [[0.0] * 6 + [43]]
+        + [[0.0] * 7]
+    ),
+    solver={"solver": "cd"},
+    k=1,
+    rows=1,
+)
 @example(  # extrapolation's paths part on a flat objective (found by hypothesis)
     X=np.array([[0.0, 59], [0, 0], [0, 0], [62, 0], [0, 0], [2, 0.5], [0, 0]]),
     solver={"solver": "cd"},
