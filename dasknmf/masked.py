@@ -40,7 +40,6 @@ from dasknmf.divergence import EPSILON
 from dasknmf.solvers import mu
 from dasknmf.solvers.hals import violation_of
 
-TINY = mu.TINY
 #: Bytes of the temporaries (unpacked Gram matrices, a float copy of a dense pattern) that the
 #: row and column updates form at a time.
 BLOCK_BYTES = 16 * 2**20
@@ -436,7 +435,7 @@ def mu_row_step(wt, numerator, denominator, n_rows, beta: float, l1, l2) -> np.n
     denominator = denominator + l1 * n_rows + l2 * n_rows * wt
     wt = mu.step(wt, numerator, denominator, gamma=divergence.mm_exponent(beta))
     if beta < 1:
-        wt[wt < TINY] = 0
+        wt[wt < mu.TINY] = 0
     return wt
 
 
@@ -457,6 +456,6 @@ def mu_columns(h, numerator, denominator, n_cols, *, beta, l1, l2) -> np.ndarray
     denominator = denominator + l1 * n_cols + l2 * n_cols * h
     h = mu.step(h, numerator, denominator, gamma=divergence.mm_exponent(beta))
     if beta <= 1:
-        h[h < TINY] = 0
+        h[h < mu.TINY] = 0
     h[:, n_cols == 0] = 0
     return h

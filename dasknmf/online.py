@@ -25,9 +25,6 @@ from dasknmf.objective import overflowed
 from dasknmf.solvers import mu
 from dasknmf.steps import panel_data
 
-#: Factors below this are set to zero after a β < 1 (W) or β ≤ 1 (H) update (scikit-learn).
-_TINY = np.finfo(np.float64).eps
-
 
 @dataclass(frozen=True)
 class Online:
@@ -143,7 +140,7 @@ def batch_task(online: Online, fresh_max_iter: int, h: np.ndarray, x, wt, norm_x
         else:
             wt = _w_step(online, x, np.array(wt, copy=True), h, fixed)
         if beta < 1:  # scikit-learn: for stability
-            wt[wt < _TINY] = 0.0
+            wt[wt < mu.TINY] = 0.0
         numerator, denominator, value = _h_statistics(online, x, wt, h, fixed, norm_x_sq)
     sums = (float(wt.sum(dtype=np.float64)), float(np.vdot(wt, wt)))
     return wt, (numerator, denominator, float(value), *sums, x.shape[0])
@@ -197,7 +194,7 @@ def update_h(online: Online, h: np.ndarray, A: np.ndarray, B: np.ndarray, rho: f
     if gamma != 1:
         h **= gamma
     if online.beta <= 1:
-        h[h < _TINY] = 0.0
+        h[h < mu.TINY] = 0.0
     return h.astype(A.dtype, copy=False), new_a, new_b
 
 

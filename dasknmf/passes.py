@@ -18,7 +18,7 @@ from dasknmf.shards import (
     shard_panels,
 )
 from dasknmf.solvers import get_solver, mu
-from dasknmf.steps import _TINY, Objective, dot64, panel_data, stacked_panels
+from dasknmf.steps import Objective, dot64, panel_data, stacked_panels
 
 # Layout of the vector of ``final_stats``.
 F_DIV, F_SUM_W, F_SQ_W = range(3)
@@ -256,7 +256,7 @@ def mu_step(
             wt.copy(), numerator, denominator, gamma=divergence.mm_exponent(beta), l1=l1, l2=l2
         )
         if beta < 1:
-            wt[wt < _TINY] = 0
+            wt[wt < mu.TINY] = 0
     return MuSolve(wt, first, previous, False)
 
 

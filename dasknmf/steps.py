@@ -48,8 +48,6 @@ H_CROSS, H_SUM_H_OLD, H_SQ_H_OLD, H_SUM_H, H_VIOLATION, H_SQ_H = range(6)
 # each). Summed over the panels and blocks like the rest.
 P_FITS, H_FITS = 7, 6
 
-_TINY = mu.TINY
-
 
 # ---- panels and blocks -----------------------------------------------------------------------
 
@@ -329,12 +327,12 @@ def w_update(objective: Objective, order, gram_h, cross, wt) -> tuple[np.ndarray
 
 
 def _mu_step_w(objective: Objective, wt, numerator, denominator) -> np.ndarray:
-    """One multiplicative update of W_i in place (``mu.step``), factors below ``_TINY`` zeroed
+    """One multiplicative update of W_i in place (``mu.step``), factors below ``mu.TINY`` zeroed
     for β < 1."""
     gamma = divergence.mm_exponent(objective.beta)
     wt = mu.step(wt, numerator, denominator, l1=objective.l1_w, l2=objective.l2_w, gamma=gamma)
     if objective.beta < 1:
-        wt[wt < _TINY] = 0
+        wt[wt < mu.TINY] = 0
     return wt
 
 
@@ -502,7 +500,7 @@ def _h_step_divergence(objective: Objective, h, numerator, denominator) -> np.nd
         gamma=divergence.mm_exponent(objective.beta),
     )
     if objective.beta <= 1:
-        h[h < _TINY] = 0
+        h[h < mu.TINY] = 0
     return h
 
 
