@@ -217,8 +217,7 @@ def fit(
             known = engine.record_summary(history, objective, norm_x_sq, n_iter, numbers)
         except OverflowedError as error:
             best.overflowed(error, n_iter)  # raises, or the fit ends at its best iterate
-            if best.see(history, n_iter):
-                kept = _kept(g, *previous)
+            # the best is that iterate (``previous``) or an older, kept one
             (wt, h, h_stats), n_iter = previous, n_iter - 1
             break
         h_stats = numbers[1]  # the masked loss's H penalty needs them (``final_pass``)

@@ -328,9 +328,7 @@ def fit(
             known = record_summary(history, objective, norm_x_sq, n_iter, summary)
         except OverflowedError as error:
             best.overflowed(error, n_iter)  # raises, or the fit ends at its best iterate
-            if best.see(history, n_iter):
-                kept = _kept(ops, recent[n_iter - 1])
-            stop = n_iter - 1
+            stop = n_iter - 1  # the best is that one (in ``recent``) or an older, kept one
             break
         if best.see(history, n_iter):  # the best iterate is no longer the newest: keep it
             kept = _kept(ops, recent[n_iter - 1])

@@ -103,7 +103,7 @@ class NMF(RecommenderMixin, BaseNMF):
         iterations; the objective may rise for one iteration before a restart, and the
         ``tol`` rule must hold for 10 iterations in a row. 'auto': on for 'cd'/'hals', off
         for 'mu' (True with 'mu' is an error), off on 2-D blocks whose workers cannot
-        hold its four copies of W and H (True there is an error), and off where ‖X‖²
+        hold its five copies of W and H (True there is an error), and off where ‖X‖²
         underflows float64 (values near 1e-160 and below: the objective cannot measure the
         pushes).
     panel_bytes : int, str or None, default=None
