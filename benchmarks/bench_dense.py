@@ -122,7 +122,12 @@ def child_per_iteration(where: str, n_iter: int) -> dict:
 
     if where == "memory":
         return dict(per_iter=per_iteration(X))
+    import dask
     from distributed import Client, LocalCluster
+
+    if where == "processes-malloc-untouched":  # as before dasknmf raised the workers' threshold
+        dask.config.set({"dasknmf.worker-mmap-threshold": False})
+        where = "processes"
 
     layout = {
         "processes": dict(n_workers=2, threads_per_worker=1, processes=True),
@@ -176,7 +181,7 @@ def main() -> None:
         rows["auto-own-stop"].append(run_child(me, "--child", "dasknmf", "1000", "1e-4", "auto"))
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     # Interleaved by round, so that a noisy spell of the machine hits all three alike.
-    places = ("memory", "processes", "threads")
+    places = ("memory", "processes", "threads", "processes-malloc-untouched")
     samples = {where: [] for where in places}
     for _ in range(args.rounds):
         for where in places:
@@ -235,6 +240,11 @@ def main() -> None:
     for where, label in (
         ("processes", "LocalCluster, 2 worker processes × 1 thread"),
         ("threads", "LocalCluster, 1 in-process worker × 2 threads"),
+        (
+            "processes-malloc-untouched",
+            "LocalCluster, 2 worker processes, their malloc left alone "
+            "(`dasknmf.worker-mmap-threshold: false`)",
+        ),
     ):
         lines.append(
             f"| {label} | {1000 * per_iter[where]:.1f} | "

@@ -22,6 +22,7 @@ from typing import Any
 
 import dask
 
+from dasknmf import _malloc
 from dasknmf._workers_code import check_workers_code, scheduler_id
 from dasknmf.detached import Holders, _park, _pick_up
 from dasknmf.shards import combine_picked, sum_in_order
@@ -240,6 +241,7 @@ class FutureOps:
             client.register_plugin(_loose_restrictions_plugin(), name="dasknmf-loose-restrictions")
         except Exception as error:  # e.g. a remote scheduler without dasknmf installed
             logger.warning("Could not register dasknmf's scheduler plugin: %s", error)
+        _malloc.tune_workers(client)
         self._amm_paused = _pause_memory_manager(client)
         # The prefixes this scheduler already never steals (once told, it keeps them); None:
         # it cannot be told.
