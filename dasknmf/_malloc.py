@@ -9,8 +9,9 @@ partials): the GEMMs of a shard's update on two 5000 × 2000 panels took 48–52
 process against 40 ms in a thread of the driver (docs/design.md). Unless told otherwise
 (``dasknmf.worker-mmap-threshold``), a fit on a cluster raises the threshold in each worker
 process where the trim threshold is set and the mmap threshold is not (``WorkerMalloc``), to
-at most 1/256 of the worker's memory limit (``threshold_for``): arrays up to it come from
-malloc's free lists again, and freed ones stay resident for reuse. Freed memory at the top of a
+at most 1/1024 of the worker's memory limit (``threshold_for``): arrays up to it come from
+malloc's free lists again, and freed ones stay resident for reuse — until the end of the task,
+on a worker that uses more than a tenth of its limit (``needs_trim``). Freed memory at the top of a
 heap still goes back to the system (the trim threshold is unchanged), and arrays above the
 threshold — panels — are still mapped and unmapped: at 32 MiB, workers streaming panels of
 8 MiB kept freed ones resident and paused for lack of memory.
@@ -36,9 +37,16 @@ MAX_THRESHOLD = 32 * 2**20
 #: glibc's threshold when fixed by the trim variable: a smaller one is no raise.
 FIXED_THRESHOLD = 128 * 2**10
 #: The threshold is at most this fraction of a worker's memory limit: freed arrays below it stay
-#: resident for reuse (+13 MiB of peak RSS at 4 MiB streaming 8 MiB panels, where two workers of
-#: 160 MiB then reached distributed's limit; none at 1 MiB).
-LIMIT_SHARE = 1 / 256
+#: resident for reuse. At 4 MiB a 2-D fit's workers of 1.4 GiB peaked 40 MiB higher (93% of
+#: their limit before) and were restarted, and workers streaming 8 MiB panels 13 MiB higher; at
+#: 1.4 MiB (1/1024), with ``TRIM_ABOVE``, the 2-D fit peaked as without.
+LIMIT_SHARE = 1 / 1024
+#: A worker using more than this share of its memory limit gives what malloc keeps free back to
+#: the system after each task. Kept across tasks, it took the 2-D fit's workers (93% used) past
+#: their limit at a 1.4 MiB threshold (and at 0.5 of the limit, read from distributed's monitor,
+#: once); given back after every task, it cost the dense benchmark most of the raise's gain (its
+#: workers use 2% of theirs).
+TRIM_ABOVE = 0.1
 #: The key of dasknmf's config that sets the threshold (false: leave the workers' malloc alone).
 KEY = "dasknmf.worker-mmap-threshold"
 
@@ -64,6 +72,12 @@ def threshold_for(size: int, memory_limit: int | None) -> int | None:
     if memory_limit:
         size = min(size, int(memory_limit * LIMIT_SHARE))
     return size if size > FIXED_THRESHOLD else None
+
+
+def needs_trim(memory: int, memory_limit: int | None, above: float) -> bool:
+    """Whether a worker using ``memory`` bytes of ``memory_limit`` (None or 0: no limit) gives
+    malloc's free memory back after a task: when more than ``above`` of its limit is used."""
+    return bool(memory_limit) and memory > above * memory_limit
 
 
 def fixed_by_environment(environ=os.environ) -> bool:
@@ -103,19 +117,32 @@ def _worker_plugin():
 
     class WorkerMalloc(WorkerPlugin):
         """Raises the mmap threshold in each worker process (``raise_threshold``), on the
-        workers there now and on those that join or restart later."""
+        workers there now and on those that join or restart later; and, after each task of a
+        worker whose memory is more than ``trim_above`` used, gives what malloc keeps free back
+        to the system (``malloc_trim``; ``needs_trim``)."""
 
         name = "dasknmf-worker-malloc"
         idempotent = True  # registered by every fit on a cluster: once is enough
 
-        def __init__(self, size: int):
-            self.size = size
+        def __init__(self, size: int, trim_above: float = TRIM_ABOVE):
+            self.size, self.trim_above = size, trim_above
+            self._trim = self._limit = self._process = None
 
         def setup(self, worker) -> None:
             manager = getattr(worker, "memory_manager", None)
-            size = threshold_for(self.size, getattr(manager, "memory_limit", None))
+            self._limit = getattr(manager, "memory_limit", None)
+            size = threshold_for(self.size, self._limit)
             if size is not None and raise_threshold(size):
+                import psutil
+
+                self._trim, self._process = _glibc().malloc_trim, psutil.Process()
                 logger.debug("mmap threshold of %s set to %d bytes", worker.address, size)
+
+        def transition(self, key, start, finish, **kwargs) -> None:
+            if self._trim is None or start != "executing":
+                return
+            if needs_trim(self._process.memory_info().rss, self._limit, self.trim_above):
+                self._trim(0)  # the task is done: what it left free goes back
 
     return WorkerMalloc
 

@@ -17,7 +17,7 @@ from dasknmf import NMF, _malloc
 def _mapped_in_tasks(client, size: int) -> dict:
     """``mapped`` run as a task on each worker (in its task thread). Defined here, so that it
     is sent by value: a worker that imported this module would import scikit-learn with it
-    (too much for a worker of 160 MiB)."""
+    (too much for a small worker)."""
 
     def mapped(size: int) -> list[int]:
         """For three allocations of ``size`` bytes by malloc, one after another (each freed before
@@ -142,8 +142,8 @@ def test_a_bad_configured_threshold_fails_a_cluster_fit_before_any_work():
         (4 * 2**20, None, 4 * 2**20),
         (4 * 2**20, 0, 4 * 2**20),
         (4 * 2**20, 12 * 2**30, 4 * 2**20),
-        (4 * 2**20, 512 * 2**20, 2 * 2**20),  # a 256th of the limit
-        (4 * 2**20, 32 * 2**20, None),  # 128 KiB: what glibc has already
+        (4 * 2**20, 1 * 2**30, 2**20),  # a 1024th of the limit
+        (4 * 2**20, 128 * 2**20, None),  # 128 KiB: what glibc has already
         (2**17, None, None),
     ],
 )
@@ -152,21 +152,69 @@ def test_the_threshold_is_a_small_share_of_the_workers_memory(size, limit, expec
 
 
 def test_workers_with_little_memory_get_a_smaller_threshold():
-    """A worker of 160 MiB (a 256th: 640 KiB): blocks of 1 MiB are still mapped afresh, blocks
-    of 512 KiB come from the heap."""
+    """A worker of 512 MiB (a 1024th: 512 KiB): blocks of 1 MiB are still mapped afresh,
+    blocks of 256 KiB come from the heap."""
     from distributed import Client, LocalCluster
 
     with (
         LocalCluster(
-            n_workers=1, threads_per_worker=1, memory_limit="160MiB", dashboard_address=None
+            n_workers=1, threads_per_worker=1, memory_limit="512MiB", dashboard_address=None
         ) as cluster,
         Client(cluster) as client,
     ):
-        assert _all(_mapped_in_tasks(client, MiB // 2), MAPPED)
+        assert _all(_mapped_in_tasks(client, MiB // 4), MAPPED)
         _small_fit()
         assert _all(_mapped_in_tasks(client, MiB), MAPPED)
-        halves = _mapped_in_tasks(client, MiB // 2)
-        assert _all(halves, FROM_THE_HEAP), halves
+        quarters = _mapped_in_tasks(client, MiB // 4)
+        assert _all(quarters, FROM_THE_HEAP), quarters
+
+
+@pytest.mark.parametrize(
+    "memory, limit, trims",
+    [(600, 1000, True), (400, 1000, False), (600, None, False), (600, 0, False)],
+)
+def test_a_worker_gives_free_memory_back_only_when_half_used(memory, limit, trims):
+    assert _malloc.needs_trim(memory, limit, 0.5) is trims
+
+
+@pytest.mark.parametrize("trim_above, gives_back", [(0.0, True), (1.0, False)])
+def test_after_a_task_a_worker_over_the_share_gives_malloc_s_free_memory_back(
+    trim_above, gives_back
+):
+    from distributed import Client, LocalCluster
+
+    def rss() -> int:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def leave_free(megabytes: int) -> None:  # sent by value: no import of this module there
+        """A task that leaves ``megabytes`` MiB free in malloc's heap, below a block it keeps (so
+        that free() cannot give it back from the top)."""
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+        blocks = [libc.malloc(2**20) for _ in range(megabytes)]
+        for block in blocks:
+            libc.memset(block, 1, 2**20)  # resident
+        libc.malloc(2**16)  # kept, above them
+        for block in blocks:
+            libc.free(block)
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(_malloc._worker_plugin()(4 * MiB, trim_above))
+        assert _all(_mapped_in_tasks(client, MiB), FROM_THE_HEAP)
+        (before,) = client.run(rss).values()
+        client.submit(leave_free, 200, pure=False).result()
+        (after,) = client.run(rss).values()
+    kept = (after - before) / MiB
+    assert (kept < 50) if gives_back else (kept > 150), kept
 
 
 @pytest.mark.parametrize(
