@@ -162,12 +162,10 @@ def collective_task(shard: int, own: int, peers: list, h) -> list[float]:
 
 
 def on_cluster(how: str) -> float:
+    import bench_hop  # the workers take its functions from the module, not from __main__
     from distributed import Client, LocalCluster, wait
 
     from dasknmf import _malloc
-
-    # the workers take the functions from the module bench_hop, not from __main__
-    bench_hop = sys.modules.get("bench_hop") or __import__("bench_hop")
 
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,

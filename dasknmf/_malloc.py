@@ -11,8 +11,8 @@ process against 40 ms in a thread of the driver (docs/design.md). Unless told ot
 process where the trim threshold is set and the mmap threshold is not (``WorkerMalloc``), to
 at most 1/1024 of the worker's memory limit (``threshold_for``): arrays up to it come from
 malloc's free lists again, and freed ones stay resident for reuse — until the end of the task,
-on a worker that uses more than a tenth of its limit (``needs_trim``). Freed memory at the top of a
-heap still goes back to the system (the trim threshold is unchanged), and arrays above the
+on a worker that uses more than a tenth of its limit (``needs_trim``). Freed memory at the top
+of a heap still goes back to the system (the trim threshold is unchanged), and arrays above the
 threshold — panels — are still mapped and unmapped: at 32 MiB, workers streaming panels of
 8 MiB kept freed ones resident and paused for lack of memory.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -86,9 +87,10 @@ def fixed_by_environment(environ=os.environ) -> bool:
     return "MALLOC_TRIM_THRESHOLD_" in environ and "MALLOC_MMAP_THRESHOLD_" not in environ
 
 
+@functools.cache
 def _glibc():
     """glibc, or None on another C library (where ``mallopt`` means something else or
-    nothing)."""
+    nothing); loaded once per process."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
